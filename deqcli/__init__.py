@@ -1,0 +1,27 @@
+"""deq: a solver and convergence analyser for fixed points z = f(z) and roots g(z) = 0.
+
+The public Python API: ``solve``, ``load_problem``, ``load_config``, ``SolveResult`` and ``Status``.
+Importing the package does not import torch; solving does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deqcli.result import SolveResult, Status
+
+__version__ = "0.1.0"
+__all__ = ["SolveResult", "Status", "__version__", "load_config", "load_problem", "solve"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `deq --help` and friends never pay for torch.
+    if name in ("solve", "load_problem"):
+        from deqcli import api
+
+        return getattr(api, name)
+    if name == "load_config":
+        from deqcli.config import load_config
+
+        return load_config
+    raise AttributeError(f"module 'deqcli' has no attribute {name!r}")

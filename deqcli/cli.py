@@ -1,0 +1,269 @@
+"""The `deq` command line: flags → config → run → render. Exceptions become exit codes only here.
+
+Commands that solve nothing (--help, validate, schema, list-solvers) never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deqcli import __version__
+from deqcli.errors import DeqError
+from deqcli.expr import ExpressionError
+
+EXIT_CONVERGED = 0
+EXIT_NOT_CONVERGED = 1
+EXIT_BAD_INPUT = 2
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 converged (every sample), 1 ran but did not converge, "
+    "2 bad input or usage (config error, unknown solver or option, unavailable device)."
+)
+
+app = typer.Typer(
+    name="deq",
+    help="Solve and analyse fixed points z = f(z) and roots g(z) = 0, from a YAML config.\n\n"
+    + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"deq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """deq: fixed points and roots, solved and explained."""
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print one error line on stderr and exit."""
+    stderr.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors(debug: bool = False) -> Iterator[None]:
+    """Turn user-facing exceptions into one stderr line and exit code 2 (a traceback with --debug)."""
+    try:
+        yield
+    except (DeqError, ExpressionError) as exc:
+        if debug:
+            traceback.print_exc()
+        fail(str(exc))
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+# -- shared flag definitions ------------------------------------------------------------------
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
+SolverOpt = Annotated[
+    str | None, typer.Option("--solver", "-s", help="Solver name (see deq list-solvers).")
+]
+TolOpt = Annotated[
+    float | None, typer.Option("--tol", "--atol", help="Absolute tolerance on ‖f(z)−z‖.")
+]
+RtolOpt = Annotated[
+    float | None, typer.Option("--rtol", help="Relative tolerance (times ‖f(z0)−z0‖).")
+]
+MaxIterOpt = Annotated[int | None, typer.Option("--max-iter", help="Iteration budget.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32 or float64 (default).")]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Seed for random arrays in the config.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: key.path=value (repeatable)."),
+]
+JsonOpt = Annotated[
+    str | None,
+    typer.Option("--json", help="Write the JSON result to PATH, or '-' for stdout only."),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No report; only the exit code and errors.")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+def flag_overrides(
+    *,
+    tol: float | None,
+    rtol: float | None,
+    max_iter: int | None,
+    device: str | None,
+    dtype: str | None,
+    seed: int | None,
+    sets: list[str] | None,
+) -> list[str]:
+    """Translate the common flags into ``--set`` style overrides (flags first, then --set)."""
+    items = []
+    for key, value in (
+        ("run.atol", tol),
+        ("run.rtol", rtol),
+        ("run.max_iter", max_iter),
+        ("run.device", device),
+        ("run.dtype", dtype),
+        ("run.seed", seed),
+    ):
+        if value is not None:
+            items.append(f"{key}={value}")
+    return items + list(sets or [])
+
+
+@app.command()
+def solve(
+    config: ConfigArg,
+    solver: SolverOpt = None,
+    tol: TolOpt = None,
+    rtol: RtolOpt = None,
+    max_iter: MaxIterOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+    json_path: JsonOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Solve the problem in CONFIG and report how it went.
+
+    Exit codes: 0 converged, 1 did not converge, 2 bad input.
+    """
+    from deqcli.config import load_config
+    from deqcli.output import check_output_path, emit_json
+
+    with user_errors(debug):
+        overrides = flag_overrides(
+            tol=tol, rtol=rtol, max_iter=max_iter, device=device, dtype=dtype, seed=seed, sets=set_
+        )
+        cfg = load_config(config, overrides, solver=solver)
+        target = (
+            check_output_path(json_path, protected=[config], flag="--json") if json_path else None
+        )
+        from deqcli.api import load_problem
+        from deqcli.api import solve as run_solve
+
+        problem = load_problem(cfg)
+        result = run_solve(cfg, problem=problem)
+    if json_path is not None:
+        emit_json(result.to_dict(), target)
+    if not quiet and json_path != "-":
+        from deqcli.report import render_result
+
+        render_result(result, stdout, description=problem.description)
+    raise typer.Exit(EXIT_CONVERGED if result.status.ok else EXIT_NOT_CONVERGED)
+
+
+@app.command()
+def validate(
+    configs: Annotated[
+        list[Path], typer.Argument(help="One or more YAML config files.", show_default=False)
+    ],
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Check configs (keys, types, expressions, solver options) without solving anything."""
+    from deqcli.config import load_config
+    from deqcli.solvers import make_solver
+
+    for path in configs:
+        with user_errors(debug):
+            cfg = load_config(path, list(set_ or []))
+            make_solver(cfg.solver.name, cfg.solver.options)
+            _check_files(cfg)
+        stdout.print(
+            f"[green]ok[/green] {path}: {cfg.problem.kind}, solver {cfg.solver.name}",
+            highlight=False,
+        )
+
+
+def _check_files(cfg: Any) -> None:
+    """Files named in array specs must exist (checked here so validate catches them without torch)."""
+    from deqcli.config import FileArray
+    from deqcli.errors import ConfigError
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, FileArray):
+            path = Path(value.file)
+            full = path if path.is_absolute() else cfg.base_dir / path
+            if not full.exists():
+                raise ConfigError(
+                    key, f"file '{value.file}' does not exist (looked in {full.parent})"
+                )
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+
+    spec = cfg.problem
+    for name in type(spec).model_fields:
+        walk(getattr(spec, name), f"problem.{name}")
+
+
+@app.command()
+def schema(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the JSON Schema of the config format (for editors and CI linting)."""
+    from deqcli.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        from deqcli.output import check_output_path, write_text_atomic
+
+        with user_errors():
+            target = check_output_path(str(output), protected=[], flag="--output")
+        if target is not None:
+            write_text_atomic(target, text)
+
+
+@app.command("list-solvers")
+def list_solvers() -> None:
+    """List the solvers with one-line descriptions."""
+    from deqcli.solvers import SOLVERS
+
+    table = Table(box=None, header_style="bold", padding=(0, 2))
+    table.add_column("name")
+    table.add_column("from")
+    table.add_column("what it is")
+    for info in SOLVERS.values():
+        available = info.family == "deq" or importlib.util.find_spec(info.family) is not None
+        origin = info.family if available else f"{info.family} (not installed)"
+        table.add_row(info.name, origin, info.summary)
+    stdout.print(table)
+
+
+def command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Register a command defined in another module (keeps this file a thin translator)."""
+    return app.command()(func)

@@ -1,0 +1,541 @@
+"""YAML configuration → validated spec objects, ``--set`` overrides, and the JSON Schema.
+
+Loaded with ``yaml.safe_load`` only; validated strictly by pydantic (unknown keys, wrong types and
+out-of-range values are errors that name the dotted key path and the YAML line). Expressions are
+parsed here too, so ``deq validate`` catches them without importing torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import zlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+from deqcli.errors import ConfigError, DeqError
+from deqcli.expr import ExpressionError, parse_expression
+
+# -- array specifications ------------------------------------------------------------------
+
+RANDOM_KINDS = ("normal", "uniform", "orthogonal", "symmetric")
+ARRAY_FILE_SUFFIXES = (".npy", ".pt", ".pth")
+
+
+class FileArray(BaseModel):
+    """An array read from a .npy or .pt file (path relative to the config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+
+
+class RandomArray(BaseModel):
+    """A seeded random array.
+
+    ``normal``/``uniform`` fill the shape with N(0, 1) or U(−1, 1) draws times ``scale``;
+    ``spectral_norm`` then rescales a matrix to that 2-norm. ``orthogonal`` is ``scale``·Q for a
+    Haar-random orthogonal Q. ``symmetric`` has eigenvalues evenly spaced over ``eigenvalues``
+    [lo, hi] in a random orthonormal basis.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    random: Literal["normal", "uniform", "orthogonal", "symmetric"]
+    seed: int | None = None
+    scale: float = 1.0
+    spectral_norm: Annotated[float, Field(gt=0)] | None = None
+    eigenvalues: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RandomArray:
+        if self.random == "symmetric" and self.eigenvalues is None:
+            raise ValueError("random: symmetric needs eigenvalues: [lo, hi]")
+        if self.eigenvalues is not None and self.random != "symmetric":
+            raise ValueError("eigenvalues applies only to random: symmetric")
+        if self.spectral_norm is not None and self.random not in ("normal", "uniform"):
+            raise ValueError("spectral_norm applies to random: normal or uniform")
+        return self
+
+
+def _parse_array(value: Any) -> Any:
+    """Accept a number, a rectangular nested list of numbers, an expression string, {file} or {random}."""
+    if isinstance(value, bool):
+        raise ValueError(
+            "expected a number, list, expression, {file: ...} or {random: ...}, got a boolean"
+        )
+    if isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, list):
+        _check_rectangular(value)
+        return value
+    if isinstance(value, dict):
+        model = FileArray if "file" in value else RandomArray if "random" in value else None
+        if model is None:
+            raise ValueError(
+                f"a mapping here needs a 'file' or 'random' key, got keys {sorted(value)}"
+            )
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(_brief(exc, model)) from None
+    if isinstance(value, (FileArray, RandomArray)):
+        return value
+    raise ValueError(
+        f"expected a number, list, expression, {{file: ...}} or {{random: ...}}, got {value!r}"
+    )
+
+
+def _check_rectangular(value: list[Any]) -> tuple[int, ...]:
+    if not value:
+        raise ValueError("empty list")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return (len(value),)
+    if all(isinstance(v, list) for v in value):
+        shapes = {_check_rectangular(v) for v in value}
+        if len(shapes) != 1:
+            raise ValueError("nested lists must be rectangular (all rows the same length)")
+        return (len(value), *shapes.pop())
+    raise ValueError("lists must hold only numbers (or lists of numbers)")
+
+
+def _brief(exc: ValidationError, model: type[BaseModel]) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{where}' (valid keys: {', '.join(model.model_fields)})"
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+_ARRAY_SCHEMA = {
+    "description": "number, nested list, expression text, {file: path} or {random: kind, ...}",
+    "anyOf": [
+        {"type": "number"},
+        {"type": "array"},
+        {"type": "string", "description": "an expression (see docs/expressions.md)"},
+        FileArray.model_json_schema(),
+        RandomArray.model_json_schema(),
+    ],
+}
+ArraySpec = Annotated[Any, BeforeValidator(_parse_array), WithJsonSchema(_ARRAY_SCHEMA)]
+
+# -- problems ------------------------------------------------------------------------------
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TanhLayerSpec(_Spec):
+    """z = tanh(W z + U x + b): the equilibrium layer of a deep equilibrium model."""
+
+    kind: Literal["tanh_layer"]
+    name: str | None = None
+    dim: Annotated[int, Field(gt=0, description="n, the size of z")]
+    input_dim: Annotated[int, Field(gt=0, description="size of x (default: dim)")] | None = None
+    batch: Annotated[int, Field(gt=0, description="number of inputs x solved together")] = 1
+    W: ArraySpec
+    U: ArraySpec | None = None
+    b: ArraySpec | None = None
+    x: ArraySpec = Field(default_factory=lambda: RandomArray(random="normal"))
+    initial: ArraySpec = 0.0
+
+
+class ExpressionSpec(_Spec):
+    """A scalar or vector problem given as text: ``fixed_point: f(z)`` or ``residual: g(z)``."""
+
+    kind: Literal["expression"]
+    name: str | None = None
+    fixed_point: str | None = None
+    residual: str | None = None
+    dim: Annotated[int, Field(gt=0)] | None = None
+    batch: Annotated[int, Field(gt=0)] | None = None
+    initial: ArraySpec = 0.0
+    params: dict[str, ArraySpec] = Field(default_factory=dict)
+    batch_params: dict[str, ArraySpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ExpressionSpec:
+        if (self.fixed_point is None) == (self.residual is None):
+            raise ValueError("give exactly one of fixed_point (z = f(z)) or residual (g(z) = 0)")
+        return self
+
+
+class GradientDescentSpec(_Spec):
+    """w ← w − lr·∇L(w) with the loss L given as an expression in w (gradient by autodiff)."""
+
+    kind: Literal["gradient_descent"]
+    name: str | None = None
+    loss: str
+    lr: Annotated[float, Field(gt=0)]
+    dim: Annotated[int, Field(gt=0)] | None = None
+    batch: Annotated[int, Field(gt=0)] | None = None
+    initial: ArraySpec = 0.0
+    params: dict[str, ArraySpec] = Field(default_factory=dict)
+    batch_params: dict[str, ArraySpec] = Field(default_factory=dict)
+
+
+class PythonSpec(_Spec):
+    """A map from the user's own Python code. This runs that code: only use files you trust."""
+
+    kind: Literal["python"]
+    name: str | None = None
+    target: Annotated[str, Field(description="path/to/file.py:factory or package.module:factory")]
+    args: dict[str, Any] = Field(default_factory=dict)
+    form: Literal["fixed_point", "residual"] = "fixed_point"
+
+    @model_validator(mode="after")
+    def _target_form(self) -> PythonSpec:
+        if not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", self.target):
+            raise ValueError(
+                f"target must look like path/to/file.py:factory or module:factory, got {self.target!r}"
+            )
+        return self
+
+
+ProblemSpec = Annotated[
+    TanhLayerSpec | ExpressionSpec | GradientDescentSpec | PythonSpec, Field(discriminator="kind")
+]
+PROBLEM_MODELS: dict[str, type[BaseModel]] = {
+    "tanh_layer": TanhLayerSpec,
+    "expression": ExpressionSpec,
+    "gradient_descent": GradientDescentSpec,
+    "python": PythonSpec,
+}
+
+# -- solver and run --------------------------------------------------------------------------
+
+
+class SolverSpec(BaseModel):
+    """The solver's name and its options (every other key is an option of that solver)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "fixed_point"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Solver options: every key other than ``name``."""
+        return dict(self.model_extra or {})
+
+
+class RunSpec(_Spec):
+    """Tolerances, budgets, device and precision."""
+
+    atol: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description="absolute tolerance on ‖f(z)−z‖ (default 1e-10 float64, 1e-5 float32)",
+    )
+    rtol: Annotated[float, Field(ge=0)] = 0.0
+    max_iter: Annotated[int, Field(ge=0)] = 1000
+    timeout: Annotated[float, Field(gt=0, description="wall-clock limit in seconds")] | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float64"
+    seed: int = 0
+    keep_iterates: Annotated[int, Field(ge=4)] = 32
+    divergence_factor: Annotated[float, Field(gt=1)] = 1e8
+
+    @model_validator(mode="after")
+    def _device_name(self) -> RunSpec:
+        from deqcli.device import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"unknown device '{self.device}'; use auto, cpu, cuda, cuda:N or mps")
+        return self
+
+
+def _solver_shorthand(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class Config(_Spec):
+    """A whole deq configuration file."""
+
+    problem: ProblemSpec
+    solver: Annotated[SolverSpec, BeforeValidator(_solver_shorthand)] = Field(
+        default_factory=SolverSpec
+    )
+    run: RunSpec = Field(default_factory=RunSpec)
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="<config>")
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory that relative file paths in the config are resolved against."""
+        return self._base_dir
+
+    @property
+    def source(self) -> str:
+        """Where the config came from (a path, for messages)."""
+        return self._source
+
+    @property
+    def problem_name(self) -> str:
+        """The problem's name, or the config file's stem."""
+        return self.problem.name or Path(self._source).stem
+
+    @property
+    def atol(self) -> float:
+        """The absolute tolerance in effect (explicit, or the dtype's default)."""
+        from deqcli.device import default_atol
+
+        return self.run.atol if self.run.atol is not None else default_atol(self.run.dtype)
+
+    def random_seed(self, key: str) -> int:
+        """A seed for the random array at ``key``: run.seed mixed with the key so arrays differ."""
+        return (self.run.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, solver: str | None = None
+) -> Config:
+    """Read, override and validate a YAML config file.
+
+    ``solver`` replaces the file's solver; the file's solver options are dropped when it names a
+    different solver (they belong to that one), while ``--set solver.x=…`` overrides still apply.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError("", f"config file '{path}' does not exist")
+    if p.is_dir():
+        raise ConfigError("", f"'{path}' is a directory, not a config file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read '{path}': {exc}") from None
+    return parse_config(
+        text, base_dir=p.resolve().parent, source=str(path), overrides=overrides, solver=solver
+    )
+
+
+def parse_config(
+    text: str,
+    *,
+    base_dir: Path | None = None,
+    source: str = "<config>",
+    overrides: list[str] | None = None,
+    solver: str | None = None,
+) -> Config:
+    """Validate YAML text as a Config; errors name the key path and the YAML line."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("", f"{source}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{source}: expected a mapping with a 'problem' key at the top level")
+    if solver is not None:
+        current = _solver_shorthand(raw.get("solver", {}))
+        same = isinstance(current, dict) and current.get("name", "fixed_point") == solver
+        raw["solver"] = current if same else {"name": solver}
+    for item in overrides or []:
+        apply_override(raw, item)
+    lines = _key_lines(text)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(exc, raw, lines) from None
+    cfg._base_dir = base_dir or Path.cwd()
+    cfg._source = source
+    check_expressions(cfg, lines)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` to the raw mapping; the value is read as a YAML scalar."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", f"expected key.path=value, got {item!r}")
+    parsed = _scalar(value)
+    if isinstance(raw.get("solver"), str):
+        raw["solver"] = {"name": raw["solver"]}
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(
+                key, f"cannot set a key inside '{'.'.join(parts[: i + 1])}', which is not a mapping"
+            )
+        node = nxt
+    node[parts[-1]] = parsed
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _scalar(text: str) -> Any:
+    """Parse a flag value as YAML, reading 1e-8 as a number (YAML 1.1 would keep it a string)."""
+    if _NUMBER.match(text.strip()):
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                sub = (*path, str(k.value))
+                lines[sub] = k.start_mark.line + 1
+                walk(v, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                sub = (*path, str(i))
+                lines[sub] = v.start_mark.line + 1
+                walk(v, sub)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_for(path: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def _model_at(path: tuple[str, ...], raw: dict[str, Any]) -> type[BaseModel] | None:
+    if not path:
+        return Config
+    if path == ("run",):
+        return RunSpec
+    if path == ("problem",):
+        kind = (
+            (raw.get("problem") or {}).get("kind") if isinstance(raw.get("problem"), dict) else None
+        )
+        return PROBLEM_MODELS.get(kind) if isinstance(kind, str) else None
+    return None
+
+
+def _config_error(
+    exc: ValidationError, raw: dict[str, Any], lines: dict[tuple[str, ...], int]
+) -> ConfigError:
+    err = exc.errors()[0]
+    loc = tuple(str(p) for p in err["loc"])
+    if len(loc) >= 2 and loc[0] == "problem" and loc[1] in PROBLEM_MODELS:
+        loc = (loc[0], *loc[2:])  # drop pydantic's discriminator tag
+    loc = tuple(p for p in loc if not p.startswith("function-"))
+    key = ".".join(loc)
+    line = _line_for(loc, lines)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, name = loc[:-1], loc[-1]
+        model = _model_at(parent, raw)
+        valid = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        listing = f" (valid keys: {', '.join(valid)})" if valid else ""
+        return ConfigError(key, f"unknown key{hint}{listing}", line=line)
+    if kind == "missing":
+        return ConfigError(key, "required key is missing", line=line)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return ConfigError(
+            "problem.kind",
+            f"unknown or missing problem kind; use one of {', '.join(PROBLEM_MODELS)}",
+            line=_line_for(("problem", "kind"), lines),
+        )
+    msg = err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f", got {given!r}"
+    return ConfigError(key or "config", f"{msg}{shown}", line=line)
+
+
+# -- static checks of expressions ------------------------------------------------------------
+
+
+def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = None) -> None:
+    """Parse every expression in the config against the names it may use (no torch needed)."""
+    spec = cfg.problem
+    lines = lines or {}
+
+    def parse(text: str, path: tuple[str, ...], names: set[str]) -> None:
+        key = ".".join(path)
+        try:
+            parse_expression(text, key=key, names=names)
+        except ExpressionError as exc:
+            raise ConfigError("", str(exc), line=_line_for(path, lines)) from None
+
+    if isinstance(spec, TanhLayerSpec):
+        names = {"n", "m", "batch"}
+        for field in ("W", "U", "b", "x", "initial"):
+            value = getattr(spec, field)
+            if isinstance(value, str):
+                parse(value, ("problem", field), names)
+            names.add(field)
+        return
+    if isinstance(spec, PythonSpec):
+        return
+    names = {"n"}
+    for group in ("params", "batch_params"):
+        for name, value in getattr(spec, group).items():
+            if not name.isidentifier() or name.startswith("_"):
+                raise ConfigError(
+                    f"problem.{group}.{name}",
+                    "parameter names must be identifiers not starting with _",
+                )
+            if isinstance(value, str):
+                parse(value, ("problem", group, name), names)
+            names.add(name)
+    var = "w" if isinstance(spec, GradientDescentSpec) else "z"
+    if isinstance(spec.initial, str):
+        parse(spec.initial, ("problem", "initial"), names)
+    if isinstance(spec, GradientDescentSpec):
+        parse(spec.loss, ("problem", "loss"), names | {"w"})
+    else:
+        field = "fixed_point" if spec.fixed_point is not None else "residual"
+        parse(getattr(spec, field), ("problem", field), names | {var})
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config format, for editors."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "deq configuration"
+    return schema
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DeqError",
+    "ExpressionSpec",
+    "GradientDescentSpec",
+    "PythonSpec",
+    "RunSpec",
+    "SolverSpec",
+    "TanhLayerSpec",
+    "apply_override",
+    "json_schema",
+    "load_config",
+    "parse_config",
+]

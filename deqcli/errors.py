@@ -1,0 +1,30 @@
+"""Exceptions that mean "the user's input is wrong": the CLI turns each into one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class DeqError(Exception):
+    """Base class for every user-facing error; ``str(err)`` is a single line."""
+
+
+class ConfigError(DeqError):
+    """A configuration value is invalid. ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str, *, line: int | None = None) -> None:
+        self.key = key
+        self.message = message
+        self.line = line
+        where = f"{key} (line {line})" if line is not None else key
+        super().__init__(f"{where}: {message}" if key else message)
+
+
+class UsageError(DeqError):
+    """A command-line flag or argument is invalid (unknown solver, bad device, bad option)."""
+
+
+class DeviceError(UsageError):
+    """The requested torch device is not available on this machine."""
+
+
+class PeerUnavailableError(UsageError):
+    """An optional peer library (e.g. torchdeq) is not installed."""

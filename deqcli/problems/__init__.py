@@ -1,0 +1,37 @@
+"""Problem kinds and the one entry point that builds a Problem from a validated config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from deqcli.config import Config
+
+if TYPE_CHECKING:
+    import torch
+
+    from deqcli.problems.base import Problem
+
+KINDS = {
+    "tanh_layer": "z = tanh(W z + U x + b), the equilibrium layer of a DEQ",
+    "expression": "a scalar or vector map or residual written as text",
+    "gradient_descent": "w ← w − lr·∇L(w) with the loss written as text",
+    "python": "a map from your own Python code (runs that code)",
+}
+
+
+def build_problem(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
+    """Build the Problem that ``cfg.problem`` describes, on ``device`` in ``dtype``."""
+    from deqcli.problems import expression, python_callable, tanh_layer
+    from deqcli.problems.arrays import ArrayBuilder
+
+    arrays = ArrayBuilder(
+        device=device, dtype=dtype, base_dir=cfg.base_dir, seed_for=cfg.random_seed
+    )
+    kind = cfg.problem.kind
+    if kind == "tanh_layer":
+        return tanh_layer.build(cfg, arrays)
+    if kind == "expression":
+        return expression.build(cfg, arrays)
+    if kind == "gradient_descent":
+        return expression.build_gradient_descent(cfg, arrays)
+    return python_callable.build(cfg, device, dtype)

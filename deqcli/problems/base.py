@@ -1,0 +1,207 @@
+"""The Problem object: a batched fixed-point map / residual with honest evaluation counting.
+
+Every evaluation a solver (ours or a peer's) makes goes through ``Problem.f``, ``Problem.g``,
+``Problem.jacobian``, ``Problem.jvp`` or ``Problem.vjp``; each bumps the per-sample counters, so the
+counts in a result are comparable across solvers.
+
+Contract for ``func``: it maps a ``(batch, n)`` tensor and the parameter dict to a ``(batch, n)`` tensor,
+row by row (row b of the output depends only on row b of the input). The Jacobian helpers rely on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch.func import jvp as _func_jvp
+from torch.func import vjp as _func_vjp
+from torch.func import vmap
+
+from deqcli.result import Counts
+
+Form = Literal["fixed_point", "residual"]
+BatchedFunc = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+
+# Dense Jacobians beyond this many bytes (over the whole batch) are refused with a clear error.
+DENSE_JACOBIAN_LIMIT_BYTES = 2 * 1024**3
+
+
+@dataclass
+class Structure:
+    """What the problem's construction tells us without computing anything.
+
+    ``lipschitz_bound`` is a proven global bound on the fixed-point map's Lipschitz constant (2-norm),
+    with ``lipschitz_reason`` saying why it holds. ``hessian`` is the constant Hessian of a quadratic
+    loss for gradient descent problems (so L = max |1 − η λ_i(H)| can be stated exactly).
+    """
+
+    lipschitz_bound: float | None = None
+    lipschitz_reason: str = ""
+    hessian: torch.Tensor | None = None
+    lr: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Counter:
+    """Per-sample counters of map evaluations, Jacobians, JVPs and VJPs."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter (a new solve starts)."""
+        self.nfev = [0] * self.batch
+        self.njev = [0] * self.batch
+        self.jvp = [0] * self.batch
+        self.vjp = [0] * self.batch
+
+    def bump(self, kind: str, rows: int | None = None, times: int = 1) -> None:
+        """Count one batched evaluation of ``kind``; ``rows`` restricts it to one sample."""
+        counts = getattr(self, kind)
+        if rows is None:
+            for b in range(self.batch):
+                counts[b] += times
+        else:
+            counts[rows] += times
+
+    def snapshot(self) -> Counts:
+        """An immutable copy for a SolveResult."""
+        return Counts(list(self.nfev), list(self.njev), list(self.jvp), list(self.vjp))
+
+
+@dataclass
+class Problem:
+    """A batch of fixed-point problems z = f(z) (equivalently roots of g(z) = z − f(z)).
+
+    ``func`` computes the map in the problem's own ``form``: f for ``fixed_point``, g for ``residual``.
+    """
+
+    name: str
+    kind: str
+    form: Form
+    func: BatchedFunc
+    z0: torch.Tensor
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    structure: Structure = field(default_factory=Structure)
+    description: str = ""
+    batched_params: frozenset[str] = frozenset()
+    counter: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.z0.dim() != 2:
+            raise ValueError(f"z0 must be (batch, n), got shape {tuple(self.z0.shape)}")
+        self.counter = Counter(self.z0.shape[0])
+
+    # -- shape and placement -------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        """Number of samples."""
+        return self.z0.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Dimension n of one sample's unknown."""
+        return self.z0.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the problem's tensors live."""
+        return self.z0.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the iterates."""
+        return self.z0.dtype
+
+    # -- the raw (uncounted) maps, used by the counted wrappers and by autodiff ---------------
+    def raw_f(
+        self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The fixed-point map without counting (for autodiff compositions)."""
+        out = self.func(z, self.params if params is None else params)
+        return out if self.form == "fixed_point" else z - out
+
+    def raw_g(
+        self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The residual g(z) = z − f(z) without counting."""
+        out = self.func(z, self.params if params is None else params)
+        return z - out if self.form == "fixed_point" else out
+
+    # -- counted evaluations -------------------------------------------------------------
+    def f(self, z: torch.Tensor) -> torch.Tensor:
+        """The fixed-point map f(z), counted as one evaluation per sample."""
+        self.counter.bump("nfev")
+        return self.raw_f(z)
+
+    def g(self, z: torch.Tensor) -> torch.Tensor:
+        """The residual g(z) = z − f(z), counted as one evaluation per sample."""
+        self.counter.bump("nfev")
+        return self.raw_g(z)
+
+    def jvp(
+        self, z: torch.Tensor, v: torch.Tensor, *, of: str = "g"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g(z), J_g(z) v) per sample (or of f with ``of='f'``); counted as one JVP."""
+        self.counter.bump("jvp")
+        fn = self.raw_g if of == "g" else self.raw_f
+        return _func_jvp(fn, (z,), (v,))
+
+    def vjp(
+        self, z: torch.Tensor, u: torch.Tensor, *, of: str = "g"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g(z), uᵀ J_g(z)) per sample (or of f with ``of='f'``); counted as one VJP."""
+        self.counter.bump("vjp")
+        fn = self.raw_g if of == "g" else self.raw_f
+        value, pullback = _func_vjp(fn, z)
+        return value, pullback(u)[0]
+
+    def jacobian(self, z: torch.Tensor, *, of: str = "g") -> tuple[torch.Tensor, torch.Tensor]:
+        """(g(z), J) with J of shape (batch, n, n), the per-sample Jacobian; counted as one njev.
+
+        Rows are independent, so pushing the same basis vector e_j through every row at once gives
+        column j of every sample's Jacobian: n batched JVPs, vectorised with vmap.
+        """
+        self.check_dense_fits()
+        self.counter.bump("njev")
+        fn = self.raw_g if of == "g" else self.raw_f
+        n = self.dim
+        basis = torch.eye(n, dtype=z.dtype, device=z.device)
+        tangents = basis[:, None, :].expand(n, z.shape[0], n)
+
+        def column(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _func_jvp(fn, (z,), (v,))
+
+        values, cols = vmap(column)(tangents)  # cols: (n, batch, n), cols[j, b] = J_b e_j
+        return values[0], cols.permute(1, 2, 0)
+
+    def check_dense_fits(self) -> None:
+        """Refuse dense Jacobians that would not fit in memory, suggesting a matrix-free solver."""
+        need = self.batch * self.dim * self.dim * self.z0.element_size() * 3
+        if need > DENSE_JACOBIAN_LIMIT_BYTES:
+            from deqcli.errors import UsageError
+
+            raise UsageError(
+                f"dense Jacobians need about {need / 1024**3:.1f} GiB for batch {self.batch} × n {self.dim}"
+                " (limit 2 GiB); use a matrix-free solver such as newton-krylov, anderson or broyden"
+            )
+
+    # -- variants ------------------------------------------------------------------------
+    def select(self, index: int) -> Problem:
+        """Sample ``index`` as a problem of batch 1 with its own counter (for per-sample peers)."""
+        params = {
+            k: v[index : index + 1] if k in self.batched_params else v
+            for k, v in self.params.items()
+        }
+        return replace(self, z0=self.z0[index : index + 1].clone(), params=params)
+
+    def with_params(self, **overrides: torch.Tensor) -> Problem:
+        """A copy with some parameters replaced (sensitivity, sweeps)."""
+        return replace(self, params={**self.params, **overrides})
+
+    def with_start(self, z0: torch.Tensor) -> Problem:
+        """A copy that starts from ``z0`` (warm starts)."""
+        return replace(self, z0=z0)

@@ -1,0 +1,178 @@
+"""Rich rendering of results for the terminal. Knows results, not configs or solvers."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter as Tally
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from deqcli.result import SolveResult, Status
+
+SPARK = "▁▂▃▄▅▆▇█"
+STATUS_STYLE = {
+    Status.CONVERGED: "bold green",
+    Status.MAX_ITER: "bold yellow",
+    Status.TIMEOUT: "bold yellow",
+    Status.STALLED: "bold yellow",
+    Status.OSCILLATING: "bold magenta",
+    Status.DIVERGED: "bold red",
+    Status.NONFINITE: "bold red",
+}
+# Batches up to this size list every sample; larger ones list only the worst.
+LIST_ALL_SAMPLES = 8
+WORST_SHOWN = 5
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """Compact scientific formatting that survives inf/NaN."""
+    if value is None:
+        return "–"
+    v = float(value)
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.{digits}e}"
+
+
+def fmt_time(seconds: float) -> str:
+    """Seconds as s, ms or µs."""
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} µs"
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """log10 of positive values as a one-line bar chart, downsampled to ``width`` columns."""
+    logs = [math.log10(v) if v > 0 and math.isfinite(v) else math.nan for v in values]
+    finite = [x for x in logs if not math.isnan(x)]
+    if not finite:
+        return ""
+    if len(logs) > width:
+        step = len(logs) / width
+        logs = [logs[min(len(logs) - 1, int(i * step))] for i in range(width - 1)] + [logs[-1]]
+    lo, hi = min(finite), max(finite)
+    span = hi - lo or 1.0
+    chars = []
+    for x in logs:
+        if math.isnan(x):
+            chars.append("×")
+        else:
+            chars.append(SPARK[min(len(SPARK) - 1, int((x - lo) / span * (len(SPARK) - 1) + 0.5))])
+    return "".join(chars)
+
+
+def status_text(status: Status) -> Text:
+    """The status name in its colour."""
+    return Text(status.value, style=STATUS_STYLE[status])
+
+
+def worst_sample(result: SolveResult) -> int:
+    """Index of the sample with the largest final residual (non-converged first)."""
+    finals = result.final_residuals()
+
+    def badness(b: int) -> tuple[int, float]:
+        r = finals[b]
+        return (0 if result.sample_status[b].ok else 1, math.inf if math.isnan(r) else r)
+
+    return max(range(result.batch), key=badness)
+
+
+def render_result(result: SolveResult, console: Console, *, description: str = "") -> None:
+    """Print the full human report of one solve."""
+    status = result.status
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="dim")
+    head.add_column()
+    head.add_row(
+        "problem", f"{result.problem}" + (f"  [dim]{description}[/dim]" if description else "")
+    )
+    opts = ", ".join(f"{k}={v}" for k, v in result.options.items())
+    head.add_row("solver", f"{result.solver}" + (f" ({opts})" if opts else ""))
+    head.add_row("device", f"{result.device}, {result.dtype}, batch {result.batch}")
+    tol = f"atol {result.atol:g}" + (f", rtol {result.rtol:g}" if result.rtol else "")
+    head.add_row("stop", f"{tol}, max_iter {result.max_iter}")
+    line = Text.assemble(status_text(status), "  ", (status.message, "dim"))
+    if result.batch > 1:
+        line.append(
+            f"  ({sum(s.ok for s in result.sample_status)}/{result.batch} samples converged)"
+        )
+    head.add_row("status", line)
+
+    totals = result.counts.totals()
+    head.add_row("iterations", str(result.nit))
+    evals = ", ".join(f"{k} {v}" for k, v in totals.items() if v or k == "nfev")
+    head.add_row("evaluations", evals)
+    finals = result.final_residuals()
+    head.add_row(
+        "residual",
+        f"‖f(z)−z‖ {fmt(max(finals))}  (relative {fmt(max(result.final_relative()))})"
+        + ("  [dim]worst sample[/dim]" if result.batch > 1 else ""),
+    )
+    head.add_row("wall time", fmt_time(result.wall_time))
+    parts: list[Any] = [head]
+    worst = worst_sample(result)
+    curve = [row[worst] for row in result.residual_history[: result.iterations[worst] + 1]]
+    if len(curve) > 1:
+        label = "residual" if result.batch == 1 else f"residual (sample {worst})"
+        parts += [
+            Text(""),
+            Text.assemble(
+                (f"{label}  ", "dim"),
+                fmt(curve[0], 1),
+                " ",
+                sparkline(curve),
+                " ",
+                fmt(curve[-1], 1),
+            ),
+        ]
+    if result.batch > 1:
+        parts += [Text(""), _samples_table(result)]
+    for note in result.notes:
+        parts.append(Text(f"note: {note}", style="yellow"))
+    console.print(
+        Panel(
+            Group(*parts), title="deq solve", title_align="left", border_style=STATUS_STYLE[status]
+        )
+    )
+
+
+def _samples_table(result: SolveResult) -> Table:
+    tally = Tally(s.value for s in result.sample_status)
+    title = ", ".join(f"{n} {name}" for name, n in tally.most_common())
+    table = Table(
+        title=f"samples: {title}",
+        title_justify="left",
+        box=None,
+        padding=(0, 2),
+        header_style="bold",
+    )
+    for col in ("sample", "status", "iterations", "‖f(z)−z‖", "relative"):
+        table.add_column(col, justify="right" if col != "status" else "left")
+    finals, rels = result.final_residuals(), result.final_relative()
+    order = list(range(result.batch))
+    if result.batch > LIST_ALL_SAMPLES:
+        order = sorted(order, key=lambda b: (result.sample_status[b].ok, -_safe(finals[b])))[
+            :WORST_SHOWN
+        ]
+        table.caption = f"worst {WORST_SHOWN} of {result.batch} samples shown; --json has them all"
+    for b in order:
+        table.add_row(
+            str(b),
+            status_text(result.sample_status[b]),
+            str(result.iterations[b]),
+            fmt(finals[b]),
+            fmt(rels[b]),
+        )
+    return table
+
+
+def _safe(x: float) -> float:
+    return math.inf if math.isnan(x) else x

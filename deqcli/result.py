@@ -1,0 +1,197 @@
+"""Outcomes of a solve: the Status enum and the SolveResult record with its JSON encoding.
+
+This module must stay importable without torch: tensors are converted lazily in ``to_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+SCHEMA_VERSION = "1"
+
+
+class Status(str, Enum):
+    """Why a sample (or a whole solve) stopped. Each member carries a one-line message."""
+
+    CONVERGED = "converged"
+    MAX_ITER = "max_iter"
+    DIVERGED = "diverged"
+    NONFINITE = "nonfinite"
+    OSCILLATING = "oscillating"
+    STALLED = "stalled"
+    TIMEOUT = "timeout"
+
+    @property
+    def message(self) -> str:
+        """A one-line human explanation of the status."""
+        return _MESSAGES[self]
+
+    @property
+    def ok(self) -> bool:
+        """True only for CONVERGED."""
+        return self is Status.CONVERGED
+
+
+_MESSAGES = {
+    Status.CONVERGED: "the residual met the tolerance",
+    Status.MAX_ITER: "the iteration budget (max_iter) ran out before the tolerance was met",
+    Status.DIVERGED: "the residual grew far beyond its starting value",
+    Status.NONFINITE: "the iterate or residual became inf or NaN",
+    Status.OSCILLATING: "the iterates cycle instead of settling",
+    Status.STALLED: "no progress over many iterations while the residual is above tolerance",
+    Status.TIMEOUT: "the wall-clock limit (timeout) ran out",
+}
+
+# When several samples failed, the overall status names the most severe failure.
+_SEVERITY = [
+    Status.NONFINITE,
+    Status.DIVERGED,
+    Status.OSCILLATING,
+    Status.STALLED,
+    Status.TIMEOUT,
+    Status.MAX_ITER,
+    Status.CONVERGED,
+]
+
+
+def overall_status(statuses: list[Status]) -> Status:
+    """CONVERGED only when every sample converged, else the most severe failure among the samples."""
+    present = set(statuses)
+    return next(s for s in _SEVERITY if s in present)
+
+
+@dataclass
+class Counts:
+    """Per-sample evaluation counts, maintained by the problem's counting wrapper.
+
+    A batched call of the map counts once for every sample it evaluates; ``nfev`` etc. report the
+    largest per-sample count (equal to the number of batched calls for our batched solvers).
+    """
+
+    nfev: list[int]
+    njev: list[int]
+    jvp: list[int]
+    vjp: list[int]
+
+    def totals(self) -> dict[str, int]:
+        """The maximum count over samples for each kind of evaluation."""
+        return {k: max(getattr(self, k), default=0) for k in ("nfev", "njev", "jvp", "vjp")}
+
+
+@dataclass
+class SolveResult:
+    """Everything a solve produced. Tensors live on the solve's device until encoded."""
+
+    problem: str
+    solver: str
+    options: dict[str, Any]
+    solution: Any  # torch.Tensor (batch, n)
+    sample_status: list[Status]
+    iterations: list[int]  # per sample: iterations taken when it stopped
+    counts: Counts
+    residual_history: list[list[float]]  # [iteration][sample] absolute ‖f(z)−z‖
+    relative_history: list[list[float]]  # [iteration][sample] ‖f(z)−z‖ / ‖f(z)‖
+    step_history: list[list[float]]  # [iteration-1][sample] ‖z_k − z_{k−1}‖
+    time_history: list[float]  # seconds since start at each recorded iteration
+    tail: Any  # torch.Tensor (k, batch, n): the last iterates, oldest first (for cycle detection)
+    wall_time: float
+    device: str
+    dtype: str
+    atol: float
+    rtol: float
+    max_iter: int
+    notes: list[str] = field(default_factory=list)
+    diagnostics: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> Status:
+        """The overall status: converged only when every sample converged."""
+        return overall_status(self.sample_status)
+
+    @property
+    def batch(self) -> int:
+        """Number of samples solved together."""
+        return len(self.sample_status)
+
+    @property
+    def nit(self) -> int:
+        """Iterations taken by the slowest sample."""
+        return max(self.iterations, default=0)
+
+    def final_residuals(self) -> list[float]:
+        """Absolute residual ‖f(z)−z‖ of each sample at its last iterate."""
+        return [self.residual_history[k][b] for b, k in enumerate(self.iterations)]
+
+    def final_relative(self) -> list[float]:
+        """Relative residual of each sample at its last iterate."""
+        return [self.relative_history[k][b] for b, k in enumerate(self.iterations)]
+
+    def to_dict(self, *, history: bool = True) -> dict[str, Any]:
+        """A JSON-ready document; its layout is versioned by ``schema_version``."""
+        finals = self.final_residuals()
+        rels = self.final_relative()
+        samples = []
+        for b in range(self.batch):
+            sample: dict[str, Any] = {
+                "index": b,
+                "status": self.sample_status[b].value,
+                "message": self.sample_status[b].message,
+                "iterations": self.iterations[b],
+                "nfev": self.counts.nfev[b],
+                "njev": self.counts.njev[b],
+                "jvp": self.counts.jvp[b],
+                "vjp": self.counts.vjp[b],
+                "residual": _num(finals[b]),
+                "relative_residual": _num(rels[b]),
+                "solution": [_num(v) for v in self.solution[b].detach().cpu().tolist()],
+            }
+            if self.diagnostics is not None and "samples" in self.diagnostics:
+                sample["diagnostics"] = self.diagnostics["samples"][b]
+            samples.append(sample)
+        doc: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "problem": self.problem,
+            "solver": self.solver,
+            "options": self.options,
+            "status": self.status.value,
+            "message": self.status.message,
+            "converged": self.status.ok,
+            "batch": self.batch,
+            "converged_samples": sum(s.ok for s in self.sample_status),
+            "iterations": self.nit,
+            **self.counts.totals(),
+            "residual": _num(max(finals, default=0.0)),
+            "relative_residual": _num(max(rels, default=0.0)),
+            "wall_time": self.wall_time,
+            "device": self.device,
+            "dtype": self.dtype,
+            "tolerance": {"atol": self.atol, "rtol": self.rtol, "max_iter": self.max_iter},
+            "notes": self.notes,
+            "samples": samples,
+        }
+        if self.diagnostics is not None:
+            doc["diagnostics"] = {k: v for k, v in self.diagnostics.items() if k != "samples"}
+        if self.extra:
+            doc.update(self.extra)
+        if history:
+            doc["history"] = {
+                "residual": [[_num(v) for v in row] for row in self.residual_history],
+                "relative_residual": [[_num(v) for v in row] for row in self.relative_history],
+                "step": [[_num(v) for v in row] for row in self.step_history],
+                "time": self.time_history,
+            }
+        return doc
+
+
+def _num(value: float) -> float | str | None:
+    """JSON has no inf/NaN: encode them as strings so documents stay strictly valid."""
+    if value is None:
+        return None
+    v = float(value)
+    if math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")

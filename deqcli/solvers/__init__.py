@@ -1,0 +1,64 @@
+"""The solver registry: names, one-line summaries, and lazy loading of the implementing class.
+
+The table is plain data so ``deq list-solvers`` can print it without importing torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deqcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from deqcli.solvers.base import Solver
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """Where a solver lives and what it is for."""
+
+    name: str
+    target: str  # "module:Class"
+    summary: str
+    family: str = "deq"  # "deq" for ours, or the peer library's name
+
+    def load(self) -> type[Solver]:
+        """Import the implementing class (this may import torch and optional peers)."""
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_INFOS = [
+    SolverInfo(
+        "fixed_point",
+        "deqcli.solvers.fixed_point:FixedPoint",
+        "naive forward iteration z ← (1−β)z + βf(z); 1 f-eval per iteration",
+    ),
+    SolverInfo(
+        "newton",
+        "deqcli.solvers.newton:Newton",
+        "Newton with autodiff Jacobians and a backtracking line search; quadratic near a root",
+    ),
+]
+SOLVERS: dict[str, SolverInfo] = {info.name: info for info in _INFOS}
+
+
+def solver_info(name: str, *, key: str = "solver.name") -> SolverInfo:
+    """The registry entry for ``name``, or a UsageError listing the valid names."""
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(SOLVERS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UsageError(
+            f"{key}: unknown solver '{name}'{hint} (valid: {', '.join(SOLVERS)}; see deq list-solvers)"
+        ) from None
+
+
+def make_solver(name: str, options: dict[str, Any] | None = None, *, key: str = "solver") -> Solver:
+    """Instantiate solver ``name`` with validated ``options``."""
+    cls = solver_info(name, key=f"{key}.name").load()
+    return cls.configure(dict(options or {}), key=key)

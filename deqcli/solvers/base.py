@@ -1,0 +1,258 @@
+"""The solver protocol and the one driver loop every solver runs under.
+
+A solver holds only its mathematics: ``init(problem, z0) -> state`` and ``step(problem, state) -> state``,
+where the state carries at least the iterate ``z`` and its residual ``g = g(z)``. The driver owns what
+all solvers share: iteration counting, per-sample residual history, the stopping rule
+‖g(z_k)‖ ≤ atol + rtol·‖g(z_0)‖, freezing converged samples, non-finite checks, the divergence guard,
+max_iter and the time limit.
+
+Solver modules import torch inside their methods so that option validation (``deq validate``) and
+``deq list-solvers`` stay free of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import time
+import types
+import typing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
+
+from deqcli.errors import UsageError
+from deqcli.result import SolveResult, Status
+
+if TYPE_CHECKING:
+    import torch
+
+    from deqcli.problems.base import Problem
+
+# A sample whose residual exceeds this multiple of its starting residual is declared diverged.
+# Generous on purpose: non-normal maps can grow transiently by orders of magnitude and still converge.
+DIVERGENCE_FACTOR = 1e8
+# How many of the last iterates are kept for cycle detection by the diagnostics.
+KEEP_ITERATES = 32
+
+
+@dataclass
+class State:
+    """The part of a solver's state the driver reads: the iterate and its residual, both (batch, n)."""
+
+    z: torch.Tensor
+    g: torch.Tensor
+
+
+@dataclass
+class StopRule:
+    """When to stop: per-sample tolerance, budgets and guards."""
+
+    atol: float = 1e-10
+    rtol: float = 0.0
+    max_iter: int = 1000
+    timeout: float | None = None
+    divergence_factor: float = DIVERGENCE_FACTOR
+    keep_iterates: int = KEEP_ITERATES
+
+
+@dataclass
+class Solver:
+    """Base class: subclasses are dataclasses whose fields are their options (with defaults)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def init(self, problem: Problem, z0: torch.Tensor) -> State:
+        """Build the starting state from ``z0`` (evaluating the residual there)."""
+        raise NotImplementedError
+
+    def step(self, problem: Problem, state: State) -> State:
+        """Advance every sample by one iteration; the driver freezes converged samples afterwards."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Validate option values; raise ``ValueError("option: reason")`` on a bad one."""
+
+    def options(self) -> dict[str, Any]:
+        """The options in effect, for reports and JSON."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def option_fields(cls) -> dict[str, dataclasses.Field[Any]]:
+        """The option fields by name."""
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def configure(cls, options: dict[str, Any], *, key: str = "solver") -> Solver:
+        """Build a solver from user options, converting types and rejecting unknown names."""
+        fields = cls.option_fields()
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for opt, raw in options.items():
+            if opt not in fields:
+                valid = ", ".join(sorted(fields)) or "none"
+                close = difflib.get_close_matches(opt, list(fields), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise UsageError(
+                    f"{key}.{opt}: unknown option for solver '{cls.name}'{hint} (valid options: {valid})"
+                )
+            values[opt] = _coerce(raw, hints[opt], f"{key}.{opt}")
+        solver = cls(**values)
+        try:
+            solver.check()
+        except ValueError as exc:
+            raise UsageError(f"{key}.{exc}") from None
+        return solver
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/flag value to an option's declared type, or raise a UsageError naming the key."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise UsageError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{key}: must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or _is_integral(value)):
+            raise UsageError(f"{key}: must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"{key}: must be a number, got {value!r}") from None
+        return float(value)
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _is_integral(value: Any) -> bool:
+    return isinstance(value, float) and value.is_integer()
+
+
+def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
+    """Run ``solver`` on ``problem`` until every sample stops; the one loop all solvers share."""
+    import torch
+
+    problem.counter.reset()
+    start = time.perf_counter()
+    batch = problem.batch
+    state = solver.init(problem, problem.z0)
+    res = _norms(state.g)
+    res0 = res.clone()
+    threshold = stop.atol + stop.rtol * res0
+    abs_hist = [res]
+    rel_hist = [res / _norms(state.z - state.g).clamp_min(torch.finfo(state.z.dtype).tiny)]
+    step_hist: list[torch.Tensor] = []
+    times = [time.perf_counter() - start]
+    tail = [state.z.detach().clone()]
+
+    status: list[Status | None] = [None] * batch
+    iterations = [0] * batch
+    active = torch.ones(batch, dtype=torch.bool, device=state.z.device)
+    k = 0
+    notes: list[str] = []
+    while True:
+        _classify(res, res0, threshold, stop, status, iterations, active, k)
+        if not bool(active.any()):
+            break
+        if k >= stop.max_iter:
+            _finish(status, iterations, Status.MAX_ITER, k)
+            break
+        if stop.timeout is not None and time.perf_counter() - start > stop.timeout:
+            _finish(status, iterations, Status.TIMEOUT, k)
+            break
+        z_prev, g_prev = state.z, state.g
+        state = solver.step(problem, state)
+        k += 1
+        if not bool(active.all()):
+            # Converged or failed samples stop changing: restore their rows.
+            keep = active[:, None]
+            state.z = torch.where(keep, state.z, z_prev)
+            state.g = torch.where(keep, state.g, g_prev)
+        res = _norms(state.g)
+        abs_hist.append(res)
+        rel_hist.append(res / _norms(state.z - state.g).clamp_min(torch.finfo(state.z.dtype).tiny))
+        step_hist.append(_norms(state.z - z_prev))
+        times.append(time.perf_counter() - start)
+        tail.append(state.z.detach())
+        if len(tail) > stop.keep_iterates:
+            tail.pop(0)
+
+    final = [s if s is not None else Status.MAX_ITER for s in status]
+    return SolveResult(
+        problem=problem.name,
+        solver=solver.name,
+        options=solver.options(),
+        solution=state.z.detach(),
+        sample_status=final,
+        iterations=iterations,
+        counts=problem.counter.snapshot(),
+        residual_history=torch.stack(abs_hist).cpu().tolist(),
+        relative_history=torch.stack(rel_hist).cpu().tolist(),
+        step_history=torch.stack(step_hist).cpu().tolist() if step_hist else [],
+        time_history=times,
+        tail=torch.stack(tail),
+        wall_time=time.perf_counter() - start,
+        device=str(problem.device),
+        dtype=str(problem.dtype).removeprefix("torch."),
+        atol=stop.atol,
+        rtol=stop.rtol,
+        max_iter=stop.max_iter,
+        notes=notes,
+    )
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.linalg.vector_norm(x, dim=1)
+
+
+def _classify(
+    res: torch.Tensor,
+    res0: torch.Tensor,
+    threshold: torch.Tensor,
+    stop: StopRule,
+    status: list[Status | None],
+    iterations: list[int],
+    active: torch.Tensor,
+    k: int,
+) -> None:
+    """Stop samples that converged, went non-finite or diverged at iteration k (updates in place)."""
+    import torch
+
+    converged = res <= threshold
+    nonfinite = ~torch.isfinite(res)
+    diverged = res > stop.divergence_factor * torch.clamp_min(res0, stop.atol)
+    stopped = active & (converged | nonfinite | diverged)
+    if not bool(stopped.any()):
+        return
+    for b in torch.nonzero(stopped).flatten().tolist():
+        if bool(nonfinite[b]):
+            status[b] = Status.NONFINITE
+        elif bool(converged[b]):
+            status[b] = Status.CONVERGED
+        else:
+            status[b] = Status.DIVERGED
+        iterations[b] = k
+    active &= ~stopped
+
+
+def _finish(status: list[Status | None], iterations: list[int], why: Status, k: int) -> None:
+    for b, s in enumerate(status):
+        if s is None:
+            status[b] = why
+            iterations[b] = k
