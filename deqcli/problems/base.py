@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import torch
 from torch.func import jvp as _func_jvp
-from torch.func import vjp as _func_vjp
-from torch.func import vmap
 
 from deqcli.result import Counts
 
 Form = Literal["fixed_point", "residual"]
 BatchedFunc = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
+# Jacobians of up to this many rows are pulled back row by row (see _reverse).
+SCALAR_PULLBACK_MAX = 16
 # Dense Jacobians beyond this many bytes (over the whole batch) are refused with a clear error.
 DENSE_JACOBIAN_LIMIT_BYTES = 2 * 1024**3
 
@@ -155,28 +155,21 @@ class Problem:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(g(z), uᵀ J_g(z)) per sample (or of f with ``of='f'``); counted as one VJP."""
         self.counter.bump("vjp")
-        fn = self.raw_g if of == "g" else self.raw_f
-        value, pullback = _func_vjp(fn, z)
-        return value, pullback(u)[0]
+        value, grad = _reverse(self.raw_g if of == "g" else self.raw_f, z, u, batched=False)
+        return value, grad
 
     def jacobian(self, z: torch.Tensor, *, of: str = "g") -> tuple[torch.Tensor, torch.Tensor]:
         """(g(z), J) with J of shape (batch, n, n), the per-sample Jacobian; counted as one njev.
 
-        Rows are independent, so pushing the same basis vector e_j through every row at once gives
-        column j of every sample's Jacobian: n batched JVPs, vectorised with vmap.
+        Rows are independent, so pulling the same basis vector e_i back through every row at once
+        gives row i of every sample's Jacobian: n reverse passes, vectorised by autograd.
         """
         self.check_dense_fits()
         self.counter.bump("njev")
-        fn = self.raw_g if of == "g" else self.raw_f
         n = self.dim
-        basis = torch.eye(n, dtype=z.dtype, device=z.device)
-        tangents = basis[:, None, :].expand(n, z.shape[0], n)
-
-        def column(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return _func_jvp(fn, (z,), (v,))
-
-        values, cols = vmap(column)(tangents)  # cols: (n, batch, n), cols[j, b] = J_b e_j
-        return values[0], cols.permute(1, 2, 0)
+        basis = torch.eye(n, dtype=z.dtype, device=z.device)[:, None, :].expand(n, z.shape[0], n)
+        value, rows = _reverse(self.raw_g if of == "g" else self.raw_f, z, basis, batched=True)
+        return value, rows.permute(1, 0, 2)  # rows[i, b] = e_iᵀ J_b  ->  [b, i, :]
 
     def check_dense_fits(self) -> None:
         """Refuse dense Jacobians that would not fit in memory, suggesting a matrix-free solver."""
@@ -205,3 +198,43 @@ class Problem:
     def with_start(self, z0: torch.Tensor) -> Problem:
         """A copy that starts from ``z0`` (warm starts)."""
         return replace(self, z0=z0)
+
+
+def _reverse(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    cotangents: torch.Tensor,
+    *,
+    batched: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(z) and the pull-back of ``cotangents`` (one, or a stack of them) by reverse-mode autograd.
+
+    Start-up cost shapes this: torch.func.vjp imports torch._dynamo (seconds) and autograd.grad
+    with tensor grad_outputs imports sympy (over a second). Pulling back the scalar ⟨fn(z), u⟩ needs
+    neither, so single VJPs and small stacks use it; large stacks use one vectorised call.
+    """
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        value = fn(zz)
+        if not value.requires_grad:  # the map does not depend on z at all
+            return value.detach(), torch.zeros(cotangents.shape, dtype=z.dtype, device=z.device)
+        if batched and cotangents.shape[0] > SCALAR_PULLBACK_MAX:
+            (grad,) = torch.autograd.grad(
+                value, zz, cotangents, is_grads_batched=True, allow_unused=True
+            )
+        else:
+            stack = cotangents if batched else cotangents[None]
+            rows = [
+                _pull_scalar(value, zz, u, retain=i < len(stack) - 1) for i, u in enumerate(stack)
+            ]
+            grad = torch.stack(rows) if batched else rows[0]
+    if grad is None:
+        grad = torch.zeros(cotangents.shape, dtype=z.dtype, device=z.device)
+    return value.detach(), grad
+
+
+def _pull_scalar(
+    value: torch.Tensor, z: torch.Tensor, u: torch.Tensor, *, retain: bool
+) -> torch.Tensor:
+    (grad,) = torch.autograd.grad((value * u).sum(), z, retain_graph=retain, allow_unused=True)
+    return torch.zeros_like(z) if grad is None else grad

@@ -1,0 +1,48 @@
+"""Shared test helpers: run the CLI in-process and write throwaway configs."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deqcli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+class Run:
+    """The outcome of one CLI invocation with stdout and stderr kept apart."""
+
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+@pytest.fixture
+def cli() -> Callable[..., Run]:
+    """Invoke `deq ARGS...` in-process; returns exit code, stdout and stderr separately."""
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Run:
+        res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return Run(res.exit_code, res.stdout, res.stderr)
+
+    return invoke
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write YAML text (dedented) to a file in a temporary folder and return its path."""
+
+    def write(text: str, name: str = "cfg.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write

@@ -1,0 +1,254 @@
+"""The driver loop, the Problem wrapper and the first two solvers, on problems with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deqcli.errors import UsageError
+from deqcli.problems import base as problem_base
+from deqcli.problems.base import Problem
+from deqcli.result import Status
+from deqcli.solvers import make_solver
+from deqcli.solvers.base import StopRule, run
+
+DOTTIE = 0.7390851332151607
+
+
+def scalar_problem(form: str, fn, z0: float | list[float]) -> Problem:
+    """A batch of scalar problems (one row per start) with an elementwise map or residual."""
+    start = torch.tensor(z0 if isinstance(z0, list) else [z0], dtype=torch.float64)[:, None]
+    return Problem(name="scalar", kind="test", form=form, func=lambda z, p: fn(z), z0=start)
+
+
+def affine_problem(A: np.ndarray, c: np.ndarray, batch: int = 1) -> Problem:
+    At = torch.tensor(A)
+    ct = torch.tensor(c)
+    z0 = torch.zeros(batch, len(c), dtype=torch.float64)
+    return Problem(
+        name="affine",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: z @ p["A"].T + p["c"],
+        z0=z0,
+        params={"A": At, "c": ct},
+    )
+
+
+def test_newton_finds_sqrt2_quadratically() -> None:
+    problem = scalar_problem("residual", lambda z: z**2 - 2, 1.0)
+    result = run(problem, make_solver("newton"), StopRule(atol=1e-12, max_iter=50))
+    assert result.status is Status.CONVERGED
+    assert result.iterations[0] <= 6
+    assert float(result.solution[0, 0]) == pytest.approx(math.sqrt(2), abs=1e-14)
+    # Quadratic convergence: e_{k+1} / e_k² tends to |g''/(2g')| = 1/(2√2) at the root.
+    errors = [
+        abs(r[0]) / (2 * math.sqrt(2)) for r in result.residual_history
+    ]  # |z²−2| ≈ 2√2·|z−√2|
+    ratios = [errors[k + 1] / errors[k] ** 2 for k in range(1, len(errors) - 2) if errors[k] > 1e-7]
+    assert ratios and all(0.2 < q < 0.6 for q in ratios)
+
+
+def test_fixed_point_finds_dottie_number_with_honest_counts() -> None:
+    problem = scalar_problem("fixed_point", torch.cos, 1.0)
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-12, max_iter=500))
+    assert result.status is Status.CONVERGED
+    assert float(result.solution[0, 0]) == pytest.approx(DOTTIE, abs=1e-11)
+    # One evaluation at the start plus one per iteration, no Jacobians.
+    assert result.counts.nfev[0] == result.iterations[0] + 1
+    assert result.counts.njev[0] == 0
+    # Linear convergence with rate |cos'(z*)| = sin(z*) ≈ 0.6736.
+    res = [r[0] for r in result.residual_history]
+    assert res[-2] / res[-3] == pytest.approx(math.sin(DOTTIE), rel=1e-2)
+
+
+def test_damping_keeps_the_fixed_point() -> None:
+    problem = scalar_problem("fixed_point", torch.cos, 1.0)
+    result = run(
+        problem, make_solver("fixed_point", {"beta": 0.5}), StopRule(atol=1e-12, max_iter=500)
+    )
+    assert result.status is Status.CONVERGED
+    assert float(result.solution[0, 0]) == pytest.approx(DOTTIE, abs=1e-11)
+
+
+def test_exact_linear_fixed_point() -> None:
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((6, 6))
+    A *= 0.6 / np.linalg.norm(A, 2)
+    c = rng.standard_normal(6)
+    exact = np.linalg.solve(np.eye(6) - A, c)
+    for name in ("fixed_point", "newton"):
+        result = run(affine_problem(A, c), make_solver(name), StopRule(atol=1e-12, max_iter=500))
+        assert result.status is Status.CONVERGED
+        np.testing.assert_allclose(result.solution[0].numpy(), exact, atol=1e-11)
+    # Newton is exact on an affine residual after one step.
+    newton = run(affine_problem(A, c), make_solver("newton"), StopRule(atol=1e-12))
+    assert newton.iterations[0] == 1
+
+
+def test_contractive_tanh_layer_satisfies_its_equation() -> None:
+    gen = torch.Generator().manual_seed(3)
+    n, batch = 16, 5
+    W = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    W *= 0.8 / torch.linalg.matrix_norm(W, ord=2)
+    x = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    problem = Problem(
+        name="tanh",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: torch.tanh(z @ p["W"].T + p["x"]),
+        z0=torch.zeros(batch, n, dtype=torch.float64),
+        params={"W": W, "x": x},
+        batched_params=frozenset({"x"}),
+    )
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-10, max_iter=500))
+    assert result.status is Status.CONVERGED
+    z = result.solution.numpy()
+    residual = z - np.tanh(z @ W.numpy().T + x.numpy())
+    assert np.linalg.norm(residual, axis=1).max() <= 1e-10
+
+
+def test_jacobian_matches_analytic_tanh_derivative() -> None:
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    z = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    problem = Problem(
+        name="tanh",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: torch.tanh(z @ p["W"].T + p["x"]),
+        z0=z,
+        params={"W": W, "x": x},
+    )
+    _, jac = problem.jacobian(z)
+    for b in range(3):
+        s = 1 - torch.tanh(W @ z[b] + x[b]) ** 2
+        expected = torch.eye(4, dtype=torch.float64) - s[:, None] * W
+        torch.testing.assert_close(jac[b], expected)
+    assert problem.counter.njev == [1, 1, 1]
+
+
+def test_large_jacobian_uses_the_vectorised_path_and_stays_exact() -> None:
+    gen = torch.Generator().manual_seed(2)
+    n = 24  # above the row-by-row limit
+    W = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    z = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    problem = Problem(
+        name="tanh",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: torch.tanh(z @ p["W"].T),
+        z0=z,
+        params={"W": W},
+    )
+    _, jac = problem.jacobian(z, of="f")
+    for b in range(2):
+        s = 1 - torch.tanh(W @ z[b]) ** 2
+        torch.testing.assert_close(jac[b], s[:, None] * W)
+    u = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    _, pulled = problem.vjp(z, u, of="f")
+    torch.testing.assert_close(pulled, torch.einsum("bi,bij->bj", u, jac))
+    _, pushed = problem.jvp(z, u, of="f")
+    torch.testing.assert_close(pushed, torch.einsum("bij,bj->bi", jac, u))
+
+
+def test_converged_samples_freeze_while_others_continue() -> None:
+    # z ← a·z + 1 with a = 0.1 (fast) and a = 0.9 (slow): fixed points 1/(1−a).
+    a = torch.tensor([[0.1], [0.9]], dtype=torch.float64)
+    problem = Problem(
+        name="two-rates",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: p["a"] * z + 1,
+        z0=torch.zeros(2, 1, dtype=torch.float64),
+        params={"a": a},
+        batched_params=frozenset({"a"}),
+    )
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-10, max_iter=1000))
+    assert result.sample_status == [Status.CONVERGED, Status.CONVERGED]
+    fast, slow = result.iterations
+    assert fast < slow
+    # After the fast sample stops, its residual record stays fixed.
+    tail = {row[0] for row in result.residual_history[fast:]}
+    assert len(tail) == 1
+    np.testing.assert_allclose(result.solution[:, 0].numpy(), [1 / 0.9, 10.0], atol=1e-8)
+
+
+def test_divergence_nonfinite_max_iter_and_timeout_statuses() -> None:
+    stop = StopRule(atol=1e-12, max_iter=200)
+    grow = run(
+        scalar_problem("fixed_point", lambda z: 2 * z + 1, 0.0), make_solver("fixed_point"), stop
+    )
+    assert grow.sample_status == [Status.DIVERGED]
+    nan = run(scalar_problem("fixed_point", torch.log, 0.5), make_solver("fixed_point"), stop)
+    assert nan.sample_status == [Status.NONFINITE]
+    short = run(
+        scalar_problem("fixed_point", torch.cos, 1.0),
+        make_solver("fixed_point"),
+        StopRule(max_iter=5),
+    )
+    assert short.sample_status == [Status.MAX_ITER] and short.iterations == [5]
+    late = run(
+        scalar_problem("fixed_point", torch.cos, 1.0),
+        make_solver("fixed_point"),
+        StopRule(timeout=1e-12),
+    )
+    assert late.sample_status == [Status.TIMEOUT]
+
+
+def test_overall_status_needs_every_sample() -> None:
+    # Samples: a contraction (converges) and an expansion (diverges) in one batch.
+    a = torch.tensor([[0.5], [3.0]], dtype=torch.float64)
+    problem = Problem(
+        name="mixed",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: p["a"] * z + 1,
+        z0=torch.zeros(2, 1, dtype=torch.float64),
+        params={"a": a},
+        batched_params=frozenset({"a"}),
+    )
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-10, max_iter=500))
+    assert result.sample_status == [Status.CONVERGED, Status.DIVERGED]
+    assert result.status is Status.DIVERGED
+    doc = result.to_dict()
+    assert doc["converged"] is False and doc["converged_samples"] == 1
+    assert [s["status"] for s in doc["samples"]] == ["converged", "diverged"]
+
+
+def test_float32_converges_to_single_precision() -> None:
+    problem = Problem(
+        name="dottie32",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: torch.cos(z),
+        z0=torch.ones(1, 1, dtype=torch.float32),
+    )
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-6, max_iter=500))
+    assert result.status is Status.CONVERGED and result.dtype == "float32"
+    assert float(result.solution[0, 0]) == pytest.approx(DOTTIE, abs=1e-5)
+
+
+def test_newton_refuses_dense_jacobians_that_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(problem_base, "DENSE_JACOBIAN_LIMIT_BYTES", 1000)
+    problem = affine_problem(np.eye(20) * 0.5, np.ones(20))
+    with pytest.raises(UsageError, match="newton-krylov"):
+        run(problem, make_solver("newton"), StopRule())
+
+
+def test_unknown_solver_and_options_list_the_valid_ones() -> None:
+    with pytest.raises(UsageError, match="unknown solver 'newtn'; did you mean 'newton'"):
+        make_solver("newtn")
+    with pytest.raises(
+        UsageError,
+        match=r"solver\.betta: unknown option .*did you mean 'beta'.*valid options: beta",
+    ):
+        make_solver("fixed_point", {"betta": 0.5})
+    with pytest.raises(UsageError, match=r"solver\.beta: must lie in \(0, 2\)"):
+        make_solver("fixed_point", {"beta": 2.5})
+    with pytest.raises(UsageError, match=r"solver\.max_backtracks: must be an integer"):
+        make_solver("newton", {"max_backtracks": "many"})
