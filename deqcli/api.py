@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from deqcli.config import Config, load_config
 
 if TYPE_CHECKING:
+    from deqcli.diagnostics.settings import DiagnosticOptions
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
     from deqcli.solvers.base import StopRule
@@ -48,13 +49,45 @@ def solve(
     overrides: list[str] | None = None,
     *,
     problem: Problem | None = None,
+    diagnostics: bool | DiagnosticOptions = True,
+    precheck: bool = False,
     **solver_options: Any,
 ) -> SolveResult:
-    """Solve the problem of ``config`` with its solver; ``problem`` reuses an already built one."""
+    """Solve the problem of ``config`` with its solver; ``problem`` reuses an already built one.
+
+    ``diagnostics`` (True, False or DiagnosticOptions) analyses the run afterwards and refines the
+    per-sample status with the evidence; ``precheck`` estimates the Lipschitz constant near z0 first.
+    """
     from deqcli.solvers import make_solver
     from deqcli.solvers.base import run
 
     cfg = as_config(config, overrides)
     built = problem if problem is not None else load_problem(cfg)
     solver = make_solver(cfg.solver.name, {**cfg.solver.options, **solver_options})
-    return run(built, solver, stop_rule(cfg))
+    diag_options = None if isinstance(diagnostics, bool) else diagnostics
+    pre = None
+    if precheck:
+        from deqcli.diagnostics import precheck as check_start
+
+        pre = check_start(built, diag_options, solver=solver)
+    result = run(built, solver, stop_rule(cfg))
+    result.notes.extend(tolerance_notes(cfg, built))
+    if diagnostics is not False or pre is not None:
+        from deqcli.diagnostics import attach
+
+        attach(built, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
+    return result
+
+
+def tolerance_notes(cfg: Config, problem: Problem) -> list[str]:
+    """Warn when the absolute tolerance is finer than the precision can resolve at the iterates' scale."""
+    import torch
+
+    eps = torch.finfo(problem.dtype).eps
+    scale = max(1.0, float(torch.linalg.vector_norm(problem.z0, dim=1).max()))
+    if cfg.atol < 4 * eps * scale:
+        return [
+            f"atol {cfg.atol:g} is below what {cfg.run.dtype} can resolve at this scale "
+            f"(about {4 * eps * scale:.1e}); loosen --tol or use float64"
+        ]
+    return []

@@ -22,6 +22,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -244,13 +245,14 @@ class RunSpec(_Spec):
     keep_iterates: Annotated[int, Field(ge=4)] = 32
     divergence_factor: Annotated[float, Field(gt=1)] = 1e8
 
-    @model_validator(mode="after")
-    def _device_name(self) -> RunSpec:
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
         from deqcli.device import DEVICE_PATTERN
 
-        if not DEVICE_PATTERN.match(self.device):
-            raise ValueError(f"unknown device '{self.device}'; use auto, cpu, cuda, cuda:N or mps")
-        return self
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"unknown device '{value}'; use auto, cpu, cuda, cuda:N or mps")
+        return value
 
 
 def _solver_shorthand(value: Any) -> Any:
@@ -335,6 +337,8 @@ def parse_config(
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "'\\t'" in problem:
+            problem += " (a tab: YAML indents with spaces)"
         raise ConfigError("", f"{source}: malformed YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError("", f"{source}: expected a mapping with a 'problem' key at the top level")
@@ -483,7 +487,8 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
         try:
             parse_expression(text, key=key, names=names)
         except ExpressionError as exc:
-            raise ConfigError("", str(exc), line=_line_for(path, lines)) from None
+            detail = str(exc).removeprefix(f"{key}: ")
+            raise ConfigError(key, detail, line=_line_for(path, lines)) from None
 
     if isinstance(spec, TanhLayerSpec):
         names = {"n", "m", "batch"}

@@ -1,0 +1,286 @@
+"""`deq` end to end: exit codes, stdout/stderr separation, JSON, bad input, no torch for non-solving commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import CONFIGS, ROOT
+
+DOTTIE = 0.7390851332151607
+
+
+def test_solve_reports_and_exits_zero(cli) -> None:
+    run = cli("solve", CONFIGS / "dottie.yaml")
+    assert run.exit_code == 0
+    assert "converged" in run.stdout and "dottie" in run.stdout
+    assert run.stderr == ""
+
+
+def test_json_to_stdout_is_the_only_output(cli) -> None:
+    run = cli("solve", CONFIGS / "sqrt2.yaml", "--json", "-")
+    assert run.exit_code == 0
+    doc = json.loads(run.stdout)
+    assert doc["schema_version"] == "1"
+    assert doc["status"] == "converged" and doc["converged"] is True
+    assert doc["solver"] == "newton" and doc["iterations"] <= 6
+    assert doc["samples"][0]["solution"][0] == pytest.approx(math.sqrt(2), abs=1e-14)
+    assert doc["njev"] == doc["iterations"]
+    assert len(doc["history"]["residual"]) == doc["iterations"] + 1
+
+
+def test_json_file_and_report_together(cli, tmp_path) -> None:
+    out = tmp_path / "result.json"
+    run = cli("solve", CONFIGS / "dottie.yaml", "--json", out)
+    assert run.exit_code == 0 and "converged" in run.stdout
+    doc = json.loads(out.read_text())
+    assert doc["samples"][0]["solution"][0] == pytest.approx(DOTTIE, abs=1e-11)
+
+
+def test_not_converging_exits_one_with_the_reason(cli) -> None:
+    run = cli("solve", CONFIGS / "dottie.yaml", "--max-iter", "5")
+    assert run.exit_code == 1
+    assert "max_iter" in run.stdout
+
+
+def test_flags_override_the_config(cli) -> None:
+    run = cli(
+        "solve",
+        CONFIGS / "dottie.yaml",
+        "--solver",
+        "newton",
+        "--tol",
+        "1e-13",
+        "--dtype",
+        "float64",
+        "--set",
+        "problem.initial=0.5",
+        "--json",
+        "-",
+    )
+    doc = json.loads(run.stdout)
+    assert run.exit_code == 0 and doc["solver"] == "newton"
+    assert doc["tolerance"]["atol"] == 1e-13
+    assert doc["samples"][0]["solution"][0] == pytest.approx(DOTTIE, abs=1e-13)
+
+
+def test_float32_run(cli) -> None:
+    args = ("solve", CONFIGS / "tanh_layer.yaml", "--dtype", "float32", "--json", "-")
+    doc = json.loads(cli(*args, "--tol", "1e-5").stdout)
+    assert doc["dtype"] == "float32" and doc["status"] == "converged"
+    assert doc["tolerance"]["atol"] == 1e-5
+    # The file asks for atol 1e-10, which float32 cannot resolve: say so rather than just fail.
+    doc = json.loads(cli(*args, "--max-iter", "50").stdout)
+    assert doc["status"] == "max_iter"
+    assert any("below what float32 can resolve" in note for note in doc["notes"])
+
+
+def test_quiet_prints_nothing(cli) -> None:
+    run = cli("solve", CONFIGS / "dottie.yaml", "--quiet")
+    assert run.exit_code == 0 and run.stdout == "" and run.stderr == ""
+
+
+def test_gradient_descent_reaches_the_least_squares_solution(cli) -> None:
+    doc = json.loads(cli("solve", CONFIGS / "gradient_descent.yaml", "--json", "-").stdout)
+    X = np.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    expected = np.linalg.lstsq(X, y, rcond=None)[0]
+    np.testing.assert_allclose(doc["samples"][0]["solution"], expected, atol=1e-8)
+
+
+def test_linear_config_hits_the_exact_solution(cli) -> None:
+    doc = json.loads(cli("solve", CONFIGS / "linear.yaml", "--json", "-").stdout)
+    n = 5
+    A = np.outer(np.arange(1, n + 1), np.ones(n)) / (2 * n * n)
+    c = np.linspace(0, 1, n)
+    np.testing.assert_allclose(
+        doc["samples"][0]["solution"], np.linalg.solve(np.eye(n) - A, c), atol=1e-11
+    )
+
+
+def test_tanh_layer_batch_solutions_satisfy_the_layer(cli, tmp_path) -> None:
+    np.save(tmp_path / "W.npy", np.diag([0.5, -0.3, 0.2]))
+    cfg = tmp_path / "layer.yaml"
+    cfg.write_text(
+        "problem:\n  kind: tanh_layer\n  dim: 3\n  W: {file: W.npy}\n  x: [[1, 0, 0], [0, 2, -1]]\n"
+        "  b: [0.1, 0.1, 0.1]\n  batch: 2\nrun: {atol: 1e-12}\n"
+    )
+    doc = json.loads(cli("solve", cfg, "--json", "-").stdout)
+    assert doc["converged_samples"] == 2
+    z = np.array([s["solution"] for s in doc["samples"]])
+    W = np.diag([0.5, -0.3, 0.2])
+    x = np.array([[1, 0, 0], [0, 2, -1]])
+    np.testing.assert_allclose(z, np.tanh(z @ W.T + x + 0.1), atol=1e-12)
+
+
+def test_python_kind_runs_user_code(cli) -> None:
+    doc = json.loads(cli("solve", CONFIGS / "python_map.yaml", "--json", "-").stdout)
+    assert doc["status"] == "converged" and doc["batch"] == 3
+    a = np.linspace(0.2, 0.8, 4)
+    for sample in doc["samples"]:
+        z = np.array(sample["solution"])
+        np.testing.assert_allclose(z, a * np.cos(z) + 0.25, atol=1e-11)
+
+
+def _one_line_error(run, *fragments: str) -> None:
+    assert run.exit_code == 2, (run.stdout, run.stderr)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_two(cli, write_config) -> None:
+    _one_line_error(cli("solve", write_config("problem: [unclosed\n")), "malformed YAML at line")
+    _one_line_error(
+        cli(
+            "solve",
+            write_config("problem: {kind: expression, fixed_point: z, initial: 0, dimm: 2}\n"),
+        ),
+        "problem.dimm",
+        "did you mean 'dim'",
+    )
+    _one_line_error(
+        cli("solve", write_config("problem: {kind: expression, fixed_point: z, dim: two}\n")),
+        "problem.dim",
+        "integer",
+    )
+    _one_line_error(
+        cli(
+            "solve",
+            write_config("problem: {kind: expression, fixed_point: cosh(zz), initial: 0}\n"),
+        ),
+        "problem.fixed_point",
+        "unknown name 'zz'",
+        "did you mean 'z'",
+    )
+    _one_line_error(
+        cli(
+            "solve",
+            write_config("problem: {kind: expression, fixed_point: frobnicate(z), initial: 0}\n"),
+        ),
+        "unknown function 'frobnicate'",
+    )
+    _one_line_error(
+        cli("solve", write_config("problem: {kind: expression, fixed_point: 1 / z, initial: 0}\n")),
+        "problem.fixed_point",
+        "not finite at the initial point",
+    )
+    _one_line_error(
+        cli(
+            "solve",
+            write_config("problem: {kind: expression, fixed_point: a * z, params: {a: 1/0}}\n"),
+        ),
+        "problem.params.a",
+        "inf or NaN",
+    )
+    _one_line_error(
+        cli("solve", write_config("problem: {kind: tanh_layer, dim: 2, W: {file: missing.npy}}\n")),
+        "problem.W",
+        "missing.npy",
+        "does not exist",
+    )
+    _one_line_error(cli("solve", CONFIGS / "nothing-here.yaml"), "does not exist")
+    _one_line_error(
+        cli("solve", CONFIGS / "dottie.yaml", "--solver", "newtn"),
+        "unknown solver 'newtn'",
+        "newton",
+    )
+    _one_line_error(
+        cli("solve", CONFIGS / "dottie.yaml", "--set", "solver.betta=1"), "solver.betta", "beta"
+    )
+    _one_line_error(
+        cli("solve", CONFIGS / "dottie.yaml", "--device", "tpu"), "run.device", "unknown device"
+    )
+    _one_line_error(cli("solve", CONFIGS / "dottie.yaml", "--dtype", "half"), "run.dtype")
+
+
+def test_shape_mismatch_names_the_key(cli, write_config) -> None:
+    _one_line_error(
+        cli("solve", write_config("problem: {kind: tanh_layer, dim: 3, W: [[1, 0], [0, 1]]}\n")),
+        "problem.W",
+        "expected shape (3, 3)",
+    )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_cuda_is_an_error_not_a_fallback(cli) -> None:
+    _one_line_error(
+        cli("solve", CONFIGS / "dottie.yaml", "--device", "cuda"),
+        "run.device",
+        "CUDA is not available",
+    )
+
+
+def test_debug_shows_a_traceback(cli) -> None:
+    run = cli("solve", CONFIGS / "dottie.yaml", "--solver", "nope", "--debug")
+    assert run.exit_code == 2 and "Traceback" in run.stderr
+
+
+def test_json_never_overwrites_the_config(cli, tmp_path) -> None:
+    cfg = tmp_path / "dottie.yaml"
+    original = (CONFIGS / "dottie.yaml").read_text()
+    cfg.write_text(original)
+    _one_line_error(cli("solve", cfg, "--json", cfg), "refusing to overwrite")
+    assert cfg.read_text() == original
+
+
+def test_validate_schema_and_list_solvers(cli, write_config) -> None:
+    ok = cli("validate", CONFIGS / "dottie.yaml", CONFIGS / "sqrt2.yaml")
+    assert ok.exit_code == 0 and ok.stdout.count("ok") == 2
+    _one_line_error(
+        cli("validate", write_config("problem: {kind: tanh_layer, dim: 2, W: {file: nope.npy}}\n")),
+        "nope.npy",
+    )
+    _one_line_error(
+        cli("validate", CONFIGS / "dottie.yaml", "--set", "solver.beta=3"), "solver.beta", "(0, 2)"
+    )
+    schema = json.loads(cli("schema").stdout)
+    assert schema["title"] == "deq configuration"
+    listing = cli("list-solvers").stdout
+    assert "fixed_point" in listing and "newton" in listing
+
+
+def test_help_mentions_exit_codes(cli) -> None:
+    out = cli("--help").stdout
+    assert "Exit codes" in out and "solve" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["solve", "--help"],
+        ["validate", "configs/dottie.yaml"],
+        ["schema"],
+        ["list-solvers"],
+    ],
+)
+def test_commands_that_solve_nothing_do_not_import_torch(args: list[str]) -> None:
+    code = (
+        "import sys\nfrom deqcli.cli import app\n"
+        f"try:\n    app({args!r}, prog_name='deq')\nexcept SystemExit as e:\n    code = e.code\n"
+        "assert code in (0, None), code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip().endswith("NO-TORCH"), out.stdout[-500:]
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "deqcli", "solve", "configs/sqrt2.yaml", "--json", "-"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)["status"] == "converged"
