@@ -267,3 +267,179 @@ def list_solvers() -> None:
 def command(func: Callable[..., Any]) -> Callable[..., Any]:
     """Register a command defined in another module (keeps this file a thin translator)."""
     return app.command()(func)
+
+
+# -- compare-solvers ---------------------------------------------------------------------------
+CsvOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--csv", help="Write one CSV row per problem and solver to PATH ('-' for stdout)."
+    ),
+]
+MarkdownOpt = Annotated[
+    str | None,
+    typer.Option("--markdown", help="Write Markdown tables (README, PR comment) to PATH or '-'."),
+]
+
+
+@app.command("compare-solvers")
+def compare_solvers(
+    configs: Annotated[
+        list[Path],
+        typer.Argument(help="Config files, or folders of configs (a suite).", show_default=False),
+    ],
+    solvers: Annotated[
+        str | None,
+        typer.Option(
+            "--solvers", help="Comma-separated solver names (default: every solver of deq's own)."
+        ),
+    ] = None,
+    all_solvers: Annotated[
+        bool,
+        typer.Option("--all", help="Every registered solver, plus the installed peers' solvers."),
+    ] = False,
+    repeat: Annotated[
+        int, typer.Option("--repeat", help="Timed runs per solver and problem (median shown).")
+    ] = 3,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Untimed runs per solver and problem before timing.")
+    ] = 1,
+    tol: TolOpt = None,
+    rtol: RtolOpt = None,
+    max_iter: MaxIterOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+    json_path: JsonOpt = None,
+    csv_path: CsvOpt = None,
+    markdown_path: MarkdownOpt = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot",
+            help="Residual vs iteration and vs time, one figure per problem: PATH.png or PATH.svg "
+            "(PATH-<problem>.ext for several problems), or an existing folder.",
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="Fail (exit 1) on regressions against this saved JSON."),
+    ] = None,
+    save_baseline: Annotated[
+        str | None,
+        typer.Option("--save-baseline", help="Write this run's JSON as a baseline to PATH."),
+    ] = None,
+    max_slowdown: Annotated[
+        float,
+        typer.Option(
+            "--max-slowdown",
+            help="With --baseline: a median time this many times slower regresses.",
+        ),
+    ] = 3.0,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run several solvers on the same problems side by side: which one to use, and how much better.
+
+    Exit codes: 0 every problem was solved by at least one solver and nothing regressed against
+    --baseline; 1 some problem was solved by no solver, or a regression against --baseline;
+    2 bad input (config error, unknown solver, missing file, bad flag).
+    """
+    from deqcli import compare
+    from deqcli.errors import UsageError
+    from deqcli.output import check_output_path, emit_json, write_text_atomic
+
+    with user_errors(debug):
+        overrides = flag_overrides(
+            tol=tol, rtol=rtol, max_iter=max_iter, device=device, dtype=dtype, seed=seed, sets=set_
+        )
+        files = compare.expand_configs(configs)
+        names = compare.resolve_solvers(solvers, include_peers=all_solvers)
+        compare.check_settings(repeat=repeat, warmup=warmup, max_slowdown=max_slowdown)
+        protected = files + ([baseline] if baseline is not None else [])
+        outputs = {"--json": json_path, "--csv": csv_path, "--markdown": markdown_path}
+        if sum(value == "-" for value in outputs.values()) > 1:
+            raise UsageError("only one of --json, --csv and --markdown can write to stdout ('-')")
+        targets = {
+            flag: check_output_path(value, protected=protected, flag=flag)
+            for flag, value in outputs.items()
+            if value is not None
+        }
+        if save_baseline == "-":
+            raise UsageError("--save-baseline: give a file path (use --json - for stdout)")
+        saved = (
+            check_output_path(save_baseline, protected=files, flag="--save-baseline")
+            if save_baseline is not None
+            else None
+        )
+        plot_target = None
+        if plot is not None:
+            from deqcli.plots import check_plot_target
+
+            plot_target = check_plot_target(plot)
+        stored = compare.load_baseline(baseline) if baseline is not None else None
+        runs = len(files) * len(names) * (warmup + repeat)
+        with compare.progress_bar(stderr, runs, enabled=not quiet and stderr.is_terminal) as step:
+            doc = compare.compare(
+                files,
+                names,
+                overrides=overrides,
+                repeat=repeat,
+                warmup=warmup,
+                progress=step,
+                debug=debug,
+            )
+        check = None
+        if stored is not None:
+            check = compare.check_baseline(
+                doc, stored, max_slowdown=max_slowdown, path=str(baseline)
+            )
+            doc["baseline"] = check.to_dict()
+        plots = []
+        if plot_target is not None:
+            from deqcli.plots import write_plots
+
+            plots = write_plots(doc, plot_target)
+
+    to_stdout = any(value == "-" for value in outputs.values())
+    if "--json" in targets or json_path == "-":
+        emit_json(doc, targets.get("--json"))
+    if saved is not None:
+        emit_json(doc, saved)
+    for flag, text in (("--csv", csv_path), ("--markdown", markdown_path)):
+        if text is None:
+            continue
+        rendered = compare.to_csv(doc) if flag == "--csv" else compare.to_markdown(doc)
+        if targets[flag] is None:
+            sys.stdout.write(rendered)
+        else:
+            write_text_atomic(targets[flag], rendered)
+    if not quiet and not to_stdout:
+        compare.render(doc, stdout)
+    elif doc["summary"]["unsolved"]:
+        unsolved = ", ".join(doc["summary"]["unsolved"])
+        stderr.print(f"not solved by any solver: {unsolved}", highlight=False, soft_wrap=True)
+    if not quiet:
+        for path in plots:
+            stderr.print(f"[dim]plot written: {path}[/dim]", highlight=False, soft_wrap=True)
+    regressions = check.regressions if check is not None else []
+    if check is not None:
+        for regression in regressions:
+            stderr.print(
+                f"[bold red]regression:[/bold red] {regression.line()}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        if not quiet:
+            for note in check.notes:
+                stderr.print(f"[dim]baseline note: {note}[/dim]", highlight=False, soft_wrap=True)
+        if regressions or not quiet:
+            verdict = f"{len(regressions)} regression(s)" if regressions else "no regressions"
+            stderr.print(
+                f"baseline: {verdict} in {check.compared} solver-problem pair(s) checked "
+                f"against {baseline} (max slowdown {max_slowdown:g}×)",
+                highlight=False,
+                soft_wrap=True,
+            )
+    raise typer.Exit(compare.exit_code(doc, regressions))
