@@ -163,6 +163,9 @@ def _vectorise(expr: Expression, var: str, key: str, dim: int, sample_names: fro
     def func(z: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
         per_sample = {k: p[k] for k in sample_names}
         shared = {k: v for k, v in p.items() if k not in sample_names}
+        if z.shape[0] == 1:
+            # A single problem needs no vmap; skipping it saves most of the per-call overhead.
+            return single(z[0], {k: v[0] for k, v in per_sample.items()}, shared)[None]
         return batched(z, per_sample, shared)
 
     return func

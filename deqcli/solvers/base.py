@@ -148,25 +148,27 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
 
     problem.counter.reset()
     start = time.perf_counter()
-    batch = problem.batch
     state = solver.init(problem, problem.z0)
     res = _norms(state.g)
-    res0 = res.clone()
-    threshold = stop.atol + stop.rtol * res0
+    # Per-sample limits, fixed for the run: converged at or below `threshold`; anything not at or
+    # below `ceiling` (including NaN) has diverged or gone non-finite.
+    threshold = stop.atol + stop.rtol * res
+    ceiling = stop.divergence_factor * torch.clamp_min(res, stop.atol)
     abs_hist = [res]
-    rel_hist = [res / _norms(state.z - state.g).clamp_min(torch.finfo(state.z.dtype).tiny)]
+    f_norms = [_norms(state.z - state.g)]
     step_hist: list[torch.Tensor] = []
     times = [time.perf_counter() - start]
     tail = [state.z.detach().clone()]
 
-    status: list[Status | None] = [None] * batch
-    iterations = [0] * batch
-    active = torch.ones(batch, dtype=torch.bool, device=state.z.device)
+    status: list[Status | None] = [None] * problem.batch
+    iterations = [0] * problem.batch
+    active = torch.ones(problem.batch, dtype=torch.bool, device=state.z.device)
     k = 0
-    notes: list[str] = []
     while True:
-        _classify(res, res0, threshold, stop, status, iterations, active, k)
-        if not bool(active.any()):
+        if _stop_samples(res, threshold, ceiling, status, iterations, active, k):
+            active = torch.tensor([s is None for s in status], device=active.device)
+        n_active = status.count(None)
+        if n_active == 0:
             break
         if k >= stop.max_iter:
             _finish(status, iterations, Status.MAX_ITER, k)
@@ -177,14 +179,14 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         z_prev, g_prev = state.z, state.g
         state = solver.step(problem, state)
         k += 1
-        if not bool(active.all()):
+        if n_active < problem.batch:
             # Converged or failed samples stop changing: restore their rows.
             keep = active[:, None]
             state.z = torch.where(keep, state.z, z_prev)
             state.g = torch.where(keep, state.g, g_prev)
         res = _norms(state.g)
         abs_hist.append(res)
-        rel_hist.append(res / _norms(state.z - state.g).clamp_min(torch.finfo(state.z.dtype).tiny))
+        f_norms.append(_norms(state.z - state.g))
         step_hist.append(_norms(state.z - z_prev))
         times.append(time.perf_counter() - start)
         tail.append(state.z.detach())
@@ -192,6 +194,8 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
             tail.pop(0)
 
     final = [s if s is not None else Status.MAX_ITER for s in status]
+    residuals = torch.stack(abs_hist)
+    relative = residuals / torch.stack(f_norms).clamp_min(torch.finfo(residuals.dtype).tiny)
     return SolveResult(
         problem=problem.name,
         solver=solver.name,
@@ -200,8 +204,8 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         sample_status=final,
         iterations=iterations,
         counts=problem.counter.snapshot(),
-        residual_history=torch.stack(abs_hist).cpu().tolist(),
-        relative_history=torch.stack(rel_hist).cpu().tolist(),
+        residual_history=residuals.cpu().tolist(),
+        relative_history=relative.cpu().tolist(),
         step_history=torch.stack(step_hist).cpu().tolist() if step_hist else [],
         time_history=times,
         tail=torch.stack(tail),
@@ -211,7 +215,6 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         atol=stop.atol,
         rtol=stop.rtol,
         max_iter=stop.max_iter,
-        notes=notes,
     )
 
 
@@ -221,34 +224,34 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1)
 
 
-def _classify(
+def _stop_samples(
     res: torch.Tensor,
-    res0: torch.Tensor,
     threshold: torch.Tensor,
-    stop: StopRule,
+    ceiling: torch.Tensor,
     status: list[Status | None],
     iterations: list[int],
     active: torch.Tensor,
     k: int,
-) -> None:
-    """Stop samples that converged, went non-finite or diverged at iteration k (updates in place)."""
+) -> bool:
+    """Stop samples that converged, diverged or went non-finite at iteration k; True if any did.
+
+    Kept to a handful of tensor operations and one host sync: it runs every iteration.
+    """
     import torch
 
     converged = res <= threshold
-    nonfinite = ~torch.isfinite(res)
-    diverged = res > stop.divergence_factor * torch.clamp_min(res0, stop.atol)
-    stopped = active & (converged | nonfinite | diverged)
+    stopped = active & (converged | ~(res <= ceiling))
     if not bool(stopped.any()):
-        return
+        return False
     for b in torch.nonzero(stopped).flatten().tolist():
-        if bool(nonfinite[b]):
-            status[b] = Status.NONFINITE
-        elif bool(converged[b]):
+        if bool(converged[b]):
             status[b] = Status.CONVERGED
-        else:
+        elif bool(torch.isfinite(res[b])):
             status[b] = Status.DIVERGED
+        else:
+            status[b] = Status.NONFINITE
         iterations[b] = k
-    active &= ~stopped
+    return True
 
 
 def _finish(status: list[Status | None], iterations: list[int], why: Status, k: int) -> None:
