@@ -73,6 +73,26 @@ class Solver:
     def check(self) -> None:
         """Validate option values; raise ``ValueError("option: reason")`` on a bad one."""
 
+    # -- optional hooks the driver calls; the defaults do nothing -------------------------------
+    def setup(self, stop: StopRule) -> None:
+        """Called before ``init`` with the stopping rule in force.
+
+        Peers that run their own loop take their tolerance and iteration budget from it.
+        """
+
+    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
+        """Called before each step with the (batch,) mask of samples still running.
+
+        A solver may record the mask (``auto`` ignores finished samples when it decides to switch
+        methods). It may return a mask of samples it cannot advance any further (a peer whose
+        recorded run ended, a trust region that collapsed); the driver stops those that are still
+        running as ``stalled``. Return None when there is nothing to report.
+        """
+        return None
+
+    def finish(self, state: State, result: SolveResult) -> None:
+        """Called with the finished result: a solver may append ``result.notes`` or set ``result.extra``."""
+
     def options(self) -> dict[str, Any]:
         """The options in effect, for reports and JSON."""
         return dataclasses.asdict(self)
@@ -148,6 +168,7 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
 
     problem.counter.reset()
     start = time.perf_counter()
+    solver.setup(stop)
     state = solver.init(problem, problem.z0)
     res = _norms(state.g)
     # Per-sample limits, fixed for the run: converged at or below `threshold`; anything not at or
@@ -176,6 +197,12 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         if stop.timeout is not None and time.perf_counter() - start > stop.timeout:
             _finish(status, iterations, Status.TIMEOUT, k)
             break
+        stuck = solver.observe(state, active)
+        if stuck is not None and _stall_samples(stuck & active, status, iterations, k):
+            active = torch.tensor([s is None for s in status], device=active.device)
+            n_active = status.count(None)
+            if n_active == 0:
+                break
         z_prev, g_prev = state.z, state.g
         state = solver.step(problem, state)
         k += 1
@@ -196,7 +223,7 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
     final = [s if s is not None else Status.MAX_ITER for s in status]
     residuals = torch.stack(abs_hist)
     relative = residuals / torch.stack(f_norms).clamp_min(torch.finfo(residuals.dtype).tiny)
-    return SolveResult(
+    result = SolveResult(
         problem=problem.name,
         solver=solver.name,
         options=solver.options(),
@@ -216,6 +243,8 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         rtol=stop.rtol,
         max_iter=stop.max_iter,
     )
+    solver.finish(state, result)
+    return result
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +279,18 @@ def _stop_samples(
             status[b] = Status.DIVERGED
         else:
             status[b] = Status.NONFINITE
+        iterations[b] = k
+    return True
+
+
+def _stall_samples(
+    stuck: torch.Tensor, status: list[Status | None], iterations: list[int], k: int
+) -> bool:
+    """Stop the samples a solver reports it cannot advance (``Solver.observe``); True if any."""
+    if not bool(stuck.any()):
+        return False
+    for b in stuck.nonzero().flatten().tolist():
+        status[b] = Status.STALLED
         iterations[b] = k
     return True
 
