@@ -113,9 +113,10 @@ def _check_rectangular(value: list[Any]) -> tuple[int, ...]:
 def _brief(exc: ValidationError, model: type[BaseModel]) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"unknown key '{where}' (valid keys: {', '.join(model.model_fields)})"
-    return f"{where}: {err['msg']}" if where else err["msg"]
+    return f"{where}: {msg}" if where else msg
 
 
 _ARRAY_SCHEMA = {
@@ -195,13 +196,12 @@ class PythonSpec(_Spec):
     args: dict[str, Any] = Field(default_factory=dict)
     form: Literal["fixed_point", "residual"] = "fixed_point"
 
-    @model_validator(mode="after")
-    def _target_form(self) -> PythonSpec:
-        if not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", self.target):
-            raise ValueError(
-                f"target must look like path/to/file.py:factory or module:factory, got {self.target!r}"
-            )
-        return self
+    @field_validator("target")
+    @classmethod
+    def _target_form(cls, value: str) -> str:
+        if not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", value):
+            raise ValueError("target must look like path/to/file.py:factory or module:factory")
+        return value
 
 
 ProblemSpec = Annotated[
@@ -251,7 +251,7 @@ class RunSpec(_Spec):
         from deqcli.device import DEVICE_PATTERN
 
         if not DEVICE_PATTERN.match(value):
-            raise ValueError(f"unknown device '{value}'; use auto, cpu, cuda, cuda:N or mps")
+            raise ValueError("unknown device; use auto, cpu, cuda, cuda:N or mps")
         return value
 
 
@@ -263,9 +263,16 @@ class Config(_Spec):
     """A whole deq configuration file."""
 
     problem: ProblemSpec
-    solver: Annotated[SolverSpec, BeforeValidator(_solver_shorthand)] = Field(
-        default_factory=SolverSpec
-    )
+    solver: Annotated[
+        SolverSpec,
+        BeforeValidator(_solver_shorthand),
+        WithJsonSchema(
+            {
+                "description": "a solver name, or {name: ..., <option>: ...}",
+                "anyOf": [{"type": "string"}, SolverSpec.model_json_schema()],
+            }
+        ),
+    ] = Field(default_factory=SolverSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<config>")
@@ -382,12 +389,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = parsed
 
 
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _scalar(text: str) -> Any:
     """Parse a flag value as YAML, reading 1e-8 as a number (YAML 1.1 would keep it a string)."""
-    if _NUMBER.match(text.strip()):
+    if NUMBER.match(text.strip()):
         return float(text) if any(c in text for c in ".eE") else int(text)
     try:
         return yaml.safe_load(text)
@@ -420,10 +427,19 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def _line_for(path: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:
+def _line_for(
+    path: tuple[str, ...], lines: dict[tuple[str, ...], int], *, exact: bool = True
+) -> int | None:
+    """The YAML line of ``path``; with ``exact=False`` the nearest enclosing key's line.
+
+    Exact by default: a value that came from a flag or ``--set`` has no line of its own, and the
+    line of its section would point the user at the wrong place.
+    """
     while path:
         if path in lines:
             return lines[path]
+        if exact:
+            return None
         path = path[:-1]
     return None
 
@@ -450,8 +466,8 @@ def _config_error(
         loc = (loc[0], *loc[2:])  # drop pydantic's discriminator tag
     loc = tuple(p for p in loc if not p.startswith("function-"))
     key = ".".join(loc)
-    line = _line_for(loc, lines)
     kind = err["type"]
+    line = _line_for(loc, lines, exact=kind not in ("missing", "union_tag_not_found"))
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
         model = _model_at(parent, raw)
@@ -471,6 +487,8 @@ def _config_error(
     msg = err["msg"].removeprefix("Value error, ")
     given = err.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f", got {given!r}"
+    if shown and repr(given) in msg:
+        shown = ""
     return ConfigError(key or "config", f"{msg}{shown}", line=line)
 
 
@@ -496,11 +514,13 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
             value = getattr(spec, field)
             if isinstance(value, str):
                 parse(value, ("problem", field), names)
-            names.add(field)
+            if value is not None:
+                names.add(field)
         return
     if isinstance(spec, PythonSpec):
         return
     names = {"n"}
+    shared: set[str] = set()
     for group in ("params", "batch_params"):
         for name, value in getattr(spec, group).items():
             if not name.isidentifier() or name.startswith("_"):
@@ -511,14 +531,43 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
             if isinstance(value, str):
                 parse(value, ("problem", group, name), names)
             names.add(name)
+        if group == "params":
+            shared = set(names)
     var = "w" if isinstance(spec, GradientDescentSpec) else "z"
     if isinstance(spec.initial, str):
-        parse(spec.initial, ("problem", "initial"), names)
+        # The start is built before per-sample parameters are spread over the batch.
+        parse(spec.initial, ("problem", "initial"), shared)
     if isinstance(spec, GradientDescentSpec):
         parse(spec.loss, ("problem", "loss"), names | {"w"})
     else:
         field = "fixed_point" if spec.fixed_point is not None else "residual"
         parse(getattr(spec, field), ("problem", field), names | {var})
+
+
+def check_files(cfg: Config) -> None:
+    """Files the config names (arrays, a python target) must exist; checked without loading them."""
+
+    def require(name: str, key: str) -> None:
+        path = Path(name)
+        full = path if path.is_absolute() else cfg.base_dir / path
+        if not full.exists():
+            raise ConfigError(key, f"file '{name}' does not exist (looked in {full.parent})")
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, FileArray):
+            require(value.file, key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+
+    spec = cfg.problem
+    if isinstance(spec, PythonSpec):
+        where = spec.target.rpartition(":")[0]
+        if where.endswith(".py"):
+            require(where, "problem.target")
+        return
+    for name in type(spec).model_fields:
+        walk(getattr(spec, name), f"problem.{name}")
 
 
 def json_schema() -> dict[str, Any]:
@@ -540,6 +589,7 @@ __all__ = [
     "SolverSpec",
     "TanhLayerSpec",
     "apply_override",
+    "check_files",
     "json_schema",
     "load_config",
     "parse_config",

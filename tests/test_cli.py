@@ -284,3 +284,27 @@ def test_python_dash_m_runs_the_cli() -> None:
         cwd=ROOT,
     )
     assert out.returncode == 0 and json.loads(out.stdout)["status"] == "converged"
+
+
+def test_error_text_is_not_rich_markup(cli, write_config) -> None:
+    cfg = write_config("problem: {kind: tanh_layer, dim: 2, W: {random: symmetric}}\n")
+    _one_line_error(cli("solve", cfg), "problem.W", "eigenvalues: [lo, hi]")
+
+
+def test_python_factory_failures_are_bad_input(cli, tmp_path) -> None:
+    (tmp_path / "broken.py").write_text(
+        "def make(scale):\n    raise RuntimeError(f'no map at {scale}')\n"
+    )
+    cfg = tmp_path / "user.yaml"
+    cfg.write_text("problem: {kind: python, target: broken.py:make, args: {scale: 1e-3}}\n")
+    # 1e-3 reaches the factory as a number even though YAML 1.1 reads it as text.
+    _one_line_error(cli("solve", cfg), "problem.args", "RuntimeError: no map at 0.001")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("problem: {kind: python, target: nowhere.py:make}\n")
+    _one_line_error(cli("validate", missing), "problem.target", "nowhere.py")
+
+
+def test_schema_accepts_the_solver_shorthand_and_writes_to_stdout(cli) -> None:
+    schema = json.loads(cli("schema", "--output", "-").stdout)
+    kinds = [option.get("type") for option in schema["properties"]["solver"]["anyOf"]]
+    assert "string" in kinds

@@ -42,6 +42,7 @@ class ArrayBuilder:
                 raise ConfigError(
                     key, "a random array needs a known shape here; give a list or a file"
                 )
+            numel_ok(shape, key)
             value = self._random(spec, key, shape)
         elif isinstance(spec, str):
             value = self._expression(spec, key, env or {})
@@ -129,7 +130,8 @@ def as_batch(value: torch.Tensor, key: str, batch: int, dim: int) -> torch.Tenso
         return value.expand(batch, dim).clone()
     raise ConfigError(
         key,
-        f"shape {tuple(value.shape)} does not fit: expected a number, ({dim},) or ({batch}, {dim})",
+        f"shape {tuple(value.shape)} does not fit: expected a number, ({dim},) or ({batch}, {dim});"
+        " set problem.dim (and problem.batch) to match",
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from deqcli.config import Config, PythonSpec
+from deqcli.config import NUMBER, Config, PythonSpec
 from deqcli.errors import ConfigError
 from deqcli.problems.arrays import as_batch
 from deqcli.problems.base import Problem
@@ -69,15 +69,18 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
     if not isinstance(spec, PythonSpec):
         raise TypeError("python_callable.build needs a PythonSpec")
     factory = load_factory(spec.target, cfg.base_dir)
-    kwargs = dict(spec.args)
+    # YAML 1.1 reads 1e-3 as a string; args are meant as numbers when they look like numbers.
+    kwargs = {k: _number_or_text(v) for k, v in spec.args.items()}
     accepted = inspect.signature(factory).parameters
     for name, value in (("device", device), ("dtype", dtype)):
         if name in accepted and name not in kwargs:
             kwargs[name] = value
     try:
         made = factory(**kwargs)
-    except TypeError as exc:
-        raise ConfigError("problem.args", f"calling {spec.target} failed: {exc}") from None
+    except Exception as exc:  # the user's factory failed: report it as their input, in one line
+        raise ConfigError(
+            "problem.args", f"calling {spec.target} failed: {type(exc).__name__}: {exc}"
+        ) from None
     fmap, z0 = _unpack(made, spec.target)
     z0_t = torch.as_tensor(z0).to(device=device, dtype=dtype)
     z0_t = as_batch(
@@ -109,6 +112,12 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
         params=params,
         description=f"{spec.form} from {spec.target}",
     )
+
+
+def _number_or_text(value: Any) -> Any:
+    if isinstance(value, str) and NUMBER.match(value.strip()):
+        return float(value)
+    return value
 
 
 def _unpack(made: Any, target: str) -> tuple[Callable[..., Any], Any]:

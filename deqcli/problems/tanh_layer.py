@@ -62,6 +62,7 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
         lipschitz_bound=norm,
         lipschitz_reason="L ≤ ‖W‖₂ · sup|tanh′| = ‖W‖₂ (tanh is 1-Lipschitz)",
     )
+    formula = "W z + " + ("U x" if U is not None else "x") + (" + b" if b is not None else "")
     return Problem(
         name=cfg.problem_name,
         kind="tanh_layer",
@@ -70,7 +71,7 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
         z0=z0,
         params=params,
         structure=structure,
-        description=f"z = tanh(W z + U x + b), n={n}, batch={batch}, ‖W‖₂={norm:.4g}",
+        description=f"z = tanh({formula}), n={n}, batch={batch}, ‖W‖₂={norm:.4g}",
         batched_params=frozenset({"x"}),
     )
 
