@@ -152,6 +152,26 @@ def solve(
     json_path: JsonOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    explain: Annotated[
+        bool,
+        typer.Option("--explain", help="Print the diagnostics' reasoning at length, per sample."),
+    ] = False,
+    precheck: Annotated[
+        bool,
+        typer.Option(
+            "--precheck", help="Before solving, estimate the Lipschitz constant of f around z0."
+        ),
+    ] = False,
+    no_diagnostics: Annotated[
+        bool,
+        typer.Option("--no-diagnostics", help="Skip the convergence diagnostics (faster)."),
+    ] = False,
+    max_period: Annotated[
+        int | None,
+        typer.Option(
+            "--max-period", min=2, help="Longest cycle period to look for (default 8; ≤ keep/3)."
+        ),
+    ] = None,
 ) -> None:
     """Solve the problem in CONFIG and report how it went.
 
@@ -171,14 +191,25 @@ def solve(
         from deqcli.api import load_problem
         from deqcli.api import solve as run_solve
 
+        if explain and no_diagnostics:
+            fail("--explain needs the diagnostics; drop --no-diagnostics")
+        from deqcli.diagnostics.settings import DiagnosticOptions
+
+        diagnostics = (
+            False
+            if no_diagnostics
+            else DiagnosticOptions(**({"max_period": max_period} if max_period else {}))
+        )
         problem = load_problem(cfg)
-        result = run_solve(cfg, problem=problem)
+        result = run_solve(cfg, problem=problem, diagnostics=diagnostics, precheck=precheck)
     if json_path is not None:
         emit_json(result.to_dict(), target)
     if not quiet and json_path != "-":
-        from deqcli.report import render_result
+        from deqcli.report import render_explain, render_result
 
         render_result(result, stdout, description=problem.description)
+        if explain:
+            render_explain(result, stdout)
     raise typer.Exit(EXIT_CONVERGED if result.status.ok else EXIT_NOT_CONVERGED)
 
 

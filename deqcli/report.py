@@ -142,6 +142,8 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
             Group(*parts), title="deq solve", title_align="left", border_style=STATUS_STYLE[status]
         )
     )
+    if result.diagnostics and result.diagnostics.get("samples"):
+        render_diagnostics(result, console)
 
 
 def _samples_table(result: SolveResult) -> Table:
@@ -176,3 +178,64 @@ def _samples_table(result: SolveResult) -> Table:
 
 def _safe(x: float) -> float:
     return math.inf if math.isnan(x) else x
+
+
+# -- diagnostics ---------------------------------------------------------------------------------
+CLASS_STYLE = {
+    "converged": "green",
+    "oscillating": "magenta",
+    "diverged": "red",
+    "nonfinite": "red",
+}
+
+
+def render_diagnostics(result: SolveResult, console: Console) -> None:
+    """The diagnostics panel: certificate, spectrum, rates, classification and remedies.
+
+    For a batch it describes the worst sample and tallies the classifications of all.
+    """
+    from deqcli.diagnostics.explain import panel_rows, summary_line
+
+    diag = result.diagnostics or {}
+    worst = worst_sample(result)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column()
+    if result.batch > 1 and "summary" in diag:
+        grid.add_row("samples", summary_line(diag))
+        grid.add_row("shown", f"sample {worst} (the worst); --explain or --json for every sample")
+    for label, text in panel_rows(diag, worst):
+        style = ""
+        if label == "outcome":
+            style = CLASS_STYLE.get(text.split(" ", 1)[0], "yellow")
+        elif label == "remedy":
+            style = "cyan"
+        grid.add_row("→ remedy" if label == "remedy" else label, Text(text, style=style))
+    console.print(Panel(grid, title="diagnostics", title_align="left", border_style="dim"))
+
+
+def render_explain(result: SolveResult, console: Console) -> None:
+    """``deq solve --explain``: the diagnostics' reasoning at length, sample by sample."""
+    from deqcli.diagnostics.explain import explain_sections
+
+    diag = result.diagnostics or {}
+    if not diag.get("samples"):
+        console.print("no diagnostics (they were switched off)", style="dim")
+        return
+    order = list(range(result.batch))
+    if result.batch > LIST_ALL_SAMPLES:
+        order = [worst_sample(result)]
+    for b in order:
+        parts: list[Any] = []
+        for title, lines in explain_sections(diag, b):
+            if parts:
+                parts.append(Text(""))
+            parts.append(Text(title, style="bold"))
+            parts += [Text(line) for line in lines]
+        if result.batch > LIST_ALL_SAMPLES:
+            parts += [
+                Text(""),
+                Text(f"sample {b} of {result.batch} (the worst); --json has all", style="dim"),
+            ]
+        title = "explain" if result.batch == 1 else f"explain: sample {b}"
+        console.print(Panel(Group(*parts), title=title, title_align="left", border_style="dim"))

@@ -1,0 +1,431 @@
+"""The Jacobian J = ∂f/∂z of the fixed-point map: spectral radius, 2-norm, damping range, conditioning.
+
+Everything here evaluates the problem through its *uncounted* ``raw_f``/``raw_g`` with plain
+reverse-mode autograd, so the diagnostics never change a solve's nfev/JVP/VJP counts. (Not torch.func:
+its first use can import torch._dynamo, which costs seconds, and diagnostics run after every solve.)
+
+Small n (``dense_max_dim``): J is formed densely and analysed exactly (eigenvalues, singular values).
+Larger n: ‖J‖₂ by power iteration on JᵀJ (JVP + VJP per step) and ρ(J) by Arnoldi on J (JVP per step);
+both are estimates, reported with their product counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from deqcli.diagnostics.settings import DiagnosticOptions
+
+if TYPE_CHECKING:
+    from deqcli.problems.base import Problem
+
+# How many eigenvalues (largest modulus first) a sample's JSON lists.
+EIGENVALUES_SHOWN = 6
+# The largest damping the best-β search considers: the fixed_point solver needs β < 2.
+BETA_CEILING = 1.99
+# Step halvings per Newton step when locating a fixed point.
+LOCATE_BACKTRACKS = 10
+# Autodiff through a user's map can fail in many ways; these are reported, never raised.
+AUTODIFF_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError)
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each row."""
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+def subset(problem: Problem, rows: list[int]) -> Problem:
+    """The problem restricted to some samples (batched parameters sliced alike); uncounted use only."""
+    index = torch.tensor(rows, dtype=torch.long, device=problem.device)
+    params = {
+        k: v.index_select(0, index) if k in problem.batched_params else v
+        for k, v in problem.params.items()
+    }
+    return dataclasses.replace(problem, z0=problem.z0.index_select(0, index), params=params)
+
+
+def dense_fits(problem: Problem, opts: DiagnosticOptions, batch: int | None = None) -> bool:
+    """Whether the dense analysis is allowed for this size (n and batch·n²)."""
+    n = problem.dim
+    b = problem.batch if batch is None else batch
+    return n <= opts.dense_max_dim and b * n * n <= opts.dense_max_elements
+
+
+class Linearised:
+    """The Jacobian J = ∂fn/∂z at z, row by row (rows are samples), through plain autograd.
+
+    Jᵀu is one backward pass; Jv uses the double-backward trick Jv = ∂/∂u ⟨Jᵀu, v⟩ (Jᵀu is linear
+    in u, so its derivative in u applied to v is Jv).
+    """
+
+    def __init__(self, fn: Any, z: torch.Tensor) -> None:
+        with torch.enable_grad():
+            self.x = z.detach().requires_grad_(True)
+            self.y = fn(self.x)
+        self.value = self.y.detach()
+        self._u: torch.Tensor | None = None
+        self._g: torch.Tensor | None = None
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros_like(self.x).detach()
+
+    def vjp(self, u: torch.Tensor) -> torch.Tensor:
+        """uᵀJ per row."""
+        if not self.y.requires_grad:
+            return self._zeros()  # fn does not depend on z: J = 0
+        with torch.enable_grad():
+            g = _grad((self.y * u).sum(), self.x)
+        return self._zeros() if g is None else g.detach()
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        """J v per row."""
+        if not self.y.requires_grad:
+            return self._zeros()
+        with torch.enable_grad():
+            if self._u is None:
+                self._u = torch.zeros_like(self.y, requires_grad=True)
+                self._g = _grad((self.y * self._u).sum(), self.x, create_graph=True)
+            if self._g is None or not self._g.requires_grad:
+                return self._zeros()  # Jᵀu does not depend on u: J = 0
+            jv = _grad((self._g * v).sum(), self._u)
+        return self._zeros() if jv is None else jv.detach()
+
+    def dense(self) -> torch.Tensor:
+        """J for every row, shape (batch, n, n): n backward passes, one per output coordinate."""
+        batch, n = self.x.shape
+        rows = []
+        for i in range(n):
+            e = torch.zeros((batch, n), dtype=self.x.dtype, device=self.x.device)
+            e[:, i] = 1
+            rows.append(self.vjp(e))
+        return torch.stack(rows, dim=1)
+
+
+def _grad(
+    scalar: torch.Tensor, wrt: torch.Tensor, *, create_graph: bool = False
+) -> torch.Tensor | None:
+    """d scalar / d wrt, keeping the graph for more products.
+
+    A scalar with the default seed rather than explicit grad_outputs: the latter's first use imports
+    torch's symbolic-shape machinery (sympy), a second-long cost diagnostics should not pay.
+    """
+    (g,) = torch.autograd.grad(
+        scalar, wrt, retain_graph=True, create_graph=create_graph, allow_unused=True
+    )
+    return g
+
+
+def jacobian_f(problem: Problem, z: torch.Tensor) -> torch.Tensor:
+    """Dense per-sample Jacobian of f at the rows of z, shape (batch, n, n), uncounted."""
+    return Linearised(problem.raw_f, z).dense()
+
+
+# -- damping analysis from a spectrum -----------------------------------------------------------
+
+
+def damped_radius(eigs: np.ndarray, beta: float) -> float:
+    """ρ of the damped iteration z ← z − β g(z): max |1 − β + β λ| over the eigenvalues λ of J."""
+    return float(np.max(np.abs(1.0 - beta + beta * eigs))) if eigs.size else 0.0
+
+
+def damping_range(eigs: np.ndarray) -> dict[str, Any]:
+    """Which damping factors β make z ← z − β g(z) locally convergent, and the best one.
+
+    With μ = 1 − λ the eigenvalues of J_g, the damped map has eigenvalues 1 − β μ; |1 − β μ| < 1 for
+    all μ exactly when every Re μ > 0 and β < min 2 Re μ / |μ|². The best β minimises the convex
+    function max |1 − β μ|, found by ternary search on (0, BETA_CEILING] (fixed_point needs β < 2).
+    """
+    if eigs.size == 0:
+        return {"stabilisable": True, "beta_max": 2.0, "beta_best": 1.0, "rate_best": 0.0}
+    mu = 1.0 - eigs
+    if np.any(mu.real <= 0):
+        worst = eigs[np.argmin(mu.real)]
+        return {
+            "stabilisable": False,
+            "beta_max": None,
+            "beta_best": None,
+            "rate_best": None,
+            "blocking_eigenvalue": _pair(worst),
+        }
+    beta_max = float(np.min(2.0 * mu.real / np.abs(mu) ** 2))
+    lo, hi = 0.0, BETA_CEILING
+    for _ in range(100):  # (2/3)^100 ≈ 2e-18 of the interval: converged
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        if damped_radius(eigs, a) <= damped_radius(eigs, b):
+            hi = b
+        else:
+            lo = a
+    best = (lo + hi) / 2
+    return {
+        "stabilisable": beta_max > 0,
+        "beta_max": min(beta_max, 2.0),
+        "beta_best": best,
+        "rate_best": damped_radius(eigs, best),
+    }
+
+
+def _pair(value: complex) -> list[float]:
+    return [float(np.real(value)), float(np.imag(value))]
+
+
+def _spectrum_summary(eigs: np.ndarray, beta: float | None) -> dict[str, Any]:
+    order = np.argsort(-np.abs(eigs), kind="stable")
+    top = eigs[order[:EIGENVALUES_SHOWN]]
+    out: dict[str, Any] = {
+        "spectral_radius": float(np.max(np.abs(eigs))) if eigs.size else 0.0,
+        "dominant_eigenvalue": _pair(top[0]) if top.size else None,
+        "eigenvalues": [_pair(e) for e in top],
+        "damping": damping_range(eigs),
+    }
+    if beta is not None:
+        out["iteration_beta"] = beta
+        out["iteration_spectral_radius"] = damped_radius(eigs, beta)
+    return out
+
+
+# -- analysis at given points ------------------------------------------------------------------
+
+
+def analyse_points(
+    problem: Problem,
+    z: torch.Tensor,
+    opts: DiagnosticOptions,
+    *,
+    beta: float | None = None,
+    residual_jacobian: bool = True,
+) -> list[dict[str, Any]]:
+    """ρ(J), ‖J‖₂ and (dense only) cond(J_g) at row b of z for every sample b.
+
+    ``beta`` (the fixed_point solver's damping) adds ρ(I − β J_g), the predicted linear rate.
+    Rows with non-finite entries get ``{"error": ...}``.
+    """
+    finite = torch.isfinite(z).all(dim=1).tolist()
+    safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    try:
+        if dense_fits(problem, opts):
+            out = _dense(problem, safe, beta, residual_jacobian)
+        else:
+            out = _matrix_free(problem, safe, opts, beta)
+    except AUTODIFF_ERRORS as exc:
+        reason = f"the Jacobian could not be computed: {str(exc).splitlines()[0]}"
+        return [{"error": reason} for _ in finite]
+    return [
+        o if ok else {"error": "the point is not finite"} for o, ok in zip(out, finite, strict=True)
+    ]
+
+
+def _dense(
+    problem: Problem, z: torch.Tensor, beta: float | None, residual_jacobian: bool
+) -> list[dict[str, Any]]:
+    jac = jacobian_f(problem, z).to("cpu", torch.float64).numpy()
+    n = z.shape[1]
+    out: list[dict[str, Any]] = []
+    for b in range(z.shape[0]):
+        J = jac[b]
+        if not np.all(np.isfinite(J)):
+            out.append({"error": "the Jacobian is not finite here"})
+            continue
+        eigs = np.linalg.eigvals(J)
+        sv = np.linalg.svd(J, compute_uv=False)
+        item: dict[str, Any] = {
+            "method": "dense",
+            "estimate": False,
+            "norm2": float(sv[0]),
+            **_spectrum_summary(eigs, beta),
+        }
+        if residual_jacobian:
+            svg = np.linalg.svd(np.eye(n) - J, compute_uv=False)
+            item["residual_jacobian"] = _conditioning(svg)
+        out.append(item)
+    return out
+
+
+def _conditioning(sv: np.ndarray) -> dict[str, Any]:
+    smax, smin = float(sv[0]), float(sv[-1])
+    return {
+        "sigma_max": smax,
+        "sigma_min": smin,
+        "cond": smax / smin if smin > 0 else math.inf,
+    }
+
+
+def _start_vectors(z: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(z.shape, generator=gen, dtype=torch.float64).to(z.device, z.dtype)
+    return v / row_norms(v)[:, None].clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def power_norm(lin: Linearised, iterations: int, seed: int) -> tuple[torch.Tensor, int]:
+    """‖J‖₂ per row by power iteration on JᵀJ; returns (estimates, products of each kind)."""
+    z = lin.x
+    tiny = torch.finfo(z.dtype).tiny
+    v = _start_vectors(z, seed)
+    for _ in range(iterations):
+        w = lin.vjp(lin.jvp(v))
+        v = w / row_norms(w)[:, None].clamp_min(tiny)
+    sigma = row_norms(lin.jvp(v))
+    return sigma, iterations + 1
+
+
+def arnoldi_ritz(lin: Linearised, steps: int, seed: int) -> np.ndarray:
+    """Ritz values of J per row from ``steps`` Arnoldi steps (rows: samples); shape (batch, steps).
+
+    On breakdown (an invariant subspace was found) the remaining basis vectors are zero, which only
+    adds zero Ritz values, so the largest modulus is unaffected.
+    """
+    z = lin.x.detach()
+    batch, n = z.shape
+    m = min(steps, n)
+    tiny = torch.finfo(z.dtype).tiny
+    eps = torch.finfo(z.dtype).eps
+    basis = torch.zeros(batch, m + 1, n, dtype=z.dtype, device=z.device)
+    hess = torch.zeros(batch, m + 1, m, dtype=z.dtype, device=z.device)
+    basis[:, 0] = _start_vectors(z, seed + 1)
+    for j in range(m):
+        w = lin.jvp(basis[:, j])
+        scale = row_norms(w)
+        for _ in range(2):  # classical Gram–Schmidt, twice, for orthogonality
+            h = torch.einsum("bin,bn->bi", basis[:, : j + 1], w)
+            hess[:, : j + 1, j] += h
+            w = w - torch.einsum("bi,bin->bn", h, basis[:, : j + 1])
+        norm = row_norms(w)
+        alive = norm > 1e3 * eps * scale.clamp_min(tiny)
+        hess[:, j + 1, j] = torch.where(alive, norm, torch.zeros_like(norm))
+        basis[:, j + 1] = torch.where(
+            alive[:, None], w / norm[:, None].clamp_min(tiny), torch.zeros_like(w)
+        )
+    square = hess[:, :m, :m].to("cpu", torch.float64).numpy()
+    return np.stack([np.linalg.eigvals(h) for h in square]) if batch else np.zeros((0, m))
+
+
+def _matrix_free(
+    problem: Problem, z: torch.Tensor, opts: DiagnosticOptions, beta: float | None
+) -> list[dict[str, Any]]:
+    lin = Linearised(problem.raw_f, z)
+    norms, power_products = power_norm(lin, opts.power_iterations, opts.seed)
+    ritz = arnoldi_ritz(lin, opts.arnoldi_steps, opts.seed)
+    out = []
+    for b in range(z.shape[0]):
+        eigs = ritz[b]
+        if not np.all(np.isfinite(eigs)) or not math.isfinite(float(norms[b])):
+            out.append({"error": "the Jacobian products are not finite here"})
+            continue
+        out.append(
+            {
+                "method": "matrix-free",
+                "estimate": True,
+                "norm2": float(norms[b]),
+                "power_iterations": opts.power_iterations,
+                "arnoldi_steps": int(ritz.shape[1]),
+                "products": {"jvp": power_products + int(ritz.shape[1]), "vjp": power_products - 1},
+                **_spectrum_summary(eigs, beta),
+            }
+        )
+    return out
+
+
+# -- locating a fixed point, cycles, conditioning along the iterates ----------------------------
+
+
+def locate_fixed_points(
+    problem: Problem, starts: torch.Tensor, atol: float, opts: DiagnosticOptions
+) -> tuple[torch.Tensor, list[bool], list[float]]:
+    """Newton's method on g from each row of ``starts`` (dense J_g, backtracking), uncounted.
+
+    Returns the points, whether each is a fixed point (‖g‖ ≤ max(atol, locate_rtol·max(1, ‖z‖))),
+    and the residual there. Used to analyse the fixed point that a failed iteration missed.
+    """
+    usable = torch.isfinite(starts).all(dim=1, keepdim=True)
+    z = torch.where(usable, starts, problem.z0).detach().clone()
+    n = z.shape[1]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+
+    def tolerance(x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp_min(opts.locate_rtol * row_norms(x).clamp_min(1.0), atol)
+
+    g = problem.raw_g(z).detach()
+    # Rows whose line search fails are given up on (e.g. a local minimum of ‖g‖ with no root).
+    alive = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    for _ in range(opts.locate_max_iter):
+        res = row_norms(g)
+        todo = alive & torch.isfinite(res) & (res > tolerance(z))
+        if not bool(todo.any()):
+            break
+        jac_g = eye - jacobian_f(problem, z)
+        step = -torch.linalg.lstsq(jac_g.cpu(), g.cpu()[..., None]).solution[..., 0].to(z.device)
+        alpha = torch.ones_like(res)
+        z_new = z + step
+        g_new = problem.raw_g(z_new).detach()
+        for _ in range(LOCATE_BACKTRACKS):
+            bad = ~(row_norms(g_new) <= (1 - 1e-4 * alpha) * res)
+            if not bool((bad & todo).any()):
+                break
+            alpha = torch.where(bad, alpha / 2, alpha)
+            z_try = z + alpha[:, None] * step
+            g_try = problem.raw_g(z_try).detach()
+            z_new = torch.where(bad[:, None], z_try, z_new)
+            g_new = torch.where(bad[:, None], g_try, g_new)
+        decreased = row_norms(g_new) <= (1 - 1e-4 * alpha) * res
+        alive &= decreased
+        keep = (todo & decreased)[:, None]
+        z = torch.where(keep, z_new, z)
+        g = torch.where(keep, g_new, g)
+    res = row_norms(g)
+    ok = (torch.isfinite(res) & (res <= tolerance(z))).tolist()
+    return z, ok, res.tolist()
+
+
+def cycle_multipliers(problem: Problem, cycles: list[torch.Tensor]) -> list[float]:
+    """ρ of J(c_p)···J(c_1) for each sample's cycle points (rows of ``cycles[b]``, shape (p_b, n)).
+
+    Below 1 the cycle attracts nearby iterates (it is stable), above 1 it repels.
+    """
+    batch = len(cycles)
+    longest = max(c.shape[0] for c in cycles)
+    product = [np.eye(problem.dim) for _ in range(batch)]
+    for i in range(longest):
+        rows = torch.stack([c[min(i, c.shape[0] - 1)] for c in cycles])
+        jac = jacobian_f(problem, rows.to(problem.device, problem.dtype))
+        jac = jac.to("cpu", torch.float64).numpy()
+        for b, c in enumerate(cycles):
+            if i < c.shape[0]:
+                product[b] = jac[b] @ product[b]
+    return [float(np.max(np.abs(np.linalg.eigvals(p)))) for p in product]
+
+
+def residual_conditioning(
+    problem: Problem, points: torch.Tensor
+) -> list[list[dict[str, Any] | None]]:
+    """cond(J_g), σ_min, σ_max at points[t, b] for each kept iterate t and sample b (dense)."""
+    n = problem.dim
+    eye = np.eye(n)
+    table: list[list[dict[str, Any] | None]] = []
+    for t in range(points.shape[0]):
+        z = points[t].to(problem.device, problem.dtype)
+        row: list[dict[str, Any] | None] = []
+        jac = jacobian_f(problem, torch.where(torch.isfinite(z), z, torch.zeros_like(z)))
+        jac = jac.to("cpu", torch.float64).numpy()
+        for b in range(z.shape[0]):
+            J = jac[b]
+            if not np.all(np.isfinite(J)) or not bool(torch.isfinite(z[b]).all()):
+                row.append(None)
+                continue
+            row.append(_conditioning(np.linalg.svd(eye - J, compute_uv=False)))
+        table.append(row)
+    return table
+
+
+def stationarity(problem: Problem, z: torch.Tensor, opts: DiagnosticOptions) -> list[float]:
+    """‖J_gᵀ g‖ / (‖J_g‖₂ ‖g‖) per row: near 0 at a stationary point of ½‖g‖² that is not a root."""
+    safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    lin = Linearised(problem.raw_g, safe)
+    g = lin.value
+    grad = lin.vjp(g)
+    norm_g, _ = power_norm(lin, min(opts.power_iterations, 20), opts.seed)
+    denom = norm_g * row_norms(g)
+    ratio = row_norms(grad) / denom.clamp_min(torch.finfo(z.dtype).tiny)
+    return [float(r) for r in ratio.detach().cpu()]

@@ -1,0 +1,115 @@
+"""The diagnostics through `deq solve`: the panel, --explain, --precheck, --no-diagnostics, and the
+example configs in configs/diagnostics/ classified as their theory says."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import CONFIGS
+
+DIAG = CONFIGS / "diagnostics"
+
+
+def solve_json(cli, path, *flags: str) -> dict:
+    run = cli("solve", path, "--json", "-", *flags)
+    assert run.exit_code in (0, 1), run.stderr
+    return json.loads(run.stdout)
+
+
+def first(doc: dict) -> dict:
+    return doc["samples"][0]["diagnostics"]
+
+
+def test_report_has_a_diagnostics_panel_with_remedies(cli) -> None:
+    run = cli("solve", DIAG / "logistic_period2.yaml")
+    assert run.exit_code == 1
+    assert "diagnostics" in run.stdout and "oscillating" in run.stdout
+    assert "period-2" in run.stdout and "→ remedy" in run.stdout
+    assert run.stderr == ""
+
+
+def test_explain_prints_the_reasoning(cli) -> None:
+    run = cli("solve", DIAG / "tanh_period2.yaml", "--explain")
+    assert run.exit_code == 1
+    for heading in ("What happened", "The evidence, test by test", "The map at the fixed point"):
+        assert heading in run.stdout
+    assert "period test" in run.stdout and "What to do" in run.stdout
+
+
+def test_explain_without_diagnostics_is_a_usage_error(cli) -> None:
+    run = cli("solve", DIAG / "tanh_period2.yaml", "--explain", "--no-diagnostics")
+    assert run.exit_code == 2
+    assert "--no-diagnostics" in run.stderr and run.stdout == ""
+
+
+def test_no_diagnostics_keeps_the_driver_status(cli) -> None:
+    doc = solve_json(cli, DIAG / "logistic_period2.yaml", "--no-diagnostics")
+    assert doc["status"] == "max_iter" and "diagnostics" not in doc
+    assert "diagnostics" not in doc["samples"][0]
+
+
+def test_precheck_is_labelled_an_estimate(cli) -> None:
+    doc = solve_json(cli, CONFIGS / "tanh_layer.yaml", "--precheck")
+    assert doc["diagnostics"]["precheck"]["label"].startswith("estimates around the start")
+    for sample in doc["samples"]:
+        secant = sample["diagnostics"]["precheck"]["secant"]
+        assert "estimate" in secant["label"]
+        # The certificate L ≤ ‖W‖₂ = 0.9 bounds every secant ratio.
+        assert 0 < secant["estimate"] <= 0.9 + 1e-9
+
+
+def test_max_period_flag(cli) -> None:
+    assert cli("solve", DIAG / "logistic_period2.yaml", "--max-period", "1").exit_code == 2
+    doc = solve_json(cli, DIAG / "logistic_period2.yaml", "--max-period", "2")
+    assert first(doc)["evidence"]["period"] == 2
+    assert doc["diagnostics"]["settings"]["max_period"] == 2
+
+
+def test_logistic_configs(cli) -> None:
+    converge = first(solve_json(cli, DIAG / "logistic_converge.yaml"))
+    assert converge["spectral"]["spectral_radius"] == pytest.approx(0.8, abs=1e-9)
+    assert converge["rates"]["step_rate"] == pytest.approx(0.8, abs=1e-3)
+    period2 = first(solve_json(cli, DIAG / "logistic_period2.yaml"))
+    assert period2["evidence"]["period"] == 2
+    chaos = first(solve_json(cli, DIAG / "logistic_chaos.yaml"))
+    assert chaos["classification"] == "chaotic"
+    assert chaos["spectral"]["spectral_radius"] == pytest.approx(1.9, abs=1e-8)
+
+
+def test_gradient_descent_configs(cli) -> None:
+    ok = solve_json(cli, DIAG / "gd_lr_ok.yaml")
+    assert ok["diagnostics"]["certificate"]["exact"] is True
+    assert ok["diagnostics"]["certificate"]["lipschitz_bound"] == pytest.approx(0.9)
+    assert first(ok)["rates"]["step_rate"] == pytest.approx(0.9, abs=1e-6)
+    bad = solve_json(cli, DIAG / "gd_lr_too_big.yaml")
+    assert bad["status"] == "diverged"
+    assert "lr 1.05 > 2/λmax = 1" in first(bad)["remedies"][0]
+
+
+def test_nonnormal_config_converges_and_is_explained(cli) -> None:
+    doc = solve_json(cli, DIAG / "nonnormal.yaml")
+    s = first(doc)
+    assert doc["status"] == "converged" and s["classification"] == "converged"
+    assert s["spectral"]["norm2"] == pytest.approx((4 + math.sqrt(17)) / 2)
+    assert s["spectral"]["spectral_radius"] == pytest.approx(0.5, abs=1e-7)
+    assert doc["samples"][0]["solution"] == pytest.approx([18.0, 2.0], abs=1e-10)
+
+
+def test_newton_configs(cli) -> None:
+    double = first(solve_json(cli, DIAG / "newton_double_root.yaml"))
+    assert double["rates"]["step_rate"] == pytest.approx(0.5, abs=1e-12)
+    assert double["theory"]["linear_newton"] is True
+    stalled = first(solve_json(cli, DIAG / "newton_no_root.yaml"))
+    assert stalled["classification"] == "stalled" and "local minimum" in stalled["reason"]
+    sqrt2 = first(solve_json(cli, CONFIGS / "sqrt2.yaml"))
+    assert sqrt2["rates"]["order"] == pytest.approx(2.0, abs=0.1)
+
+
+def test_slow_config_predicts_its_budget(cli) -> None:
+    s = first(solve_json(cli, DIAG / "slow.yaml"))
+    assert s["classification"] == "slow"
+    exact = math.ceil(math.log(1e-10 / 0.011) / math.log(0.999))
+    assert s["evidence"]["iterations_needed"] == pytest.approx(exact, rel=0.01)
