@@ -42,6 +42,8 @@ REFINED_STATUS = {
 THEORY: list[tuple[str, str, str]] = [
     ("krylov", "superlinear", "inexact Newton (Krylov) converges superlinearly near a simple root"),
     ("broyden", "superlinear", "Broyden's method converges superlinearly near a simple root"),
+    ("hybr", "superlinear", "Powell's hybrid method converges superlinearly near a simple root"),
+    ("trust", "quadratic", "trust-region Newton converges quadratically near a simple root"),
     ("newton", "quadratic", "Newton's method converges quadratically near a simple root"),
     ("anderson", "linear", "Anderson acceleration converges linearly, faster than plain iteration"),
     (
@@ -52,7 +54,7 @@ THEORY: list[tuple[str, str, str]] = [
     ("picard", "linear", "plain iteration converges linearly with rate ρ(J)"),
 ]
 # Solvers whose steps solve with the residual Jacobian J_g (so its conditioning matters).
-NEWTON_LIKE = ("newton", "broyden", "krylov", "hybr", "lm")
+NEWTON_LIKE = ("newton", "broyden", "krylov", "hybr", "trust", "scipy:lm")
 
 
 def theory_for(solver: str) -> tuple[str, str] | None:
