@@ -172,6 +172,13 @@ def solve(
             "--max-period", min=2, help="Longest cycle period to look for (default 8; ≤ keep/3)."
         ),
     ] = None,
+    sensitivity: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sensitivity",
+            help="Also compute dz*/dNAME at the solution (implicit function theorem); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Solve the problem in CONFIG and report how it went.
 
@@ -201,7 +208,12 @@ def solve(
             else DiagnosticOptions(**({"max_period": max_period} if max_period else {}))
         )
         problem = load_problem(cfg)
+        if sensitivity:
+            from deqcli.sensitivity import attach_sensitivities, check_names
+
+            check_names(problem, sensitivity)
         result = run_solve(cfg, problem=problem, diagnostics=diagnostics, precheck=precheck)
+        sens = attach_sensitivities(problem, result, sensitivity) if sensitivity else []
     if json_path is not None:
         emit_json(result.to_dict(), target)
     if not quiet and json_path != "-":
@@ -210,6 +222,11 @@ def solve(
         render_result(result, stdout, description=problem.description)
         if explain:
             render_explain(result, stdout)
+        if sens:
+            from deqcli.analysis_report import render_sensitivity
+
+            for item in sens:
+                render_sensitivity(item, stdout)
     raise typer.Exit(EXIT_CONVERGED if result.status.ok else EXIT_NOT_CONVERGED)
 
 
@@ -474,3 +491,280 @@ def compare_solvers(
                 soft_wrap=True,
             )
     raise typer.Exit(compare.exit_code(doc, regressions))
+
+
+# -- sweep -------------------------------------------------------------------------------------
+EXIT_INTERRUPTED = 130
+
+
+@app.command()
+def sweep(
+    config: ConfigArg,
+    param: Annotated[
+        list[str],
+        typer.Option(
+            "--param",
+            "-p",
+            help="KEY=START:STOP:COUNT (…:log for geometric), KEY=[v1,v2,...] or KEY=v1,v2; "
+            "KEY is a dotted config key or a short name (problem.params.NAME, else problem.NAME). "
+            "Twice for a 2-D grid.",
+            show_default=False,
+        ),
+    ],
+    warm_start: Annotated[
+        bool,
+        typer.Option(
+            "--warm-start", help="Start each point from its converged neighbour's solution."
+        ),
+    ] = False,
+    value: Annotated[
+        str,
+        typer.Option(
+            "--value", help="What to record of z*: auto, norm, mean, max, min or a component index."
+        ),
+    ] = "auto",
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            "--results", help="Append each finished point to PATH (JSON lines) as the sweep runs."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Skip the points already in --results and continue."),
+    ] = False,
+    solver: SolverOpt = None,
+    tol: TolOpt = None,
+    rtol: RtolOpt = None,
+    max_iter: MaxIterOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+    json_path: JsonOpt = None,
+    csv_path: Annotated[
+        str | None,
+        typer.Option("--csv", help="Write one CSV row per point and sample to PATH ('-': stdout)."),
+    ] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot",
+            help="Draw the sweep to PATH (.png/.svg/.pdf): z*, iterations and ρ(J) against the "
+            "parameter, or a regime map for two parameters.",
+        ),
+    ] = None,
+    no_diagnostics: Annotated[
+        bool,
+        typer.Option("--no-diagnostics", help="Skip classification and ρ(J) (faster)."),
+    ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Solve CONFIG at every value of one or two parameters and summarise the regimes.
+
+    Exit codes: 0 every point ran (whatever its status), 1 some points failed with an error,
+    2 bad input, 130 interrupted (partial results are still written).
+    """
+    from deqcli.output import check_output_path, emit_json, write_text_atomic
+    from deqcli.sweep import PointOptions, SweepBase, check_value_spec, make_axes
+
+    with user_errors(debug):
+        overrides = flag_overrides(
+            tol=tol, rtol=rtol, max_iter=max_iter, device=device, dtype=dtype, seed=seed, sets=set_
+        )
+        if sum(1 for t in (json_path, csv_path) if t == "-") > 1:
+            fail("--json - and --csv - both want stdout; send one of them to a file")
+        check_value_spec(value)
+        base = SweepBase.from_path(config, overrides, solver)
+        axes = make_axes(base, param)
+        json_target = (
+            check_output_path(json_path, protected=[config], flag="--json") if json_path else None
+        )
+        csv_target = (
+            check_output_path(csv_path, protected=[config], flag="--csv") if csv_path else None
+        )
+        if results is not None:
+            check_output_path(str(results), protected=[config], flag="--results")
+        if resume and results is None:
+            fail("--resume needs --results PATH (the file the interrupted sweep wrote)")
+        plot_target = None
+        if plot is not None:
+            from deqcli.sweep_plots import check_target
+
+            plot_target = check_target(plot)
+            if len(axes) > 2:
+                fail("--plot: sweeps of one or two keys can be plotted; this one has more")
+        options = PointOptions(value=value, diagnostics=not no_diagnostics)
+        done = _run_sweep(base, axes, options, warm_start, results, resume, quiet)
+
+    to_stdout = json_path == "-" or csv_path == "-"
+    if json_path is not None:
+        emit_json(done.to_dict(), json_target)
+    if csv_path is not None:
+        from deqcli.sweep import to_csv
+
+        text = to_csv(done)
+        if csv_target is None:
+            sys.stdout.write(text)
+        else:
+            write_text_atomic(csv_target, text)
+    if plot_target is not None and done.points:
+        from deqcli.sweep_plots import plot_sweep
+
+        written = plot_sweep(done, plot_target)
+        if not quiet:
+            stderr.print(f"[dim]plot written: {written}[/dim]", highlight=False, soft_wrap=True)
+    if not quiet and not to_stdout:
+        from deqcli.analysis_report import render_sweep
+
+        render_sweep(done, stdout)
+    if done.interrupted:
+        where = f"; --resume --results {results} continues" if results is not None else ""
+        stderr.print(
+            f"interrupted after {len(done.points)} of {done.total} points{where}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    raise typer.Exit(EXIT_CONVERGED if done.ok else EXIT_NOT_CONVERGED)
+
+
+def _run_sweep(
+    base: Any,
+    axes: Any,
+    options: Any,
+    warm_start: bool,
+    results: Path | None,
+    resume: bool,
+    quiet: bool,
+) -> Any:
+    """Run the sweep under a progress bar on stderr (none with --quiet)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from deqcli.sweep import describe_point, run_sweep
+
+    columns = (
+        TextColumn("sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=stderr, transient=True, disable=quiet) as bar:
+        task = bar.add_task("", total=None)
+
+        def step(count: int, total: int, point: dict[str, Any]) -> None:
+            bar.update(task, completed=count, total=total, description=describe_point(point))
+
+        return run_sweep(
+            base,
+            axes,
+            options=options,
+            warm_start=warm_start,
+            results=results,
+            resume=resume,
+            on_point=step,
+        )
+
+
+# -- gradcheck ---------------------------------------------------------------------------------
+
+
+@app.command()
+def gradcheck(
+    config: ConfigArg,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", "-p", help="Parameter to differentiate (repeatable; default: all of them)."
+        ),
+    ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            "--loss",
+            help="Scalar loss of one sample's solution z (expression; summed over samples). "
+            "Default: sum(z**2).",
+        ),
+    ] = None,
+    directions: Annotated[
+        int, typer.Option("--directions", min=1, help="Random directions for finite differences.")
+    ] = 3,
+    eps: Annotated[
+        float | None,
+        typer.Option("--eps", help="Finite-difference step (default 1e-5 float64, 3e-3 float32)."),
+    ] = None,
+    grad_rtol: Annotated[
+        float | None,
+        typer.Option(
+            "--grad-rtol",
+            help="Allowed relative error of the IFT gradient (default 1e-5 float64, 2e-2 float32).",
+        ),
+    ] = None,
+    fd_atol: Annotated[
+        float | None,
+        typer.Option(
+            "--fd-atol", help="Tolerance of the finite-difference re-solves (default about 1e-13)."
+        ),
+    ] = None,
+    unroll: Annotated[
+        int | None,
+        typer.Option(
+            "--unroll", help="Unrolled iterations (default: as many as the forward solve took)."
+        ),
+    ] = None,
+    solver: SolverOpt = None,
+    tol: TolOpt = None,
+    rtol: RtolOpt = None,
+    max_iter: MaxIterOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+    json_path: JsonOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare the implicit, unrolled and finite-difference gradients of a loss of the fixed point.
+
+    Exit codes: 0 the gradients agree (and the forward solve converged), 1 they do not, 2 bad input.
+    """
+    from deqcli.config import load_config
+    from deqcli.output import check_output_path, emit_json
+
+    with user_errors(debug):
+        overrides = flag_overrides(
+            tol=tol, rtol=rtol, max_iter=max_iter, device=device, dtype=dtype, seed=seed, sets=set_
+        )
+        cfg = load_config(config, overrides, solver=solver)
+        target = (
+            check_output_path(json_path, protected=[config], flag="--json") if json_path else None
+        )
+        from deqcli.gradcheck import GradcheckOptions
+        from deqcli.gradcheck import gradcheck as run_gradcheck
+
+        options = GradcheckOptions(
+            params=list(param) if param else None,
+            loss=loss,
+            directions=directions,
+            eps=eps,
+            rtol=grad_rtol,
+            fd_atol=fd_atol,
+            unroll=unroll,
+            seed=cfg.run.seed,
+        )
+        report = run_gradcheck(cfg, options)
+    if json_path is not None:
+        emit_json(report.to_dict(), target)
+    if not quiet and json_path != "-":
+        from deqcli.analysis_report import render_gradcheck
+
+        render_gradcheck(report, stdout)
+    raise typer.Exit(EXIT_CONVERGED if report.ok else EXIT_NOT_CONVERGED)
