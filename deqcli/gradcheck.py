@@ -587,6 +587,12 @@ def _discrepancy(auto: torch.Tensor, fd: torch.Tensor) -> tuple[float, float]:
 def diagnose(report: GradcheckReport, cfg: Config) -> list[str]:
     """Likely causes when the IFT gradient disagrees with the finite differences (empty when it agrees)."""
     causes: list[str] = []
+    if not report.forward.status.ok:
+        # Nothing else can be judged: every derivative was taken at a point that is not z*.
+        return [
+            f"the forward solve did not converge ({report.forward.status.value}); gradients at a "
+            "non-fixed point are not gradients of z* (fix the forward solve first)"
+        ]
     if not report.jacobian_ok:
         worst = max(report.jacobian_checks, key=lambda c: c.max_rel)
         causes.append(
@@ -595,12 +601,6 @@ def diagnose(report: GradcheckReport, cfg: Config) -> list[str]:
             "step or a detached tensor, so no gradient through it can be right"
         )
     if report.agree:
-        return causes
-    if not report.forward.status.ok:
-        causes.append(
-            f"the forward solve did not converge ({report.forward.status.value}); gradients at a "
-            "non-fixed point are not gradients of z*"
-        )
         return causes
     if report.refined_error_ift <= report.rtol or report.refined_error_ift < report.error_ift / 10:
         atol = report.forward.atol

@@ -154,9 +154,9 @@ def gmres(
             break
         # A restart that did not halve the worst open residual has stagnated: rounding in A x
         # (about ε·‖A‖‖x‖, large when A is near singular) limits the attainable accuracy.
-        open_rows = beta > target
+        open_rows = ~(beta <= target)
         now = float((beta[open_rows] / bnorm[open_rows].clamp_min(tiny)).max())
-        if now > 0.5 * worst:
+        if not now <= 0.5 * worst:  # also stops on a non-finite residual (NaN compares false)
             break
         worst = now
         basis = torch.zeros(m + 1, rows, n, dtype=rhs.dtype, device=rhs.device)
@@ -214,7 +214,8 @@ def gmres(
         # The true residual (not the rotated estimate) decides convergence and is what is reported.
         r = rhs - matvec(x)
         used += 1
-    rel = torch.where(bnorm > 0, beta / bnorm.clamp_min(tiny), torch.zeros_like(beta))
+    # A zero right-hand side is solved exactly by x = 0; NaN stays NaN (reported, not hidden).
+    rel = torch.where(bnorm == 0, torch.zeros_like(beta), beta / bnorm.clamp_min(tiny))
     return x, rel, used
 
 
@@ -337,8 +338,8 @@ class Conditioning:
 
     @property
     def near_singular(self) -> list[bool]:
-        """Samples whose σ_min(I − ∂f/∂z) is below the threshold (or not finite)."""
-        return [not (s > self.threshold) for s in self.sigma_min]
+        """Samples whose σ_min(I − ∂f/∂z) is below the threshold (NaN, from a non-finite point: no)."""
+        return [s <= self.threshold for s in self.sigma_min]
 
     @property
     def amplification(self) -> list[float]:
@@ -521,8 +522,14 @@ def sensitivity(
     z = z.detach()
     notes: list[str] = []
     converged = list(converged) if converged is not None else [True] * batch
-    if not all(converged):
-        bad = [b for b, ok in enumerate(converged) if not ok]
+    nonfinite = [b for b in range(batch) if not bool(torch.isfinite(z[b]).all())]
+    if nonfinite:
+        notes.append(
+            f"sample(s) {_list(nonfinite)} ended with a non-finite iterate: there is no point to "
+            f"differentiate at, and dz*/d{name} there is meaningless"
+        )
+    bad = [b for b, ok in enumerate(converged) if not ok and b not in nonfinite]
+    if bad:
         notes.append(
             f"sample(s) {_list(bad)} did not converge: dz*/d{name} there is evaluated at the last "
             "iterate, which is not a fixed point, and means little"

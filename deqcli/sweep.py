@@ -159,6 +159,8 @@ def resolve_key(raw: Mapping[str, Any], name: str) -> str:
     if kind == "python" and isinstance(args, dict) and name in args:
         return f"problem.args.{name}"
     choices = [str(k) for k in params] if isinstance(params, dict) else []
+    if kind == "python" and isinstance(args, dict):
+        choices += [str(k) for k in args]
     if model is not None:
         choices += [f for f in model.model_fields if f not in ("kind", "name") and f not in choices]
     raise ConfigError(

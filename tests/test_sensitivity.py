@@ -185,6 +185,31 @@ def test_gmres_solves_independent_systems_row_by_row() -> None:
         assert float(x[2].abs().max()) == 0.0
 
 
+def test_residual_form_and_gradient_descent_problems() -> None:
+    # g(z) = z² − c = 0: z* = √c and dz*/dc = 1/(2√c).
+    problem, z = solved(
+        "problem: {kind: expression, residual: z**2 - c, params: {c: 2.0}, initial: 1.0}\n"
+        "solver: newton\nrun: {atol: 1.0e-14}"
+    )
+    assert float(sensitivity(problem, z, "c").jacobian[0, 0]) == pytest.approx(
+        1 / (2 * math.sqrt(2)), rel=1e-12
+    )
+    # Gradient descent on ½ Σ h_i w_i² − Σ w_i: w* = 1/h, so dw*_i/dh_j = −δ_ij/h_i².
+    cfg = parse_config((CONFIGS / "quadratic_lr.yaml").read_text(), base_dir=CONFIGS)
+    problem = load_problem(cfg)
+    z = solve(cfg, problem=problem, diagnostics=False).solution
+    h = problem.params["h"]
+    torch.testing.assert_close(
+        sensitivity(problem, z, "h").jacobian[0], torch.diag(-1 / h**2), rtol=1e-8, atol=1e-10
+    )
+
+
+def test_gmres_stops_on_non_finite_input() -> None:
+    rhs = torch.tensor([[1.0, float("nan")]], dtype=torch.float64)
+    _, rel, used = gmres(lambda v: v, rhs, tol=1e-12, max_iter=1000)
+    assert used < 10 and not bool(torch.isfinite(rel).all())
+
+
 def test_gmres_reports_failure_on_a_singular_system() -> None:
     mat = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
     rhs = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)  # not in the range
