@@ -510,7 +510,14 @@ def test_missing_config_and_empty_folder_are_bad_input(tmp_path: Path) -> None:
 def test_default_set_is_our_family_and_all_adds_installed_peers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import importlib.util
+
     ours = [name for name, info in SOLVERS.items() if info.family == "deq"]
+    installed = [
+        name
+        for name, info in SOLVERS.items()
+        if info.family != "deq" and importlib.util.find_spec(info.family) is not None
+    ]
     assert compare.resolve_solvers(None, include_peers=False) == ours
     # 'json' stands in for an installed peer library, the other for a missing one.
     monkeypatch.setitem(
@@ -520,7 +527,7 @@ def test_default_set_is_our_family_and_all_adds_installed_peers(
         SOLVERS, "absent:peer", SolverInfo("absent:peer", "absent:X", "x", "no_such_peer_library")
     )
     assert compare.resolve_solvers(None, include_peers=False) == ours
-    assert compare.resolve_solvers(None, include_peers=True) == [*ours, "json:peer"]
+    assert compare.resolve_solvers(None, include_peers=True) == [*ours, *installed, "json:peer"]
     assert compare.resolve_solvers(" newton , fixed_point,newton", include_peers=False) == [
         "newton", "fixed_point",
     ]  # fmt: skip
