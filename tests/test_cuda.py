@@ -1,0 +1,51 @@
+"""CUDA paths: every solver of ours on a GPU agrees with the CPU. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deqcli.api import load_problem, solve
+from deqcli.config import parse_config
+from deqcli.solvers import SOLVERS
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+LAYER = """
+problem:
+  kind: tanh_layer
+  dim: 32
+  batch: 4
+  W: {random: normal, seed: 0, spectral_norm: 0.9}
+  x: {random: normal, seed: 1}
+run: {atol: 1.0e-9, max_iter: 2000, device: DEVICE, dtype: DTYPE}
+"""
+OURS = [name for name, info in SOLVERS.items() if info.family == "deq"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", OURS)
+def test_solver_on_cuda_matches_cpu(name: str, dtype: str) -> None:
+    atol = "1.0e-9" if dtype == "float64" else "1.0e-4"
+    text = LAYER.replace("DTYPE", dtype).replace("1.0e-9", atol)
+    cpu = solve(parse_config(text.replace("DEVICE", "cpu"), solver=name))
+    gpu_cfg = parse_config(text.replace("DEVICE", "cuda"), solver=name)
+    gpu = solve(gpu_cfg)
+    assert gpu.device.startswith("cuda") and gpu.solution.is_cuda
+    assert gpu.status.ok and cpu.status.ok
+    tol = 1e-7 if dtype == "float64" else 1e-3
+    torch.testing.assert_close(gpu.solution.cpu(), cpu.solution, atol=tol, rtol=0)
+    problem = load_problem(gpu_cfg)
+    z = gpu.solution
+    assert float(torch.linalg.vector_norm(problem.raw_g(z), dim=1).max()) <= float(atol) * 10
+
+
+def test_auto_device_picks_the_gpu(cli) -> None:
+    doc = json.loads(
+        cli("solve", CONFIGS / "tanh_layer.yaml", "--device", "auto", "--json", "-").stdout
+    )
+    assert doc["device"].startswith("cuda") and doc["status"] == "converged"
+    assert "diagnostics" in doc
