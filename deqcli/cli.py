@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from deqcli import __version__
 from deqcli.errors import DeqError
@@ -64,7 +65,10 @@ def main(
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print one error line on stderr and exit."""
-    stderr.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    # The message is plain text: brackets such as [lo, hi] or 'deqcli[peers]' must not be markup.
+    stderr.print(
+        Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code)
 
 
@@ -239,40 +243,18 @@ def validate(
     debug: DebugOpt = False,
 ) -> None:
     """Check configs (keys, types, expressions, solver options) without solving anything."""
-    from deqcli.config import load_config
+    from deqcli.config import check_files, load_config
     from deqcli.solvers import make_solver
 
     for path in configs:
         with user_errors(debug):
             cfg = load_config(path, list(set_ or []))
             make_solver(cfg.solver.name, cfg.solver.options)
-            _check_files(cfg)
+            check_files(cfg)
         stdout.print(
             f"[green]ok[/green] {path}: {cfg.problem.kind}, solver {cfg.solver.name}",
             highlight=False,
         )
-
-
-def _check_files(cfg: Any) -> None:
-    """Files named in array specs must exist (checked here so validate catches them without torch)."""
-    from deqcli.config import FileArray
-    from deqcli.errors import ConfigError
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, FileArray):
-            path = Path(value.file)
-            full = path if path.is_absolute() else cfg.base_dir / path
-            if not full.exists():
-                raise ConfigError(
-                    key, f"file '{value.file}' does not exist (looked in {full.parent})"
-                )
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}")
-
-    spec = cfg.problem
-    for name in type(spec).model_fields:
-        walk(getattr(spec, name), f"problem.{name}")
 
 
 @app.command()
@@ -292,7 +274,9 @@ def schema(
 
         with user_errors():
             target = check_output_path(str(output), protected=[], flag="--output")
-        if target is not None:
+        if target is None:  # '-' means stdout
+            sys.stdout.write(text)
+        else:
             write_text_atomic(target, text)
 
 
@@ -308,7 +292,7 @@ def list_solvers() -> None:
     for info in SOLVERS.values():
         available = info.family == "deq" or importlib.util.find_spec(info.family) is not None
         origin = info.family if available else f"{info.family} (not installed)"
-        table.add_row(info.name, origin, info.summary)
+        table.add_row(Text(info.name), Text(origin), Text(info.summary))
     stdout.print(table)
 
 
