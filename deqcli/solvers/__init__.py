@@ -42,6 +42,59 @@ _INFOS = [
         "deqcli.solvers.newton:Newton",
         "Newton with autodiff Jacobians and a backtracking line search; quadratic near a root",
     ),
+    SolverInfo(
+        "anderson",
+        "deqcli.solvers.anderson:Anderson",
+        "Anderson acceleration (Walker–Ni), depth m, scaled regularisation, safeguard restarts",
+    ),
+    SolverInfo(
+        "broyden",
+        "deqcli.solvers.broyden:Broyden",
+        "Broyden's good method, limited memory, with a line search; no Jacobians",
+    ),
+    SolverInfo(
+        "newton-krylov",
+        "deqcli.solvers.newton_krylov:NewtonKrylov",
+        "Jacobian-free Newton: GMRES on autodiff JVPs, inexact forcing, line search; large n",
+    ),
+    SolverInfo(
+        "trust-region",
+        "deqcli.solvers.trust_region:TrustRegion",
+        "Powell dogleg trust region, autodiff Jacobian with Broyden updates; hard small systems",
+    ),
+    SolverInfo(
+        "auto",
+        "deqcli.solvers.auto:Auto",
+        "starts with anderson, falls back to newton / newton-krylov, then trust-region",
+    ),
+    *(
+        SolverInfo(
+            f"scipy:{method}",
+            f"deqcli.solvers.peers_scipy:{cls}",
+            f"scipy.optimize.root(method='{method}'), one sample at a time on the CPU",
+            family="scipy",
+        )
+        for method, cls in (
+            ("hybr", "ScipyHybr"),
+            ("lm", "ScipyLm"),
+            ("krylov", "ScipyKrylov"),
+            ("anderson", "ScipyAnderson"),
+            ("df-sane", "ScipyDfSane"),
+        )
+    ),
+    *(
+        SolverInfo(
+            f"torchdeq:{method}",
+            f"deqcli.solvers.peers_torchdeq:{cls}",
+            f"torchdeq's {method} solver (optional peer: pip install 'deqcli[peers]')",
+            family="torchdeq",
+        )
+        for method, cls in (
+            ("anderson", "TorchdeqAnderson"),
+            ("broyden", "TorchdeqBroyden"),
+            ("fixed_point_iter", "TorchdeqFixedPointIter"),
+        )
+    ),
 ]
 SOLVERS: dict[str, SolverInfo] = {info.name: info for info in _INFOS}
 

@@ -14,11 +14,19 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class FixedPointState(State):
+    """Iterate and residual, plus f(z) = z − g so the undamped step needs no arithmetic."""
+
+    f: torch.Tensor
+
+
+@dataclass
 class FixedPoint(Solver):
     """Forward iteration. Converges linearly with rate ρ(I − β J_g) when that is below 1.
 
     ``beta`` in (0, 2): 1 is plain iteration, below 1 damps (breaks period-2 oscillations, tames
     maps whose Jacobian has eigenvalues below −1), above 1 over-relaxes.
+    Cost per iteration: one evaluation of f and one or two vector operations; no extra memory.
     """
 
     name: ClassVar[str] = "fixed_point"
@@ -30,11 +38,18 @@ class FixedPoint(Solver):
         if not 0.0 < self.beta < 2.0:
             raise ValueError(f"beta: must lie in (0, 2), got {self.beta}")
 
-    def init(self, problem: Problem, z0: torch.Tensor) -> State:
-        """Evaluate the residual at the start."""
-        return State(z=z0, g=problem.g(z0))
+    def init(self, problem: Problem, z0: torch.Tensor) -> FixedPointState:
+        """Evaluate the map at the start."""
+        f0 = problem.f(z0)
+        return FixedPointState(z=z0, g=z0 - f0, f=f0)
 
-    def step(self, problem: Problem, state: State) -> State:
+    def step(self, problem: Problem, state: State) -> FixedPointState:
         """One (damped) forward step: one evaluation of f."""
-        z = state.z - self.beta * state.g
-        return State(z=z, g=problem.g(z))
+        import torch
+
+        if self.beta == 1.0 and isinstance(state, FixedPointState):
+            z = state.f
+        else:
+            z = torch.add(state.z, state.g, alpha=-self.beta)
+        f = problem.f(z)
+        return FixedPointState(z=z, g=z - f, f=f)

@@ -6,11 +6,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from deqcli.solvers.base import Solver, State
+from deqcli.solvers.linesearch import backtrack
 
 if TYPE_CHECKING:
     import torch
 
     from deqcli.problems.base import Problem
+
+
+@dataclass
+class NewtonState(State):
+    """Iterate and residual, plus the samples still running (from the driver)."""
+
+    active: torch.Tensor | None = None
 
 
 @dataclass
@@ -37,46 +45,52 @@ class Newton(Solver):
         if not 0.0 < self.c < 1.0:
             raise ValueError(f"c: must lie in (0, 1), got {self.c}")
 
-    def init(self, problem: Problem, z0: torch.Tensor) -> State:
+    def init(self, problem: Problem, z0: torch.Tensor) -> NewtonState:
         """Check dense Jacobians fit, then evaluate the residual at the start."""
         problem.check_dense_fits()
-        return State(z=z0, g=problem.g(z0))
+        return NewtonState(z=z0, g=problem.g(z0))
 
-    def step(self, problem: Problem, state: State) -> State:
+    def observe(self, state: State, active: torch.Tensor) -> None:
+        """Remember the running samples: the line search does not wait for finished ones."""
+        if isinstance(state, NewtonState):
+            state.active = active
+
+    def step(self, problem: Problem, state: State) -> NewtonState:
         """One Newton step with backtracking."""
-        import torch
-
+        active = state.active if isinstance(state, NewtonState) else None
         _, jac = problem.jacobian(state.z)
         direction = -_solve(jac, state.g)
-        z_new = state.z + direction
-        g_new = problem.g(z_new)
         if not self.line_search:
-            return State(z=z_new, g=g_new)
-
-        norm0 = torch.linalg.vector_norm(state.g, dim=1)
-        alpha = torch.ones_like(norm0)
-        z_acc, g_acc = z_new, g_new
-        for _ in range(self.max_backtracks):
-            norm = torch.linalg.vector_norm(g_acc, dim=1)
-            bad = ~(torch.isfinite(norm) & (norm <= (1 - self.c * alpha) * norm0))
-            if not bool(bad.any()):
-                break
-            alpha = torch.where(bad, alpha / 2, alpha)
-            z_try = state.z + alpha[:, None] * direction
-            g_try = problem.g(z_try)
-            z_acc = torch.where(bad[:, None], z_try, z_acc)
-            g_acc = torch.where(bad[:, None], g_try, g_acc)
-        return State(z=z_acc, g=g_acc)
+            z_new = state.z + direction
+            return NewtonState(z=z_new, g=problem.g(z_new), active=active)
+        z_new, g_new, _ = backtrack(
+            problem,
+            state.z,
+            state.g,
+            direction,
+            c=self.c,
+            max_backtracks=self.max_backtracks,
+            active=active,
+        )
+        return NewtonState(z=z_new, g=g_new, active=active)
 
 
 def _solve(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve jac @ x = rhs per sample; least squares where the Jacobian is singular."""
+    """Solve jac @ x = rhs per sample; least squares where the Jacobian is singular.
+
+    Samples whose Jacobian or right-hand side is not finite (a sample the driver already stopped
+    as non-finite keeps its last rows) get a zero step instead of poisoning the pseudo-inverse.
+    """
     import torch
 
     sol, info = torch.linalg.solve_ex(jac, rhs)
     singular = info != 0
     if bool(singular.any()) or not bool(torch.isfinite(sol).all()):
-        lsq = torch.linalg.pinv(jac) @ rhs[..., None]
+        finite = torch.isfinite(jac).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=1)
+        eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+        safe_jac = torch.where(finite[:, None, None], jac, eye)
+        safe_rhs = torch.where(finite[:, None], rhs, 0.0)
+        lsq = (torch.linalg.pinv(safe_jac) @ safe_rhs[..., None])[..., 0]
         bad = (singular | ~torch.isfinite(sol).all(dim=1))[:, None]
-        sol = torch.where(bad, lsq[..., 0], sol)
+        sol = torch.where(bad, lsq, sol)
     return sol

@@ -1,0 +1,238 @@
+"""scipy.optimize.root as peer solvers: one sample at a time, on the CPU, through the counted problem.
+
+Every evaluation goes through the sample's counted ``g`` (and, for ``hybr`` and ``lm``, its
+autodiff ``jacobian``: the same exact Jacobian our ``trust-region`` and ``newton`` get, instead of
+n finite-difference evaluations). The counts of each sample are added to that sample's row of the
+problem's counter.
+
+What counts as one iteration in the replay:
+
+- ``krylov``, ``anderson``, ``df-sane``: one call of scipy's iteration callback (an accepted
+  iterate);
+- ``hybr``, ``lm`` (MINPACK has no callback): one evaluation of the residual at a point the method
+  chose, accepted or not.
+
+Tolerances: the run stops as soon as a recorded point meets the shared rule
+‖g‖ ≤ atol + rtol·‖g(z0)‖ (2-norm). scipy's own criteria are set so they cannot fire first where
+they measure the same thing (``krylov``/``anderson``: fatol = atol in the 2-norm; ``df-sane``:
+fatol = atol, ftol = rtol) and to about machine precision where they measure something else
+(``hybr``/``lm`` only have step-size tests). The budget is max_iter iterations as defined above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, pad_stack, threshold
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from deqcli.problems.base import Problem
+    from deqcli.solvers.base import StopRule
+
+# Step tolerance for hybr/lm: about machine precision, so only the shared rule (or a genuine
+# failure to progress) ends their run.
+_MINPACK_XTOL = 1e-15
+
+
+@dataclass
+class ScipyRoot(PeerSolver):
+    """Base adapter for ``scipy.optimize.root`` methods."""
+
+    library: ClassVar[str] = "scipy"
+    method: ClassVar[str] = ""
+    uses_callback: ClassVar[bool] = True
+    uses_jacobian: ClassVar[bool] = False
+
+    def scipy_options(self, stop: StopRule) -> dict[str, Any]:
+        """The method's options for scipy."""
+        raise NotImplementedError
+
+    def record(self, problem: Problem, z0: torch.Tensor, stop: StopRule) -> Recording:
+        """Run scipy once per sample and collect what it visited."""
+        zs: list[list[torch.Tensor]] = []
+        gs: list[list[torch.Tensor]] = []
+        messages: list[str] = []
+        for b in range(problem.batch):
+            z_rows, g_rows, message = self._run_sample(problem, z0, b, stop)
+            zs.append(z_rows)
+            gs.append(g_rows)
+            messages.append(message)
+        return Recording(
+            zs=pad_stack(zs),
+            gs=pad_stack(gs),
+            lengths=[len(z) - 1 for z in zs],
+            messages=messages,
+        )
+
+    def _run_sample(
+        self, problem: Problem, z0: torch.Tensor, b: int, stop: StopRule
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
+        import numpy as np
+        import torch
+        from scipy.optimize import root
+
+        sample = problem.select(b)
+        n = problem.dim
+        x0 = z0[b].detach().cpu().to(torch.float64).numpy()
+        z_rows: list[torch.Tensor] = []
+        g_rows: list[torch.Tensor] = []
+        limit: list[torch.Tensor] = []  # the sample's convergence threshold, once g(z0) is known
+
+        def as_tensor(x: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(x, dtype=problem.dtype, device=problem.device).reshape(1, n)
+
+        def keep(z: torch.Tensor, g: torch.Tensor) -> None:
+            z_rows.append(z)
+            g_rows.append(g)
+            if len(z_rows) == 1:
+                limit.append(threshold(stop, g))
+                return
+            if bool(torch.linalg.vector_norm(g) <= limit[0]) or len(z_rows) > stop.max_iter:
+                raise PeerStop
+
+        def fun(x: np.ndarray) -> np.ndarray:
+            z = as_tensor(x)
+            g = sample.g(z)[0]
+            if not z_rows:
+                keep(z[0], g)  # scipy evaluates the start first: that is the replay's start
+            elif not self.uses_callback:
+                keep(z[0], g)
+            return g.detach().cpu().to(torch.float64).numpy()
+
+        def callback(x: np.ndarray, fx: np.ndarray) -> None:
+            if len(z_rows) == 1 and np.array_equal(x, x0):
+                return  # df-sane reports the start as its iteration 0
+            z = as_tensor(x)[0]
+            keep(z, torch.as_tensor(fx, dtype=problem.dtype, device=problem.device))
+
+        def jac(x: np.ndarray) -> np.ndarray:
+            _, j = sample.jacobian(as_tensor(x))
+            return j[0].detach().cpu().to(torch.float64).numpy()
+
+        kwargs: dict[str, Any] = {"method": self.method, "options": self.scipy_options(stop)}
+        if self.uses_callback:
+            kwargs["callback"] = callback
+        if self.uses_jacobian:
+            kwargs["jac"] = jac
+        try:
+            sol = root(fun, x0, **kwargs)
+            message = str(sol.message)
+        except PeerStop:
+            message = "stopped by the shared stopping rule or iteration budget"
+        except (ValueError, np.linalg.LinAlgError, ArithmeticError) as exc:
+            message = f"scipy raised {type(exc).__name__}: {exc}".splitlines()[0]
+        if not z_rows:  # the method failed before evaluating anything
+            g0 = sample.g(z0[b : b + 1])[0]
+            z_rows.append(z0[b])
+            g_rows.append(g0)
+        _merge_counts(problem, sample, b)
+        return z_rows, g_rows, message
+
+
+def _merge_counts(problem: Problem, sample: Problem, b: int) -> None:
+    """Add the per-sample problem's counts to row b of the batch problem's counter."""
+    for kind in ("nfev", "njev", "jvp", "vjp"):
+        times = getattr(sample.counter, kind)[0]
+        if times:
+            problem.counter.bump(kind, rows=b, times=times)
+
+
+def _two_norm() -> Callable[[np.ndarray], float]:
+    import numpy as np
+
+    return lambda v: float(np.linalg.norm(v))
+
+
+@dataclass
+class ScipyHybr(ScipyRoot):
+    """MINPACK's hybrd/hybrj (Powell's hybrid method) with our autodiff Jacobian."""
+
+    name: ClassVar[str] = "scipy:hybr"
+    summary: ClassVar[str] = "scipy.optimize.root(method='hybr')"
+    method: ClassVar[str] = "hybr"
+    uses_callback: ClassVar[bool] = False
+    uses_jacobian: ClassVar[bool] = True
+
+    def scipy_options(self, stop: StopRule) -> dict[str, Any]:
+        """Step tolerance at machine precision; the budget in evaluations."""
+        return {"xtol": _MINPACK_XTOL, "maxfev": stop.max_iter + 1}
+
+
+@dataclass
+class ScipyLm(ScipyRoot):
+    """MINPACK's Levenberg–Marquardt (lmder) on ½‖g‖² with our autodiff Jacobian."""
+
+    name: ClassVar[str] = "scipy:lm"
+    summary: ClassVar[str] = "scipy.optimize.root(method='lm')"
+    method: ClassVar[str] = "lm"
+    uses_callback: ClassVar[bool] = False
+    uses_jacobian: ClassVar[bool] = True
+
+    def scipy_options(self, stop: StopRule) -> dict[str, Any]:
+        """Step and reduction tolerances at machine precision; the budget in evaluations."""
+        return {
+            "xtol": _MINPACK_XTOL,
+            "ftol": _MINPACK_XTOL,
+            "gtol": 0.0,
+            "maxiter": stop.max_iter + 1,
+        }
+
+
+@dataclass
+class ScipyKrylov(ScipyRoot):
+    """scipy's Newton–Krylov (LGMRES on finite-difference Jacobian-vector products)."""
+
+    name: ClassVar[str] = "scipy:krylov"
+    summary: ClassVar[str] = "scipy.optimize.root(method='krylov')"
+    method: ClassVar[str] = "krylov"
+
+    def scipy_options(self, stop: StopRule) -> dict[str, Any]:
+        """Absolute residual tolerance in the 2-norm, max_iter iterations."""
+        return {"fatol": stop.atol, "tol_norm": _two_norm(), "maxiter": stop.max_iter}
+
+
+@dataclass
+class ScipyAnderson(ScipyRoot):
+    """scipy's Anderson mixing (Eyert's form) with memory ``m``."""
+
+    name: ClassVar[str] = "scipy:anderson"
+    summary: ClassVar[str] = "scipy.optimize.root(method='anderson')"
+    method: ClassVar[str] = "anderson"
+    m: int = 5
+
+    def check(self) -> None:
+        """Memory must be positive."""
+        super().check()
+        if self.m < 1:
+            raise ValueError(f"m: must be ≥ 1, got {self.m}")
+
+    def scipy_options(self, stop: StopRule) -> dict[str, Any]:
+        """Absolute residual tolerance in the 2-norm, max_iter iterations, memory m."""
+        return {
+            "fatol": stop.atol,
+            "tol_norm": _two_norm(),
+            "maxiter": stop.max_iter,
+            "jac_options": {"M": self.m},
+        }
+
+
+@dataclass
+class ScipyDfSane(ScipyRoot):
+    """scipy's DF-SANE (derivative-free spectral residual method)."""
+
+    name: ClassVar[str] = "scipy:df-sane"
+    summary: ClassVar[str] = "scipy.optimize.root(method='df-sane')"
+    method: ClassVar[str] = "df-sane"
+
+    def scipy_options(self, stop: StopRule) -> dict[str, Any]:
+        """The shared rule in df-sane's own terms (2-norm): fatol = atol, ftol = rtol."""
+        return {
+            "fatol": stop.atol,
+            "ftol": stop.rtol,
+            "maxfev": 10 * (stop.max_iter + 1),
+        }

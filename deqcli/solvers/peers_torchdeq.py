@@ -1,0 +1,148 @@
+"""torchdeq's solvers as peers (optional: ``pip install 'deqcli[peers]'``).
+
+torchdeq's solvers take a batched map and run their own loop on the whole batch. The adapter
+passes them the problem's counted ``f`` and records every point they evaluate it at: for these
+three solvers (Anderson, Broyden without line search, forward iteration) each evaluation is at
+the next iterate, so one evaluation is one replayed iteration. They get the shared tolerance with
+torchdeq's absolute stop mode (tol = atol) and the iteration budget; the run is also ended as soon
+as every sample has met the shared rule ‖g‖ ≤ atol + rtol·‖g(z0)‖ once. Options default to
+torchdeq's own defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, threshold, unavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from deqcli.problems.base import Problem
+    from deqcli.solvers.base import StopRule
+
+
+@dataclass
+class TorchdeqSolver(PeerSolver):
+    """Base adapter for a torchdeq solver function."""
+
+    library: ClassVar[str] = "torchdeq"
+    function: ClassVar[str] = ""
+
+    def torchdeq_options(self) -> dict[str, Any]:
+        """Solver-specific keyword arguments."""
+        return {}
+
+    def record(self, problem: Problem, z0: torch.Tensor, stop: StopRule) -> Recording:
+        """Run the torchdeq solver on the whole batch, recording each evaluation point."""
+        import torch
+
+        try:
+            from torchdeq import solver as td_solver
+        except ImportError:
+            raise unavailable("torchdeq") from None
+        solve = getattr(td_solver, self.function)
+        zs: list[torch.Tensor] = []
+        gs: list[torch.Tensor] = []
+        met = torch.zeros(problem.batch, dtype=torch.bool, device=z0.device)
+        limit: list[torch.Tensor] = []
+
+        def func(x: torch.Tensor) -> torch.Tensor:
+            fx = problem.f(x)
+            z = x.detach().clone()  # torchdeq may hand us a view of its own buffer
+            g = z - fx.detach()
+            zs.append(z)
+            gs.append(g)
+            if len(zs) == 1:
+                limit.append(threshold(stop, g))
+            else:
+                met.logical_or_(torch.linalg.vector_norm(g, dim=1) <= limit[0])
+                if bool(met.all()) or len(zs) > stop.max_iter:
+                    raise PeerStop
+            return fx
+
+        message = "torchdeq returned (its own tolerance or budget)"
+        try:
+            with torch.no_grad():
+                solve(
+                    func,
+                    z0,
+                    max_iter=stop.max_iter + 1,
+                    tol=stop.atol,
+                    stop_mode="abs",
+                    **self.torchdeq_options(),
+                )
+        except PeerStop:
+            message = "stopped by the shared stopping rule or iteration budget"
+        if not zs:
+            raise RuntimeError(f"torchdeq {self.function} did not evaluate the map")
+        steps = len(zs) - 1
+        return Recording(
+            zs=torch.stack(zs, dim=1),
+            gs=torch.stack(gs, dim=1),
+            lengths=[steps] * problem.batch,
+            messages=[message] * problem.batch,
+        )
+
+
+@dataclass
+class TorchdeqAnderson(TorchdeqSolver):
+    """torchdeq.solver.anderson_solver: depth m, absolute regularisation lam, damping tau."""
+
+    name: ClassVar[str] = "torchdeq:anderson"
+    summary: ClassVar[str] = "torchdeq anderson_solver"
+    function: ClassVar[str] = "anderson_solver"
+    m: int = 6
+    lam: float = 1e-4
+    tau: float = 1.0
+
+    def check(self) -> None:
+        """torchdeq needs at least two stored iterates."""
+        super().check()
+        if self.m < 2:
+            raise ValueError(f"m: must be ≥ 2, got {self.m}")
+
+    def torchdeq_options(self) -> dict[str, Any]:
+        """m, lam and tau as torchdeq names them."""
+        return {"m": self.m, "lam": self.lam, "tau": self.tau}
+
+
+@dataclass
+class TorchdeqBroyden(TorchdeqSolver):
+    """torchdeq.solver.broyden_solver; ``memory`` is its LBFGS_thres (None: max_iter)."""
+
+    name: ClassVar[str] = "torchdeq:broyden"
+    summary: ClassVar[str] = "torchdeq broyden_solver"
+    function: ClassVar[str] = "broyden_solver"
+    memory: int | None = None
+
+    def check(self) -> None:
+        """Memory must be positive when given."""
+        super().check()
+        if self.memory is not None and self.memory < 1:
+            raise ValueError(f"memory: must be ≥ 1, got {self.memory}")
+
+    def torchdeq_options(self) -> dict[str, Any]:
+        """No line search (torchdeq's default, which keeps one evaluation per iteration)."""
+        return {"LBFGS_thres": self.memory, "ls": False}
+
+
+@dataclass
+class TorchdeqFixedPointIter(TorchdeqSolver):
+    """torchdeq.solver.fixed_point_iter with damping tau."""
+
+    name: ClassVar[str] = "torchdeq:fixed_point_iter"
+    summary: ClassVar[str] = "torchdeq fixed_point_iter"
+    function: ClassVar[str] = "fixed_point_iter"
+    tau: float = 1.0
+
+    def check(self) -> None:
+        """Damping must lie in (0, 2)."""
+        super().check()
+        if not 0.0 < self.tau < 2.0:
+            raise ValueError(f"tau: must lie in (0, 2), got {self.tau}")
+
+    def torchdeq_options(self) -> dict[str, Any]:
+        """tau as torchdeq names it."""
+        return {"tau": self.tau}
