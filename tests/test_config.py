@@ -62,7 +62,10 @@ def test_unknown_problem_key_lists_the_kind_specific_keys() -> None:
         (DOTTIE + "run: {max_iter: many}\n", r"run\.max_iter \(line 6\): .*integer.*got 'many'"),
         (DOTTIE + "run: {rtol: -1}\n", r"run\.rtol \(line 6\): .*greater than or equal to 0"),
         (DOTTIE + "run: {dtype: float16}\n", r"run\.dtype .*'float32' or 'float64'"),
-        (DOTTIE + "run: {device: gpu}\n", r"run\.device \(line 6\): unknown device; use auto, cpu.*, got 'gpu'$"),
+        (
+            DOTTIE + "run: {device: gpu}\n",
+            r"run\.device \(line 6\): unknown device; use auto, cpu.*, got 'gpu'$",
+        ),
         ("problem: {kind: spline}\n", r"problem\.kind.*use one of tanh_layer, expression"),
         ("problem: {kind: tanh_layer, dim: 2}\n", r"problem\.W.*required key is missing"),
         ("problem: {kind: expression, initial: 1}\n", r"exactly one of fixed_point"),
