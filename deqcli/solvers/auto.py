@@ -60,7 +60,7 @@ class Auto(Solver):
 
     name: ClassVar[str] = "auto"
     summary: ClassVar[str] = "anderson first, then newton / newton-krylov, then trust-region"
-    m: int = 10
+    m: int = 5
     patience: int = 30
     newton_patience: int = 5
     progress: float = 0.5

@@ -84,7 +84,8 @@ class ScipyRoot(PeerSolver):
         limit: list[torch.Tensor] = []  # the sample's convergence threshold, once g(z0) is known
 
         def as_tensor(x: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(x, dtype=problem.dtype, device=problem.device).reshape(1, n)
+            # A copy: MINPACK and scipy's nonlin reuse their work arrays in place.
+            return torch.tensor(x, dtype=problem.dtype, device=problem.device).reshape(1, n)
 
         def keep(z: torch.Tensor, g: torch.Tensor) -> None:
             z_rows.append(z)
@@ -108,7 +109,7 @@ class ScipyRoot(PeerSolver):
             if len(z_rows) == 1 and np.array_equal(x, x0):
                 return  # df-sane reports the start as its iteration 0
             z = as_tensor(x)[0]
-            keep(z, torch.as_tensor(fx, dtype=problem.dtype, device=problem.device))
+            keep(z, torch.tensor(fx, dtype=problem.dtype, device=problem.device))
 
         def jac(x: np.ndarray) -> np.ndarray:
             _, j = sample.jacobian(as_tensor(x))

@@ -1,0 +1,382 @@
+"""Every solver of ours on every suitable known-answer problem, plus each solver's own guarantees."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from deqcli.api import load_problem
+from deqcli.config import load_config
+from deqcli.errors import UsageError
+from deqcli.problems.base import Problem
+from deqcli.problems.tanh_layer import tanh_layer_map
+from deqcli.result import SolveResult, Status
+from deqcli.solvers import SOLVERS, make_solver
+from deqcli.solvers.base import StopRule, run
+from tests.conftest import CONFIGS
+
+DOTTIE = 0.7390851332151607
+OURS = [name for name, info in SOLVERS.items() if info.family == "deq"]
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+ATOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+def scalar_problem(form: str, fn: Callable[[torch.Tensor], torch.Tensor], starts, dtype):
+    """A batch of scalar problems, one row per start."""
+    z0 = torch.tensor(starts, dtype=dtype)[:, None]
+    return Problem(name="scalar", kind="test", form=form, func=lambda z, p: fn(z), z0=z0)
+
+
+def affine_problem(A: np.ndarray, c: np.ndarray, z0: np.ndarray, dtype) -> Problem:
+    """z = A z + c, batched over the rows of z0."""
+    return Problem(
+        name="affine",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: z @ p["A"].T + p["c"],
+        z0=torch.tensor(z0, dtype=dtype),
+        params={"A": torch.tensor(A, dtype=dtype), "c": torch.tensor(c, dtype=dtype)},
+    )
+
+
+# -- the known-answer problems ---------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """A problem builder and a check of the answer against what is known about it."""
+
+    build: Callable[[torch.dtype], Problem]
+    check: Callable[[Problem, SolveResult, float], None]
+
+
+def _sqrt2(dtype: torch.dtype) -> Problem:
+    return scalar_problem("residual", lambda z: z**2 - 2, [1.0, 3.0], dtype)
+
+
+def _check_sqrt2(problem: Problem, result: SolveResult, atol: float) -> None:
+    # The roots are ±√2, and |z² − 2| ≤ atol means ||z| − √2| ≤ atol / (|z| + √2) < atol. (From
+    # z = 3 a plain first step lands at −4, in the basin of −√2.)
+    magnitudes = result.solution.double().abs().flatten().tolist()
+    assert magnitudes == pytest.approx([math.sqrt(2)] * 2, abs=atol)
+
+
+def _dottie(dtype: torch.dtype) -> Problem:
+    return scalar_problem("fixed_point", torch.cos, [1.0, 0.0], dtype)
+
+
+def _check_dottie(problem: Problem, result: SolveResult, atol: float) -> None:
+    # |cos z − z| ≤ atol and |(cos z − z)'| = 1 + sin z ≥ 1.67 near the root.
+    assert result.solution.double().flatten().tolist() == pytest.approx([DOTTIE] * 2, abs=atol)
+
+
+_RNG = np.random.default_rng(0)
+_A = _RNG.standard_normal((5, 5))
+_A *= 0.5 / np.linalg.norm(_A, 2)
+_C = _RNG.standard_normal(5)
+_EXACT = np.linalg.solve(np.eye(5) - _A, _C)
+
+
+def _linear(dtype: torch.dtype) -> Problem:
+    return affine_problem(_A, _C, np.stack([np.zeros(5), np.ones(5)]), dtype)
+
+
+def _check_linear(problem: Problem, result: SolveResult, atol: float) -> None:
+    # ‖(I − A)(z − z*)‖ ≤ atol and σ_min(I − A) ≥ 1 − ‖A‖ = 0.5.
+    for row in result.solution.double().numpy():
+        np.testing.assert_allclose(row, _EXACT, atol=2.5 * atol, rtol=0)
+
+
+_W = np.random.default_rng(1).standard_normal((12, 12))
+_W *= 0.8 / np.linalg.norm(_W, 2)
+_X = np.random.default_rng(2).standard_normal((3, 12))
+
+
+def _tanh(dtype: torch.dtype) -> Problem:
+    params = {"W": torch.tensor(_W, dtype=dtype), "x": torch.tensor(_X, dtype=dtype)}
+    return Problem(
+        name="tanh",
+        kind="tanh_layer",
+        form="fixed_point",
+        func=tanh_layer_map,
+        z0=torch.zeros(3, 12, dtype=dtype),
+        params=params,
+        batched_params=frozenset({"x"}),
+    )
+
+
+def _check_tanh(problem: Problem, result: SolveResult, atol: float) -> None:
+    # The defining equation z = tanh(W z + x), checked independently in float64 numpy.
+    z = result.solution.double().numpy()
+    residual = np.linalg.norm(z - np.tanh(z @ _W.T + _X), axis=1)
+    assert residual.max() <= 1.5 * atol
+
+
+def _chandrasekhar(dtype: torch.dtype) -> Problem:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return load_problem(load_config(CONFIGS / "chandrasekhar.yaml", [f"run.dtype={dtype_name}"]))
+
+
+def _check_chandrasekhar(problem: Problem, result: SolveResult, atol: float) -> None:
+    # Summing the discretised equation gives (c/2N) Σ H_i = 1 − √(1 − c) exactly (c = 0.9).
+    H = result.solution.double().numpy()[0]
+    assert 0.9 / (2 * len(H)) * H.sum() == pytest.approx(1 - math.sqrt(0.1), abs=10 * atol)
+    mu = (np.arange(1, len(H) + 1) - 0.5) / len(H)
+    A = 0.9 / (2 * len(H)) * mu[:, None] / (mu[:, None] + mu[None, :])
+    assert np.abs(H - 1 / (1 - A @ H)).max() <= 1.5 * atol
+
+
+CASES = {
+    "sqrt2": Case(_sqrt2, _check_sqrt2),
+    "dottie": Case(_dottie, _check_dottie),
+    "linear": Case(_linear, _check_linear),
+    "tanh": Case(_tanh, _check_tanh),
+    "chandrasekhar": Case(_chandrasekhar, _check_chandrasekhar),
+}
+# The naive map of g(z) = z² − 2 is f(z) = z − z² + 2, with f'(√2) = 1 − 2√2 ≈ −1.83: repelling.
+EXPECTED_FAILURES = {
+    ("fixed_point", "sqrt2"): "plain iteration on z − (z² − 2) is repelled from √2 (f' ≈ −1.83)",
+}
+
+
+def _matrix() -> list:
+    params = []
+    for solver in OURS:
+        for case in CASES:
+            for dtype in DTYPES:
+                marks = []
+                if (solver, case) in EXPECTED_FAILURES:
+                    marks.append(
+                        pytest.mark.xfail(reason=EXPECTED_FAILURES[solver, case], strict=True)
+                    )
+                params.append(pytest.param(solver, case, dtype, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize(("solver", "case", "dtype"), _matrix())
+def test_solver_finds_the_known_answer(solver: str, case: str, dtype: str) -> None:
+    spec = CASES[case]
+    problem = spec.build(DTYPES[dtype])
+    atol = ATOL[dtype]
+    result = run(problem, make_solver(solver), StopRule(atol=atol, max_iter=500))
+    assert result.status is Status.CONVERGED, result.sample_status
+    assert result.solution.dtype == DTYPES[dtype]
+    assert max(result.final_residuals()) <= atol
+    spec.check(problem, result, atol)
+
+
+# -- Anderson --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [6, 9])
+def test_anderson_with_full_memory_solves_a_linear_map_in_n_plus_one_steps(m: int) -> None:
+    # Walker–Ni: with β = 1 and m ≥ n, Anderson on an affine map is GMRES on (I − A) z = c, exact
+    # after at most n + 1 steps, even where plain iteration diverges (ρ(A) > 1 here).
+    n = 6
+    rng = np.random.default_rng(3)
+    A = 0.8 * rng.standard_normal((n, n))
+    c = rng.standard_normal(n)
+    assert max(abs(np.linalg.eigvals(A))) > 1.5
+    exact = np.linalg.solve(np.eye(n) - A, c)
+    problem = affine_problem(A, c, np.zeros((1, n)), torch.float64)
+    result = run(problem, make_solver("anderson", {"m": m}), StopRule(atol=1e-10, max_iter=50))
+    assert result.status is Status.CONVERGED
+    assert result.iterations[0] <= n + 2
+    np.testing.assert_allclose(result.solution[0].numpy(), exact, atol=1e-9, rtol=0)
+    naive = run(problem, make_solver("fixed_point"), StopRule(atol=1e-10, max_iter=50))
+    assert not naive.status.ok
+
+
+def test_anderson_counts_one_evaluation_per_iteration_and_no_derivatives() -> None:
+    result = run(_tanh(torch.float64), make_solver("anderson"), StopRule(atol=1e-10))
+    totals = result.counts.totals()
+    assert totals["nfev"] == result.nit + 1
+    assert totals["njev"] == totals["jvp"] == totals["vjp"] == 0
+
+
+def test_anderson_restarts_only_the_samples_that_need_it() -> None:
+    # z = z² + c: fixed points for c = 0.1 and −0.5; none for c = 1, whose residual grows.
+    problem = _quadratic_batch()
+    result = run(problem, make_solver("anderson"), StopRule(atol=1e-12, max_iter=200))
+    restarts = result.extra["anderson"]["restarts"]
+    assert restarts[:2] == [0, 0] and restarts[2] >= 1
+    assert any("restarted" in note for note in result.notes)
+    off = run(problem, make_solver("anderson", {"restart": False}), StopRule(atol=1e-12))
+    assert "anderson" not in off.extra
+
+
+def test_anderson_memory_is_m_batch_n_and_capped_at_n() -> None:
+    solver = make_solver("anderson", {"m": 4})
+    problem = _tanh(torch.float64)
+    state = solver.init(problem, problem.z0)
+    assert tuple(state.diffs.shape) == (3, 2 * 4, 12)
+    wide = make_solver("anderson", {"m": 50}).init(problem, problem.z0)
+    assert tuple(wide.diffs.shape) == (3, 2 * 12, 12)
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+def _quadratic_batch() -> Problem:
+    c = torch.tensor([0.1, -0.5, 1.0], dtype=torch.float64)
+    return Problem(
+        name="quadratic",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: z**2 + p["c"][:, None],
+        z0=torch.zeros(3, 1, dtype=torch.float64),
+        params={"c": c},
+        batched_params=frozenset({"c"}),
+    )
+
+
+@pytest.mark.parametrize("solver", OURS)
+def test_one_sample_fails_while_the_others_converge(solver: str) -> None:
+    # z = z² + c has the attracting fixed point (1 − √(1 − 4c))/2 for c = 0.1 and c = −0.5, and
+    # no real fixed point at all for c = 1.
+    result = run(_quadratic_batch(), make_solver(solver), StopRule(atol=1e-12, max_iter=200))
+    assert result.sample_status[:2] == [Status.CONVERGED, Status.CONVERGED]
+    assert result.sample_status[2] is not Status.CONVERGED
+    assert result.status is result.sample_status[2]
+    expected = [(1 - math.sqrt(1 - 4 * c)) / 2 for c in (0.1, -0.5)]
+    assert result.solution[:2, 0].tolist() == pytest.approx(expected, abs=1e-11)
+    doc = result.to_dict(history=False)
+    assert doc["converged_samples"] == 2 and doc["converged"] is False
+    assert [s["status"] for s in doc["samples"][:2]] == ["converged", "converged"]
+    # A sample stops changing once it has stopped: its recorded residual stays put.
+    for b in range(2):
+        k = result.iterations[b]
+        assert {row[b] for row in result.residual_history[k:]} == {result.residual_history[k][b]}
+
+
+def test_plain_iteration_diverges_on_the_sample_without_a_fixed_point() -> None:
+    result = run(_quadratic_batch(), make_solver("fixed_point"), StopRule(atol=1e-12))
+    assert result.sample_status[2] is Status.DIVERGED
+
+
+# -- trust region ----------------------------------------------------------------------------
+
+
+def test_trust_region_reports_a_collapsed_region_as_stalled() -> None:
+    # g(z) = z² + 1 has no real root; ½‖g‖² has its minimum at z = 0, where the model predicts no
+    # further decrease and the radius shrinks to nothing.
+    problem = scalar_problem("residual", lambda z: z**2 + 1, [1.0], torch.float64)
+    result = run(problem, make_solver("trust-region"), StopRule(atol=1e-12, max_iter=200))
+    assert result.status is Status.STALLED
+    assert result.nit < 200
+    assert abs(float(result.solution[0, 0])) < 1e-6
+
+
+def test_trust_region_needs_one_jacobian_on_a_linear_map() -> None:
+    # The first model is exact, so the Broyden updates never need a fresh Jacobian.
+    result = run(_linear(torch.float64), make_solver("trust-region"), StopRule(atol=1e-12))
+    assert result.status is Status.CONVERGED
+    assert result.counts.totals()["njev"] == 1
+    np.testing.assert_allclose(result.solution[0].numpy(), _EXACT, atol=1e-11, rtol=0)
+
+
+# -- Newton–Krylov and Broyden ---------------------------------------------------------------
+
+
+def test_newton_krylov_uses_jvps_and_never_a_dense_jacobian() -> None:
+    result = run(_chandrasekhar(torch.float64), make_solver("newton-krylov"), StopRule(atol=1e-12))
+    totals = result.counts.totals()
+    assert result.status is Status.CONVERGED
+    assert totals["njev"] == 0 and totals["jvp"] > 0
+    # Superlinear: Eisenstat–Walker forcing reaches 1e-12 in a handful of Newton steps.
+    assert result.nit <= 8
+
+
+def test_newton_krylov_solves_a_linear_map_in_one_exact_step() -> None:
+    solver = make_solver("newton-krylov", {"forcing": "constant", "eta": 1e-13})
+    result = run(_linear(torch.float64), solver, StopRule(atol=1e-11))
+    assert result.nit == 1
+    np.testing.assert_allclose(result.solution[1].numpy(), _EXACT, atol=1e-11, rtol=0)
+
+
+def test_broyden_needs_no_derivatives_and_respects_its_memory() -> None:
+    solver = make_solver("broyden", {"memory": 3})
+    problem = _chandrasekhar(torch.float64)
+    result = run(problem, solver, StopRule(atol=1e-10, max_iter=200))
+    totals = result.counts.totals()
+    assert result.status is Status.CONVERGED
+    assert totals["njev"] == totals["jvp"] == totals["vjp"] == 0
+    state = solver.init(problem, problem.z0)
+    assert tuple(state.u.shape) == tuple(state.v.shape) == (1, 3, 100)
+
+
+# -- auto ------------------------------------------------------------------------------------
+
+
+def test_auto_falls_back_where_plain_iteration_diverges() -> None:
+    # g(z) = z³ − 8 from z = 3: the naive map z − g(z) jumps to −16 and blows up; auto's first
+    # Anderson step (a plain step) grows the residual 216-fold, so it switches to Newton.
+    problem = scalar_problem("residual", lambda z: z**3 - 8, [3.0], torch.float64)
+    naive = run(problem, make_solver("fixed_point"), StopRule(atol=1e-12, max_iter=100))
+    assert naive.status in (Status.DIVERGED, Status.NONFINITE)
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-12, max_iter=100))
+    assert result.status is Status.CONVERGED
+    assert float(result.solution[0, 0]) == pytest.approx(2.0, abs=1e-12)
+    info = result.extra["auto"]
+    assert info["methods"] == ["anderson", "newton"]
+    assert info["switches"] == [1] and info["reasons"] == ["residual growth"]
+    assert result.to_dict(history=False)["auto"]["methods"] == ["anderson", "newton"]
+    assert any("switched to newton" in note for note in result.notes)
+
+
+def test_auto_keeps_anderson_when_it_works() -> None:
+    result = run(_dottie(torch.float64), make_solver("auto"), StopRule(atol=1e-12))
+    assert result.status is Status.CONVERGED
+    assert result.extra["auto"] == {"methods": ["anderson"], "switches": [], "reasons": []}
+
+
+def test_auto_ends_with_the_trust_region_where_nothing_can_succeed() -> None:
+    problem = scalar_problem("residual", lambda z: z**2 + 1, [1.0], torch.float64)
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-12, max_iter=300))
+    assert result.status is Status.STALLED
+    assert result.extra["auto"]["methods"] == ["anderson", "newton", "trust-region"]
+
+
+def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
+    solver = make_solver("auto", {"dense_max": 10})
+    assert solver.stages(_tanh(torch.float64)) == ["anderson", "newton-krylov"]
+    assert solver.stages(_dottie(torch.float64)) == ["anderson", "newton", "trust-region"]
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("solver", "options", "message"),
+    [
+        ("anderson", {"m": 0}, "solver.m: must be ≥ 1"),
+        ("anderson", {"beta": 3}, "solver.beta: must lie in (0, 2]"),
+        ("broyden", {"memory": 0}, "solver.memory: must be ≥ 1"),
+        ("newton-krylov", {"eta": 1.5}, "solver.eta: must lie in (0, 1)"),
+        ("newton-krylov", {"forcing": "fixed"}, "solver.forcing: must be one of ew, constant"),
+        ("trust-region", {"radius": -1}, "solver.radius: must be > 0"),
+        ("auto", {"progress": 2}, "solver.progress: must lie in (0, 1)"),
+        ("anderson", {"depth": 3}, "solver.depth: unknown option for solver 'anderson'"),
+    ],
+)
+def test_bad_options_name_the_key(solver: str, options: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_solver(solver, options)
+
+
+def test_solver_modules_do_not_import_torch_until_they_solve() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from deqcli.solvers import SOLVERS, solver_info;"
+        "[solver_info(n).load() for n in SOLVERS];"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
