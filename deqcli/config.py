@@ -315,6 +315,14 @@ def load_config(
     ``solver`` replaces the file's solver; the file's solver options are dropped when it names a
     different solver (they belong to that one), while ``--set solver.x=…`` overrides still apply.
     """
+    text, base_dir = read_config_text(path)
+    return parse_config(
+        text, base_dir=base_dir, source=str(path), overrides=overrides, solver=solver
+    )
+
+
+def read_config_text(path: str | Path) -> tuple[str, Path]:
+    """A config file's text and the directory its relative paths are resolved against."""
     p = Path(path)
     if not p.exists():
         raise ConfigError("", f"config file '{path}' does not exist")
@@ -324,9 +332,7 @@ def load_config(
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read '{path}': {exc}") from None
-    return parse_config(
-        text, base_dir=p.resolve().parent, source=str(path), overrides=overrides, solver=solver
-    )
+    return text, p.resolve().parent
 
 
 def parse_config(
@@ -593,4 +599,5 @@ __all__ = [
     "json_schema",
     "load_config",
     "parse_config",
+    "read_config_text",
 ]

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from deqcli.config import PROBLEM_MODELS, Config, parse_config
+from deqcli.config import PROBLEM_MODELS, Config, parse_config, read_config_text
 from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.expr import ExpressionError
 
@@ -191,16 +191,8 @@ class SweepBase:
         cls, path: str | Path, overrides: list[str] | None = None, solver: str | None = None
     ) -> SweepBase:
         """Read a config file once; points re-parse its text with their own overrides."""
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError("", f"config file '{path}' does not exist")
-        if p.is_dir():
-            raise ConfigError("", f"'{path}' is a directory, not a config file")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("", f"cannot read '{path}': {exc}") from None
-        return cls(text, str(p.resolve().parent), str(path), tuple(overrides or ()), solver)
+        text, base_dir = read_config_text(path)
+        return cls(text, str(base_dir), str(path), tuple(overrides or ()), solver)
 
     def raw(self) -> dict[str, Any]:
         """The YAML mapping (for resolving short parameter names)."""
