@@ -335,7 +335,13 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     parser.add_argument("--solvers", default="", help="only these labels (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: development")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads(N); 0 keeps torch's default. Prefer 0 or 1: with some MKL builds "
+        "an explicit N > 1 makes batched LU fail (MKL DLASWP errors) and hang",
+    )
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per solver per case")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
