@@ -178,6 +178,22 @@ def bare_f_seconds(problem: Problem, repeat: int = 50) -> float:
     return statistics.median(times)
 
 
+def overhead(problem: Problem, name: str, pairs: int) -> tuple[float, float, float, int]:
+    """Median of time / (nfev × bare f) over ``pairs`` runs, each paired with a fresh measurement
+    of one bare evaluation of f taken just before it (the machine's speed drifts between the two
+    otherwise). Returns (ratio, median run time, median bare f, nfev)."""
+    stop = StopRule(atol=ATOL, max_iter=MAX_ITER)
+    ratios, times, bares, nfev = [], [], [], 0
+    for _ in range(pairs):
+        bare = bare_f_seconds(problem, repeat=15)
+        result = run(problem, make_solver(name), stop)
+        nfev = result.counts.totals()["nfev"]
+        ratios.append(result.wall_time / (nfev * bare))
+        times.append(result.wall_time)
+        bares.append(bare)
+    return statistics.median(ratios), statistics.median(times), statistics.median(bares), nfev
+
+
 def state_bytes(problem: Problem, entry: Entry) -> int | None:
     """Bytes of the solver's state tensors beyond z and g, after a few steps (ours only)."""
     if entry.family != "deq":
@@ -381,15 +397,14 @@ def main() -> None:
             print(f"  .. {row.label}: {row.seconds if row.seconds is not None else row.error}")
         summary = print_case(spec, problem, rows, memory)
         if case == "large":
-            bare = bare_f_seconds(problem)
-            print(f"one bare evaluation of f: {bare * 1e3:.3f} ms")
             for name in OVERHEAD_TARGETS:
-                row = next((r for r in rows if r.label == name and r.seconds), None)
-                if row is not None:
-                    summary[f"overhead_{name}"] = row.seconds / (row.nfev * bare)
+                if any(r.label == name and r.seconds for r in rows):
+                    value, seconds, bare, nfev = overhead(problem, name, max(repeat, 7))
+                    summary[f"overhead_{name}"] = value
                     print(
-                        f"overhead {name}: {row.seconds:.4f}s / ({row.nfev} × {bare * 1e3:.3f} ms)"
-                        f" = {summary[f'overhead_{name}']:.2f}"
+                        f"overhead {name}: median over {max(repeat, 7)} paired runs of "
+                        f"time / (nfev × bare f) = {value:.2f} "
+                        f"(median {seconds:.4f}s, nfev {nfev}, bare f {bare * 1e3:.3f} ms)"
                     )
             for name, label in (("anderson", "anderson"), ("broyden", "broyden")):
                 row = next((r for r in rows if r.label == label), None)
