@@ -96,7 +96,7 @@ class SolveResult:
     relative_history: list[list[float]]  # [iteration][sample] ‖f(z)−z‖ / ‖f(z)‖
     step_history: list[list[float]]  # [iteration-1][sample] ‖z_k − z_{k−1}‖
     time_history: list[float]  # seconds since start at each recorded iteration
-    tail: Any  # torch.Tensor (k, batch, n): the last iterates, oldest first (for cycle detection)
+    tail_iterates: list[Any]  # the last iterates, (batch, n) tensors, oldest first
     wall_time: float
     device: str
     dtype: str
@@ -106,6 +106,20 @@ class SolveResult:
     notes: list[str] = field(default_factory=list)
     diagnostics: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _tail: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def tail(self) -> Any:
+        """The last iterates as one (k, batch, n) tensor, oldest first (for cycle detection).
+
+        Stacked on first use rather than by the driver, so a solve whose diagnostics are off
+        never pays for the copy.
+        """
+        if self._tail is None:
+            import torch
+
+            self._tail = torch.stack(self.tail_iterates)
+        return self._tail
 
     @property
     def status(self) -> Status:

@@ -235,7 +235,7 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         relative_history=relative.cpu().tolist(),
         step_history=torch.stack(step_hist).cpu().tolist() if step_hist else [],
         time_history=times,
-        tail=torch.stack(tail),
+        tail_iterates=tail,
         wall_time=time.perf_counter() - start,
         device=str(problem.device),
         dtype=str(problem.dtype).removeprefix("torch."),
