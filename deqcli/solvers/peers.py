@@ -79,14 +79,14 @@ class Recording:
 class PeerSolver(Solver):
     """Base class of peer adapters: subclasses implement ``record``."""
 
-    library: ClassVar[str] = ""
+    package: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self._stop = StopRule()
 
     def check(self) -> None:
         """A peer whose library is missing is an error before anything runs."""
-        require(self.library)
+        require(self.package)
 
     def setup(self, stop: StopRule) -> None:
         """Keep the stopping rule: the peer gets the same tolerance and budget."""
@@ -133,7 +133,7 @@ class PeerSolver(Solver):
         """Attach the peer's own messages to the result."""
         if not isinstance(state, ReplayState):
             return
-        result.extra["peer"] = {"library": self.library, "messages": state.messages}
+        result.extra["peer"] = {"library": self.package, "messages": state.messages}
         failed = [b for b, s in enumerate(result.sample_status) if not s.ok]
         for b in failed[:3]:
             result.notes.append(f"{self.name}: sample {b}: {state.messages[b]}")

@@ -43,7 +43,7 @@ _MINPACK_XTOL = 1e-15
 class ScipyRoot(PeerSolver):
     """Base adapter for ``scipy.optimize.root`` methods."""
 
-    library: ClassVar[str] = "scipy"
+    package: ClassVar[str] = "scipy"
     method: ClassVar[str] = ""
     uses_callback: ClassVar[bool] = True
     uses_jacobian: ClassVar[bool] = False

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class TorchdeqSolver(PeerSolver):
     """Base adapter for a torchdeq solver function."""
 
-    library: ClassVar[str] = "torchdeq"
+    package: ClassVar[str] = "torchdeq"
     function: ClassVar[str] = ""
 
     def torchdeq_options(self) -> dict[str, Any]:
