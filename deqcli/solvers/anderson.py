@@ -26,7 +26,6 @@ class AndersonState(State):
     best: torch.Tensor  # (B,): smallest ‖g‖ since the sample's last restart
     restarts: torch.Tensor  # (B,): restarts per sample (int64)
     count: int = 0  # differences written so far (the same for every sample)
-    active: torch.Tensor | None = None  # samples still running, from the driver
 
 
 @dataclass
@@ -101,11 +100,6 @@ class Anderson(Solver):
             best=torch.linalg.vector_norm(g0, dim=1),
             restarts=torch.zeros(batch, dtype=torch.int64, device=z0.device),
         )
-
-    def observe(self, state: State, active: torch.Tensor) -> None:
-        """Remember which samples still run (restarts are counted for those only)."""
-        if isinstance(state, AndersonState):
-            state.active = active
 
     def step(self, problem: Problem, state: State) -> AndersonState:
         """Mix the stored differences, evaluate once, record the new difference, refactorise."""

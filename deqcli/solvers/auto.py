@@ -29,7 +29,6 @@ class AutoState(State):
     mark: torch.Tensor  # (B,) residual at the last sufficient decrease in this stage
     since: torch.Tensor  # (B,) iterations since then
     k: int = 0
-    active: torch.Tensor | None = None
     stuck: torch.Tensor | None = None  # samples the current method reported it cannot advance
     methods: list[str] = field(default_factory=list)
     switches: list[int] = field(default_factory=list)
@@ -125,7 +124,8 @@ class Auto(Solver):
         """Pass the running samples on to the current method; report stuck ones at the last stage."""
         if not isinstance(state, AutoState):
             return None
-        state.active = active
+        # auto drives its current method as the driver drives auto: hand the mask on the same way.
+        state.sub_state.active = active
         stuck = state.sub.observe(state.sub_state, active)
         if stuck is not None and state.stage + 1 < len(state.stages):
             state.stuck = stuck  # handled by switching at the next step
@@ -189,6 +189,7 @@ class Auto(Solver):
         s.switches.append(s.k)
         s.reasons.append(reason)
         if s.active is not None:
+            s.sub_state.active = s.active
             s.sub.observe(s.sub_state, s.active)
         return s
 

@@ -17,7 +17,7 @@ import difflib
 import time
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 from deqcli.errors import UsageError
@@ -37,10 +37,16 @@ KEEP_ITERATES = 32
 
 @dataclass
 class State:
-    """The part of a solver's state the driver reads: the iterate and its residual, both (batch, n)."""
+    """The part of a solver's state the driver reads and writes.
+
+    ``z`` and ``g`` are the iterate and its residual, both (batch, n). ``active`` is the (batch,)
+    mask of samples still running, set by the driver before each step, so a solver can skip
+    finished samples (line searches, restarts) without tracking stops itself.
+    """
 
     z: torch.Tensor
     g: torch.Tensor
+    active: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -83,8 +89,8 @@ class Solver:
     def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
         """Called before each step with the (batch,) mask of samples still running.
 
-        A solver may record the mask (``auto`` ignores finished samples when it decides to switch
-        methods). It may return a mask of samples it cannot advance any further (a peer whose
+        The driver has already stored the mask in ``state.active``. A solver may
+        return a mask of samples it cannot advance any further (a peer whose
         recorded run ended, a trust region that collapsed); the driver stops those that are still
         running as ``stalled``. Return None when there is nothing to report.
         """
@@ -197,6 +203,7 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         if stop.timeout is not None and time.perf_counter() - start > stop.timeout:
             _finish(status, iterations, Status.TIMEOUT, k)
             break
+        state.active = active
         stuck = solver.observe(state, active)
         if stuck is not None and _stall_samples(stuck & active, status, iterations, k):
             active = torch.tensor([s is None for s in status], device=active.device)

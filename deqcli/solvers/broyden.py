@@ -22,7 +22,6 @@ class BroydenState(State):
     v: torch.Tensor  # (B, memory, n): H = h0·I + Σ u_i v_iᵀ ≈ J_g⁻¹
     recent: torch.Tensor  # (B, window): the last residual norms, for the non-monotone search
     count: int = 0  # rank-one terms stored (the same for every sample)
-    active: torch.Tensor | None = None  # samples still running, from the driver
 
 
 @dataclass
@@ -84,11 +83,6 @@ class Broyden(Solver):
             v=torch.zeros(batch, self.memory, n, **opts),
             recent=norm0[:, None].repeat(1, self.window),
         )
-
-    def observe(self, state: State, active: torch.Tensor) -> None:
-        """Remember the running samples: the line search does not wait for finished ones."""
-        if isinstance(state, BroydenState):
-            state.active = active
 
     def step(self, problem: Problem, state: State) -> BroydenState:
         """Quasi-Newton step, line search, then the rank-one update of H."""

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 class NewtonState(State):
     """Iterate and residual, plus the samples still running (from the driver)."""
 
-    active: torch.Tensor | None = None
-
 
 @dataclass
 class Newton(Solver):
@@ -49,11 +47,6 @@ class Newton(Solver):
         """Check dense Jacobians fit, then evaluate the residual at the start."""
         problem.check_dense_fits()
         return NewtonState(z=z0, g=problem.g(z0))
-
-    def observe(self, state: State, active: torch.Tensor) -> None:
-        """Remember the running samples: the line search does not wait for finished ones."""
-        if isinstance(state, NewtonState):
-            state.active = active
 
     def step(self, problem: Problem, state: State) -> NewtonState:
         """One Newton step with backtracking."""

@@ -20,7 +20,6 @@ class NewtonKrylovState(State):
 
     eta: torch.Tensor  # (B,)
     inner: int = 0  # GMRES iterations in the last step (the most any sample needed)
-    active: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,11 +74,6 @@ class NewtonKrylov(Solver):
         g0 = problem.g(z0)
         eta = torch.full((z0.shape[0],), self.eta, dtype=z0.dtype, device=z0.device)
         return NewtonKrylovState(z=z0, g=g0, eta=eta)
-
-    def observe(self, state: State, active: torch.Tensor) -> None:
-        """Remember the running samples: the inner loop does not wait for finished ones."""
-        if isinstance(state, NewtonKrylovState):
-            state.active = active
 
     def step(self, problem: Problem, state: State) -> NewtonKrylovState:
         """One inexact Newton step."""

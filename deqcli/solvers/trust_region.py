@@ -31,7 +31,6 @@ class TrustRegionState(State):
     count: int = 0  # rank-one terms stored (the same for every sample)
     fresh: bool = True  # the model is an exact Jacobian at z
     jacobians: int = 1
-    active: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,7 +103,6 @@ class TrustRegion(Solver):
 
         if not isinstance(state, TrustRegionState):
             return None
-        state.active = active
         eps = torch.finfo(state.z.dtype).eps
         size = torch.linalg.vector_norm(state.z, dim=1) + eps
         return state.radius <= eps * size
