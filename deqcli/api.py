@@ -41,6 +41,8 @@ def stop_rule(cfg: Config) -> StopRule:
         timeout=cfg.run.timeout,
         divergence_factor=cfg.run.divergence_factor,
         keep_iterates=cfg.run.keep_iterates,
+        stop_mode=cfg.run.stop_mode,
+        history_limit=cfg.run.history_limit,
     )
 
 

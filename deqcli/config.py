@@ -236,7 +236,14 @@ class RunSpec(_Spec):
         default=None,
         description="absolute tolerance on ‖f(z)−z‖ (default 1e-10 float64, 1e-5 float32)",
     )
-    rtol: Annotated[float, Field(ge=0)] = 0.0
+    rtol: Annotated[float, Field(ge=0)] = Field(
+        default=0.0,
+        description="times ‖g(z0)‖ (stop_mode abs) or times ‖f(z)‖ (stop_mode rel), added to atol",
+    )
+    stop_mode: Literal["abs", "rel"] = Field(
+        default="abs",
+        description="abs: ‖g‖ ≤ atol + rtol·‖g(z0)‖; rel: ‖g‖ ≤ atol + rtol·‖f(z)‖ (torchdeq's relative residual)",
+    )
     max_iter: Annotated[int, Field(ge=0)] = 1000
     timeout: Annotated[float, Field(gt=0, description="wall-clock limit in seconds")] | None = None
     device: str = "cpu"
@@ -244,6 +251,10 @@ class RunSpec(_Spec):
     seed: int = 0
     keep_iterates: Annotated[int, Field(ge=4)] = 32
     divergence_factor: Annotated[float, Field(gt=1)] = 1e8
+    history_limit: Annotated[
+        int,
+        Field(ge=64, description="history rows kept before a long run's middle is thinned"),
+    ] = 10_000
 
     @field_validator("device")
     @classmethod

@@ -92,9 +92,9 @@ class SolveResult:
     sample_status: list[Status]
     iterations: list[int]  # per sample: iterations taken when it stopped
     counts: Counts
-    residual_history: list[list[float]]  # [iteration][sample] absolute ‖f(z)−z‖
-    relative_history: list[list[float]]  # [iteration][sample] ‖f(z)−z‖ / ‖f(z)‖
-    step_history: list[list[float]]  # [iteration-1][sample] ‖z_k − z_{k−1}‖
+    residual_history: list[list[float]]  # [row][sample] absolute ‖f(z)−z‖
+    relative_history: list[list[float]]  # [row][sample] relative residual ‖f(z)−z‖ / ‖f(z)‖
+    step_history: list[list[float]]  # [row-1][sample] ‖z_k − z_{k−1}‖
     time_history: list[float]  # seconds since start at each recorded iteration
     tail_iterates: list[Any]  # the last iterates, (batch, n) tensors, oldest first
     wall_time: float
@@ -103,6 +103,10 @@ class SolveResult:
     atol: float
     rtol: float
     max_iter: int
+    stop_mode: str = "abs"
+    # Iteration number of each history row: 0..K unless a long run's middle was thinned.
+    history_iterations: list[int] | None = None
+    history_summary: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     diagnostics: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -136,13 +140,60 @@ class SolveResult:
         """Iterations taken by the slowest sample."""
         return max(self.iterations, default=0)
 
+    @property
+    def rows(self) -> list[int]:
+        """The iteration number of each history row (0, 1, …, K unless the middle was thinned)."""
+        if self.history_iterations is None:
+            return list(range(len(self.residual_history)))
+        return self.history_iterations
+
+    @property
+    def total_iterations(self) -> int:
+        """Iterations the driver ran (the last history row's iteration)."""
+        return self.rows[-1] if self.residual_history else 0
+
+    def sample_history(self, b: int) -> tuple[list[int], list[float], list[float]]:
+        """Sample b's kept history up to the iteration it stopped at: (iterations, ‖g‖, ‖Δz‖).
+
+        The driver freezes a stopped sample, so its rows after that iteration repeat the last one
+        and are cut off here. Steps are aligned with the iterations after the first.
+        """
+        stop = self.iterations[b]
+        rows = self.rows
+        end = next((i for i, k in enumerate(rows) if k > stop), len(rows))
+        iters = rows[:end]
+        residuals = [self.residual_history[i][b] for i in range(end)]
+        steps = [self.step_history[i - 1][b] for i in range(1, end)]
+        if iters[-1] != stop:  # the stopping row was thinned away: its values are the last row's
+            iters.append(stop)
+            residuals.append(self.residual_history[-1][b])
+            steps.append(self.step_history[-1][b] if self.step_history else 0.0)
+        return iters, residuals, steps
+
+    def thresholds(self) -> list[float]:
+        """The tolerance each sample had to meet at its last iterate (see ``stop_mode``)."""
+        from deqcli.solvers.convergence import ConvergenceTest
+
+        test = ConvergenceTest(atol=self.atol, rtol=self.rtol, mode=self.stop_mode)  # type: ignore[arg-type]
+        r0 = self.residual_history[0] if self.residual_history else []
+        out = []
+        for b, (res, rel) in enumerate(
+            zip(self.final_residuals(), self.final_relative(), strict=True)
+        ):
+            f_norm = res / rel if rel and math.isfinite(rel) and rel > 0 else 0.0
+            out.append(test.scalar_threshold(r0[b], f_norm))
+        return out
+
     def final_residuals(self) -> list[float]:
-        """Absolute residual ‖f(z)−z‖ of each sample at its last iterate."""
-        return [self.residual_history[k][b] for b, k in enumerate(self.iterations)]
+        """Absolute residual ‖f(z)−z‖ of each sample at its last iterate.
+
+        A stopped sample is frozen by the driver, so its final value is the last row's.
+        """
+        return list(self.residual_history[-1]) if self.residual_history else []
 
     def final_relative(self) -> list[float]:
-        """Relative residual of each sample at its last iterate."""
-        return [self.relative_history[k][b] for b, k in enumerate(self.iterations)]
+        """Relative residual ‖f(z)−z‖/‖f(z)‖ of each sample at its last iterate."""
+        return list(self.relative_history[-1]) if self.relative_history else []
 
     def to_dict(self, *, history: bool = True) -> dict[str, Any]:
         """A JSON-ready document; its layout is versioned by ``schema_version``."""
@@ -183,7 +234,13 @@ class SolveResult:
             "wall_time": self.wall_time,
             "device": self.device,
             "dtype": self.dtype,
-            "tolerance": {"atol": self.atol, "rtol": self.rtol, "max_iter": self.max_iter},
+            "tolerance": {
+                "stop_mode": self.stop_mode,
+                "rule": _RULES.get(self.stop_mode, ""),
+                "atol": self.atol,
+                "rtol": self.rtol,
+                "max_iter": self.max_iter,
+            },
             "notes": self.notes,
             "samples": samples,
         }
@@ -193,12 +250,22 @@ class SolveResult:
             doc.update(self.extra)
         if history:
             doc["history"] = {
+                "iterations": self.rows,
                 "residual": [[_num(v) for v in row] for row in self.residual_history],
                 "relative_residual": [[_num(v) for v in row] for row in self.relative_history],
                 "step": [[_num(v) for v in row] for row in self.step_history],
                 "time": self.time_history,
             }
+            if self.history_summary is not None:
+                doc["history"]["summary"] = {
+                    k: [_num(v) for v in val] if isinstance(val, list) else val
+                    for k, val in self.history_summary.items()
+                }
         return doc
+
+
+# The stopping rules by mode, as the JSON states them (see solvers/convergence.py).
+_RULES = {"abs": "‖g‖ ≤ atol + rtol·‖g(z0)‖", "rel": "‖g‖ ≤ atol + rtol·‖f(z)‖"}
 
 
 def _num(value: float) -> float | str | None:

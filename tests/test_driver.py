@@ -252,3 +252,90 @@ def test_unknown_solver_and_options_list_the_valid_ones() -> None:
         make_solver("fixed_point", {"beta": 2.5})
     with pytest.raises(UsageError, match=r"solver\.max_backtracks: must be an integer"):
         make_solver("newton", {"max_backtracks": "many"})
+
+
+def _rotation(angle: float = 1.0) -> Problem:
+    """z ← R z with an irrational rotation: bounded, never converging, never diverging."""
+    c, s = math.cos(angle), math.sin(angle)
+    R = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    return Problem(
+        name="rotation",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: z @ p["R"].T,
+        z0=torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+        params={"R": R},
+    )
+
+
+def test_relative_stop_mode_is_torchdeqs_relative_residual() -> None:
+    # z ← 0.5 z + 100: z* = 200, ‖f(z)‖ ≈ 200 near the solution, so rtol 1e-6 stops at ‖g‖ ≈ 2e-4.
+    problem = scalar_problem("fixed_point", lambda z: 0.5 * z + 100, 0.0)
+    rel = run(problem, make_solver("fixed_point"), StopRule(atol=0.0, rtol=1e-6, stop_mode="rel"))
+    absolute = run(problem, make_solver("fixed_point"), StopRule(atol=1e-6, rtol=0.0))
+    assert rel.status is Status.CONVERGED and absolute.status is Status.CONVERGED
+    final = rel.final_residuals()[0]
+    assert rel.final_relative()[0] <= 1e-6 < rel.relative_history[-2][0]
+    assert final == pytest.approx(rel.final_relative()[0] * float(rel.solution[0, 0]), rel=1e-6)
+    assert rel.iterations[0] < absolute.iterations[0]
+    doc = rel.to_dict()
+    assert doc["tolerance"]["stop_mode"] == "rel"
+    assert doc["tolerance"]["rule"] == "‖g‖ ≤ atol + rtol·‖f(z)‖"
+    # The threshold the diagnostics quote is the one the run applied.
+    assert rel.thresholds()[0] == pytest.approx(1e-6 * float(rel.solution[0, 0]), rel=1e-6)
+
+
+def test_long_runs_keep_a_bounded_history_with_exact_start_and_recent_window() -> None:
+    limit = 200
+    result = run(
+        _rotation(),
+        make_solver("fixed_point"),
+        StopRule(atol=1e-12, max_iter=5000, history_limit=limit),
+    )
+    assert result.status is Status.MAX_ITER and result.iterations == [5000]
+    rows = result.rows
+    assert len(rows) < limit and len(result.residual_history) == len(rows)
+    assert len(result.step_history) == len(rows) - 1
+    # Exact start and an exact, contiguous recent window ending at the last iteration.
+    assert rows[: limit // 4] == list(range(limit // 4))
+    assert rows[-(limit // 2) :] == list(range(5001 - limit // 2, 5001))
+    assert rows == sorted(rows)
+    # A rotation keeps ‖g‖ = ‖R − I‖·‖z0‖ = 2 sin(1/2) at every iteration.
+    assert result.final_residuals()[0] == pytest.approx(2 * math.sin(0.5), rel=1e-9)
+    summary = result.to_dict()["history"]["summary"]
+    assert summary["dropped_rows"] == 5001 - len(rows)
+    iters, residuals, steps = result.sample_history(0)
+    assert iters[-1] == 5000 and len(residuals) == len(iters) == len(steps) + 1
+
+
+def test_history_memory_stays_flat_however_long_the_run() -> None:
+    import tracemalloc
+
+    def peak(iterations: int) -> int:
+        tracemalloc.start()
+        run(
+            _rotation(),
+            make_solver("fixed_point"),
+            StopRule(atol=1e-12, max_iter=iterations, history_limit=256, keep_iterates=8),
+        )
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    short, long = peak(2_000), peak(20_000)
+    # Ten times the iterations, the same memory (a list per iteration would grow tenfold).
+    assert long < 1.5 * short
+
+
+def test_monitor_sees_the_start_every_kth_iteration_and_the_end() -> None:
+    seen: list[tuple[int, int]] = []
+    result = run(
+        scalar_problem("fixed_point", torch.cos, 1.0),
+        make_solver("fixed_point"),
+        StopRule(atol=1e-12, max_iter=500, monitor_every=10),
+        monitor=lambda it: seen.append((it.k, it.running)),
+    )
+    k = result.iterations[0]
+    assert seen[0] == (0, 1)
+    assert [i for i, _ in seen[:-1]] == list(range(0, k, 10))
+    assert seen[-1] == (k, 0)

@@ -368,7 +368,7 @@ def _conditioning(
 
     tail = result.tail
     kept = tail.shape[0]
-    total = len(result.residual_history) - 1
+    total = result.total_iterations
     idx = sorted(set(numpy.linspace(0, kept - 1, min(opts.cond_points, kept)).round().astype(int)))
     try:
         table = spectral.residual_conditioning(problem, tail[idx])

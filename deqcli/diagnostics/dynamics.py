@@ -79,11 +79,11 @@ class Trace:
     index: int
     status: Status
     iterations: int
-    residuals: list[float]  # ‖g(z_t)‖, t = 0..k
+    residuals: list[float]  # ‖g(z_t)‖, t = 0..k (a long run's thinned middle has fewer rows)
     steps: list[float]  # ‖z_t − z_{t−1}‖, t = 1..k
     iterates: np.ndarray  # (T, n) float64: kept iterates up to iteration k, oldest first
     first_kept: int  # iteration number of iterates[0]
-    threshold: float  # the stopping threshold atol + rtol·‖g(z_0)‖
+    threshold: float  # the tolerance the sample had to meet (run.stop_mode's rule)
     atol: float
     eps: float  # machine epsilon of the solve's dtype
     z0_norm: float
@@ -112,11 +112,11 @@ def traces(result: SolveResult, z0_norms: list[float] | None = None) -> list[Tra
     """
     import torch
 
-    total = len(result.residual_history) - 1
+    total = result.total_iterations
     tail = result.tail.detach().to("cpu", torch.float64).numpy()
     kept = tail.shape[0]
     eps = float(torch.finfo(result.tail.dtype).eps)
-    r0 = result.residual_history[0]
+    thresholds = result.thresholds()
     out = []
     for b in range(result.batch):
         k = result.iterations[b]
@@ -126,16 +126,17 @@ def traces(result: SolveResult, z0_norms: list[float] | None = None) -> list[Tra
             iterates, first = tail[-1:, b], k
         else:
             iterates, first = tail[: last + 1, b], k - last
+        _, residuals, steps = result.sample_history(b)
         out.append(
             Trace(
                 index=b,
                 status=result.sample_status[b],
                 iterations=k,
-                residuals=[row[b] for row in result.residual_history[: k + 1]],
-                steps=[row[b] for row in result.step_history[:k]],
+                residuals=residuals,
+                steps=steps,
                 iterates=iterates,
                 first_kept=first,
-                threshold=result.atol + result.rtol * r0[b],
+                threshold=thresholds[b],
                 atol=result.atol,
                 eps=eps,
                 z0_norm=z0_norms[b]
@@ -267,7 +268,7 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
         )
     if tr.status is Status.CONVERGED:
         reasoning.append(
-            f"‖g‖ = {rk:.3g} ≤ {tr.threshold:.3g} (atol + rtol·‖g(z0)‖) after {k} iterations"
+            f"‖g‖ = {rk:.3g} ≤ {tr.threshold:.3g} (the run's tolerance) after {k} iterations"
         )
         return _result(
             CONVERGED, f"‖g‖ {rk:.3g} met the tolerance in {k} iterations", {}, reasoning

@@ -2,9 +2,10 @@
 
 A solver holds only its mathematics: ``init(problem, z0) -> state`` and ``step(problem, state) -> state``,
 where the state carries at least the iterate ``z`` and its residual ``g = g(z)``. The driver owns what
-all solvers share: iteration counting, per-sample residual history, the stopping rule
-‖g(z_k)‖ ≤ atol + rtol·‖g(z_0)‖, freezing converged samples, non-finite checks, the divergence guard,
-max_iter and the time limit.
+all solvers share: iteration counting, the per-sample history (bounded: ``solvers/history.py``),
+the convergence test (``solvers/convergence.py``, the same object auto, the peers and the
+diagnostics use), freezing converged samples, non-finite checks, the divergence guard, max_iter,
+the time limit and the optional monitor.
 
 Solver modules import torch inside their methods so that option validation (``deq validate``) and
 ``deq list-solvers`` stay free of torch.
@@ -17,20 +18,20 @@ import difflib
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 from deqcli.errors import UsageError
 from deqcli.result import SolveResult, Status
+from deqcli.solvers.convergence import DIVERGENCE_FACTOR, ConvergenceTest, Limits, StopMode
+from deqcli.solvers.history import HISTORY_LIMIT, History
 
 if TYPE_CHECKING:
     import torch
 
     from deqcli.problems.base import Problem
 
-# A sample whose residual exceeds this multiple of its starting residual is declared diverged.
-# Generous on purpose: non-normal maps can grow transiently by orders of magnitude and still converge.
-DIVERGENCE_FACTOR = 1e8
 # How many of the last iterates are kept for cycle detection by the diagnostics.
 KEEP_ITERATES = 32
 
@@ -51,7 +52,7 @@ class State:
 
 @dataclass
 class StopRule:
-    """When to stop: per-sample tolerance, budgets and guards."""
+    """When to stop: the convergence test per sample, budgets, guards and what is recorded."""
 
     atol: float = 1e-10
     rtol: float = 0.0
@@ -59,6 +60,33 @@ class StopRule:
     timeout: float | None = None
     divergence_factor: float = DIVERGENCE_FACTOR
     keep_iterates: int = KEEP_ITERATES
+    stop_mode: StopMode = "abs"
+    history_limit: int = HISTORY_LIMIT
+    monitor_every: int = 1
+
+    @property
+    def test(self) -> ConvergenceTest:
+        """The convergence test this rule applies (shared with auto, the peers and the diagnostics)."""
+        return ConvergenceTest(
+            atol=self.atol,
+            rtol=self.rtol,
+            mode=self.stop_mode,
+            divergence_factor=self.divergence_factor,
+        )
+
+
+@dataclass
+class Iteration:
+    """What a monitor sees: the iteration, every sample's ‖g‖, how many still run, elapsed time."""
+
+    k: int
+    residual: torch.Tensor  # (B,)
+    running: int
+    elapsed: float
+    stop: StopRule
+
+
+Monitor = Callable[[Iteration], None]
 
 
 @dataclass
@@ -168,33 +196,44 @@ def _is_integral(value: Any) -> bool:
     return isinstance(value, float) and value.is_integer()
 
 
-def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
-    """Run ``solver`` on ``problem`` until every sample stops; the one loop all solvers share."""
+def run(
+    problem: Problem,
+    solver: Solver,
+    stop: StopRule,
+    *,
+    monitor: Monitor | None = None,
+) -> SolveResult:
+    """Run ``solver`` on ``problem`` until every sample stops; the one loop all solvers share.
+
+    ``monitor`` (optional) is called with an ``Iteration`` at the start, after every
+    ``stop.monitor_every``-th iteration and once at the end (live progress, ``--monitor``).
+    """
     import torch
 
     problem.counter.reset()
     start = time.perf_counter()
+    test = stop.test
     solver.setup(stop)
     state = solver.init(problem, problem.z0)
     res = _norms(state.g)
-    # Per-sample limits, fixed for the run: converged at or below `threshold`; anything not at or
-    # below `ceiling` (including NaN) has diverged or gone non-finite.
-    threshold = stop.atol + stop.rtol * res
-    ceiling = stop.divergence_factor * torch.clamp_min(res, stop.atol)
-    abs_hist = [res]
-    f_norms = [_norms(state.z - state.g)]
-    step_hist: list[torch.Tensor] = []
-    times = [time.perf_counter() - start]
+    f_norm = _norms(state.z - state.g)
+    # Per-sample limits fixed for the run: the tolerance base and the divergence ceiling.
+    limits = test.start(res)
+    history = History(limit=stop.history_limit)
+    history.append(0, res, f_norm, None, time.perf_counter() - start)
     tail = [state.z.detach().clone()]
 
     status: list[Status | None] = [None] * problem.batch
     iterations = [0] * problem.batch
     active = torch.ones(problem.batch, dtype=torch.bool, device=state.z.device)
     k = 0
+    every = max(1, stop.monitor_every)
     while True:
-        if _stop_samples(res, threshold, ceiling, status, iterations, active, k):
+        if _stop_samples(test, limits, res, f_norm, status, iterations, active, k):
             active = torch.tensor([s is None for s in status], device=active.device)
         n_active = status.count(None)
+        if monitor is not None and k % every == 0:
+            monitor(Iteration(k, res, n_active, time.perf_counter() - start, stop))
         if n_active == 0:
             break
         if k >= stop.max_iter:
@@ -219,17 +258,15 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
             state.z = torch.where(keep, state.z, z_prev)
             state.g = torch.where(keep, state.g, g_prev)
         res = _norms(state.g)
-        abs_hist.append(res)
-        f_norms.append(_norms(state.z - state.g))
-        step_hist.append(_norms(state.z - z_prev))
-        times.append(time.perf_counter() - start)
+        f_norm = _norms(state.z - state.g)
+        history.append(k, res, f_norm, _norms(state.z - z_prev), time.perf_counter() - start)
         tail.append(state.z.detach())
         if len(tail) > stop.keep_iterates:
             tail.pop(0)
 
+    if monitor is not None and k % every != 0:
+        monitor(Iteration(k, res, 0, time.perf_counter() - start, stop))
     final = [s if s is not None else Status.MAX_ITER for s in status]
-    residuals = torch.stack(abs_hist)
-    relative = residuals / torch.stack(f_norms).clamp_min(torch.finfo(residuals.dtype).tiny)
     result = SolveResult(
         problem=problem.name,
         solver=solver.name,
@@ -238,16 +275,14 @@ def run(problem: Problem, solver: Solver, stop: StopRule) -> SolveResult:
         sample_status=final,
         iterations=iterations,
         counts=problem.counter.snapshot(),
-        residual_history=residuals.cpu().tolist(),
-        relative_history=relative.cpu().tolist(),
-        step_history=torch.stack(step_hist).cpu().tolist() if step_hist else [],
-        time_history=times,
+        **history.export(),
         tail_iterates=tail,
         wall_time=time.perf_counter() - start,
         device=str(problem.device),
         dtype=str(problem.dtype).removeprefix("torch."),
         atol=stop.atol,
         rtol=stop.rtol,
+        stop_mode=stop.stop_mode,
         max_iter=stop.max_iter,
     )
     solver.finish(state, result)
@@ -261,9 +296,10 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _stop_samples(
+    test: ConvergenceTest,
+    limits: Limits,
     res: torch.Tensor,
-    threshold: torch.Tensor,
-    ceiling: torch.Tensor,
+    f_norm: torch.Tensor,
     status: list[Status | None],
     iterations: list[int],
     active: torch.Tensor,
@@ -275,8 +311,8 @@ def _stop_samples(
     """
     import torch
 
-    converged = res <= threshold
-    stopped = active & (converged | ~(res <= ceiling))
+    converged = test.converged(res, limits, f_norm)
+    stopped = active & (converged | test.failed(res, limits))
     if not bool(stopped.any()):
         return False
     for b in torch.nonzero(stopped).flatten().tolist():

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
+    from deqcli.solvers.convergence import Limits
 
 
 class PeerStop(Exception):
@@ -149,8 +150,19 @@ def pad_stack(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.stack(r + [r[-1]] * (longest - len(r))) for r in rows])
 
 
-def threshold(stop: StopRule, g0: torch.Tensor) -> torch.Tensor:
-    """Per-sample convergence threshold of the shared stopping rule: atol + rtol·‖g(z0)‖."""
-    import torch
+class SharedRule:
+    """The shared convergence test applied to a peer's points as they arrive (for its early stop)."""
 
-    return stop.atol + stop.rtol * torch.linalg.vector_norm(g0, dim=-1)
+    def __init__(self, stop: StopRule) -> None:
+        self.test = stop.test
+        self.limits: Limits | None = None
+
+    def met(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per-row mask: the point meets the rule (the first point seen fixes the limits)."""
+        import torch
+
+        res = torch.linalg.vector_norm(g, dim=-1)
+        if self.limits is None:
+            self.limits = self.test.start(res)
+        f_norm = torch.linalg.vector_norm(z - g, dim=-1)
+        return self.test.converged(res, self.limits, f_norm)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, pad_stack, threshold
+from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, SharedRule, pad_stack
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,7 +81,7 @@ class ScipyRoot(PeerSolver):
         x0 = z0[b].detach().cpu().to(torch.float64).numpy()
         z_rows: list[torch.Tensor] = []
         g_rows: list[torch.Tensor] = []
-        limit: list[torch.Tensor] = []  # the sample's convergence threshold, once g(z0) is known
+        rule = SharedRule(stop)  # the shared convergence test, fixed once g(z0) is known
 
         def as_tensor(x: np.ndarray) -> torch.Tensor:
             # A copy: MINPACK and scipy's nonlin reuse their work arrays in place.
@@ -90,10 +90,8 @@ class ScipyRoot(PeerSolver):
         def keep(z: torch.Tensor, g: torch.Tensor) -> None:
             z_rows.append(z)
             g_rows.append(g)
-            if len(z_rows) == 1:
-                limit.append(threshold(stop, g))
-                return
-            if bool(torch.linalg.vector_norm(g) <= limit[0]) or len(z_rows) > stop.max_iter:
+            met = bool(rule.met(z, g))
+            if len(z_rows) > 1 and (met or len(z_rows) > stop.max_iter):
                 raise PeerStop
 
         def fun(x: np.ndarray) -> np.ndarray:

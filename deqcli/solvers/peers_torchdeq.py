@@ -3,8 +3,8 @@
 torchdeq's solvers take a batched map and run their own loop on the whole batch. The adapter
 passes them the problem's counted ``f`` and records every point they evaluate it at: for these
 three solvers (Anderson, Broyden without line search, forward iteration) each evaluation is at
-the next iterate, so one evaluation is one replayed iteration. They get the shared tolerance with
-torchdeq's absolute stop mode (tol = atol) and the iteration budget; the run is also ended as soon
+the next iterate, so one evaluation is one replayed iteration. They get the shared tolerance in
+torchdeq's matching stop mode (abs: tol = atol; rel: tol = rtol) and the iteration budget; the run is also ended as soon
 as every sample has met the shared rule ‖g‖ ≤ atol + rtol·‖g(z0)‖ once. Options default to
 torchdeq's own defaults.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, threshold, unavailable
+from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, SharedRule, unavailable
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ class TorchdeqSolver(PeerSolver):
         zs: list[torch.Tensor] = []
         gs: list[torch.Tensor] = []
         met = torch.zeros(problem.batch, dtype=torch.bool, device=z0.device)
-        limit: list[torch.Tensor] = []
+        rule = SharedRule(stop)
 
         def func(x: torch.Tensor) -> torch.Tensor:
             fx = problem.f(x)
@@ -54,10 +54,9 @@ class TorchdeqSolver(PeerSolver):
             g = z - fx.detach()
             zs.append(z)
             gs.append(g)
-            if len(zs) == 1:
-                limit.append(threshold(stop, g))
-            else:
-                met.logical_or_(torch.linalg.vector_norm(g, dim=1) <= limit[0])
+            now = rule.met(z, g)
+            if len(zs) > 1:
+                met.logical_or_(now)
                 if bool(met.all()) or len(zs) > stop.max_iter:
                     raise PeerStop
             return fx
@@ -69,8 +68,8 @@ class TorchdeqSolver(PeerSolver):
                     func,
                     z0,
                     max_iter=stop.max_iter + 1,
-                    tol=stop.atol,
-                    stop_mode="abs",
+                    tol=stop.rtol if stop.stop_mode == "rel" else stop.atol,
+                    stop_mode=stop.stop_mode,
                     **self.torchdeq_options(),
                 )
         except PeerStop:
