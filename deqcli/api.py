@@ -21,13 +21,21 @@ def as_config(config: Config | str | Path, overrides: list[str] | None = None) -
     return load_config(config, overrides)
 
 
-def load_problem(config: Config | str | Path, overrides: list[str] | None = None) -> Problem:
-    """Build the Problem a config describes, on its device and dtype."""
+def load_problem(
+    config: Config | str | Path, overrides: list[str] | None = None, *, trust_code: bool = False
+) -> Problem:
+    """Build the Problem a config describes, on its device and dtype.
+
+    A config that runs Python code (``kind: python``) needs ``trust_code=True`` (or the
+    environment variable DEQ_TRUST_CODE=1); otherwise a ConsentError is raised before any import.
+    """
+    from deqcli.consent import allowed
     from deqcli.device import resolve_device, resolve_dtype
     from deqcli.problems import build_problem
 
     cfg = as_config(config, overrides)
-    return build_problem(cfg, resolve_device(cfg.run.device), resolve_dtype(cfg.run.dtype))
+    with allowed(trust_code):
+        return build_problem(cfg, resolve_device(cfg.run.device), resolve_dtype(cfg.run.dtype))
 
 
 def stop_rule(cfg: Config) -> StopRule:
@@ -53,18 +61,20 @@ def solve(
     problem: Problem | None = None,
     diagnostics: bool | DiagnosticOptions = True,
     precheck: bool = False,
+    trust_code: bool = False,
     **solver_options: Any,
 ) -> SolveResult:
     """Solve the problem of ``config`` with its solver; ``problem`` reuses an already built one.
 
     ``diagnostics`` (True, False or DiagnosticOptions) analyses the run afterwards and refines the
     per-sample status with the evidence; ``precheck`` estimates the Lipschitz constant near z0 first.
+    ``trust_code`` allows a config that runs Python code (see ``load_problem``).
     """
     from deqcli.solvers import make_solver
     from deqcli.solvers.base import run
 
     cfg = as_config(config, overrides)
-    built = problem if problem is not None else load_problem(cfg)
+    built = problem if problem is not None else load_problem(cfg, trust_code=trust_code)
     solver = make_solver(cfg.solver.name, {**cfg.solver.options, **solver_options})
     diag_options = None if isinstance(diagnostics, bool) else diagnostics
     pre = None

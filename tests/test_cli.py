@@ -118,7 +118,8 @@ def test_tanh_layer_batch_solutions_satisfy_the_layer(cli, tmp_path) -> None:
     np.testing.assert_allclose(z, np.tanh(z @ W.T + x + 0.1), atol=1e-12)
 
 
-def test_python_kind_runs_user_code(cli) -> None:
+def test_python_kind_runs_user_code(cli, monkeypatch) -> None:
+    monkeypatch.setenv("DEQ_TRUST_CODE", "1")
     doc = json.loads(cli("solve", CONFIGS / "python_map.yaml", "--json", "-").stdout)
     assert doc["status"] == "converged" and doc["batch"] == 3
     a = np.linspace(0.2, 0.8, 4)
@@ -291,7 +292,8 @@ def test_error_text_is_not_rich_markup(cli, write_config) -> None:
     _one_line_error(cli("solve", cfg), "problem.W", "eigenvalues: [lo, hi]")
 
 
-def test_python_factory_failures_are_bad_input(cli, tmp_path) -> None:
+def test_python_factory_failures_are_bad_input(cli, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DEQ_TRUST_CODE", "1")
     (tmp_path / "broken.py").write_text(
         "def make(scale):\n    raise RuntimeError(f'no map at {scale}')\n"
     )

@@ -160,8 +160,10 @@ def detached_model(tmp_path: Path) -> Path:
 
 def test_a_detached_map_fails_the_jacobian_check(tmp_path: Path) -> None:
     from deqcli.config import load_config
+    from deqcli.consent import allowed
 
-    report = gradcheck(load_config(detached_model(tmp_path)))
+    with allowed(True):
+        report = gradcheck(load_config(detached_model(tmp_path)))
     dz = next(c for c in report.jacobian_checks if c.what == "∂g/∂z")
     # Autodiff says ∂f/∂z = 0, finite differences −a sin z: the discrepancy is of order one.
     assert not dz.ok and dz.max_rel > 0.1
@@ -169,7 +171,9 @@ def test_a_detached_map_fails_the_jacobian_check(tmp_path: Path) -> None:
     assert any("detached tensor" in c for c in report.causes)
 
 
-def test_cli_gradcheck_json_and_exit_codes(cli, write_config, tmp_path: Path) -> None:
+def test_cli_gradcheck_json_and_exit_codes(
+    cli, write_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = write_config(tanh_config(1e-12), "good.yaml")
     run = cli("gradcheck", good, "--param", "x", "--json", "-")
     assert run.exit_code == 0
@@ -184,6 +188,9 @@ def test_cli_gradcheck_json_and_exit_codes(cli, write_config, tmp_path: Path) ->
     assert run.exit_code == 1
     assert "forward tolerance too loose" in run.stdout and "warning" in run.stdout
 
+    run = cli("gradcheck", detached_model(tmp_path))
+    assert run.exit_code == 2 and "DEQ_TRUST_CODE=1" in run.stderr  # it runs code: consent first
+    monkeypatch.setenv("DEQ_TRUST_CODE", "1")
     run = cli("gradcheck", detached_model(tmp_path))
     assert run.exit_code == 1 and "detached" in run.stdout
 

@@ -133,7 +133,7 @@ def test_nn_module_parameters_are_differentiable() -> None:
         base_dir=CONFIGS,
         overrides=["run.atol=1e-14"],
     )
-    problem = load_problem(cfg)
+    problem = load_problem(cfg, trust_code=True)
     z = solve(cfg, problem=problem, diagnostics=False).solution
     a = problem.params["a"]
     expected = torch.diag_embed(torch.cos(z) / (1 + a * torch.sin(z)))

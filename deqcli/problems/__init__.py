@@ -20,9 +20,16 @@ KINDS = {
 
 
 def build_problem(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
-    """Build the Problem that ``cfg.problem`` describes, on ``device`` in ``dtype``."""
+    """Build the Problem that ``cfg.problem`` describes, on ``device`` in ``dtype``.
+
+    A config that runs Python code is refused unless consent was given (``deqcli.consent``).
+    """
+    from deqcli.consent import require
     from deqcli.problems import expression, python_callable, tanh_layer
     from deqcli.problems.arrays import ArrayBuilder
+
+    # Before anything else, and before any import of the target: code runs only with consent.
+    require(cfg.problem.kind, getattr(cfg.problem, "target", ""))
 
     arrays = ArrayBuilder(
         device=device, dtype=dtype, base_dir=cfg.base_dir, seed_for=cfg.random_seed

@@ -1,0 +1,62 @@
+"""Consent before running code that a config names.
+
+A config with ``kind: python`` (or ``kind: module``) imports and runs a Python target, and configs
+arrive from pull requests and other people. Such a config is only built when the user has said
+so: ``--trust-code`` on the command line, ``trust_code=True`` in the Python API, or
+``DEQ_TRUST_CODE=1`` in the environment. Without consent nothing is imported and the user gets one
+line naming the target and how to consent (exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from deqcli.errors import UsageError
+
+ENV_VAR = "DEQ_TRUST_CODE"
+# Problem kinds whose config names Python code to import and run.
+CODE_KINDS = frozenset({"python", "module"})
+HOW = f"pass --trust-code (or set {ENV_VAR}=1) if you trust it"
+
+_granted: ContextVar[bool] = ContextVar("deq_trust_code", default=False)
+
+
+class ConsentError(UsageError):
+    """A config would run code the user has not agreed to run."""
+
+
+def env_grants() -> bool:
+    """True when the environment gives consent (DEQ_TRUST_CODE=1, true or yes)."""
+    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes")
+
+
+def granted() -> bool:
+    """True when running a config's code has been allowed here (flag, API argument or env)."""
+    return _granted.get() or env_grants()
+
+
+@contextmanager
+def allowed(trust: bool) -> Iterator[None]:
+    """Within the block, configs may run their code when ``trust`` is True (else the env decides)."""
+    token = _granted.set(trust or _granted.get())
+    try:
+        yield
+    finally:
+        _granted.reset(token)
+
+
+def require(kind: str, target: str, *, key: str = "problem.target") -> None:
+    """Refuse, before anything is imported, to build a code-running problem without consent."""
+    if kind in CODE_KINDS and not granted():
+        raise ConsentError(f"{key}: this config runs Python code ({target}); {HOW}")
+
+
+def notice(kind: str, target: str) -> str | None:
+    """What ``deq validate`` says about a config that runs code (None for other kinds)."""
+    if kind not in CODE_KINDS:
+        return None
+    state = "allowed here" if granted() else f"solving it needs consent: {HOW}"
+    return f"runs Python code from {target} ({state})"
