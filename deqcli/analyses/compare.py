@@ -36,7 +36,7 @@ from rich.text import Text
 
 from deqcli import __version__
 from deqcli.errors import DeqError, UsageError
-from deqcli.report import STATUS_STYLE, fmt, fmt_time
+from deqcli.render.report import STATUS_STYLE, fmt, fmt_time
 from deqcli.result import Status
 from deqcli.result import _num as json_number
 

@@ -189,7 +189,7 @@ def solve(
     Exit codes: 0 converged, 1 did not converge, 2 bad input.
     """
     from deqcli.config import load_config
-    from deqcli.output import check_output_path, emit_json
+    from deqcli.render.files import check_output_path, emit_json
 
     with user_errors(debug):
         overrides = flag_overrides(
@@ -213,7 +213,7 @@ def solve(
         )
         problem = load_problem(cfg)
         if sensitivity:
-            from deqcli.sensitivity import attach_sensitivities, check_names
+            from deqcli.analyses.sensitivity import attach_sensitivities, check_names
 
             check_names(problem, sensitivity)
         result = run_solve(cfg, problem=problem, diagnostics=diagnostics, precheck=precheck)
@@ -221,13 +221,13 @@ def solve(
     if json_path is not None:
         emit_json(result.to_dict(), target)
     if not quiet and json_path != "-":
-        from deqcli.report import render_explain, render_result
+        from deqcli.render.report import render_explain, render_result
 
         render_result(result, stdout, description=problem.description)
         if explain:
             render_explain(result, stdout)
         if sens:
-            from deqcli.analysis_report import render_sensitivity
+            from deqcli.render.analysis import render_sensitivity
 
             for item in sens:
                 render_sensitivity(item, stdout)
@@ -270,7 +270,7 @@ def schema(
     if output is None:
         sys.stdout.write(text)
     else:
-        from deqcli.output import check_output_path, write_text_atomic
+        from deqcli.render.files import check_output_path, write_text_atomic
 
         with user_errors():
             target = check_output_path(str(output), protected=[], flag="--output")
@@ -378,9 +378,9 @@ def compare_solvers(
     --baseline; 1 some problem was solved by no solver, or a regression against --baseline;
     2 bad input (config error, unknown solver, missing file, bad flag).
     """
-    from deqcli import compare
+    from deqcli.analyses import compare
     from deqcli.errors import UsageError
-    from deqcli.output import check_output_path, emit_json, write_text_atomic
+    from deqcli.render.files import check_output_path, emit_json, write_text_atomic
 
     with user_errors(debug):
         overrides = flag_overrides(
@@ -407,7 +407,7 @@ def compare_solvers(
         )
         plot_target = None
         if plot is not None:
-            from deqcli.plots import check_plot_target
+            from deqcli.render.plots import check_plot_target
 
             plot_target = check_plot_target(plot)
         stored = compare.load_baseline(baseline) if baseline is not None else None
@@ -430,7 +430,7 @@ def compare_solvers(
             doc["baseline"] = check.to_dict()
         plots = []
         if plot_target is not None:
-            from deqcli.plots import write_plots
+            from deqcli.render.plots import write_plots
 
             plots = write_plots(doc, plot_target)
 
@@ -550,8 +550,8 @@ def sweep(
     Exit codes: 0 every point ran (whatever its status), 1 some points failed with an error,
     2 bad input, 130 interrupted (partial results are still written).
     """
-    from deqcli.output import check_output_path, emit_json, write_text_atomic
-    from deqcli.sweep import PointOptions, SweepBase, check_value_spec, make_axes
+    from deqcli.analyses.sweep import PointOptions, SweepBase, check_value_spec, make_axes
+    from deqcli.render.files import check_output_path, emit_json, write_text_atomic
 
     with user_errors(debug):
         overrides = flag_overrides(
@@ -574,7 +574,7 @@ def sweep(
             fail("--resume needs --results PATH (the file the interrupted sweep wrote)")
         plot_target = None
         if plot is not None:
-            from deqcli.sweep_plots import check_target
+            from deqcli.render.sweep_plots import check_target
 
             plot_target = check_target(plot)
             if len(axes) > 2:
@@ -586,7 +586,7 @@ def sweep(
     if json_path is not None:
         emit_json(done.to_dict(), json_target)
     if csv_path is not None:
-        from deqcli.sweep import to_csv
+        from deqcli.analyses.sweep import to_csv
 
         text = to_csv(done)
         if csv_target is None:
@@ -594,13 +594,13 @@ def sweep(
         else:
             write_text_atomic(csv_target, text)
     if plot_target is not None and done.points:
-        from deqcli.sweep_plots import plot_sweep
+        from deqcli.render.sweep_plots import plot_sweep
 
         written = plot_sweep(done, plot_target)
         if not quiet:
             stderr.print(f"[dim]plot written: {written}[/dim]", highlight=False, soft_wrap=True)
     if not quiet and not to_stdout:
-        from deqcli.analysis_report import render_sweep
+        from deqcli.render.analysis import render_sweep
 
         render_sweep(done, stdout)
     if done.interrupted:
@@ -632,7 +632,7 @@ def _run_sweep(
         TimeRemainingColumn,
     )
 
-    from deqcli.sweep import describe_point, run_sweep
+    from deqcli.analyses.sweep import describe_point, run_sweep
 
     columns = (
         TextColumn("sweep"),
@@ -721,7 +721,7 @@ def gradcheck(
     Exit codes: 0 the gradients agree (and the forward solve converged), 1 they do not, 2 bad input.
     """
     from deqcli.config import load_config
-    from deqcli.output import check_output_path, emit_json
+    from deqcli.render.files import check_output_path, emit_json
 
     with user_errors(debug):
         overrides = flag_overrides(
@@ -731,8 +731,8 @@ def gradcheck(
         target = (
             check_output_path(json_path, protected=[config], flag="--json") if json_path else None
         )
-        from deqcli.gradcheck import GradcheckOptions
-        from deqcli.gradcheck import gradcheck as run_gradcheck
+        from deqcli.analyses.gradcheck import GradcheckOptions
+        from deqcli.analyses.gradcheck import gradcheck as run_gradcheck
 
         options = GradcheckOptions(
             params=list(param) if param else None,
@@ -748,7 +748,7 @@ def gradcheck(
     if json_path is not None:
         emit_json(report.to_dict(), target)
     if not quiet and json_path != "-":
-        from deqcli.analysis_report import render_gradcheck
+        from deqcli.render.analysis import render_gradcheck
 
         render_gradcheck(report, stdout)
     raise typer.Exit(EXIT_CONVERGED if report.ok else EXIT_NOT_CONVERGED)

@@ -13,12 +13,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from deqcli.report import fmt, fmt_time
+from deqcli.render.report import fmt, fmt_time
 
 if TYPE_CHECKING:
-    from deqcli.gradcheck import GradcheckReport
-    from deqcli.sensitivity import Sensitivity
-    from deqcli.sweep import SweepResult
+    from deqcli.analyses.gradcheck import GradcheckReport
+    from deqcli.analyses.sensitivity import Sensitivity
+    from deqcli.analyses.sweep import SweepResult
 
 # A per-sample dz*/da with at most this many entries is printed in full.
 FULL_ENTRIES = 24
@@ -253,7 +253,7 @@ def _norm(grads: dict[str, Any]) -> float:
 
 def render_sweep(sweep: SweepResult, console: Console) -> None:
     """Where convergence is lost, where the period changes, where the certificate holds."""
-    from deqcli.sweep import summarise
+    from deqcli.analyses.sweep import summarise
 
     summary = summarise(sweep)
     head = Table.grid(padding=(0, 2))
@@ -326,7 +326,7 @@ def render_sweep(sweep: SweepResult, console: Console) -> None:
 
 
 def _regimes_table(sweep: SweepResult, summary: dict[str, Any]) -> Table:
-    from deqcli.sweep_plots import colour
+    from deqcli.render.sweep_plots import colour
 
     name = sweep.axes[0].name
     table = Table(box=None, padding=(0, 2), header_style="bold")

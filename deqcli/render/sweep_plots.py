@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from deqcli.sweep import SweepResult, summarise
+from deqcli.analyses.sweep import SweepResult, summarise
 
 # Classes whose orbits escape: nothing to draw in the attractor panel.
 UNBOUNDED = ("diverged", "nonfinite", "growing")
