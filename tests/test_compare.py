@@ -570,7 +570,5 @@ def test_markdown_to_stdout(tmp_path: Path) -> None:
 
 
 def test_modules_do_not_import_torch() -> None:
-    code = (
-        "import sys, deqcli.analyses.compare, deqcli.render.plots; sys.exit('torch' in sys.modules)"
-    )
+    code = "import sys, deqcli.analyses.compare, deqcli.render.compare, deqcli.render.plots; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

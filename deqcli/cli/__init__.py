@@ -380,6 +380,7 @@ def compare_solvers(
     """
     from deqcli.analyses import compare
     from deqcli.errors import UsageError
+    from deqcli.render import compare as render_compare
     from deqcli.render.files import check_output_path, emit_json, write_text_atomic
 
     with user_errors(debug):
@@ -412,7 +413,9 @@ def compare_solvers(
             plot_target = check_plot_target(plot)
         stored = compare.load_baseline(baseline) if baseline is not None else None
         runs = len(files) * len(names) * (warmup + repeat)
-        with compare.progress_bar(stderr, runs, enabled=not quiet and stderr.is_terminal) as step:
+        with render_compare.progress_bar(
+            stderr, runs, enabled=not quiet and stderr.is_terminal
+        ) as step:
             doc = compare.compare(
                 files,
                 names,
@@ -442,13 +445,15 @@ def compare_solvers(
     for flag, text in (("--csv", csv_path), ("--markdown", markdown_path)):
         if text is None:
             continue
-        rendered = compare.to_csv(doc) if flag == "--csv" else compare.to_markdown(doc)
+        rendered = (
+            render_compare.to_csv(doc) if flag == "--csv" else render_compare.to_markdown(doc)
+        )
         if targets[flag] is None:
             sys.stdout.write(rendered)
         else:
             write_text_atomic(targets[flag], rendered)
     if not quiet and not to_stdout:
-        compare.render(doc, stdout)
+        render_compare.render(doc, stdout)
     elif doc["summary"]["unsolved"]:
         unsolved = ", ".join(doc["summary"]["unsolved"])
         stderr.print(f"not solved by any solver: {unsolved}", highlight=False, soft_wrap=True)
