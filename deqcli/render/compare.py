@@ -1,4 +1,5 @@
-"""Renderings of a compare-solvers document: the terminal tables, CSV, Markdown, and the progress bar.
+"""Renderings of a compare-solvers document: the terminal tables, CSV, Markdown, the progress bar and
+the lines on stderr (unsolved problems, plots written, baseline regressions and verdict).
 
 They all read the same JSON document (see ``deqcli.analyses.compare``), so they show the same numbers.
 """
@@ -9,7 +10,7 @@ import csv
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.table import Table
@@ -19,7 +20,8 @@ from deqcli.analyses.compare import COUNT_KINDS, ERROR, ProgressCallback
 from deqcli.render.report import STATUS_STYLE, fmt, fmt_time
 from deqcli.result import Status
 
-# -- renderings -----------------------------------------------------------------------------------
+if TYPE_CHECKING:
+    from deqcli.analyses.jobs import CompareOutcome
 
 ERROR_STYLE = "bold red"
 SUMMARY_COLUMNS = ["solver", "solved", "wins", "errors", "geomean × fastest"]
@@ -308,6 +310,44 @@ def _csv(value: Any) -> Any:
     if isinstance(value, float):
         return repr(value)
     return value
+
+
+# -- the command's report --------------------------------------------------------------------------
+
+
+def report(outcome: CompareOutcome, out: Console, err: Console, *, quiet: bool) -> None:
+    """The tables on ``out`` (unless quiet or an output went to stdout), then on ``err``: unsolved
+    problems when the tables are not shown, the plots written, and the baseline's regressions, notes
+    and verdict (regressions even when quiet)."""
+    doc, check = outcome.doc, outcome.check
+    if not quiet and not outcome.to_stdout:
+        render(doc, out)
+    elif doc["summary"]["unsolved"]:
+        unsolved = ", ".join(doc["summary"]["unsolved"])
+        err.print(f"not solved by any solver: {unsolved}", highlight=False, soft_wrap=True)
+    if not quiet:
+        for path in outcome.plots:
+            err.print(f"[dim]plot written: {path}[/dim]", highlight=False, soft_wrap=True)
+    if check is None:
+        return
+    regressions = check.regressions
+    for regression in regressions:
+        err.print(
+            f"[bold red]regression:[/bold red] {regression.line()}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if not quiet:
+        for note in check.notes:
+            err.print(f"[dim]baseline note: {note}[/dim]", highlight=False, soft_wrap=True)
+    if regressions or not quiet:
+        verdict = f"{len(regressions)} regression(s)" if regressions else "no regressions"
+        err.print(
+            f"baseline: {verdict} in {check.compared} solver-problem pair(s) checked "
+            f"against {check.path} (max slowdown {check.max_slowdown:g}×)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # -- terminal progress ----------------------------------------------------------------------------
