@@ -61,7 +61,7 @@ def solve(request: SolveRequest) -> SolveOutcome:
     from deqcli.render.files import emit_json
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
-    target = _json_target(request.json_path, request.config)
+    target = _output(request.json_path, request.config, "--json")
     if request.explain and not request.diagnostics:
         raise UsageError("--explain needs the diagnostics; drop --no-diagnostics")
     from deqcli.diagnostics.settings import DiagnosticOptions
@@ -83,11 +83,11 @@ def solve(request: SolveRequest) -> SolveOutcome:
     return SolveOutcome(result, problem.description, sens)
 
 
-def _json_target(json_path: str | None, config: Path) -> Path | None:
-    """The checked --json file of a one-config command (None: stdout, or no --json)."""
+def _output(path: str | None, config: Path, flag: str) -> Path | None:
+    """The checked output file of a one-config command's ``flag`` (None: stdout, or not asked for)."""
     from deqcli.render.files import check_output_path
 
-    return check_output_path(json_path, protected=[config], flag="--json") if json_path else None
+    return check_output_path(path, protected=[config], flag=flag) if path else None
 
 
 # -- deq compare-solvers --------------------------------------------------------------------------
@@ -266,12 +266,8 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
     check_value_spec(request.value)
     base = SweepBase.from_path(config, request.overrides, request.solver)
     axes = make_axes(base, request.params)
-    json_target = _json_target(request.json_path, config)
-    csv_target = (
-        check_output_path(request.csv_path, protected=[config], flag="--csv")
-        if request.csv_path
-        else None
-    )
+    json_target = _output(request.json_path, config, "--json")
+    csv_target = _output(request.csv_path, config, "--csv")
     if request.results is not None:
         check_output_path(str(request.results), protected=[config], flag="--results")
     if request.resume and request.results is None:
@@ -336,7 +332,7 @@ def gradcheck(request: GradcheckRequest) -> GradcheckReport:
     from deqcli.render.files import emit_json
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
-    target = _json_target(request.json_path, request.config)
+    target = _output(request.json_path, request.config, "--json")
     options = GradcheckOptions(
         params=list(request.params) if request.params else None,
         loss=request.loss,
