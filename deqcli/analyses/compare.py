@@ -460,11 +460,6 @@ def summarise(problems: list[dict[str, Any]], solvers: list[str]) -> dict[str, A
     }
 
 
-def exit_code(doc: dict[str, Any], regressions: list[Regression]) -> int:
-    """0 when every problem was solved by some solver and nothing regressed, else 1."""
-    return 1 if doc["summary"]["unsolved"] or regressions else 0
-
-
 def _environment() -> dict[str, Any]:
     """Where the times were measured (a baseline from another machine is compared with care)."""
     env: dict[str, Any] = {
