@@ -118,9 +118,10 @@ def test_tanh_layer_batch_solutions_satisfy_the_layer(cli, tmp_path) -> None:
     np.testing.assert_allclose(z, np.tanh(z @ W.T + x + 0.1), atol=1e-12)
 
 
-def test_python_kind_runs_user_code(cli, monkeypatch) -> None:
-    monkeypatch.setenv("DEQ_TRUST_CODE", "1")
-    doc = json.loads(cli("solve", CONFIGS / "python_map.yaml", "--json", "-").stdout)
+def test_python_kind_runs_user_code(cli) -> None:
+    doc = json.loads(
+        cli("solve", CONFIGS / "python_map.yaml", "--trust-code", "--json", "-").stdout
+    )
     assert doc["status"] == "converged" and doc["batch"] == 3
     a = np.linspace(0.2, 0.8, 4)
     for sample in doc["samples"]:

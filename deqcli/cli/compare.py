@@ -9,6 +9,7 @@ import typer
 
 from deqcli.cli import EXIT_CONVERGED, EXIT_NOT_CONVERGED, stderr, stdout, user_errors
 from deqcli.cli.options import DebugOpt, JsonOpt, QuietOpt, RunFlags, flag_overrides, run_flags
+from deqcli.consent import allowed
 
 CsvOpt = Annotated[
     str | None,
@@ -84,7 +85,7 @@ def compare_solvers(
     from deqcli.analyses import jobs
     from deqcli.render.compare import progress_bar, report
 
-    with user_errors(debug):
+    with user_errors(debug), allowed(run.trust_code):
         request = jobs.CompareRequest(
             configs=configs,
             solvers=solvers,

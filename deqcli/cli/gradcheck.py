@@ -16,6 +16,7 @@ from deqcli.cli.options import (
     flag_overrides,
     run_flags,
 )
+from deqcli.consent import allowed
 
 
 @run_flags()
@@ -73,7 +74,7 @@ def gradcheck(
     """
     from deqcli.analyses import jobs
 
-    with user_errors(debug):
+    with user_errors(debug), allowed(run.trust_code):
         request = jobs.GradcheckRequest(
             config=config,
             overrides=flag_overrides(run),

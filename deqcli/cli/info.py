@@ -24,8 +24,12 @@ def validate(
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Check configs (keys, types, expressions, solver options) without solving anything."""
+    """Check configs (keys, types, expressions, solver options) without solving anything.
+
+    Never imports a config's Python target; a config that names one is reported as needing consent.
+    """
     from deqcli.config import check_files, load_config
+    from deqcli.consent import notice
     from deqcli.solvers import make_solver
 
     for path in configs:
@@ -33,10 +37,13 @@ def validate(
             cfg = load_config(path, list(set_ or []))
             make_solver(cfg.solver.name, cfg.solver.options)
             check_files(cfg)
-        stdout.print(
-            f"[green]ok[/green] {path}: {cfg.problem.kind}, solver {cfg.solver.name}",
-            highlight=False,
+        line = Text.assemble(
+            ("ok", "green"), f" {path}: {cfg.problem.kind}, solver {cfg.solver.name}"
         )
+        code = notice(cfg.problem.kind, getattr(cfg.problem, "target", ""))
+        if code is not None:  # never imported here: validate runs no user code
+            line.append(f"; {code}")
+        stdout.print(line, highlight=False)
 
 
 def schema(

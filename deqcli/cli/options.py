@@ -1,7 +1,8 @@
 """The flags several commands share, defined once.
 
 Single flags are ``Annotated`` aliases (``ConfigArg``, ``JsonOpt``, ``QuietOpt``, ``DebugOpt``, …). The
-flags of a run (--solver, --tol/--atol, --rtol, --max-iter, --device, --dtype, --seed, --set) come as
+flags of a run (--solver, --tol/--atol, --rtol, --max-iter, --device, --dtype, --seed, --set,
+--trust-code) come as
 one ``RunFlags`` value: a command declares a keyword-only parameter ``run: RunFlags`` and the
 ``run_flags`` decorator puts the flags in its place, so ``--help`` lists them where ``run`` stands.
 """
@@ -45,6 +46,14 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No report; only the exit code and errors.")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow a config to import and run the Python code it names (kind: python or module); "
+        "same as DEQ_TRUST_CODE=1.",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class RunFlags:
     dtype: str | None = None
     seed: int | None = None
     sets: list[str] | None = None
+    trust_code: bool = False
 
 
 # RunFlags field -> (command parameter, its option); the parameter names are the commands' own.
@@ -71,6 +81,7 @@ RUN_OPTIONS: dict[str, tuple[str, Any]] = {
     "dtype": ("dtype", DtypeOpt),
     "seed": ("seed", SeedOpt),
     "sets": ("set_", SetOpt),
+    "trust_code": ("trust_code", TrustCodeOpt),
 }
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -95,8 +106,9 @@ def run_flags(*, solver: bool = True) -> Callable[[Command], Command]:
                 continue
             for name in fields:
                 arg, annotation = RUN_OPTIONS[name]
+                default = False if name == "trust_code" else None
                 params.append(
-                    inspect.Parameter(arg, slot.kind, default=None, annotation=annotation)
+                    inspect.Parameter(arg, slot.kind, default=default, annotation=annotation)
                 )
 
         @functools.wraps(command)

@@ -24,6 +24,7 @@ from deqcli.cli.options import (
     flag_overrides,
     run_flags,
 )
+from deqcli.consent import allowed
 
 
 @run_flags()
@@ -92,7 +93,7 @@ def sweep(
     from deqcli.analyses import jobs
     from deqcli.render.analysis import report_sweep, sweep_progress
 
-    with user_errors(debug):
+    with user_errors(debug), allowed(run.trust_code):
         request = jobs.SweepRequest(
             config=config,
             params=param,
