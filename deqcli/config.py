@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import re
 import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -561,30 +563,85 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
         parse(getattr(spec, field), ("problem", field), names | {var})
 
 
-def check_files(cfg: Config) -> None:
-    """Files the config names (arrays, a python target) must exist; checked without loading them."""
+@dataclass(frozen=True)
+class FileRef:
+    """A file a config names: where (the dotted key) and the path as written in the config."""
 
-    def require(name: str, key: str) -> None:
-        path = Path(name)
-        full = path if path.is_absolute() else cfg.base_dir / path
-        if not full.exists():
-            raise ConfigError(key, f"file '{name}' does not exist (looked in {full.parent})")
+    key: str  # e.g. problem.W, problem.params.A, problem.target
+    name: str  # relative to the config's folder unless absolute
 
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, FileArray):
-            require(value.file, key)
+    def path(self, base_dir: Path) -> Path:
+        """The file on this machine: ``name`` resolved against the config's folder."""
+        path = Path(self.name)
+        return path if path.is_absolute() else base_dir / path
+
+
+def _file_slots(cfg: Config) -> Iterator[tuple[str, BaseModel, str]]:
+    """Every (key, model, field) of the problem section whose value names a file.
+
+    Any sub-model with a ``file`` field (an array file, a checkpoint) holds a path, and so does a
+    code target written as ``path/to/file.py:factory``. New file-bearing keys are found here without
+    a list to keep up to date, as long as they keep to those two forms.
+    """
+    spec = cfg.problem
+    target = getattr(spec, "target", None)
+    if isinstance(target, str) and target.rpartition(":")[0].endswith(".py"):
+        yield "problem.target", spec, "target"
+
+    def walk(value: Any, key: str) -> Iterator[tuple[str, BaseModel, str]]:
+        if isinstance(value, BaseModel):
+            if isinstance(getattr(value, "file", None), str) and "file" in type(value).model_fields:
+                yield key, value, "file"
+                return
+            for name in type(value).model_fields:
+                yield from walk(getattr(value, name), f"{key}.{name}")
         elif isinstance(value, dict):
             for k, v in value.items():
-                walk(v, f"{key}.{k}")
+                yield from walk(v, f"{key}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                yield from walk(v, f"{key}.{i}")
 
-    spec = cfg.problem
-    if isinstance(spec, PythonSpec):
-        where = spec.target.rpartition(":")[0]
-        if where.endswith(".py"):
-            require(where, "problem.target")
-        return
     for name in type(spec).model_fields:
-        walk(getattr(spec, name), f"problem.{name}")
+        yield from walk(getattr(spec, name), f"problem.{name}")
+
+
+def config_files(cfg: Config) -> list[FileRef]:
+    """Every file the config names (arrays, checkpoints, a Python target), in config order.
+
+    Files that the user's own code opens by itself are not listed: only the config knows its keys.
+    """
+    refs = []
+    for key, model, field in _file_slots(cfg):
+        value = getattr(model, field)
+        refs.append(FileRef(key, value.rpartition(":")[0] if field == "target" else value))
+    return refs
+
+
+def relocate_files(cfg: Config, paths: Mapping[str, str]) -> Config:
+    """A copy of ``cfg`` whose file names are replaced by ``paths[name]`` where given.
+
+    Used where a config's files were copied to another place (a worker's file store): the copy
+    reads the same bytes without the original folder.
+    """
+    moved = cfg.model_copy(deep=True)
+    for _key, model, field in _file_slots(moved):
+        value = getattr(model, field)
+        if field == "target":
+            where, _, attr = value.rpartition(":")
+            if where in paths:
+                setattr(model, field, f"{paths[where]}:{attr}")
+        elif value in paths:
+            setattr(model, field, paths[value])
+    return moved
+
+
+def check_files(cfg: Config) -> None:
+    """Files the config names (arrays, a python target) must exist; checked without loading them."""
+    for ref in config_files(cfg):
+        full = ref.path(cfg.base_dir)
+        if not full.exists():
+            raise ConfigError(ref.key, f"file '{ref.name}' does not exist (looked in {full.parent})")
 
 
 def json_schema() -> dict[str, Any]:
@@ -600,6 +657,7 @@ __all__ = [
     "ConfigError",
     "DeqError",
     "ExpressionSpec",
+    "FileRef",
     "GradientDescentSpec",
     "PythonSpec",
     "RunSpec",
@@ -607,8 +665,10 @@ __all__ = [
     "TanhLayerSpec",
     "apply_override",
     "check_files",
+    "config_files",
     "json_schema",
     "load_config",
     "parse_config",
     "read_config_text",
+    "relocate_files",
 ]
