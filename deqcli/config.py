@@ -357,15 +357,7 @@ def parse_config(
     solver: str | None = None,
 ) -> Config:
     """Validate YAML text as a Config; errors name the key path and the YAML line."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if "'\\t'" in problem:
-            problem += " (a tab: YAML indents with spaces)"
-        raise ConfigError("", f"{source}: malformed YAML{where}: {problem}") from None
+    raw = load_yaml(text, source)
     if not isinstance(raw, dict):
         raise ConfigError("", f"{source}: expected a mapping with a 'problem' key at the top level")
     if solver is not None:
@@ -383,6 +375,19 @@ def parse_config(
     cfg._source = source
     check_expressions(cfg, lines)
     return cfg
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of a file's text; malformed YAML is a ConfigError naming line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "'\\t'" in problem:
+            problem += " (a tab: YAML indents with spaces)"
+        raise ConfigError("", f"{source}: malformed YAML{where}: {problem}") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -463,9 +468,11 @@ def _line_for(
     return None
 
 
-def _model_at(path: tuple[str, ...], raw: dict[str, Any]) -> type[BaseModel] | None:
+def _model_at(
+    path: tuple[str, ...], raw: dict[str, Any], root: type[BaseModel] = Config
+) -> type[BaseModel] | None:
     if not path:
-        return Config
+        return root
     if path == ("run",):
         return RunSpec
     if path == ("problem",):
@@ -477,8 +484,13 @@ def _model_at(path: tuple[str, ...], raw: dict[str, Any]) -> type[BaseModel] | N
 
 
 def _config_error(
-    exc: ValidationError, raw: dict[str, Any], lines: dict[tuple[str, ...], int]
+    exc: ValidationError,
+    raw: dict[str, Any],
+    lines: dict[tuple[str, ...], int],
+    root: type[BaseModel] = Config,
 ) -> ConfigError:
+    """The first validation error as one line: the key, its YAML line, the fix (``root``: the
+    model of the whole file)."""
     err = exc.errors()[0]
     loc = tuple(str(p) for p in err["loc"])
     if len(loc) >= 2 and loc[0] == "problem" and loc[1] in PROBLEM_MODELS:
@@ -489,7 +501,7 @@ def _config_error(
     line = _line_for(loc, lines, exact=kind not in ("missing", "union_tag_not_found"))
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
-        model = _model_at(parent, raw)
+        model = _model_at(parent, raw, root)
         valid = list(model.model_fields) if model else []
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -668,6 +680,7 @@ __all__ = [
     "config_files",
     "json_schema",
     "load_config",
+    "load_yaml",
     "parse_config",
     "read_config_text",
     "relocate_files",
