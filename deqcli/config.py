@@ -653,7 +653,9 @@ def check_files(cfg: Config) -> None:
     for ref in config_files(cfg):
         full = ref.path(cfg.base_dir)
         if not full.exists():
-            raise ConfigError(ref.key, f"file '{ref.name}' does not exist (looked in {full.parent})")
+            raise ConfigError(
+                ref.key, f"file '{ref.name}' does not exist (looked in {full.parent})"
+            )
 
 
 def json_schema() -> dict[str, Any]:

@@ -13,9 +13,10 @@ each task and runs under ``decided(trust)``, so a worker's own environment never
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 from deqcli.errors import UsageError
 
@@ -73,6 +74,13 @@ def require(kind: str, target: str, *, key: str = "problem.target") -> None:
     """Refuse, before anything is imported, to build a code-running problem without consent."""
     if kind in CODE_KINDS and not granted():
         raise ConsentError(f"{key}: this config runs Python code ({target}); {HOW}")
+
+
+def require_all(problems: Iterable[Any]) -> None:
+    """``require`` for each config's problem section, before any of them runs (a sweep's or a
+    comparison's tasks then carry the answer to wherever they run)."""
+    for problem in problems:
+        require(problem.kind, getattr(problem, "target", ""))
 
 
 def notice(kind: str, target: str) -> str | None:

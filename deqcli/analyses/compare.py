@@ -7,6 +7,11 @@ Each solve goes through :func:`deqcli.api.solve`, so it gets the same driver loo
 the diagnostics (which refine a max_iter status to oscillating, stalled, … with a period or reason)
 are left out of the warm-up and timed runs and attached once, to the solve each row reports.
 
+With ``--workers``/``--scheduler``/``--cluster`` the comparison runs on Dask instead: one task per
+(config, solver) builds the problem, warms up and runs the timed repeats back to back in one worker
+process, which times one such task at a time; the rows come back as they finish and are ranked here.
+The numbers are the same as in-process except the timings.
+
 The outcome is one versioned JSON document (``--json`` and ``--save-baseline`` share it); the rich
 table, CSV and Markdown (``deqcli.render.compare``) are renderings of that document, so they always
 show the same numbers.
@@ -29,7 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deqcli import __version__
+from deqcli.consent import decided, granted, require_all
 from deqcli.errors import DeqError, UsageError
+from deqcli.execution import Executor, Task, TaskFailed
+from deqcli.execution.source import ConfigSource, ship
 from deqcli.render.report import fmt_time
 from deqcli.result import _num as json_number
 
@@ -148,8 +156,12 @@ def compare(
     warmup: int = DEFAULT_WARMUP,
     progress: ProgressCallback | None = None,
     debug: bool = False,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run every solver on every config and return the comparison document (see module docstring).
+
+    Without ``executor`` (or with an in-process one) the solves run here, repeats interleaved
+    across solvers; with a remote one each (config, solver) is a task.
 
     A solver that cannot handle a problem (unknown option, dense Jacobian too large, peer library
     missing, an exception inside the solver) gets an ``error`` row with a one-line reason; the
@@ -160,20 +172,26 @@ def compare(
         raise UsageError("no solvers to compare; name some with --solvers (see deq list-solvers)")
     overrides = list(overrides or [])
     configs = load_configs(paths, overrides)
-    problems = []
-    names: set[str] = set()
-    for path, cfg in zip(paths, configs, strict=True):
-        problems.append(
-            _compare_one(
-                path, cfg, solvers, overrides, repeat, warmup, progress, debug, _unique(cfg, names)
-            )
+    require_all(cfg.problem for cfg in configs)
+    taken: set[str] = set()
+    names = [_unique(cfg, taken) for cfg in configs]
+    if executor is not None and executor.remote:
+        problems = _compare_tasks(
+            paths, configs, names, solvers, overrides, repeat, warmup, progress, debug, executor
         )
+    else:
+        problems = [
+            _compare_one(path, cfg, solvers, overrides, repeat, warmup, progress, debug, name)
+            for path, cfg, name in zip(paths, configs, names, strict=True)
+        ]
+    environment = _environment()
+    environment["execution"] = executor.describe() if executor else {"backend": "in-process"}
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": DOCUMENT_KIND,
         "deq_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": _environment(),
+        "environment": environment,
         "settings": {
             "solvers": list(solvers),
             "repeat": repeat,
@@ -212,58 +230,170 @@ def _compare_one(
     from deqcli.config import load_config
 
     problem = api.load_problem(cfg)
-    runs = {solver: _Runs() for solver in solvers}
-    per_solver: dict[str, Config] = {}
-
-    def attempt(solver: str) -> SolveResult | None:
-        slot = runs[solver]
-        if progress is not None:
-            progress(f"{name} · {solver}")
-        if slot.error is not None:
-            return None
-        try:
-            if solver not in per_solver:
-                # The config's own solver options apply only when it names this solver; --set
-                # overrides apply to every solver (one that lacks the option shows an error row).
-                per_solver[solver] = load_config(path, overrides, solver=solver)
-            # Diagnostics do not touch the timed part, but they cost time on every repeat: they
-            # are attached once to the representative solve instead (see _row).
-            return api.solve(per_solver[solver], problem=problem, diagnostics=False)
-        except KeyboardInterrupt:
-            raise
-        except DeqError as exc:
-            slot.error = _one_line(str(exc))
-        except Exception as exc:
-            if debug:
-                raise
-            slot.error = _one_line(f"{type(exc).__name__}: {exc}")
-        return None
-
+    attempt = _Attempts(
+        problem, lambda solver: load_config(path, overrides, solver=solver), debug, progress, name
+    )
     for solver in solvers:
         for _ in range(warmup):
             attempt(solver)
     for _ in range(repeat):
         for solver in solvers:
-            result = attempt(solver)
-            if result is not None:
-                runs[solver].results.append(result)
+            attempt.timed(solver)
+    rows = [_row(solver, attempt.runs(solver), problem, debug) for solver in solvers]
+    return _problem_entry(name, path, cfg, _problem_facts(problem), rows)
 
-    rows = [_row(solver, runs[solver], problem, debug) for solver in solvers]
-    _rank(rows)
-    solved_by = [row["solver"] for row in rows if row["converged"]]
+
+class _Attempts:
+    """Solves of one built problem by named solvers; a solver that fails once gets an error row.
+
+    Every solver runs the same problem from the same start; ``configs(solver)`` gives the config
+    with that solver (the config's own solver options apply only when it names this solver;
+    ``--set`` overrides apply to every solver, and one that lacks the option shows an error row).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        configs: Callable[[str], Config],
+        debug: bool,
+        progress: ProgressCallback | None = None,
+        name: str = "",
+    ) -> None:
+        self.problem = problem
+        self.configs = configs
+        self.debug = debug
+        self.progress = progress
+        self.name = name
+        self._runs: dict[str, _Runs] = {}
+        self._configs: dict[str, Config] = {}
+
+    def runs(self, solver: str) -> _Runs:
+        """The measured solves of ``solver`` so far (or its error)."""
+        return self._runs.setdefault(solver, _Runs())
+
+    def timed(self, solver: str) -> None:
+        """One measured solve, kept for the row."""
+        result = self(solver)
+        if result is not None:
+            self.runs(solver).results.append(result)
+
+    def __call__(self, solver: str) -> SolveResult | None:
+        """One solve (a warm-up when its result is not kept); None once the solver has failed."""
+        from deqcli import api
+
+        slot = self.runs(solver)
+        if self.progress is not None:
+            self.progress(f"{self.name} · {solver}")
+        if slot.error is not None:
+            return None
+        try:
+            if solver not in self._configs:
+                self._configs[solver] = self.configs(solver)
+            # Diagnostics do not touch the timed part, but they cost time on every repeat: they
+            # are attached once to the representative solve instead (see _row).
+            return api.solve(self._configs[solver], problem=self.problem, diagnostics=False)
+        except KeyboardInterrupt:
+            raise
+        except DeqError as exc:
+            slot.error = _one_line(str(exc))
+        except Exception as exc:
+            if self.debug:
+                raise
+            slot.error = _one_line(f"{type(exc).__name__}: {exc}")
+        return None
+
+
+def compare_task(
+    source: ConfigSource, solver: str, warmup: int, repeat: int, debug: bool, trust: bool
+) -> dict[str, Any]:
+    """One solver on one config as a task, under the client's consent ``trust``: build the problem,
+    warm up, run the timed repeats back to back; the problem's facts and the solver's row."""
+    from deqcli import api
+
+    with decided(trust):
+        problem = api.load_problem(source.config())
+        attempt = _Attempts(problem, lambda name: source.config(solver=name), debug)
+        for _ in range(warmup):
+            attempt(solver)
+        for _ in range(repeat):
+            attempt.timed(solver)
+        return {
+            "facts": _problem_facts(problem),
+            "row": _row(solver, attempt.runs(solver), problem, debug),
+        }
+
+
+def _compare_tasks(
+    paths: list[Path],
+    configs: list[Config],
+    names: list[str],
+    solvers: list[str],
+    overrides: list[str],
+    repeat: int,
+    warmup: int,
+    progress: ProgressCallback | None,
+    debug: bool,
+    executor: Executor,
+) -> list[dict[str, Any]]:
+    """Every (config, solver) as a timed task on ``executor``; the problems' entries in order."""
+    sources = []
+    files = {}
+    for path, cfg in zip(paths, configs, strict=True):
+        source, blobs = ship(ConfigSource.from_path(path, overrides), [cfg])
+        sources.append(source)
+        files.update(blobs)
+    trust = granted()  # the client's consent, carried by every task
+    tasks = [
+        Task((i, solver), compare_task, (sources[i], solver, warmup, repeat, debug, trust))
+        for i in range(len(sources))
+        for solver in solvers
+    ]
+    rows: dict[Any, dict[str, Any]] = {}
+    facts: dict[int, dict[str, Any]] = {}
+    for key, out in executor.run(tasks, files=files, exclusive=True):
+        i, solver = key  # type: ignore[misc]
+        if isinstance(out, TaskFailed):
+            rows[key] = _error_row(solver, out.message, None)
+        else:
+            facts.setdefault(i, out["facts"])
+            rows[key] = out["row"]
+        if progress is not None:
+            for _ in range(warmup + repeat):  # the bar counts solves
+                progress(f"{names[i]} · {solver}")
+    unknown = dict.fromkeys(("description", "batch", "dim", "device"))
+    return [
+        _problem_entry(
+            names[i], paths[i], configs[i], facts.get(i, unknown), [rows[(i, s)] for s in solvers]
+        )
+        for i in range(len(paths))
+    ]
+
+
+def _problem_facts(problem: Problem) -> dict[str, Any]:
+    """What a problem entry reports of the built problem."""
     return {
-        "name": name,
-        "config": str(path),
-        "kind": cfg.problem.kind,
         "description": problem.description,
         "batch": problem.batch,
         "dim": problem.dim,
         "device": str(problem.device),
+    }
+
+
+def _problem_entry(
+    name: str, path: Path, cfg: Config, facts: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One problem of the document: its settings and facts, and its solvers' rows, ranked."""
+    _rank(rows)
+    return {
+        "name": name,
+        "config": str(path),
+        "kind": cfg.problem.kind,
+        **facts,
         "dtype": cfg.run.dtype,
         "atol": cfg.atol,
         "rtol": cfg.run.rtol,
         "max_iter": cfg.run.max_iter,
-        "solved_by": solved_by,
+        "solved_by": [row["solver"] for row in rows if row["converged"]],
         "fastest": next((row["solver"] for row in rows if row["rank"] == 1), None),
         "solvers": rows,
     }
@@ -273,20 +403,20 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dict[str, Any]:
-    """One solver's row: status, counts, residual and timing over the repeats."""
+def _error_row(solver: str, message: str, samples: int | None) -> dict[str, Any]:
+    """The row of a solver that has no measured solve (it failed, or its task could not run)."""
     from deqcli.solvers import SOLVERS
 
     info = SOLVERS.get(solver)
-    row: dict[str, Any] = {
+    return {
         "solver": solver,
         "family": info.family if info is not None else "deq",
         "status": ERROR,
         "converged": False,
-        "message": runs.error or "",
+        "message": message,
         "reason": None,
         "period": None,
-        "samples": problem.batch,
+        "samples": samples,
         "converged_samples": 0,
         "iterations": None,
         **dict.fromkeys(COUNT_KINDS),
@@ -300,6 +430,11 @@ def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dic
         "result": None,
         "curve": None,
     }
+
+
+def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dict[str, Any]:
+    """One solver's row: status, counts, residual and timing over the repeats."""
+    row = _error_row(solver, runs.error or "", problem.batch)
     if runs.error is not None or not runs.results:
         return row
     times = [r.wall_time for r in runs.results]

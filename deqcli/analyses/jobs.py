@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from deqcli.analyses.compare import DEFAULT_MAX_SLOWDOWN, DEFAULT_REPEAT, DEFAULT_WARMUP
 from deqcli.errors import UsageError
+from deqcli.execution import ExecutionSettings
 
 if TYPE_CHECKING:
     from deqcli.analyses.compare import BaselineCheck, ProgressCallback, Regression
@@ -111,6 +112,7 @@ class CompareRequest:
     save_baseline: str | None = None
     max_slowdown: float = DEFAULT_MAX_SLOWDOWN
     debug: bool = False
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
 
 
 @dataclass
@@ -141,6 +143,7 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
     """Check configs, solvers, settings and every output; solve; check the baseline; write the plots,
     then --json, --save-baseline, --csv and --markdown, in that order."""
     from deqcli.analyses import compare as analysis
+    from deqcli.execution import open_executor
     from deqcli.render.compare import to_csv, to_markdown
     from deqcli.render.files import check_output_path, emit_json, emit_text
 
@@ -177,7 +180,8 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
         plot_target = check_plot_target(request.plot)
     stored = analysis.load_baseline(baseline) if baseline is not None else None
     runs = len(files) * len(names) * (request.warmup + request.repeat)
-    with progress(runs) if progress is not None else nullcontext(None) as step:
+    executor = open_executor(request.execution)
+    with executor, progress(runs) if progress is not None else nullcontext(None) as step:
         doc = analysis.compare(
             files,
             names,
@@ -186,6 +190,7 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
             warmup=request.warmup,
             progress=step,
             debug=request.debug,
+            executor=executor,
         )
     check = None
     if stored is not None:
@@ -231,6 +236,7 @@ class SweepRequest:
     csv_path: str | None = None
     plot: str | None = None
     diagnostics: bool = True
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
 
 
 @dataclass
@@ -258,6 +264,8 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
         run_sweep,
         to_csv,
     )
+    from deqcli.consent import require_all
+    from deqcli.execution import open_executor
     from deqcli.render.files import check_output_path, emit_json, emit_text
 
     config = request.config
@@ -280,7 +288,9 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
         if len(axes) > 2:
             raise UsageError("--plot: sweeps of one or two keys can be plotted; this one has more")
     options = PointOptions(value=request.value, diagnostics=request.diagnostics)
-    with progress() if progress is not None else nullcontext(None) as on_point:
+    require_all([base.config().problem])
+    executor = open_executor(request.execution)
+    with executor, progress() if progress is not None else nullcontext(None) as on_point:
         done = run_sweep(
             base,
             axes,
@@ -289,6 +299,7 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
             results=request.results,
             resume=request.resume,
             on_point=on_point,
+            executor=executor,
         )
 
     if request.json_path is not None:

@@ -8,8 +8,19 @@ from typing import Annotated
 import typer
 
 from deqcli.cli import EXIT_CONVERGED, EXIT_NOT_CONVERGED, stderr, stdout, user_errors
-from deqcli.cli.options import DebugOpt, JsonOpt, QuietOpt, RunFlags, flag_overrides, run_flags
+from deqcli.cli.options import (
+    ClusterOpt,
+    DebugOpt,
+    JsonOpt,
+    QuietOpt,
+    RunFlags,
+    SchedulerOpt,
+    WorkersOpt,
+    flag_overrides,
+    run_flags,
+)
 from deqcli.consent import allowed
+from deqcli.execution import ExecutionSettings
 
 CsvOpt = Annotated[
     str | None,
@@ -73,6 +84,9 @@ def compare_solvers(
             help="With --baseline: a median time this many times slower regresses.",
         ),
     ] = 3.0,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    cluster: ClusterOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -101,6 +115,7 @@ def compare_solvers(
             save_baseline=save_baseline,
             max_slowdown=max_slowdown,
             debug=debug,
+            execution=ExecutionSettings(workers, scheduler, cluster),
         )
         outcome = jobs.compare(
             request,

@@ -51,7 +51,11 @@ class TaskFailed:
 
 
 class Executor:
-    """Runs batches of tasks. ``remote``: tasks run in other processes, and files travel with them."""
+    """Runs batches of tasks. ``remote``: tasks run in other processes, and files travel with them.
+
+    Used as a context manager: leaving the block stops whatever the executor started (a Dask
+    cluster starts on the first ``run``, once every input has been checked).
+    """
 
     remote = False
 
@@ -155,7 +159,9 @@ class ExecutionSettings:
         missing = [name for name in needed if not _importable(name)]
         if missing:
             what = "dask-jobqueue" if missing == ["dask_jobqueue"] else "Dask"
-            raise UsageError(f"{flag} needs {what}, which is not installed; install it with: {INSTALL}")
+            raise UsageError(
+                f"{flag} needs {what}, which is not installed; install it with: {INSTALL}"
+            )
         return spec
 
 

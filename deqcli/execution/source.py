@@ -20,7 +20,7 @@ from deqcli.errors import ConfigError
 from deqcli.execution.files import Blob, digest, stored_path
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
     """A value as a ``--set`` override writes it (floats keep every digit)."""
     return repr(value) if isinstance(value, float) else str(value)
 
@@ -61,7 +61,7 @@ class ConfigSource:
     ) -> Config:
         """The validated config: base overrides, then ``assignment``'s values; ``solver`` replaces
         the source's solver. Shipped files are read from this machine's store."""
-        extra = [f"{k}={_text(v)}" for k, v in (assignment or {}).items()]
+        extra = [f"{k}={value_text(v)}" for k, v in (assignment or {}).items()]
         cfg = parse_config(
             self.text,
             base_dir=Path(self.base_dir),
