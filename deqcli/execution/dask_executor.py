@@ -267,7 +267,8 @@ def _jobqueue(spec: ClusterSpec, path: Path) -> Any:
     accepted = set()
     for owner in (cls, cls.job_cls, dask_jobqueue.core.Job):
         accepted |= set(inspect.signature(owner.__init__).parameters) - {"self", "kwargs"}
-    keywords = spec.keywords()
+    # The dashboard on a free port unless the file says otherwise (8787 is often taken).
+    keywords = {"scheduler_options": {"dashboard_address": ":0"}, **spec.keywords()}
     for key in keywords:
         if key not in accepted:
             where = key if key in type(spec).model_fields else f"options.{key}"
