@@ -42,6 +42,12 @@ CONNECT_TIMEOUT = 20
 # The environment variables that size the thread pools of OpenMP, MKL and OpenBLAS.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
+# Dask settings of the workers of a local cluster (--workers N).
+LOCAL_WORKER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.gil.enabled": False,
+}
+
 # In a worker process: one timed task at a time, and the thread count its plugin asked for.
 _EXCLUSIVE = threading.Lock()
 _threads: int | None = None
@@ -127,15 +133,20 @@ class DaskExecutor(Executor):
         settings = self.settings
         try:
             if settings.workers is not None:
-                self.cluster = LocalCluster(
-                    n_workers=settings.workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    scheduler_kwargs={"dashboard": False},
-                    silence_logs=logging.ERROR,
-                    env=_local_env(),
-                )
+                import dask
+
+                # Our own workers do not sample their task threads for Dask's profiler or GIL
+                # monitor: both take CPU from the solves, and nothing here reads them.
+                with dask.config.set(LOCAL_WORKER_CONFIG):
+                    self.cluster = LocalCluster(
+                        n_workers=settings.workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=None,
+                        scheduler_kwargs={"dashboard": False},
+                        silence_logs=logging.ERROR,
+                        env=_local_env(),
+                    )
                 self.client = Client(self.cluster)
             elif self.spec is not None:
                 self.cluster = _jobqueue(self.spec, settings.cluster or Path("cluster"))
