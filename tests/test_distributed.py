@@ -379,3 +379,14 @@ def test_a_slurm_cluster_file_becomes_the_job_script(tmp_path: Path) -> None:
     path.write_text("kind: slurm\nworkers: 8\ncores: 4\nmemory: 8GB\noptions: {no_such: 1}\n")
     with pytest.raises(ConfigError, match=r"options\.no_such: SLURMCluster takes no 'no_such'"):
         _jobqueue(load_cluster(path), path)
+
+
+@pytest.mark.distributed
+def test_a_cluster_file_needs_the_batch_systems_submit_command(cli, tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    path = tmp_path / "slurm.yaml"
+    path.write_text("kind: slurm\nworkers: 2\ncores: 1\nmemory: 1GB\n")
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--cluster", path)
+    assert run.exit_code == 2
+    assert "--cluster: slurm jobs are submitted with 'sbatch', which is not on this" in run.stderr

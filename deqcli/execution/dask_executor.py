@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -149,6 +150,7 @@ class DaskExecutor(Executor):
                     )
                 self.client = Client(self.cluster)
             elif self.spec is not None:
+                _can_submit(self.spec)
                 self.cluster = _jobqueue(self.spec, settings.cluster or Path("cluster"))
                 self.cluster.scale(n=self.spec.workers)
                 self.client = Client(self.cluster)
@@ -266,6 +268,21 @@ def _local_env() -> dict[str, str]:
     paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
+
+
+def _can_submit(spec: ClusterSpec) -> None:
+    """Jobs are submitted with the batch system's command; without it they would never start and
+    the tasks would wait for workers forever."""
+    import dask_jobqueue
+
+    from deqcli.execution.cluster import CLASSES
+
+    command = getattr(dask_jobqueue, CLASSES[spec.kind]).job_cls.submit_command
+    if command and shutil.which(command) is None:
+        raise UsageError(
+            f"--cluster: {spec.kind} jobs are submitted with '{command}', which is not on this "
+            "machine's PATH; run deq where jobs can be submitted (a login node)"
+        )
 
 
 def _jobqueue(spec: ClusterSpec, path: Path) -> Any:
