@@ -44,34 +44,11 @@ from deqcli.analyses.sweep import (  # noqa: E402
     point_task,
     run_sweep,
 )
-from deqcli.execution import ExecutionSettings, Executor, InProcess  # noqa: E402
+from deqcli.execution import ExecutionSettings, Executor, InProcess, untimed  # noqa: E402
 
 SWEEP_CONFIG = ROOT / "configs" / "logistic_sweep.yaml"
 SUITE = ROOT / "configs" / "suite"
 TARGET_SPEEDUP = 1.7  # on 2 workers over 2 cores
-# Fields that measure time or name the place of a run; everything else must agree.
-TIMING = {
-    "wall_time",
-    "time",
-    "time_history",
-    "relative_time",
-    "rank",
-    "fastest",
-    "wins",
-    "geomean_relative_time",
-    "created",
-    "environment",
-    "execution",
-}
-
-
-def untimed(doc: Any) -> Any:
-    """A document without its timing fields."""
-    if isinstance(doc, dict):
-        return {k: untimed(v) for k, v in doc.items() if k not in TIMING}
-    if isinstance(doc, list):
-        return [untimed(v) for v in doc]
-    return doc
 
 
 @dataclass

@@ -20,35 +20,12 @@ import numpy as np
 import pytest
 
 from deqcli.analyses.sweep import PointOptions, SweepBase, make_axes, point_task, run_sweep
-from deqcli.execution import ExecutionSettings, Executor, InProcess, Task, TaskFailed
+from deqcli.execution import ExecutionSettings, Executor, InProcess, Task, TaskFailed, untimed
 from deqcli.execution.source import ship
 from tests.conftest import CONFIGS, ROOT
 
 DOTTIE = 0.7390851332151607
 LINEAR = CONFIGS / "linear_scalar.yaml"  # z = a z + 2: z* = 2 / (1 − a)
-# Fields that measure time (or say where the run happened) and may differ between two runs.
-TIMING = {
-    "wall_time",
-    "time",
-    "time_history",
-    "relative_time",
-    "rank",
-    "fastest",
-    "wins",
-    "geomean_relative_time",
-    "created",
-    "environment",
-    "execution",
-}
-
-
-def untimed(doc: Any) -> Any:
-    """A document without its timing fields (and the curves' time axis)."""
-    if isinstance(doc, dict):
-        return {k: untimed(v) for k, v in doc.items() if k not in TIMING}
-    if isinstance(doc, list):
-        return [untimed(v) for v in doc]
-    return doc
 
 
 @pytest.fixture(scope="module")

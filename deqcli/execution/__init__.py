@@ -26,6 +26,32 @@ if TYPE_CHECKING:
     from deqcli.execution.files import Blob
 
 INSTALL = "pip install 'deqcli[distributed]'"
+# Fields of the sweep and comparison documents that measure time or say where the work ran: the
+# only ones that differ between two runs of the same work, here or on any cluster.
+TIMING_FIELDS = frozenset(
+    {
+        "wall_time",
+        "time",
+        "time_history",
+        "relative_time",
+        "rank",
+        "fastest",
+        "wins",
+        "geomean_relative_time",
+        "created",
+        "environment",
+        "execution",
+    }
+)
+
+
+def untimed(doc: Any) -> Any:
+    """A JSON document without its timing fields (see TIMING_FIELDS), at every depth."""
+    if isinstance(doc, dict):
+        return {k: untimed(v) for k, v in doc.items() if k not in TIMING_FIELDS}
+    if isinstance(doc, list):
+        return [untimed(v) for v in doc]
+    return doc
 
 
 @dataclass(frozen=True)
@@ -186,10 +212,12 @@ def open_executor(settings: ExecutionSettings | None = None) -> Executor:
 
 __all__ = [
     "INSTALL",
+    "TIMING_FIELDS",
     "ExecutionSettings",
     "Executor",
     "InProcess",
     "Task",
     "TaskFailed",
     "open_executor",
+    "untimed",
 ]
