@@ -192,9 +192,9 @@ def test_sweep_on_workers_matches_in_process(cli, scheduler: str, tmp_path: Path
     config = CONFIGS / "logistic_sweep.yaml"
     args = ["--param", "r=2.6:3.4:5", "--param", "initial=0.2,0.4,0.6", "--warm-start"]
     here = cli("sweep", config, *args, "--json", tmp_path / "here.json", "-q")
-    there = cli("sweep", config, *args, "--json", tmp_path / "there.json", "-q",
-                "--scheduler", scheduler)  # fmt: skip
+    there = cli("sweep", config, *args, "--json", tmp_path / "there.json", "--scheduler", scheduler)
     assert here.exit_code == there.exit_code == 0, there.stderr
+    assert "ran on   Dask (scheduler), 2 workers, 1 torch thread each" in there.stdout
     a = json.loads((tmp_path / "here.json").read_text())
     b = json.loads((tmp_path / "there.json").read_text())
     assert b["execution"] == {

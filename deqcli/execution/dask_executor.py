@@ -143,7 +143,8 @@ class DaskExecutor(Executor):
                         n_workers=settings.workers,
                         threads_per_worker=1,
                         processes=True,
-                        dashboard_address=None,
+                        # No dashboard: its HTTP server still listens, on a free port.
+                        dashboard_address=":0",
                         scheduler_kwargs={"dashboard": False},
                         silence_logs=logging.ERROR,
                         env=_local_env(),
