@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -367,3 +368,33 @@ def test_a_cluster_file_needs_the_batch_systems_submit_command(cli, tmp_path, mo
     run = cli("sweep", LINEAR, "--param", "a=0.5", "--cluster", path)
     assert run.exit_code == 2
     assert "--cluster: slurm jobs are submitted with 'sbatch', which is not on this" in run.stderr
+
+
+@pytest.mark.distributed
+def test_ctrl_c_on_a_distributed_sweep_keeps_every_point_that_arrived(
+    scheduler: str, tmp_path: Path
+) -> None:
+    import signal
+
+    results = tmp_path / "points.jsonl"
+    # More points than can finish before the interrupt, which comes once a few have arrived.
+    command = [sys.executable, "-m", "deqcli", "sweep", str(LINEAR), "--param", "a=0:0.5:300",
+               "--results", str(results), "--scheduler", scheduler, "-q"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) > 6:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    lines = results.read_text().splitlines()
+    assert json.loads(lines[0])["kind"] == "deq-sweep"
+    points = [json.loads(line) for line in lines[1:]]  # every line whole
+    indices = [p["index"][0] for p in points]
+    assert 6 <= len(points) < 300 and len(set(indices)) == len(indices)
+    for point in points:
+        a = point["assignment"]["problem.params.a"]
+        assert point["value"] == pytest.approx(2.0 / (1 - a), rel=1e-12)

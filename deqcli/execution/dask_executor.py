@@ -221,37 +221,44 @@ class DaskExecutor(Executor):
             )
             futures[task.key] = future
             keys[future.key] = task.key
-        pending = as_completed(list(futures.values()))
+        # Results are fetched in the background as tasks finish, so handing them on never waits on
+        # the cluster, and an interrupt finds every result that has arrived already in the queue.
+        pending = as_completed(list(futures.values()), with_results=True, raise_errors=False)
         # The scheduler keeps a result as long as a task waiting for it needs it; the client lets
         # each go as soon as it has been handed on.
         futures.clear()
         try:
-            for future in pending:
-                yield keys.pop(future.key), _result(future)
+            for future, result in pending:
+                yield keys.pop(future.key), _outcome(future, result)
                 future.release()
         except KeyboardInterrupt:
-            # Whatever has finished is handed back before the interrupt goes on: nothing that a
-            # worker completed is lost.
-            for future in [*pending.queue.queue, *pending.futures]:
-                if future.status == "finished" and future.key in keys:
-                    yield keys.pop(future.key), _result(future)
+            # Whatever has arrived is handed back before the interrupt goes on: nothing that a
+            # worker completed and sent is lost.
+            for future, result in list(pending.queue.queue):
+                if future.key in keys:
+                    yield keys.pop(future.key), _outcome(future, result)
             raise
         finally:
-            remaining = [*pending.queue.queue, *pending.futures]
+            remaining = [future for future, _ in pending.queue.queue] + list(pending.futures)
             if remaining:
                 client.cancel(remaining)
             if shipped is not None:
                 client.unregister_worker_plugin(shipped)
 
 
-def _result(future: Any) -> dict[str, Any] | TaskFailed:
-    try:
-        return future.result()
-    except KilledWorker as exc:
+def _outcome(future: Any, result: Any) -> dict[str, Any] | TaskFailed:
+    """A finished task's result; its error raised here, except a worker that kept dying."""
+    if future.status == "cancelled":  # by the cluster (a scheduler that restarted, say), not by us
+        return TaskFailed("the cluster cancelled this task before it finished")
+    if future.status != "error":
+        return result
+    _kind, exc, traceback = result
+    if isinstance(exc, KilledWorker):
         return TaskFailed(
             f"the worker running this task died every time it was tried (out of memory, or a "
             f"crash in native code): {_one_line(exc)}"
         )
+    raise exc.with_traceback(traceback)
 
 
 def _one_line(exc: BaseException) -> str:
