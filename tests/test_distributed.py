@@ -237,6 +237,21 @@ def test_compare_on_workers_matches_in_process(cli, scheduler: str, tmp_path: Pa
     assert cycle["newton"]["converged"]
 
 
+def _threads_here() -> dict[str, Any]:
+    import torch
+
+    return {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+@pytest.mark.distributed
+def test_worker_tasks_run_with_one_torch_thread(scheduler: str) -> None:
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    with DaskExecutor(ExecutionSettings(scheduler=scheduler)) as executor:
+        seen = dict(executor.run([Task(k, _threads_here) for k in range(4)], exclusive=True))
+    assert all(threads == {"torch": 1, "omp": "1"} for threads in seen.values())
+
+
 @pytest.mark.distributed
 def test_workers_read_shipped_copies_of_the_configs_files(scheduler: str, tmp_path: Path) -> None:
     from deqcli.execution.dask_executor import DaskExecutor
@@ -398,3 +413,14 @@ def test_ctrl_c_on_a_distributed_sweep_keeps_every_point_that_arrived(
     for point in points:
         a = point["assignment"]["problem.params.a"]
         assert point["value"] == pytest.approx(2.0 / (1 - a), rel=1e-12)
+
+
+@pytest.mark.distributed
+def test_workers_with_another_deqcli_version_are_refused(cli, scheduler: str, monkeypatch) -> None:
+    import deqcli
+
+    theirs = deqcli.__version__
+    monkeypatch.setattr(deqcli, "__version__", "0.0.1")  # this side only; the workers keep theirs
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", scheduler)
+    assert run.exit_code == 2
+    assert f"the workers run deqcli {theirs}, this is 0.0.1; install the same version" in run.stderr

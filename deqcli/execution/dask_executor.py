@@ -64,6 +64,13 @@ def _pin() -> None:
         torch.set_num_threads(_threads)
 
 
+def _version() -> str:
+    """The deqcli version of the process this runs in (a worker)."""
+    import deqcli
+
+    return deqcli.__version__
+
+
 def _call(
     fn: Callable[..., dict[str, Any]],
     args: tuple[Any, ...],
@@ -164,7 +171,27 @@ class DaskExecutor(Executor):
                 where = "cannot start the Dask cluster"
             raise UsageError(f"{where}: {_one_line(exc)}") from None
         self.client.register_plugin(_PinThreads(self.threads), name="deq-threads")
+        self._check_versions()
         return self.client
+
+    def _check_versions(self) -> None:
+        """The workers must run the client's deqcli: another version may solve differently."""
+        import deqcli
+
+        where = "--scheduler" if self.settings.scheduler is not None else "the Dask workers"
+        try:
+            found = self.client.run(_version)
+        except Exception as exc:  # a worker that cannot even load deqcli, whatever the reason
+            raise UsageError(
+                f"{where}: the workers cannot run deqcli ({type(exc).__name__}: {_one_line(exc)}); "
+                f"install deqcli {deqcli.__version__} where they run"
+            ) from None
+        other = sorted({v for v in found.values() if v != deqcli.__version__})
+        if other:
+            raise UsageError(
+                f"{where}: the workers run deqcli {', '.join(other)}, this is "
+                f"{deqcli.__version__}; install the same version on both sides"
+            )
 
     def __exit__(self, *exc: object) -> None:
         if self.client is not None:
