@@ -2,14 +2,17 @@
 
 Workloads (the same ones ``deq sweep`` and ``deq compare-solvers`` run):
 
-    sweep     configs/logistic_sweep.yaml over r = 2.5 … 4 (30 values) × initial = 0.1 … 0.9
-              (10 values): 300 points, each solved and diagnosed (period, chaos, ρ(J))
+    sweep     a DEQ layer z = tanh(W z + x) (configs/tanh_layer.yaml: n = 64, batch 8) over
+              ‖W‖₂ = 0.5 … 1.3 (20 values) × the input scale 0.2 … 2 (15 values): 300 points,
+              each solved and diagnosed (classification, ρ(J) at the fixed point)
     compare   configs/suite (5 problems) × deq's own solvers, 1 warm-up and 3 timed repeats
 
-Each workload runs in this process first (torch and deqcli already imported and warmed up), then
-on the Dask cluster. The cluster's start (worker processes importing torch, and one warm-up point in
-each, as this process had) is timed apart and not counted in the speed-up: a long sweep pays it once. Speed-up = in-process time / Dask time;
-efficiency = speed-up / workers. The CPU seconds each side used (this process; the sum over the
+Each workload runs in this process first, then on the Dask cluster. Both sides are warmed up first
+by one untimed small round of both workloads (imports, lazy initialisation, the first call of every
+solver and diagnostic in every process); that and the cluster's start are timed apart and not
+counted in the speed-up: a long sweep pays them once. Speed-up = in-process time / Dask time;
+efficiency = speed-up / workers. This process runs torch with one thread, like each worker
+(``--threads`` to change it). The CPU seconds each side used (this process; the sum over the
 workers) show what the wall times rest on: on a busy machine the workers get less CPU per second
 than the cores could give. The results are checked to be identical up to timing fields.
 
@@ -37,16 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deqcli.analyses.compare import compare, resolve_solvers  # noqa: E402
-from deqcli.analyses.sweep import (  # noqa: E402
-    PointOptions,
-    SweepBase,
-    make_axes,
-    point_task,
-    run_sweep,
-)
+from deqcli.analyses.sweep import SweepBase, make_axes, run_sweep  # noqa: E402
 from deqcli.execution import ExecutionSettings, Executor, InProcess, untimed  # noqa: E402
 
-SWEEP_CONFIG = ROOT / "configs" / "logistic_sweep.yaml"
+SWEEP_CONFIG = ROOT / "configs" / "tanh_layer.yaml"
+SWEEP_OVERRIDES: list[str] = []
+SWEEP_GRID = ["problem.W.spectral_norm=0.5:1.3:20", "problem.x.scale=0.2:2:15"]
+QUICK_GRID = ["problem.W.spectral_norm=0.5:1.3:8", "problem.x.scale=0.2:2:4"]
 SUITE = ROOT / "configs" / "suite"
 TARGET_SPEEDUP = 1.7  # on 2 workers over 2 cores
 
@@ -78,7 +78,7 @@ def measure(run: Callable[[], dict[str, Any]], client: Any = None) -> Measured:
 
 def sweep_on(executor: Executor, params: list[str]) -> dict[str, Any]:
     """The 2-D sweep's document, solved on ``executor``."""
-    base = SweepBase.from_path(SWEEP_CONFIG)
+    base = SweepBase.from_path(SWEEP_CONFIG, SWEEP_OVERRIDES)
     return run_sweep(base, make_axes(base, params), executor=executor).to_dict()
 
 
@@ -89,6 +89,12 @@ def compare_on(executor: Executor, repeat: int) -> dict[str, Any]:
     return compare(files, solvers, repeat=repeat, warmup=1, executor=executor)
 
 
+def warm_up(executor: Executor) -> None:
+    """One untimed small round of both workloads, so every process has run every code path."""
+    sweep_on(executor, QUICK_GRID)
+    compare_on(executor, 1)
+
+
 def main() -> None:
     """Run both workloads here and on Dask; print times, speed-up and efficiency."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,19 +103,24 @@ def main() -> None:
     where.add_argument("--scheduler", default=None, help="an existing Dask scheduler's address")
     parser.add_argument("--quick", action="store_true", help="a smaller grid, one repeat")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in this process (workers have 1)"
+    )
     args = parser.parse_args()
-    settings = ExecutionSettings(
-        workers=args.workers if args.workers or args.scheduler else 2, scheduler=args.scheduler
-    )
-    grid = (
-        ["r=2.5:4:12", "initial=0.1:0.9:4"] if args.quick else ["r=2.5:4:30", "initial=0.1:0.9:10"]
-    )
+    import torch
+
+    # The same thread count on both sides, so the speed-up measures processes working side by
+    # side, not torch's intra-op threads (which, on small problems and busy cores, mostly spin).
+    torch.set_num_threads(args.threads)
+    workers = None if args.scheduler else (args.workers or 2)
+    settings = ExecutionSettings(workers=workers, scheduler=args.scheduler)
+    grid = QUICK_GRID if args.quick else SWEEP_GRID
     repeat = 1 if args.quick else 3
 
     from deqcli.execution.dask_executor import DaskExecutor
 
-    # Warm this process up (imports, first diagnostics) so the in-process side is at its best.
-    sweep_on(InProcess(), ["r=2.5:4:3"])
+    # Warm this process up (imports, first calls of every solver) as the workers will be.
+    warm_up(InProcess())
     load_before = os.getloadavg()[0]
     here = {
         "sweep": measure(lambda: sweep_on(InProcess(), grid)),
@@ -118,9 +129,7 @@ def main() -> None:
     with DaskExecutor(settings) as executor:
         started = time.perf_counter()
         client = executor._start()
-        # Every worker imports torch and deqcli and solves one point, as this process did.
-        base = SweepBase.from_path(SWEEP_CONFIG)
-        client.run(point_task, base, (0,), {"problem.params.r": 3.9}, PointOptions(), False)
+        warm_up(executor)
         startup = time.perf_counter() - started
         workers = len(client.scheduler_info()["workers"])
         there = {
@@ -137,8 +146,8 @@ def main() -> None:
     }
     print(
         f"{workers} Dask workers ({where_run.get('cluster')}), {os.cpu_count()} cores here, "
-        f"load average {load_before:.1f} → {load_after:.1f}; cluster start {startup:.1f} s "
-        "(not counted)"
+        f"load average {load_before:.1f} → {load_after:.1f}; cluster start and warm-up "
+        f"{startup:.1f} s (not counted)"
     )
     print(f"{'workload':9} {'tasks':>5} {'in-process':>17} {'dask':>17} {'speed-up':>9} "
           f"{'efficiency':>10}  same")  # fmt: skip
