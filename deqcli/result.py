@@ -67,8 +67,9 @@ def overall_status(statuses: list[Status]) -> Status:
 class Counts:
     """Per-sample evaluation counts, maintained by the problem's counting wrapper.
 
-    A batched call of the map counts once for every sample it evaluates; ``nfev`` etc. report the
-    largest per-sample count (equal to the number of batched calls for our batched solvers).
+    A batched call of the map counts once for every sample still running when it is made, so a
+    sample's counts are what solving it alone costs (comparable with per-sample peers); ``totals``
+    reports the largest per-sample count, which is the number of batched calls.
     """
 
     nfev: list[int]

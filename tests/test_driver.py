@@ -339,3 +339,64 @@ def test_monitor_sees_the_start_every_kth_iteration_and_the_end() -> None:
     assert seen[0] == (0, 1)
     assert [i for i, _ in seen[:-1]] == list(range(0, k, 10))
     assert seen[-1] == (k, 0)
+
+
+# -- per-sample counts ------------------------------------------------------------------------------
+
+
+def _per_sample_costs(problem: Problem, solver: str, stop: StopRule) -> list[tuple[int, int, int]]:
+    """(iterations, nfev, njev) of every sample solved alone."""
+    out = []
+    for b in range(problem.batch):
+        alone = run(problem.select(b), make_solver(solver), stop)
+        out.append((alone.iterations[0], alone.counts.nfev[0], alone.counts.njev[0]))
+    return out
+
+
+def test_fixed_point_counts_each_sample_until_it_stops() -> None:
+    # z = c z + 1 from z0 = 0: the error shrinks by c per iteration, so samples with c = 0.1, 0.5
+    # and 0.8 stop at very different iterations; each counts only the evaluations it ran for.
+    c = torch.tensor([[0.1], [0.5], [0.8]], dtype=torch.float64)
+    problem = Problem(
+        name="linear",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: p["c"] * z + 1,
+        z0=torch.zeros(3, 1, dtype=torch.float64),
+        params={"c": c},
+        batched_params=frozenset({"c"}),
+    )
+    stop = StopRule(atol=1e-12, max_iter=500)
+    result = run(problem, make_solver("fixed_point"), stop)
+    assert result.status is Status.CONVERGED
+    assert len(set(result.iterations)) == 3
+    alone = _per_sample_costs(problem, "fixed_point", stop)
+    assert [a[0] for a in alone] == result.iterations
+    assert result.counts.nfev == [a[1] for a in alone]
+    assert result.counts.nfev == [k + 1 for k in result.iterations]
+    # The slowest sample ran through every batched call: the totals are those calls.
+    assert result.counts.totals()["nfev"] == result.nit + 1
+
+
+def test_newton_counts_each_sample_until_it_stops() -> None:
+    # z² − a = 0 from above the root: Newton decreases the residual monotonically (no backtracks),
+    # and a = 100 is reached from 12 in fewer steps than a = 2.
+    a = torch.tensor([[2.0], [100.0], [140.0]], dtype=torch.float64)
+    problem = Problem(
+        name="roots",
+        kind="test",
+        form="residual",
+        func=lambda z, p: z**2 - p["a"],
+        z0=torch.full((3, 1), 12.0, dtype=torch.float64),
+        params={"a": a},
+        batched_params=frozenset({"a"}),
+    )
+    stop = StopRule(atol=1e-12, max_iter=50)
+    result = run(problem, make_solver("newton"), stop)
+    assert result.status is Status.CONVERGED
+    np.testing.assert_allclose(result.solution[:, 0].numpy(), np.sqrt(a[:, 0].numpy()), atol=1e-12)
+    assert len(set(result.iterations)) > 1
+    alone = _per_sample_costs(problem, "newton", stop)
+    assert [a[0] for a in alone] == result.iterations
+    assert result.counts.nfev == [a[1] for a in alone]
+    assert result.counts.njev == [a[2] for a in alone] == result.iterations
