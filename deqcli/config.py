@@ -273,7 +273,16 @@ class ModuleSpec(_Spec):
     inputs: ArraySpec | None = Field(
         default=None, description="the batch x, shape (batch, ...): one input per sample"
     )
-    batch: Annotated[int, Field(gt=0, description="samples when there are no inputs")] | None = None
+    batch: (
+        Annotated[
+            int,
+            Field(
+                gt=0,
+                description="use the first batch rows of the inputs (or: samples without inputs)",
+            ),
+        ]
+        | None
+    ) = None
     state_shape: list[Annotated[int, Field(gt=0)]] | None = Field(
         default=None, description="one sample's z shape, when neither init_state nor a call tells"
     )

@@ -59,6 +59,7 @@ def from_map(
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     description: str = "",
+    check: bool = True,
 ) -> Problem:
     """Wrap ``fmap`` (called as ``fmap(z, x)`` when there are inputs, else ``fmap(z)``) as a Problem.
 
@@ -67,6 +68,8 @@ def from_map(
     the module's ``init_state(x)`` returns, else ``state_shape``, else the shape of one call
     ``fmap(zeros like x, x)``, in ``dtype`` on ``device`` (default: those of x). The batch is the
     rows of ``inputs``, else of ``z0``, else ``batch``. Messages name ``key`` and call the map ``what``.
+    ``check`` evaluates the map once at z0 (finite, rows independent) before anything else runs;
+    a training layer that builds a problem per step skips it (every call's shape is checked anyway).
     """
     if inputs is not None and inputs.dim() == 0:
         raise ConfigError(key, "the inputs x need a batch axis: shape (batch, ...)")
@@ -87,7 +90,8 @@ def from_map(
     func = call.batched(shape, tuple(params))
     if inputs is not None:
         params[INPUTS] = inputs
-    _probe(func, flat, params, key, what)
+    if check:
+        _probe(func, flat, params, key, what)
     return Problem(
         name=name,
         kind=kind,
@@ -185,8 +189,8 @@ def _start(
     if shape is None:
         raise ConfigError(
             key,
-            "cannot tell the shape of z: give problem.state_shape (one sample's shape), "
-            "problem.initial, or an init_state(x) method on the module",
+            f"cannot tell the shape of z: give {_names(key)[0]} (one sample's shape), "
+            f"{_names(key)[1]}, or an init_state(x) method on the module",
         )
     if dtype is None:
         dtype = inputs.dtype if inputs is not None and inputs.is_floating_point() else None
@@ -222,7 +226,7 @@ def _state_shape(
         raise ConfigError(
             key,
             f"cannot tell the shape of z: calling {call.what} with z = zeros like x failed "
-            f"({exc.message}); give problem.state_shape or an init_state(x) method",
+            f"({exc.message}); give {_names(key)[0]} or an init_state(x) method",
         ) from None
     if not isinstance(out, torch.Tensor) or out.dim() == 0:
         raise ConfigError(key, f"{call.what} must return a tensor of shape (batch, ...)")
@@ -265,6 +269,13 @@ _INDEPENDENT = (
     "samples must not depend on each other (BatchNorm in train mode, a closure over the whole "
     "batch); pass per-sample data as inputs x"
 )
+
+
+def _names(key: str) -> tuple[str, str]:
+    """How the user gives a state shape and a start: config keys, or keyword arguments."""
+    if key.startswith("problem."):
+        return "problem.state_shape", "problem.initial"
+    return "state_shape=", "z0"
 
 
 def _one_line(text: str) -> str:

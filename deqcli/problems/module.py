@@ -43,6 +43,11 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
     set_tensors(module, spec, arrays)
 
     inputs = None if spec.inputs is None else arrays.build(spec.inputs, "problem.inputs")
+    if inputs is not None and spec.batch is not None:
+        if inputs.dim() == 0 or spec.batch > inputs.shape[0]:
+            rows = inputs.shape[0] if inputs.dim() else 0
+            raise ConfigError("problem.batch", f"is {spec.batch} but the inputs have {rows} rows")
+        inputs = inputs[: spec.batch]  # the first rows: a quick look at a few samples
     z0 = None
     fill = 0.0
     if isinstance(spec.initial, (int, float)):
