@@ -172,7 +172,7 @@ def adjoint_solve(
     max_iter: int,
 ) -> tuple[torch.Tensor, Any]:
     """Solve (∂g/∂z)ᵀ w = rhs per sample at z (both (B, n)) with the sensitivities' batched GMRES."""
-    from deqcli.sensitivity import solve_linear
+    from deqcli.analyses.sensitivity import solve_linear
 
     w, info = solve_linear(problem, z, rhs[None], transpose=True, tol=tol, max_iter=max_iter)
     return w[0], info

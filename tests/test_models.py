@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from deqcli.analyses.gradcheck import GradcheckOptions, gradcheck
+from deqcli.analyses.sensitivity import sensitivity
 from deqcli.api import load_problem
 from deqcli.api import solve as api_solve
 from deqcli.config import load_config
 from deqcli.errors import ConfigError
-from deqcli.gradcheck import GradcheckOptions, gradcheck
 from deqcli.result import Status
-from deqcli.sensitivity import sensitivity
 from tests.models.cells import Injection, contraction
 
 CELLS = Path(__file__).resolve().parent / "models" / "cells.py"
