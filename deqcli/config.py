@@ -663,18 +663,17 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
         parse(getattr(spec, field), ("problem", field), names | {var})
 
 
-def check_files(cfg: Config) -> None:
-    """Files the config names (arrays, a python target) must exist; checked without loading them."""
+def named_files(cfg: Config) -> list[tuple[Path, str, str]]:
+    """Every file the config names: (resolved path, the name as written, its config key)."""
+    found: list[tuple[Path, str, str]] = []
 
-    def require(name: str, key: str) -> None:
+    def add(name: str, key: str) -> None:
         path = Path(name)
-        full = path if path.is_absolute() else cfg.base_dir / path
-        if not full.exists():
-            raise ConfigError(key, f"file '{name}' does not exist (looked in {full.parent})")
+        found.append((path if path.is_absolute() else cfg.base_dir / path, name, key))
 
     def walk(value: Any, key: str) -> None:
         if isinstance(value, FileArray):
-            require(value.file, key)
+            add(value.file, key)
         elif isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{key}.{k}")
@@ -683,13 +682,20 @@ def check_files(cfg: Config) -> None:
     if isinstance(spec, (PythonSpec, ModuleSpec)):
         where = spec.target.rpartition(":")[0]
         if where.endswith(".py"):
-            require(where, "problem.target")
+            add(where, "problem.target")
     if isinstance(spec, ModuleSpec) and spec.weights is not None:
-        require(spec.weights.file, "problem.weights.file")
-    if isinstance(spec, PythonSpec):
-        return
-    for name in type(spec).model_fields:
-        walk(getattr(spec, name), f"problem.{name}")
+        add(spec.weights.file, "problem.weights.file")
+    if not isinstance(spec, PythonSpec):
+        for name in type(spec).model_fields:
+            walk(getattr(spec, name), f"problem.{name}")
+    return found
+
+
+def check_files(cfg: Config) -> None:
+    """Files the config names (arrays, a python target, weights) must exist; checked without loading them."""
+    for full, name, key in named_files(cfg):
+        if not full.exists():
+            raise ConfigError(key, f"file '{name}' does not exist (looked in {full.parent})")
 
 
 def json_schema() -> dict[str, Any]:
@@ -716,6 +722,7 @@ __all__ = [
     "check_files",
     "json_schema",
     "load_config",
+    "named_files",
     "parse_config",
     "read_config_text",
 ]

@@ -54,6 +54,14 @@ def solve(
             help="Also compute dz*/dNAME at the solution (implicit function theorem); repeatable.",
         ),
     ] = None,
+    save: Annotated[
+        str | None,
+        typer.Option(
+            "--save",
+            help="Write z* (batch, *state shape) to PATH: .pt (torch.save), .npy, or .npz "
+            "(arrays z and converged).",
+        ),
+    ] = None,
 ) -> None:
     """Solve the problem in CONFIG and report how it went.
 
@@ -72,6 +80,7 @@ def solve(
             diagnostics=not no_diagnostics,
             max_period=max_period,
             sensitivity=list(sensitivity or []),
+            save=save,
         )
         outcome = jobs.solve(request)
     if not quiet and json_path != "-":
