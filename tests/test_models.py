@@ -20,6 +20,7 @@ from deqcli.errors import ConfigError
 from deqcli.result import Status
 from tests.models.cells import Injection, contraction
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CELLS = Path(__file__).resolve().parent / "models" / "cells.py"
 
 
@@ -492,3 +493,75 @@ def test_api_errors_from_the_map_are_deq_errors() -> None:
         deqcli.solve(lambda z: z[:, :2], torch.zeros(2, 3))
     with pytest.raises(DeqError, match=r"z0 has 2 rows but there are 3 samples"):
         deqcli.solve(lambda z, x: z + x, torch.zeros(2, 3), inputs=torch.zeros(3, 3))
+
+
+# -- the solution: report, --save, JSON; sweeps by state_dict name ----------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy", ".npz"])
+def test_save_writes_z_star_in_the_state_shape(cli, tmp_path: Path, module_config, suffix) -> None:
+    cfg = module_config("ConvCell", "inputs: {random: normal, shape: [3, 1, 4, 4]}")
+    out = tmp_path / f"z{suffix}"
+    run = cli("solve", cfg, "--save", out, "--json", "-", "--no-diagnostics")
+    assert run.exit_code == 0, run.stderr
+    doc = json.loads(run.stdout)
+    expected = np.array([s["solution"] for s in doc["samples"]])
+    assert expected.shape == (3, 2, 4, 4) and doc["state_shape"] == [2, 4, 4]
+    if suffix == ".pt":
+        saved = torch.load(out, weights_only=True).numpy()
+    elif suffix == ".npy":
+        saved = np.load(out)
+    else:
+        with np.load(out) as archive:
+            saved = archive["z"]
+            assert archive["converged"].tolist() == [True, True, True]
+    np.testing.assert_array_equal(saved, expected)
+
+
+def test_save_never_overwrites_an_input(cli, tmp_path: Path, module_config) -> None:
+    torch.save({"W": _trained_W()}, tmp_path / "w.pt")
+    before = (tmp_path / "w.pt").read_bytes()
+    cfg = module_config("Injection", "weights: {file: w.pt}\ninputs: [[0.5, 0.5, 0.5, 0.5]]")
+    err = one_line_error(cli("solve", cfg, "--save", tmp_path / "w.pt"))
+    assert "--save: refusing to overwrite the input file" in err
+    assert (tmp_path / "w.pt").read_bytes() == before
+    err = one_line_error(cli("solve", cfg, "--save", tmp_path / "z.csv"))
+    assert "--save:" in err and "must end in .pt, .npy or .npz" in err
+    assert not (tmp_path / "z.csv").exists()
+
+
+def test_the_report_shows_z_star(cli, tmp_path: Path, module_config) -> None:
+    from tests.conftest import CONFIGS
+
+    sqrt2 = cli("solve", CONFIGS / "sqrt2.yaml", "--no-diagnostics")
+    assert "z* = [1.41421356237]" in sqrt2.stdout
+    layer = cli("solve", CONFIGS / "tanh_layer.yaml", "--no-diagnostics")
+    assert "‖z*‖" in layer.stdout and "z* of shape 64" in layer.stdout
+    conv = cli(
+        "solve",
+        module_config("ConvCell", "inputs: {random: normal, shape: [2, 1, 3, 3]}"),
+        "--no-diagnostics",
+    )
+    assert "z* of shape 2×3×3" in conv.stdout
+
+
+def test_sweep_a_buffer_by_its_state_dict_name(cli, module_config) -> None:
+    body = "inputs: {random: normal, shape: [2, 1, 3, 3]}"
+    cfg = module_config("ConvCell", body, run="{atol: 1.0e-11}")
+    run = cli("sweep", cfg, "--param", "scale=0.1,0.4", "--no-diagnostics", "--json", "-")
+    assert run.exit_code == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["axes"][0]["key"] == "problem.params.scale"
+    for point, scale in zip(doc["points"], (0.1, 0.4), strict=True):
+        direct = api_solve(
+            module_config("ConvCell", f"{body}\nparams: {{scale: {scale}}}", run="{atol: 1.0e-11}"),
+            diagnostics=False,
+        )
+        np.testing.assert_allclose(np.array(point["solution"]), direct.solution.numpy(), atol=1e-10)
+    dotted = cli("sweep", cfg, "--param", "norm.bias=0.0,0.2", "--no-diagnostics", "--json", "-")
+    assert json.loads(dotted.stdout)["axes"][0]["key"] == "problem.params.norm.bias"
+    err = one_line_error(cli("sweep", cfg, "--param", "scal=0.1,0.4"))
+    assert (
+        "problem.params.scal: the module has no parameter or buffer 'scal' (did you mean 'scale'?"
+        in err
+    )
