@@ -188,7 +188,7 @@ def _solve(
         pre = check_start(problem, diag_options, solver=solver)
     result = run(problem, solver, stop)
     result.state_shape = list(problem.sample_shape)
-    result.notes.extend(tolerance_notes(stop.atol, problem))
+    result.notes.extend(tolerance_notes(stop, problem))
     if diagnostics is not False or pre is not None:
         from deqcli.diagnostics import attach
 
@@ -196,16 +196,27 @@ def _solve(
     return result
 
 
-def tolerance_notes(atol: float, problem: Problem) -> list[str]:
-    """Warn when the absolute tolerance is finer than the precision can resolve at the iterates' scale."""
+def tolerance_notes(stop: StopRule, problem: Problem) -> list[str]:
+    """Warn when the tolerance is finer than the precision can resolve at the iterates' scale.
+
+    In ``rel`` mode the test is ‖g‖ ≤ atol + rtol·‖f(z)‖: rtol is what must be resolvable (relative
+    to ‖f(z)‖ it is resolvable down to about ε), and atol is only a floor that may well be 0.
+    """
     import torch
 
     eps = torch.finfo(problem.dtype).eps
+    dtype = str(problem.dtype).removeprefix("torch.")
+    if stop.stop_mode == "rel" and stop.rtol > 0:
+        if stop.rtol < 4 * eps:
+            return [
+                f"rtol {stop.rtol:g} is below what {dtype} can resolve (about {4 * eps:.1e}); "
+                "loosen --rtol or use float64"
+            ]
+        return []
     scale = max(1.0, float(torch.linalg.vector_norm(problem.z0, dim=1).max()))
-    if atol < 4 * eps * scale:
-        dtype = str(problem.dtype).removeprefix("torch.")
+    if stop.atol < 4 * eps * scale:
         return [
-            f"atol {atol:g} is below what {dtype} can resolve at this scale "
+            f"atol {stop.atol:g} is below what {dtype} can resolve at this scale "
             f"(about {4 * eps * scale:.1e}); loosen --tol or use float64"
         ]
     return []
