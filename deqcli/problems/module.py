@@ -48,12 +48,10 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
             rows = inputs.shape[0] if inputs.dim() else 0
             raise ConfigError("problem.batch", f"is {spec.batch} but the inputs have {rows} rows")
         inputs = inputs[: spec.batch]  # the first rows: a quick look at a few samples
-    z0 = None
+    z0: torch.Tensor | None = arrays.build(spec.initial, "problem.initial")
     fill = 0.0
-    if isinstance(spec.initial, (int, float)):
-        fill = float(spec.initial)
-    else:
-        z0 = arrays.build(spec.initial, "problem.initial")
+    if z0.dim() == 0:  # a number fills the state, whatever its shape turns out to be
+        fill, z0 = float(z0), None
     what = f"the module from {spec.target}"
     problem = from_map(
         module,
