@@ -344,6 +344,20 @@ def test_monitor_sees_the_start_every_kth_iteration_and_the_end() -> None:
 # -- per-sample counts ------------------------------------------------------------------------------
 
 
+def _per_sample(form: str, fn, start: float, values: list[float]) -> Problem:
+    """Scalar problems fn(z, c) = 0 or z = fn(z, c), one per value c (a per-sample parameter)."""
+    c = torch.tensor(values, dtype=torch.float64)[:, None]
+    return Problem(
+        name="per-sample",
+        kind="test",
+        form=form,
+        func=lambda z, p: fn(z, p["c"]),
+        z0=torch.full_like(c, start),
+        params={"c": c},
+        batched_params=frozenset({"c"}),
+    )
+
+
 def _per_sample_costs(problem: Problem, solver: str, stop: StopRule) -> list[tuple[int, int, int]]:
     """(iterations, nfev, njev) of every sample solved alone."""
     out = []
@@ -356,16 +370,7 @@ def _per_sample_costs(problem: Problem, solver: str, stop: StopRule) -> list[tup
 def test_fixed_point_counts_each_sample_until_it_stops() -> None:
     # z = c z + 1 from z0 = 0: the error shrinks by c per iteration, so samples with c = 0.1, 0.5
     # and 0.8 stop at very different iterations; each counts only the evaluations it ran for.
-    c = torch.tensor([[0.1], [0.5], [0.8]], dtype=torch.float64)
-    problem = Problem(
-        name="linear",
-        kind="test",
-        form="fixed_point",
-        func=lambda z, p: p["c"] * z + 1,
-        z0=torch.zeros(3, 1, dtype=torch.float64),
-        params={"c": c},
-        batched_params=frozenset({"c"}),
-    )
+    problem = _per_sample("fixed_point", lambda z, c: c * z + 1, 0.0, [0.1, 0.5, 0.8])
     stop = StopRule(atol=1e-12, max_iter=500)
     result = run(problem, make_solver("fixed_point"), stop)
     assert result.status is Status.CONVERGED
@@ -381,16 +386,8 @@ def test_fixed_point_counts_each_sample_until_it_stops() -> None:
 def test_newton_counts_each_sample_until_it_stops() -> None:
     # z² − a = 0 from above the root: Newton decreases the residual monotonically (no backtracks),
     # and a = 100 is reached from 12 in fewer steps than a = 2.
-    a = torch.tensor([[2.0], [100.0], [140.0]], dtype=torch.float64)
-    problem = Problem(
-        name="roots",
-        kind="test",
-        form="residual",
-        func=lambda z, p: z**2 - p["a"],
-        z0=torch.full((3, 1), 12.0, dtype=torch.float64),
-        params={"a": a},
-        batched_params=frozenset({"a"}),
-    )
+    problem = _per_sample("residual", lambda z, a: z**2 - a, 12.0, [2.0, 100.0, 140.0])
+    a = problem.params["c"]
     stop = StopRule(atol=1e-12, max_iter=50)
     result = run(problem, make_solver("newton"), stop)
     assert result.status is Status.CONVERGED
