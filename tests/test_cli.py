@@ -82,7 +82,8 @@ def test_float32_run(cli) -> None:
 
 def test_relative_stop_mode_needs_no_absolute_floor(cli) -> None:
     # torchdeq's rule ‖f(z) − z‖/‖f(z)‖ ≤ rtol with atol 0 is resolvable in float32: no warning.
-    args = ("solve", CONFIGS / "tanh_layer.yaml", "--dtype", "float32", "--json", "-")
+    args = ("solve", CONFIGS / "tanh_layer.yaml", "--dtype", "float32", "--no-diagnostics")
+    args += ("--set", "problem.batch=2", "--json", "-")
     rel = ("--set", "run.stop_mode=rel", "--tol", "0", "--rtol")
     doc = json.loads(cli(*args, *rel, "1e-4").stdout)
     assert doc["status"] == "converged" and doc["notes"] == []
