@@ -131,6 +131,12 @@ def test_unconverged_solves_are_reported_not_raised() -> None:
     assert layer.stats.status == "max_iter" and layer.stats.converged_samples == 0
 
 
+def test_the_layer_is_part_of_the_public_api() -> None:
+    import deqcli
+
+    assert deqcli.nn.DEQLayer is DEQLayer and "nn" in deqcli.__all__
+
+
 def test_bad_layers_fail_early_with_one_line() -> None:
     with pytest.raises(UsageError, match="unknown solver"):
         DEQLayer(Injection(), solver="andersen")
