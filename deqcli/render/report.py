@@ -171,13 +171,14 @@ def solution_rows(result: SolveResult) -> list[tuple[str, str]]:
     b = worst_sample(result)
     flat = z[b].reshape(-1)
     first = ", ".join(_number(float(v), 6) for v in flat[:SOLUTION_FIRST])
+    first += ", …" if flat.numel() > SOLUTION_FIRST else ""
     shape = "×".join(str(d) for d in z.shape[1:])
     which = "" if result.batch == 1 else f" (sample {b}, the worst)"
     norm = float(flat.norm())
     return [
         (
             "solution",
-            f"‖z*‖ {fmt(norm)}{which}, z* of shape {shape}: [{first}, …]  "
+            f"‖z*‖ {fmt(norm)}{which}, z* of shape {shape}: [{first}]  "
             "[dim]--json or --save for all[/dim]",
         )
     ]
