@@ -138,7 +138,17 @@ def main() -> None:
         args.out,
     )
     np.savez(args.batch_out, x=x_test[:32].numpy(), y=y_test[:32].numpy())
-    print(f"test accuracy {test_accuracy:.3f}; wrote {args.out} and {args.batch_out}")
+    print(
+        f"test accuracy {test_accuracy:.3f}; wrote {_shown(args.out)} and {_shown(args.batch_out)}"
+    )
+
+
+def _shown(path: Path) -> str:
+    """The path relative to the current folder when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":
