@@ -98,6 +98,8 @@ class DEQLayer(torch.nn.Module):
         self.backward_tol = backward_tol
         self.backward_max_iter = backward_max_iter
         self.state_shape = state_shape
+        # Shapes of z found by one call of f, by the shape of one input: not searched again.
+        self._found: dict[tuple[int, ...] | None, tuple[int, ...]] = {}
         self.stats: LayerStats | None = None
         self.last_result: SolveResult | None = None
 
@@ -105,6 +107,7 @@ class DEQLayer(torch.nn.Module):
         self, x: torch.Tensor | None = None, z0: torch.Tensor | None = None
     ) -> torch.Tensor:
         """z* for the batch x (rows are samples), in the state's shape, differentiable by the IFT."""
+        per_input = None if x is None else tuple(x.shape[1:])
         with torch.no_grad():
             problem = from_map(
                 self.f,
@@ -114,11 +117,10 @@ class DEQLayer(torch.nn.Module):
                 kind="layer",
                 key="DEQLayer.f",
                 what="f",
-                state_shape=self.state_shape,
+                state_shape=self.state_shape or self._found.get(per_input),
                 check=False,
             )
-            # The shape found once (by init_state or a call) is the layer's from now on.
-            self.state_shape = problem.sample_shape
+            self._found[per_input] = problem.sample_shape
             result = run(
                 problem, make_solver(self.solver, self.solver_options), self._stop(problem)
             )

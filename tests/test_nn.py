@@ -124,6 +124,26 @@ def test_the_layer_trains_a_module_and_reports_its_statistics() -> None:
         assert layer(x).grad_fn is None
 
 
+def test_inputs_of_another_shape_get_states_of_theirs() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(z.shape))
+        return 0.5 * torch.tanh(z) + x
+
+    layer = DEQLayer(f, atol=1e-10)
+    extra = []
+    with torch.no_grad():
+        for shape in [(2, 3), (2, 3), (4, 5, 5), (4, 5, 5)]:
+            before = len(calls)
+            z = layer(torch.ones(shape, dtype=torch.float64))
+            assert z.shape == shape and layer.stats.status == "converged"
+            torch.testing.assert_close(z, 0.5 * torch.tanh(z) + 1, atol=1e-9, rtol=0)
+            extra.append(len(calls) - before - layer.stats.nfev)
+    # The shape of z is found by one call of f, once for each shape of the inputs.
+    assert extra == [1, 0, 1, 0]
+
+
 def test_unconverged_solves_are_reported_not_raised() -> None:
     layer = DEQLayer(Injection(n=4, norm=0.95), solver="fixed_point", max_iter=3, atol=1e-12)
     z = layer(torch.ones(2, 4, dtype=torch.float64))
