@@ -337,7 +337,7 @@ def test_wrong_keys_are_listed(cli, tmp_path: Path, module_config) -> None:
         )
     )
     assert (
-        "problem.weights.file.key: 'cell' matches no entry of 'prefixed.pt' (its top-level names: model)"
+        "problem.weights.key: 'cell' matches no entry of 'prefixed.pt' (its top-level names: model)"
         in err
     )
 

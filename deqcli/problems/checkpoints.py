@@ -126,8 +126,13 @@ def array(path: Path, shown: str, key: str, entry: str | None) -> torch.Tensor:
     return data[entry]
 
 
-def state_dict(path: Path, shown: str, key: str, entry: str | None) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, or of the sub-tree ``entry`` (``model.cell`` → ``model.cell.*``)."""
+def state_dict(
+    path: Path, shown: str, key: str, entry: str | None, *, entry_key: str
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, or of the sub-tree ``entry`` (``model.cell`` → ``model.cell.*``).
+
+    Errors about the file name ``key``; a sub-tree that is not there names ``entry_key``.
+    """
     data = read(path, shown, key)
     if isinstance(data, torch.Tensor):
         raise ConfigError(
@@ -142,7 +147,7 @@ def state_dict(path: Path, shown: str, key: str, entry: str | None) -> dict[str,
     if not sub:
         tops = sorted({k.split(".")[0] for k in data})
         raise ConfigError(
-            f"{key}.key",
+            entry_key,
             f"'{entry}' matches no entry of '{shown}' (its top-level names: {listing(tops)})",
         )
     return sub

@@ -77,7 +77,9 @@ def load_weights(
     """Load a checkpoint (or its sub-tree ``weights.key``) into ``module``; mismatches are errors."""
     key = "problem.weights"
     path = checkpoints.locate(weights.file, base_dir, f"{key}.file", WEIGHTS_FILE_SUFFIXES)
-    given = checkpoints.state_dict(path, weights.file, f"{key}.file", weights.key)
+    given = checkpoints.state_dict(
+        path, weights.file, f"{key}.file", weights.key, entry_key=f"{key}.key"
+    )
     expected = module.state_dict()
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
