@@ -248,6 +248,10 @@ def _locate(
         ("last iterate", lambda b: trs[b].last if np.all(np.isfinite(trs[b].last)) else None),
         ("start z0", lambda b: problem.z0[b].detach().cpu().numpy()),
     ]
+    # Scale-aware acceptance: ‖g‖ within the run's own tolerance, or locate_rtol × the problem's
+    # scale max(1, ‖z0‖, ‖f(z0)‖) — never relative to the located point, which may be huge.
+    thresholds = result.thresholds()
+    accept = {b: max(thresholds[b], opts.locate_rtol * trs[b].problem_scale) for b in missing}
     todo = list(missing)
     for label, pick in candidates:
         rows = [b for b in todo if pick(b) is not None]
@@ -257,8 +261,9 @@ def _locate(
         starts = torch.as_tensor(
             np.stack([pick(b) for b in rows]), dtype=problem.dtype, device=problem.device
         )
+        tol = torch.tensor([accept[b] for b in rows], dtype=torch.float64)
         try:
-            z, ok, _ = spectral.locate_fixed_points(sub, starts, result.atol, opts)
+            z, ok, _ = spectral.locate_fixed_points(sub, starts, tol, opts)
         except spectral.AUTODIFF_ERRORS:
             return
         for i, b in enumerate(rows):
@@ -291,6 +296,7 @@ def _check_growth(
         for b, item in enumerate(samples)
         if item["classification"] in (dyn.GROWING, dyn.DIVERGED)
         and item["driver_status"] != "diverged"
+        and not item["evidence"].get("escaping")  # ‖g‖ bounded: not a residual growth
         and bool(np.all(np.isfinite(trs[b].last)))
     ]
     if not rows:
@@ -316,13 +322,14 @@ def _check_growth(
         need = dyn.predicted_iterations(tr.residuals[-1], tr.threshold, rho)
         item["transient"] = True
         item["transient_iterations"] = None if need is None else tr.iterations + need
+        norm = dyn.near_one(s.get("norm2", math.nan))
         item["reasoning"].append(
-            f"but ρ = {rho:.3g} < 1 for the iteration's Jacobian at the last iterate (‖J‖₂ = {s.get('norm2', math.nan):.3g}): "
+            f"but ρ = {dyn.near_one(rho)} < 1 for the iteration's Jacobian at the last iterate (‖J‖₂ = {norm}): "
             "a non-normal map grows transiently before it contracts; not divergence"
         )
         item["classification"] = dyn.GROWING
         item["reason"] = (
-            f"transient growth (‖J‖₂ = {s.get('norm2', math.nan):.3g}, ρ = {rho:.3g} < 1), not divergence"
+            f"transient growth (‖J‖₂ = {norm}, ρ = {dyn.near_one(rho)} < 1), not divergence"
         )
 
 

@@ -332,20 +332,23 @@ def _matrix_free(
 
 
 def locate_fixed_points(
-    problem: Problem, starts: torch.Tensor, atol: float, opts: DiagnosticOptions
+    problem: Problem, starts: torch.Tensor, tol: torch.Tensor, opts: DiagnosticOptions
 ) -> tuple[torch.Tensor, list[bool], list[float]]:
     """Newton's method on g from each row of ``starts`` (dense J_g, backtracking), uncounted.
 
-    Returns the points, whether each is a fixed point (‖g‖ ≤ max(atol, locate_rtol·max(1, ‖z‖))),
-    and the residual there. Used to analyse the fixed point that a failed iteration missed.
+    Returns the points, whether each is a fixed point (‖g‖ ≤ ``tol``, one tolerance per row, fixed
+    by the caller from the problem's own scale — never from the located point's norm, which may
+    have run off to 1e21), and the residual there. Used to analyse the fixed point that a failed
+    iteration missed.
     """
     usable = torch.isfinite(starts).all(dim=1, keepdim=True)
     z = torch.where(usable, starts, problem.z0).detach().clone()
     n = z.shape[1]
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    tol = tol.to(z.device, z.dtype)
 
     def tolerance(x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp_min(opts.locate_rtol * row_norms(x).clamp_min(1.0), atol)
+        return tol
 
     g = problem.raw_g(z).detach()
     # Rows whose line search fails are given up on (e.g. a local minimum of ‖g‖ with no root).
