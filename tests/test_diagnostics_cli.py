@@ -86,7 +86,9 @@ def test_gradient_descent_configs(cli) -> None:
     assert first(ok)["rates"]["step_rate"] == pytest.approx(0.9, abs=1e-6)
     bad = solve_json(cli, DIAG / "gd_lr_too_big.yaml")
     assert bad["status"] == "diverged"
-    assert "lr 1.05 > 2/λmax = 1" in first(bad)["remedies"][0]
+    remedies = first(bad)["remedies"]
+    assert remedies[0].startswith("tried: fixed_point beta=0.635 (learning rate β·lr = 0.6667)")
+    assert any("lr 1.05 > 2/λmax = 1" in text for text in remedies)
 
 
 def test_nonnormal_config_converges_and_is_explained(cli) -> None:
