@@ -126,9 +126,10 @@ def test_tanh_layer_batch_solutions_satisfy_the_layer(cli, tmp_path) -> None:
     np.testing.assert_allclose(z, np.tanh(z @ W.T + x + 0.1), atol=1e-12)
 
 
-def test_python_kind_runs_user_code(cli, monkeypatch) -> None:
-    monkeypatch.setenv("DEQ_TRUST_CODE", "1")
-    doc = json.loads(cli("solve", CONFIGS / "python_map.yaml", "--json", "-").stdout)
+def test_python_kind_runs_user_code(cli) -> None:
+    doc = json.loads(
+        cli("solve", CONFIGS / "python_map.yaml", "--trust-code", "--json", "-").stdout
+    )
     assert doc["status"] == "converged" and doc["batch"] == 3
     a = np.linspace(0.2, 0.8, 4)
     for sample in doc["samples"]:
@@ -260,6 +261,28 @@ def test_validate_schema_and_list_solvers(cli, write_config) -> None:
 def test_help_mentions_exit_codes(cli) -> None:
     out = cli("--help").stdout
     assert "Exit codes" in out and "solve" in out
+
+
+RUN_FLAGS = ["--tol", "--atol", "--rtol", "--max-iter", "--device", "--dtype", "--seed", "--set"]
+
+
+@pytest.mark.parametrize(
+    ("command", "has_solver"),
+    [("solve", True), ("sweep", True), ("gradcheck", True), ("compare-solvers", False)],
+)
+def test_solving_commands_share_the_run_flags(cli, command: str, has_solver: bool) -> None:
+    out = cli(command, "--help").stdout
+    assert all(flag in out for flag in RUN_FLAGS), out
+    assert ("--solver " in out) is has_solver
+
+
+def test_run_flags_reach_every_solving_command(cli) -> None:
+    limit = ("--max-iter", "2", "--set", "run.atol=1e-15", "--json", "-")
+    sweep = json.loads(cli("sweep", CONFIGS / "dottie.yaml", "-p", "run.rtol=0", *limit).stdout)
+    assert sweep["points"][0]["status"] == "max_iter"
+    compare = cli("compare-solvers", CONFIGS / "dottie.yaml", "--solvers", "newton", *limit)
+    row = json.loads(compare.stdout)["problems"][0]["solvers"][0]
+    assert compare.exit_code == 1 and row["status"] == "max_iter" and row["iterations"] == 2
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 from typer.testing import CliRunner
 
-from deqcli import compare
+from deqcli.analyses import compare
 from deqcli.cli import app
 from deqcli.solvers import SOLVERS, SolverInfo
 from deqcli.solvers.base import Solver, State
@@ -570,5 +570,5 @@ def test_markdown_to_stdout(tmp_path: Path) -> None:
 
 
 def test_modules_do_not_import_torch() -> None:
-    code = "import sys, deqcli.compare, deqcli.plots; sys.exit('torch' in sys.modules)"
+    code = "import sys, deqcli.analyses.compare, deqcli.render.compare, deqcli.render.plots; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

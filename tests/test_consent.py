@@ -49,6 +49,39 @@ def test_a_config_alone_cannot_run_a_shell_command(cli, tmp_path: Path, monkeypa
     assert not witness.exists()
 
 
+def test_validate_never_imports_and_says_consent_is_needed(cli, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("DEQ_TRUST_CODE", raising=False)
+    cfg, mark = _side_effect_module(tmp_path)
+    run = cli("validate", cfg)
+    assert run.exit_code == 0 and "needs consent" in run.stdout
+    assert not mark.exists()
+
+
+def test_the_trust_code_flag_gives_consent_on_every_solving_command(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("DEQ_TRUST_CODE", raising=False)
+    cfg, mark = _side_effect_module(tmp_path)
+    run = cli("solve", cfg, "--trust-code", "--json", "-")
+    assert run.exit_code == 0, run.stderr
+    assert json.loads(run.stdout)["status"] == "converged" and mark.exists()
+    for command in ("compare-solvers", "sweep", "gradcheck"):
+        assert "--trust-code" in cli(command, "--help").stdout
+    # Consent is asked for up front, before anything runs: a usage error, not a failed row.
+    run = cli("compare-solvers", cfg, "--solvers", "fixed_point", "--repeat", "1", "--json", "-")
+    assert run.exit_code == 2 and "--trust-code" in run.stderr and run.stdout == ""
+    ok = cli(
+        "compare-solvers",
+        cfg,
+        "--trust-code",
+        "--solvers",
+        "fixed_point",
+        "--repeat",
+        "1",
+        "--json",
+        "-",
+    )
+    assert ok.exit_code == 0, ok.stderr
+
+
 def test_the_environment_gives_consent(cli, tmp_path: Path, monkeypatch) -> None:
     cfg, mark = _side_effect_module(tmp_path)
     monkeypatch.setenv("DEQ_TRUST_CODE", "1")

@@ -1,4 +1,4 @@
-"""Tests for the safe expression language (deqcli/expr.py).
+"""Tests for the safe expression language (deqcli/expr/).
 
 Expected values come from math/numpy computed independently of the implementation, from
 analytic Jacobians, and from the definition of vmap (a loop over rows).

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from deqcli.analyses.gradcheck import GradcheckOptions, gradcheck
 from deqcli.api import load_problem
 from deqcli.config import parse_config
 from deqcli.errors import UsageError
 from deqcli.expr import ExpressionError
-from deqcli.gradcheck import GradcheckOptions, gradcheck
 from tests.conftest import CONFIGS
 
 

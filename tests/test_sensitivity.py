@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from deqcli.analyses.sensitivity import gmres, loss_gradient, sensitivity
 from deqcli.api import load_problem, solve
 from deqcli.config import parse_config
 from deqcli.errors import UsageError
 from deqcli.problems.base import Problem
-from deqcli.sensitivity import gmres, loss_gradient, sensitivity
 from tests.conftest import CONFIGS
 
 

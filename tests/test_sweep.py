@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deqcli.errors import ConfigError, UsageError
-from deqcli.sweep import (
+from deqcli.analyses.sweep import (
     PointOptions,
     SweepBase,
     make_axes,
@@ -22,6 +21,7 @@ from deqcli.sweep import (
     summarise,
     to_csv,
 )
+from deqcli.errors import ConfigError, UsageError
 from tests.conftest import CONFIGS
 
 # -- parsing ------------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_two_dimensional_damping_map_csv_and_plot(tmp_path: Path) -> None:
     assert len(rows) == 6 and rows[1]["r"] == "2.8" and rows[1]["solver.beta"] == "1"
     assert rows[3]["classification"] == "oscillating" and rows[3]["period"] == "2"
 
-    from deqcli.sweep_plots import plot_sweep
+    from deqcli.render.sweep_plots import plot_sweep
 
     out = plot_sweep(sweep, tmp_path / "map.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,20 +21,26 @@ LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def check_plot_target(path: str) -> Path:
-    """Validate ``--plot PATH`` before any solving: a known suffix (or a folder) and matplotlib present."""
+def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
+    """Validate ``--plot PATH`` before any solving: matplotlib present, and a folder or a file with one
+    of ``suffixes`` (``wanted`` names them in the error) in a folder that exists."""
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot: matplotlib is not installed; pip install 'deqcli[plot]'")
     target = Path(path)
     if target.is_dir():
         return target
-    if target.suffix.lower() not in PLOT_SUFFIXES:
-        raise UsageError(
-            f"--plot: '{path}' must end in .png or .svg (or name an existing folder for PNGs)"
-        )
+    if target.suffix.lower() not in suffixes:
+        raise UsageError(f"--plot: '{path}' must end in {wanted}")
     if not target.parent.exists():
         raise UsageError(f"--plot: directory '{target.parent}' does not exist")
     return target
+
+
+def check_plot_target(path: str) -> Path:
+    """Validate compare-solvers' ``--plot PATH``: .png or .svg, or an existing folder for PNGs."""
+    return check_plot_path(
+        path, PLOT_SUFFIXES, ".png or .svg (or name an existing folder for PNGs)"
+    )
 
 
 def plot_paths(target: Path, names: list[str]) -> list[Path]:

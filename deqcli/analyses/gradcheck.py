@@ -27,12 +27,7 @@ from typing import Any
 import torch
 from torch.func import jvp, vmap
 
-from deqcli.config import Config
-from deqcli.errors import UsageError
-from deqcli.expr import ExpressionError, parse_expression
-from deqcli.problems.base import Problem
-from deqcli.result import SolveResult, _num
-from deqcli.sensitivity import (
+from deqcli.analyses.sensitivity import (
     Conditioning,
     LinearSolve,
     check_param,
@@ -41,6 +36,11 @@ from deqcli.sensitivity import (
     json_nested,
     loss_gradient,
 )
+from deqcli.config import Config
+from deqcli.errors import UsageError
+from deqcli.expr import ExpressionError, parse_expression
+from deqcli.problems.base import Problem
+from deqcli.result import SolveResult, _num
 
 DEFAULT_LOSS = "sum(z**2)"
 # Spectral radius of ∂f/∂z from which errors in z* are amplified enough to call it "close to 1".

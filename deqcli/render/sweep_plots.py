@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from deqcli.sweep import SweepResult, summarise
+from deqcli.analyses.sweep import SweepResult, summarise
 
 # Classes whose orbits escape: nothing to draw in the attractor panel.
 UNBOUNDED = ("diverged", "nonfinite", "growing")
@@ -41,20 +41,9 @@ PERIOD_RAMP = ("#1f77b4", "#17becf", "#e7ba52", "#637939", "#843c39", "#7b4173",
 
 def check_target(path: str) -> Path:
     """Validate ``--plot PATH`` before sweeping: .png, .svg or .pdf (or a folder), and matplotlib present."""
-    import importlib.util
+    from deqcli.render.plots import check_plot_path
 
-    from deqcli.errors import UsageError
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot: matplotlib is not installed; pip install 'deqcli[plot]'")
-    target = Path(path)
-    if target.is_dir():
-        return target
-    if target.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UsageError(f"--plot: '{path}' must end in .png, .svg or .pdf (or name a folder)")
-    if not target.parent.exists():
-        raise UsageError(f"--plot: directory '{target.parent}' does not exist")
-    return target
+    return check_plot_path(path, (".png", ".svg", ".pdf"), ".png, .svg or .pdf (or name a folder)")
 
 
 def colour(label: str) -> str:

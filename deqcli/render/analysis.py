@@ -1,4 +1,5 @@
-"""Rich rendering of sensitivities, gradient checks and sweeps. Knows their records, not configs or CLIs.
+"""Rich rendering of sensitivities, gradient checks and sweeps (with the sweep's progress bar and its
+lines on stderr). Knows their records, not configs or CLIs.
 
 Imports no torch at module level: the records arrive already computed.
 """
@@ -6,6 +7,7 @@ Imports no torch at module level: the records arrive already computed.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
@@ -13,12 +15,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from deqcli.report import fmt, fmt_time
+from deqcli.render.report import fmt, fmt_time
 
 if TYPE_CHECKING:
-    from deqcli.gradcheck import GradcheckReport
-    from deqcli.sensitivity import Sensitivity
-    from deqcli.sweep import SweepResult
+    from collections.abc import Iterator
+
+    from deqcli.analyses.gradcheck import GradcheckReport
+    from deqcli.analyses.jobs import PointCallback, SweepOutcome
+    from deqcli.analyses.sensitivity import Sensitivity
+    from deqcli.analyses.sweep import SweepResult
 
 # A per-sample dz*/da with at most this many entries is printed in full.
 FULL_ENTRIES = 24
@@ -253,7 +258,7 @@ def _norm(grads: dict[str, Any]) -> float:
 
 def render_sweep(sweep: SweepResult, console: Console) -> None:
     """Where convergence is lost, where the period changes, where the certificate holds."""
-    from deqcli.sweep import summarise
+    from deqcli.analyses.sweep import summarise
 
     summary = summarise(sweep)
     head = Table.grid(padding=(0, 2))
@@ -325,8 +330,55 @@ def render_sweep(sweep: SweepResult, console: Console) -> None:
     console.print(Panel(Group(*parts), title="deq sweep", title_align="left", border_style="cyan"))
 
 
+def report_sweep(outcome: SweepOutcome, out: Console, err: Console, *, quiet: bool) -> None:
+    """The plot written (on ``err``), the sweep's panel on ``out`` (unless quiet or an output went to
+    stdout), and how to continue an interrupted sweep (on ``err``)."""
+    sweep = outcome.sweep
+    if outcome.plot is not None and not quiet:
+        err.print(f"[dim]plot written: {outcome.plot}[/dim]", highlight=False, soft_wrap=True)
+    if not quiet and not outcome.to_stdout:
+        render_sweep(sweep, out)
+    if sweep.interrupted:
+        results = sweep.results_path
+        where = f"; --resume --results {results} continues" if results is not None else ""
+        err.print(
+            f"interrupted after {len(sweep.points)} of {sweep.total} points{where}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@contextmanager
+def sweep_progress(console: Console, *, enabled: bool) -> Iterator[PointCallback]:
+    """A transient progress bar of the sweep's points on ``console`` (stderr); hidden when disabled."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from deqcli.analyses.sweep import describe_point
+
+    columns = (
+        TextColumn("sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=console, transient=True, disable=not enabled) as bar:
+        task = bar.add_task("", total=None)
+
+        def step(count: int, total: int, point: dict[str, Any]) -> None:
+            bar.update(task, completed=count, total=total, description=describe_point(point))
+
+        yield step
+
+
 def _regimes_table(sweep: SweepResult, summary: dict[str, Any]) -> Table:
-    from deqcli.sweep_plots import colour
+    from deqcli.render.sweep_plots import colour
 
     name = sweep.axes[0].name
     table = Table(box=None, padding=(0, 2), header_style="bold")

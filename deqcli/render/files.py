@@ -41,11 +41,15 @@ def write_text_atomic(target: Path, text: str) -> None:
         raise
 
 
-def emit_json(doc: Any, target: Path | None) -> None:
-    """Write a JSON document to ``target`` or, for None, to stdout."""
-    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+def emit_text(text: str, target: Path | None) -> None:
+    """Write a rendered output to ``target`` or, for None ('-'), to stdout."""
     if target is None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
         write_text_atomic(target, text)
+
+
+def emit_json(doc: Any, target: Path | None) -> None:
+    """Write a JSON document to ``target`` or, for None, to stdout."""
+    emit_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", target)
