@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from deqcli.analyses.remedies import try_remedies
 from deqcli.diagnostics import DiagnosticOptions, attach, precheck
 from deqcli.diagnostics.dynamics import order_estimate
 from deqcli.diagnostics.spectral import damping_range
@@ -91,8 +92,10 @@ def gradient_descent(lr: float, eigenvalues: tuple[float, ...] = (1.0, 2.0)) -> 
 
 
 def solve(problem: Problem, solver: str = "fixed_point", options=None, diag=None, **stop):
+    """Run, diagnose and try the planned remedies, as deq solve does."""
     result = run(problem, make_solver(solver, dict(options or {})), StopRule(**stop))
     attach(problem, result, diag)
+    try_remedies(problem, result, diag)
     return result
 
 

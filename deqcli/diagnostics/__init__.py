@@ -115,41 +115,63 @@ def analyse(
     import numpy as np
     import torch
 
-    from deqcli.diagnostics import advice, trials
-
-    opts = options or DEFAULT_OPTIONS
     # Huge or non-finite iterates are evidence to report, not errors to warn about.
     with torch.no_grad(), np.errstate(all="ignore"):
-        out, plans = _analyse(problem, result, opts, pre)
-    samples = out["samples"]
-    max_period = out["settings"]["max_period_effective"]
-    with np.errstate(all="ignore"):
-        record = trials.run_trials(problem, result, samples, plans, opts, max_period)
-    out["trials"] = record
-    runs = record["runs"]
+        out, plans = _analyse(problem, result, options or DEFAULT_OPTIONS, pre)
+    for item, the_plan in zip(out["samples"], plans, strict=True):
+        item["plan"] = the_plan.as_dict()
+    compose_remedies(out, None)
+    return json_safe(out)
+
+
+def compose_remedies(diag: dict[str, Any], record: dict[str, Any] | None) -> None:
+    """Write each sample's ``advice`` (entries with kind, text, trial) and ``remedies`` (the texts)
+    from its ``plan`` and the trials ``record`` (None: nothing was tried, every candidate is a
+    suggestion). Verified remedies come first; the batch trial is listed for every sample."""
+    from deqcli.diagnostics import advice
+
+    runs = (record or {}).get("runs", [])
+    tried_sample = (record or {}).get("sample")
+    skipped = (record or {}).get("skipped")
     batch_run = next((t for t in runs if t.get("scope") == "batch"), None)
-    for b, (item, the_plan) in enumerate(zip(samples, plans, strict=True)):
+    for b, item in enumerate(diag["samples"]):
+        if "plan" not in item:
+            continue
+        the_plan = advice.Plan.from_dict(item["plan"])
         own = [t for t in runs if t.get("sample") == b and t.get("scope") != "batch"]
-        if batch_run is not None and b != record.get("sample"):
+        if batch_run is not None and b != tried_sample:
             own = [*own, _batch_view(batch_run, b)]
-        entries = advice.compose(the_plan, own)
-        if batch_run is not None and b == record.get("sample"):
+        if skipped:
+            why_not = skipped
+        elif record is not None and b != tried_sample:
+            why_not = f"the trials ran on sample {tried_sample}"
+        else:
+            why_not = None
+        entries = advice.compose(the_plan, own, untried=why_not)
+        if batch_run is not None and b == tried_sample:
             head = sum(e["kind"] == "verified" for e in entries)
             kind = "verified" if batch_run["verified"] else "tried"
+            text = batch_run["text"]
             entries.insert(
-                head, {"kind": kind, "text": batch_run["text"], "trial": batch_run["index"]}
+                head,
+                {
+                    "kind": kind,
+                    "text": text,
+                    "short": text.removeprefix("tried "),
+                    "trial": batch_run["index"],
+                },
             )
         item["advice"] = entries
         item["remedies"] = [e["text"] for e in entries]
-    return json_safe(out)
 
 
 def _batch_view(run: dict[str, Any], b: int) -> dict[str, Any]:
     """What the batch trial did for sample b, as that sample's trial of the candidate."""
     status = run.get("statuses", [])[b] if run.get("statuses") else "error"
     ok = status == "converged"
+    its = run["sample_iterations"][b] if ok else 0
     outcome = (
-        f"this sample converged in {run['sample_iterations'][b]} iterations"
+        f"this sample converged in {its} iteration{'' if its == 1 else 's'}"
         if ok
         else f"this sample did not converge ({(run.get('classifications') or ['?'] * (b + 1))[b]})"
     )

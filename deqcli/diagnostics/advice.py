@@ -6,11 +6,13 @@
   limit, an attracting cycle, an eigenvalue no damping can move), stated as facts;
 - ``candidates``: remedies that can be *run* — a registered solver with options, from z0 or from the
   last iterate — each with the measured reason to try it and never a predicted outcome. The trials
-  (``deqcli.diagnostics.trials``) run them and report what happened;
+  (``deqcli.analyses.remedies``) run them and report what happened;
 - ``suggestions``: advice no trial can check (other initial points, float64, a larger budget).
 
 ``compose`` orders the final list: verified remedies first (stated as facts), then the notes, then
 remedies tried without success, then untried candidates and suggestions, labelled as suggestions.
+The plan is kept in the diagnostics document (``plan``), so the trials (``deqcli.analyses.remedies``,
+run by ``deq solve`` and ``deqcli.solve``) can run its candidates and compose the list again.
 Candidates name only registered solvers and options that solver has (read from ``SOLVERS``), so
 solvers added later are used as soon as they are registered.
 """
@@ -84,6 +86,25 @@ class Plan:
     # Doubts (does a root exist? other starts?) that a verified remedy answers: shown only when
     # no candidate worked.
     fallbacks: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (stored in the diagnostics document, so the trials can run it later)."""
+        return {
+            "notes": list(self.notes),
+            "candidates": [c.as_dict() for c in self.candidates],
+            "suggestions": list(self.suggestions),
+            "fallbacks": list(self.fallbacks),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The plan ``as_dict`` wrote."""
+        return cls(
+            notes=list(data.get("notes", [])),
+            candidates=[Candidate(**c) for c in data.get("candidates", [])],
+            suggestions=list(data.get("suggestions", [])),
+            fallbacks=list(data.get("fallbacks", [])),
+        )
 
     def add(self, candidate: Candidate | None) -> None:
         """Append a candidate unless an equivalent one is already planned (the same solver from
@@ -498,16 +519,20 @@ def _converged(sample: dict[str, Any], ctx: Context, out: Plan) -> None:
 
 
 def compose(
-    the_plan: Plan, trials: list[dict[str, Any]], *, tried_here: bool = True
+    the_plan: Plan, trials: list[dict[str, Any]], *, untried: str | None = None
 ) -> list[dict[str, Any]]:
     """The remedies of one sample in the order shown: verified (facts), notes, tried without
     success, then suggestions (untried candidates and untestable advice), each labelled.
 
-    ``trials`` are the trial records of this sample's candidates (matched by label); with
-    ``tried_here`` False they come from another sample's trials and are worded so.
+    ``trials`` are the trial records of this sample's candidates (matched by label); ``untried``
+    says why candidates without a trial were not run (trials off, another sample tried). Each
+    entry has ``kind`` (verified, note, tried, suggestion), ``text`` (self-labelled: "tried: …",
+    "suggestion: …") and ``short`` (the text without the label its kind repeats).
     """
     by_label = {t["label"]: t for t in trials}
-    verified, failed, untried = [], [], []
+    verified: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    not_run: list[dict[str, Any]] = []
     for cand in the_plan.candidates:
         trial = by_label.get(cand.label)
         entry: dict[str, Any] = {
@@ -518,9 +543,9 @@ def compose(
             "why": cand.why,
         }
         if trial is None or trial.get("outcome") == "not run":
-            reason = f": {trial['reason']}" if trial is not None and trial.get("reason") else ""
-            short = f"{cand.label} — {cand.why} (not tried{reason})"
-            untried.append(
+            why_not = trial.get("reason") if trial is not None else untried
+            short = f"{cand.label} — {cand.why} (not tried{f': {why_not}' if why_not else ''})"
+            not_run.append(
                 {**entry, "kind": "suggestion", "text": f"suggestion: {short}", "short": short}
             )
             continue
@@ -536,7 +561,7 @@ def compose(
         {"kind": "suggestion", "text": f"suggestion: {text}", "short": text}
         for text in [*the_plan.suggestions, *doubts]
     ]
-    return _dedupe(verified + notes + failed + untried + plain)
+    return _dedupe(verified + notes + failed + not_run + plain)
 
 
 def _dedupe(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

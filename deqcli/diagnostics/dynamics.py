@@ -385,7 +385,7 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
     if progress["levels_off"]:
         return _result(
             STALLED,
-            f"‖g‖ levels off at ≈ {progress['level']:.3g}, far above the tolerance {tr.threshold:.3g}: "
+            f"‖g‖ levels off at ≈ {progress['level']:.3g}, above the tolerance {tr.threshold:.3g}: "
             "stalled at a nonzero level",
             {**evidence, "nonzero_level": True},
             reasoning,
@@ -685,12 +685,13 @@ def _precision_floor(
 
     The floor is the noise floor noise_factor·ε·max(1, ‖z‖) (evaluating g = z − f(z) at ‖z‖ loses
     about ε‖z‖ to rounding, more through f). It applies when the tolerance is below it, the best
-    ‖g‖ of the last stall_window iterations is at or below it, and ‖g‖ is no longer falling
-    steadily.
+    ‖g‖ of the last stall_window iterations is at or below it, and ‖g‖ is not falling steadily
+    towards zero (it levels off, or makes no steady progress).
     """
     floor = noise_floor(tr, opts)
     best = progress["best_recent"]
-    if not (tr.threshold < floor and best <= floor) or progress["converging"]:
+    heading_to_zero = progress["converging"] and not progress["levels_off"]
+    if not (tr.threshold < floor and best <= floor) or heading_to_zero:
         return None
     r = [v for v in tr.residuals if math.isfinite(v)]
     recent = r[-progress["window"] :]

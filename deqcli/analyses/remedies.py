@@ -1,15 +1,19 @@
 """Remedy trials: run the candidate remedies of a failed or slow run and report what happened.
 
-After the diagnostics have planned their candidates (``advice.plan``), the worst sample that has
-candidates is re-solved with each of them — on its own rows only (``Problem.select``), through the
-public solver registry and the one driver loop (``solvers.base.run``) — within a budget of
-evaluations and seconds. A candidate that works on that sample is then tried on the whole batch
-when that is cheap. Trials never print; every one is recorded with its measured outcome and cost.
+The diagnostics plan each sample's remedies (``diagnostics.advice.plan``, kept in the document as
+``plan``): measured facts, runnable candidates and suggestions. ``try_remedies`` re-solves the worst
+sample that has candidates with each of them — on its own rows only (``Problem.select``), through
+the public solver registry and the one driver loop (``solvers.base.run``) — within a budget of
+evaluations and seconds; a candidate that works on that sample is then tried on the whole batch when
+that is cheap. The outcomes go into the document (``diagnostics.trials``) and the remedies are
+composed again: verified ones first, stated as facts. Trials never print and never raise for a
+failing candidate.
 
 Budget: each trial may spend ``try_budget`` evaluations (default: the run's own evaluations of
 that sample, at least ``try_min_budget``), counted as f-evaluations with a dense Jacobian as n and
 a JVP or VJP as one; all trials together get ``try_time`` seconds. A trial that exhausts its
-evaluations is stopped and reported so.
+evaluations is stopped and reported so. ``deq solve`` and ``deqcli.solve`` run the trials unless
+``--no-try`` (``DiagnosticOptions.trials``); ``compare-solvers`` never does (it is a timing tool).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from deqcli.diagnostics import advice
 from deqcli.diagnostics import dynamics as dyn
+from deqcli.diagnostics.settings import DEFAULT_OPTIONS
 from deqcli.solvers.base import Solver, State, StopRule
 
 if TYPE_CHECKING:
@@ -140,6 +145,30 @@ def make(name: str, options: dict[str, Any]) -> Solver:
     return make_solver(name, options)
 
 
+def try_remedies(
+    problem: Problem, result: SolveResult, options: DiagnosticOptions | None = None
+) -> dict[str, Any] | None:
+    """Run the planned remedies of ``result``'s diagnostics (``attach`` first), store the trials
+    under ``result.diagnostics["trials"]`` and compose the remedies again; returns that record
+    (None when there are no diagnostics with plans)."""
+    import numpy as np
+
+    from deqcli.diagnostics import compose_remedies, json_safe
+
+    opts = options or DEFAULT_OPTIONS
+    diag = result.diagnostics
+    if not diag or not diag.get("samples") or any("plan" not in s for s in diag["samples"]):
+        return None
+    samples = diag["samples"]
+    plans = [advice.Plan.from_dict(s["plan"]) for s in samples]
+    max_period = int(diag["settings"]["max_period_effective"])
+    with np.errstate(all="ignore"):
+        record = json_safe(run_trials(problem, result, samples, plans, opts, max_period))
+    diag["trials"] = record
+    compose_remedies(diag, record)
+    return record
+
+
 def worst_with_candidates(
     result: SolveResult, plans: list[advice.Plan], samples: list[dict[str, Any]]
 ) -> int | None:
@@ -151,7 +180,7 @@ def worst_with_candidates(
 
     def badness(b: int) -> tuple[int, float]:
         ok = result.sample_status[b].ok
-        r = samples[b]["final_residual"]
+        r = float(samples[b]["final_residual"])  # the document writes inf/NaN as strings
         size = float(samples[b]["iterations"]) if ok else (math.inf if math.isnan(r) else r)
         return (0 if ok else 1, size)
 
