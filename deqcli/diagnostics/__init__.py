@@ -257,6 +257,8 @@ def _analyse(
         if newtonish:
             _conditioning(problem, result, trs, samples, opts)
     _stationarity(problem, trs, samples, opts)
+    if dense:
+        _nonzero_minima(problem, trs, samples, opts)
 
     cert = lipschitz.certificate(problem, beta)
     ctx = advice.Context(
@@ -602,13 +604,84 @@ def _stationarity(
         if stationary:
             samples[b]["reason"] += ": likely a local minimum of ‖g‖, not a root"
         samples[b]["reasoning"].append(
-            f"‖J_gᵀg‖/(‖J_g‖₂‖g‖) = {ratio:.3g} at the last iterate "
+            f"‖J_gᵀg‖/(max(‖J_g‖₂, ‖J_g(z0)‖₂)·‖g‖) = {ratio:.3g} at the last iterate "
             + (
                 f"(≤ stationary_rtol = {opts.stationary_rtol:g}): a stationary point of ‖g‖ — likely a "
                 "local minimum of ‖g‖, not a root"
                 if stationary
                 else f"(> stationary_rtol = {opts.stationary_rtol:g}): not a stationary point of ‖g‖"
             )
+        )
+
+
+def _nonzero_minima(
+    problem: Problem, trs: list[Any], samples: list[dict[str, Any]], opts: DiagnosticOptions
+) -> None:
+    """A sample that hovers without progress at a nonzero ‖g‖ (classified chaotic so far) is
+    stalled at a nonzero local minimum of ‖g‖ when Levenberg–Marquardt on ½‖g‖² from its best kept
+    iterate finds a stationary point with ‖g‖ no lower than the band it hovers in, near the
+    iterates. A rotation also keeps ‖g‖ flat, but around a root: the minimum found there is 0."""
+    import numpy as np
+    import torch
+
+    from deqcli.diagnostics import dynamics as dyn
+    from deqcli.diagnostics import spectral
+
+    rows = [
+        b
+        for b, item in enumerate(samples)
+        if item["classification"] == dyn.CHAOTIC and item["evidence"].get("hovering")
+    ]
+    if not rows:
+        return
+
+    def best_kept(b: int) -> Any:
+        X = trs[b].iterates
+        r = np.asarray(trs[b].residuals[-X.shape[0] :], dtype=float)
+        return X[int(np.nanargmin(r))] if r.size == X.shape[0] else X[-1]
+
+    sub = spectral.subset(problem, rows)
+    starts = torch.as_tensor(
+        np.stack([best_kept(b) for b in rows]), dtype=problem.dtype, device=problem.device
+    )
+    try:
+        z, ratios, residuals = spectral.locate_minima(sub, starts, opts)
+    except spectral.AUTODIFF_ERRORS:
+        return
+    for i, b in enumerate(rows):
+        item, ev = samples[b], samples[b]["evidence"]
+        X = trs[b].iterates
+        centre = X.mean(axis=0)
+        reach = max(ev.get("spread", 0.0), opts.stall_spread_rtol * trs[b].scale) * 2
+        point = z[i].detach().cpu().numpy()
+        distance = float(np.linalg.norm(point - centre))
+        level = ev["best_recent"]
+        found = (
+            ratios[i] <= opts.stationary_rtol
+            and residuals[i] >= (1 - opts.stall_band) * level
+            and distance <= reach
+        )
+        item["minimum"] = {
+            "residual": residuals[i],
+            "ratio": ratios[i],
+            "distance_to_centre": distance,
+            "stationary": found,
+            **({"point": point.tolist()} if problem.dim <= POINT_SHOWN_DIM else {}),
+        }
+        if not found:
+            continue
+        item["classification"] = dyn.STALLED
+        item["reason"] = (
+            f"‖g‖ hovers at ≈ {level:.3g} without progress around a nonzero local minimum of ‖g‖ "
+            f"(‖g‖ = {residuals[i]:.3g}, ∇½‖g‖² ≈ 0 there): not a root"
+        )
+        ev["nonzero_level"] = True
+        item["stationarity"] = {"ratio": ratios[i], "stationary": True}
+        item["reasoning"].append(
+            f"minimum test: Levenberg–Marquardt on ½‖g‖² from the best kept iterate reaches a point "
+            f"{distance:.3g} from the iterates' centre with ‖g‖ = {residuals[i]:.3g} and "
+            f"‖J_gᵀg‖/(max(‖J_g‖₂, ‖J_g(z0)‖₂)·‖g‖) = {ratios[i]:.3g} (≤ stationary_rtol = "
+            f"{opts.stationary_rtol:g}): the iterates circle a nonzero local minimum of ‖g‖, not a root"
         )
 
 

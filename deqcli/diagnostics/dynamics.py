@@ -401,6 +401,8 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
         return _result(STALLED, why, {**evidence, "nonzero_level": progress["flat"]}, reasoning)
     if progress["converging"]:
         return _slow(tr, progress, reasoning)
+    if progress["hovering"]:
+        evidence["hovering"] = True  # a nonzero minimum of ‖g‖, if the Jacobian confirms one
     if _bounded(tr):
         reasoning.append(
             f"bounded: ‖z‖ ≤ {float(np.max(np.linalg.norm(tr.iterates, axis=1))):.3g} over the kept "
@@ -874,6 +876,14 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
         else math.inf
     )
     settled = flat and spread <= opts.stall_spread_rtol * tr.scale
+    # No progress while ‖g‖ stays in a narrow band: a solver circling a minimum of ‖g‖ (or a
+    # rotation, whose ‖g‖ is flat too — the diagnostics tell them apart at the Jacobian).
+    hovering = (
+        not progress
+        and math.isfinite(variation)
+        and variation <= opts.stall_band
+        and best_recent > tr.threshold
+    )
     rate = _window_rate(r, n, W)
     earlier = _window_rate(r, n - W, W) if n - W >= W else None
     envelope = _envelope_falls(r, n, min(opts.stall_window, n // 3))
@@ -918,6 +928,7 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
         "stuck": stuck,
         "settled": settled,
         "levels_off": levels_off,
+        "hovering": hovering,
         "level": level,
         "window": W,
         "best_before": best_before,

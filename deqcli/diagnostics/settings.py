@@ -87,7 +87,11 @@ class DiagnosticOptions:
     """A flat ‖g‖ counts as settled only while the window's iterates stay within this fraction of
     max(1, ‖z‖) of their mean (a rotation keeps ‖g‖ flat but moves: that is not a stall)."""
     stationary_rtol: float = 1e-6
-    """‖J_gᵀ g‖ ≤ this·‖J_g‖₂‖g‖ marks a stationary point of ½‖g‖² (a local minimum, not a root)."""
+    """‖J_gᵀ g‖ ≤ this·max(‖J_g‖₂, ‖J_g(z0)‖₂)·‖g‖ marks a stationary point of ½‖g‖² (a local
+    minimum of ‖g‖, not a root)."""
+    stall_band: float = 0.01
+    """‖g‖ hovering within this fraction of its window's largest value without progress may circle a
+    nonzero local minimum of ‖g‖ (confirmed by locating that minimum)."""
     level_fraction: float = 0.5
     """‖g‖ levels off (is not heading to zero) when its extrapolated limit is at least this fraction
     of the last ‖g‖."""
