@@ -442,7 +442,7 @@ def _judge_batch(trial: dict[str, Any]) -> None:
 
 
 def _where(trial: dict[str, Any], located: list[float] | None) -> str:
-    """' at the fixed point the diagnostics located' or ' at another fixed point, d away'."""
+    """' to the fixed point the diagnostics located', or how far from it the trial ended."""
     solution = trial.get("solution")
     if located is None or not solution:
         return ""
@@ -451,7 +451,9 @@ def _where(trial: dict[str, Any], located: list[float] | None) -> str:
     scale = max(1.0, math.sqrt(sum(v * v for v in located)))
     if dist <= SAME_POINT_RTOL * scale:
         return " to the fixed point the diagnostics located"
-    return f" to another fixed point ({dist:.3g} from the one the diagnostics located)"
+    # A fact, not a claim of another fixed point: at a degenerate root two solutions within
+    # tolerance can lie far apart.
+    return f" to a point {dist:.3g} from the fixed point the diagnostics located"
 
 
 def _iterations(k: int) -> str:

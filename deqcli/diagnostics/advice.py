@@ -302,6 +302,12 @@ def _transient(sample: dict[str, Any], ctx: Context, out: Plan) -> None:
         f"‖J‖₂ = {_num(last.get('norm2'))} > 1 > ρ(J) = {_num(last.get('spectral_radius'))} at the last iterate: "
         "transient growth of a non-normal map, not divergence"
     )
+    for cand in other_solvers(
+        ctx,
+        ACCELERATED,
+        "a solver that does not iterate f itself is not slowed by its transient growth",
+    ):
+        out.add(cand)
     need = sample.get("transient_iterations")
     done = sample.get("iterations", 0)
     if need is not None and need <= MAX_SENSIBLE_ITERATIONS:
@@ -326,7 +332,7 @@ def _oscillating(sample: dict[str, Any], ctx: Context, out: Plan) -> None:
     if mult is not None and mult < 1:
         out.notes.append(
             f"the period-{ev.get('period')} cycle attracts (multiplier ρ = {mult:.3g} < 1): more iterations of "
-            f"{ctx.solver} will not leave it"
+            f"{ctx.solver} stay on it"
         )
     spec = sample.get("spectral") or {}
     located = spec.get("point") in ("solution", "located fixed point") and spec.get("damping")
@@ -449,8 +455,9 @@ def _slow(sample: dict[str, Any], ctx: Context, out: Plan) -> None:
     more = ev.get("additional_iterations")
     if ev.get("sublinear"):
         out.notes.append(
-            f"the rate crept from {near_one(ev.get('earlier_rate'))} to {near_one(rate)}: sublinear convergence "
-            "(typical when ρ(J) = 1 at the fixed point)"
+            f"the rate crept from {near_one(ev.get('early_rate'))} (iterations k/4..k/2) to "
+            f"{near_one(ev.get('late_rate'))} (k/2..k): sublinear convergence (typical when ρ(J) = 1 at "
+            "the fixed point)"
         )
     for cand in other_solvers(ctx, ACCELERATED, f"linear rate {near_one(rate)} with {ctx.solver}"):
         out.add(cand)

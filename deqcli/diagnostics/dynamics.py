@@ -456,22 +456,35 @@ def _slow(tr: Trace, progress: dict[str, Any], reasoning: list[str]) -> dict[str
     rate, earlier = progress["rate"], progress["earlier_rate"]
     more = predicted_iterations(rk, tr.threshold, rate)
     need = None if more is None else k + more
+    # Sublinear: over [k/4, k/2] and [k/2, k] a geometric decay keeps its per-iteration rate, a
+    # power law t^(−p) halves log(rate) (twice the iterations for the same factor 2^(−p)).
+    pairs = _finite_pairs(tr)
+    early, late = _rate_between(pairs, k / 4, k / 2), _rate_between(pairs, k / 2, k)
+    sublinear = (
+        early is not None
+        and late is not None
+        and 0 < early < 1
+        and 0 < late < 1
+        and math.log(late) / math.log(early) <= 0.75
+    )
     evidence = {
         "rate": rate,
         "earlier_rate": earlier,
+        "early_rate": early,
+        "late_rate": late,
         "iterations_needed": need,
         "additional_iterations": more,
-        "sublinear": earlier is not None and rate > earlier + 0.5 * (1 - earlier),
+        "sublinear": sublinear,
         "level": progress["level"],
     }
     reasoning.append(
         f"slow test: ‖g‖ decreasing steadily at ×{rate:.6g} per iteration towards 0 (it does not level "
         f"off); reaching {tr.threshold:.3g} from {rk:.3g} needs about {_count(need)} iterations in all"
     )
-    if evidence["sublinear"]:
+    if sublinear:
         reasoning.append(
-            f"the rate rose from {earlier:.6g} to {rate:.6g}: convergence is slowing (sublinear); "
-            "the prediction is optimistic"
+            f"the rate per iteration rose from {early:.6g} over iterations k/4..k/2 to {late:.6g} over k/2..k: "
+            "convergence is slowing (sublinear, like a power of t); the prediction is optimistic"
         )
     budget = "the budget ran out" if tr.status is Status.MAX_ITER else "the run stopped"
     if tr.status is Status.TIMEOUT:
@@ -534,19 +547,30 @@ def _growth(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any] | None:
     its start. (A bounded orbit's window extremes can rise for a few windows by chance, but not
     with a record in each, not in proportion, and never for half of a long run.)
     """
-    r = [v for v in tr.residuals if math.isfinite(v)]
-    k = len(r) - 1
-    W = min(opts.rate_window, k // 3)
+    pairs = _finite_pairs(tr)
+    if len(pairs) < 4:
+        return None
+    first, k = pairs[0][0], pairs[-1][0]
+    W = min(opts.rate_window, (k - first) // 3)
     if W < 1:
         return None
-    count = k // W
-    windows = [r[k - (i + 1) * W + 1 : k - i * W + 1] for i in range(count)]  # newest first
+    windows = []  # newest first, by iteration number (a long run's thinned middle has fewer rows)
+    for i in range((k - first) // W):
+        w = _between(pairs, k - (i + 1) * W, k - i * W)
+        if not w:
+            break
+        windows.append(w)
+    count = len(windows)
+    if count < 2:
+        return None
     tops = [max(w) for w in windows]
     lows = [min(w) for w in windows]
     if tops[1] <= 0 or tops[0] <= 0:
         return None
     # Running maxima of everything before each window: a growing sequence sets a record in each.
-    before = [max(r[: k - (i + 1) * W + 1], default=-math.inf) for i in range(count)]
+    before = [
+        max((v for t, v in pairs if t <= k - (i + 1) * W), default=-math.inf) for i in range(count)
+    ]
     rising = 0
     while (
         rising + 1 < count
@@ -555,6 +579,7 @@ def _growth(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any] | None:
         and lows[rising] > lows[rising + 1]
     ):
         rising += 1
+    r = [v for _, v in pairs]
     # Growth scales the whole oscillation: the smallest ‖g‖ per window grows like the largest.
     # A bounded orbit whose minima climb from rounding level (0.001 → 0.07) while its maxima
     # creep (0.64 → 0.68) is not growing.
@@ -571,6 +596,30 @@ def _growth(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any] | None:
         "rising_windows": rising + 1,
         "steady": steady,
     }
+
+
+def _finite_pairs(tr: Trace) -> list[tuple[int, float]]:
+    """(iteration, ‖g‖) for every recorded row with a finite residual."""
+    return [(t, v) for t, v in zip(tr.rows, tr.residuals, strict=False) if math.isfinite(v)]
+
+
+def _between(pairs: list[tuple[int, float]], lo: float, hi: float) -> list[float]:
+    """The values recorded at iterations t with lo < t ≤ hi."""
+    return [v for t, v in pairs if lo < t <= hi]
+
+
+def _at(pairs: list[tuple[int, float]], t: float) -> tuple[int, float] | None:
+    """The last recorded (iteration, value) at or before iteration t."""
+    i = bisect.bisect_right([p[0] for p in pairs], t) - 1
+    return pairs[i] if i >= 0 else None
+
+
+def _rate_between(pairs: list[tuple[int, float]], lo: float, hi: float) -> float | None:
+    """(‖g‖ at hi / ‖g‖ at lo)^(1/iterations between them): the mean linear rate over [lo, hi]."""
+    a, b = _at(pairs, lo), _at(pairs, hi)
+    if a is None or b is None or b[0] <= a[0] or a[1] <= 0 or b[1] <= 0:
+        return None
+    return (b[1] / a[1]) ** (1.0 / (b[0] - a[0]))
 
 
 def _iterate_growth(tr: Trace) -> float | None:
@@ -855,18 +904,20 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
     than iterations, while the recent window is always exact.
     """
     r = tr.residuals
-    n = len(r) - 1  # position of the last entry
-    W = min(opts.stall_window, n)
-    before = [v for v in r[: n - W + 1] if math.isfinite(v)]
-    recent = [v for v in r[n - W + 1 :] if math.isfinite(v)]
+    pairs = _finite_pairs(tr)
+    k = tr.rows[-1] if tr.rows else tr.iterations
+    W = min(opts.stall_window, k)
+    before = [v for t, v in pairs if t <= k - W]
+    recent = _between(pairs, k - W, k)
     best_before = min(before) if before else math.inf
     best_recent = min(recent) if recent else math.inf
     progress = best_recent < (1 - opts.stall_decrease) * best_before
-    window = [v for v in r[n - W :] if math.isfinite(v)]
+    window = _between(pairs, k - W - 1, k)  # the W + 1 values that span W iterations
     top = max(window) if window else math.nan
     variation = (top - min(window)) / top if window and top > 0 else math.nan
     flat = math.isfinite(variation) and variation <= opts.stall_flat_rtol
-    steps = [v for v in tr.steps[-W:] if math.isfinite(v)]
+    step_pairs = zip(tr.rows[1:], tr.steps, strict=False)
+    steps = [v for t, v in step_pairs if t > k - W and math.isfinite(v)]
     median_step = statistics.median(steps) if steps else math.nan
     stuck = math.isfinite(median_step) and median_step <= opts.stall_step_rtol * tr.scale
     X = tr.iterates[-(W + 1) :]
@@ -884,9 +935,9 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
         and variation <= opts.stall_band
         and best_recent > tr.threshold
     )
-    rate = _window_rate(r, n, W)
-    earlier = _window_rate(r, n - W, W) if n - W >= W else None
-    envelope = _envelope_falls(r, n, min(opts.stall_window, n // 3))
+    rate = _rate_between(pairs, k - W, k) if math.isfinite(r[-1]) else None
+    earlier = _rate_between(pairs, k - 2 * W, k - W) if k - W >= W else None
+    envelope = _envelope_falls(pairs, k, min(opts.stall_window, k // 3))
     converging = rate is not None and rate < 1 and (earlier is None or earlier < 1) and envelope
     level = _level(tr, opts)
     rk = r[-1]
@@ -966,15 +1017,15 @@ def _level(tr: Trace, opts: DiagnosticOptions) -> float | None:
     return c + d2 * q / (1 - q)
 
 
-def _envelope_falls(r: list[float], k: int, W: int) -> bool:
+def _envelope_falls(pairs: list[tuple[int, float]], k: int, W: int) -> bool:
     """Largest and smallest ‖g‖ of the last three (or two) windows of W iterations both strictly
     fall, in proportion (a chaotic orbit's window minima can fall to near zero by chance while its
     maxima barely move; a converging sequence scales down as a whole)."""
     if W < 2:
         return True  # too short to see an envelope: the window rates alone decide
     count = 3 if k + 1 >= 3 * W else 2
-    windows = [r[k + 1 - (i + 1) * W : k + 1 - i * W] for i in range(count)]  # newest first
-    if any(not all(math.isfinite(v) for v in w) for w in windows):
+    windows = [_between(pairs, k - (i + 1) * W, k - i * W) for i in range(count)]  # newest first
+    if any(not w for w in windows):
         return False
     tops = [max(w) for w in windows]
     lows = [min(w) for w in windows]
@@ -991,16 +1042,6 @@ def proportional(top_new: float, top_old: float, low_new: float, low_old: float)
         return False
     a, b = math.log(top_new / top_old), math.log(low_new / low_old)
     return a > 0 and b > 0 and min(a, b) >= max(a, b) / 3
-
-
-def _window_rate(r: list[float], end: int, W: int) -> float | None:
-    """(r_end / r_{end−W})^{1/W}: the mean linear rate over a window of the residual history."""
-    if W <= 0 or end - W < 0:
-        return None
-    a, b = r[end - W], r[end]
-    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
-        return None
-    return (b / a) ** (1.0 / W)
 
 
 def _bounded(tr: Trace) -> bool:
