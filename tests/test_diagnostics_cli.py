@@ -183,3 +183,21 @@ def test_compare_solvers_runs_no_remedy_trials(cli) -> None:
     assert diag["plan"]["candidates"] and all(
         e["kind"] in ("note", "suggestion") for e in diag["advice"]
     )
+
+
+def test_escape_nonzero_minimum_and_precision_floor_configs(cli) -> None:
+    escape = first(solve_json(cli, DIAG / "escape.yaml"))
+    assert escape["classification"] == "diverged" and escape["evidence"]["escaping"] is True
+    assert escape["evidence"]["residual_max"] == pytest.approx(math.pi / 2, rel=1e-9)
+    assert escape["advice"][0]["label"] == "newton with line search"
+    assert escape["advice"][0]["kind"] == "verified"
+    minimum = first(solve_json(cli, DIAG / "nonzero_minimum.yaml"))
+    assert minimum["classification"] == "stalled" and minimum["evidence"]["nonzero_level"]
+    assert minimum["final_residual"] == pytest.approx(0.01, rel=1e-3)
+    assert minimum["stationarity"]["stationary"] is True
+    doc = solve_json(cli, DIAG / "precision_floor.yaml")
+    floor = first(doc)
+    assert floor["classification"] == "precision_floor" and doc["status"] == "stalled"
+    eps32 = 2.0**-23
+    assert floor["evidence"]["resolution"] == pytest.approx(eps32 * floor["evidence"]["scale"])
+    assert floor["evidence"]["reachable_tolerance"] > doc["tolerance"]["atol"]
