@@ -25,6 +25,7 @@ from deqcli.problems.tanh_layer import tanh_layer_map
 from deqcli.result import SolveResult, Status
 from deqcli.solvers import make_solver
 from deqcli.solvers.base import StopRule, run
+from tests.test_diagnostics import gradient_descent, logistic
 from tests.test_solvers import CASES as KNOWN
 
 F64 = torch.float64
@@ -52,20 +53,6 @@ def affine(A: Any, c: Any, z0: Any, dtype=F64) -> Problem:
     return Problem("affine", "test", "fixed_point", lambda x, p: x @ A_.mT + c_, z.reshape(1, -1))
 
 
-def logistic(*rs: float, z0: float = 0.5) -> Problem:
-    """z ← r z (1 − z), one r per sample."""
-    r = torch.tensor(rs, dtype=F64)[:, None]
-    return Problem(
-        "logistic",
-        "test",
-        "fixed_point",
-        lambda z, p: p["r"] * z * (1 - z),
-        torch.full((len(rs), 1), z0, dtype=F64),
-        {"r": r},
-        batched_params=frozenset({"r"}),
-    )
-
-
 def tanh_layer(W: list[list[float]], xs: list[list[float]], z0: float = 0.1) -> Problem:
     """z = tanh(W z + x), one x per sample, with its certificate L ≤ ‖W‖₂."""
     Wt = torch.tensor(W, dtype=F64)
@@ -81,21 +68,6 @@ def tanh_layer(W: list[list[float]], xs: list[list[float]], z0: float = 0.1) -> 
             lipschitz_bound=float(torch.linalg.matrix_norm(Wt, ord=2)), lipschitz_reason="‖W‖₂"
         ),
         batched_params=frozenset({"x"}),
-    )
-
-
-def gradient_descent(lr: float, eigenvalues: tuple[float, ...] = (1.0, 2.0)) -> Problem:
-    """w ← w − lr·H w: the structure carries H, as the gradient_descent kind does."""
-    H = torch.diag(torch.tensor(eigenvalues, dtype=F64))
-    L = max(abs(1 - lr * lam) for lam in eigenvalues)
-    return Problem(
-        "gd",
-        "gradient_descent",
-        "fixed_point",
-        lambda w, p: w - lr * w @ p["H"],
-        torch.ones(1, len(eigenvalues), dtype=F64),
-        {"H": H},
-        structure=Structure(lipschitz_bound=L, lipschitz_reason="quadratic", hessian=H, lr=lr),
     )
 
 
@@ -309,7 +281,7 @@ SUITE = [
         "newton",
         check=_exact_linear,
     ),
-    Case("logistic r=2.8", lambda: logistic(2.8), order="linear", check=_logistic_rate),
+    Case("logistic r=2.8", lambda: logistic([2.8]), order="linear", check=_logistic_rate),
     Case(
         "tanh contraction with anderson",
         lambda: tanh_layer([[0.3, -0.5], [0.4, 0.2]], [[0.3, -1.0]]),
@@ -353,7 +325,7 @@ SUITE = [
     # -- cycles ---------------------------------------------------------------------------------
     Case(
         "logistic r=3.2 period 2",
-        lambda: logistic(3.2),
+        lambda: logistic([3.2]),
         verdict="oscillating",
         period=2,
         remedy="fixed_point beta=0.45",
@@ -361,7 +333,7 @@ SUITE = [
     ),
     Case(
         "logistic r=3.5 period 4",
-        lambda: logistic(3.5),
+        lambda: logistic([3.5]),
         stop={"max_iter": 300},
         verdict="oscillating",
         period=4,
@@ -369,7 +341,7 @@ SUITE = [
     ),
     Case(
         "logistic r=3.835 period 3",
-        lambda: logistic(3.835),
+        lambda: logistic([3.835]),
         stop={"max_iter": 300},
         verdict="oscillating",
         period=3,
@@ -398,14 +370,14 @@ SUITE = [
     # -- bounded, aperiodic ----------------------------------------------------------------------
     Case(
         "logistic r=3.9 chaos",
-        lambda: logistic(3.9),
+        lambda: logistic([3.9]),
         stop={"max_iter": 300},
         verdict="chaotic",
         remedy=f"fixed_point beta={1 / (3.9 - 1):.2g}",
     ),
     Case(
         "logistic r=4 from 0.3",
-        lambda: logistic(4.0, z0=0.3),
+        lambda: logistic([4.0], z0=0.3),
         stop={"max_iter": 300},
         verdict="chaotic",
     ),
@@ -568,7 +540,7 @@ SUITE = [
     # -- batches ---------------------------------------------------------------------------------
     Case(
         "logistic batch r = 2.8, 3.2, 3.9",
-        lambda: logistic(2.8, 3.2, 3.9),
+        lambda: logistic([2.8, 3.2, 3.9]),
         stop={"max_iter": 300},
         verdict=["converged", "oscillating", "chaotic"],
     ),

@@ -177,18 +177,8 @@ def plan(sample: dict[str, Any], ctx: Context) -> Plan:
         return out
     if cls == dyn.UNDETERMINED:
         if sample.get("iterations", 0) < 4:
-            more = max(ctx.max_iter, 50)
-            out.add(
-                Candidate(
-                    f"{more} more iterations of {describe(ctx.solver, {})} from the last iterate",
-                    f"only {sample.get('iterations', 0)} iterations: too few to judge",
-                    ctx.solver,
-                    _run_options(ctx),
-                    start="last",
-                    max_iter=more,
-                    kind="continue",
-                )
-            )
+            why = f"only {sample.get('iterations', 0)} iterations: too few to judge"
+            out.add(_more_iterations(ctx, max(ctx.max_iter, 50), why))
         return out
     if ctx.options.get("line_search") is False and cls in (*UNSTABLE, dyn.STALLED):
         options = {**_run_options(ctx), "line_search": True}
@@ -227,6 +217,19 @@ def plan(sample: dict[str, Any], ctx: Context) -> Plan:
 def _run_options(ctx: Context) -> dict[str, Any]:
     """The run's own options (a continuation or a switch of line search keeps the rest)."""
     return dict(ctx.options)
+
+
+def _more_iterations(ctx: Context, more: int, why: str) -> Candidate:
+    """The same solver, with its options, continued from the last iterate for ``more`` iterations."""
+    return Candidate(
+        f"{more} more iterations of {describe(ctx.solver, {})} from the last iterate",
+        why,
+        ctx.solver,
+        _run_options(ctx),
+        start="last",
+        max_iter=more,
+        kind="continue",
+    )
 
 
 def _learning_rate(gd: dict[str, Any], ctx: Context, out: Plan) -> None:
@@ -311,19 +314,11 @@ def _transient(sample: dict[str, Any], ctx: Context, out: Plan) -> None:
     need = sample.get("transient_iterations")
     done = sample.get("iterations", 0)
     if need is not None and need <= MAX_SENSIBLE_ITERATIONS:
-        more = max(1, math.ceil(1.1 * (need - done)))
-        out.add(
-            Candidate(
-                f"{more} more iterations of {describe(ctx.solver, {})} from the last iterate",
-                f"at the rate ρ(J) = {_num(last.get('spectral_radius'))} the tolerance needs about {need} iterations "
-                "in all",
-                ctx.solver,
-                _run_options(ctx),
-                start="last",
-                max_iter=more,
-                kind="continue",
-            )
+        why = (
+            f"at the rate ρ(J) = {_num(last.get('spectral_radius'))} the tolerance needs about {need} "
+            "iterations in all"
         )
+        out.add(_more_iterations(ctx, max(1, math.ceil(1.1 * (need - done))), why))
 
 
 def _oscillating(sample: dict[str, Any], ctx: Context, out: Plan) -> None:
@@ -464,19 +459,11 @@ def _slow(sample: dict[str, Any], ctx: Context, out: Plan) -> None:
     plain = "fixed_point" in ctx.solver
     out.add(_better_damping(sample, ctx, plain, rate))
     if more is not None and need is not None and need <= MAX_SENSIBLE_ITERATIONS:
-        extra = max(1, math.ceil(1.1 * more))
-        out.add(
-            Candidate(
-                f"{extra} more iterations of {describe(ctx.solver, {})} from the last iterate",
-                f"at the rate {near_one(rate)} the tolerance needs about {need} iterations in all (max_iter "
-                f"{ctx.max_iter})",
-                ctx.solver,
-                _run_options(ctx),
-                start="last",
-                max_iter=extra,
-                kind="continue",
-            )
+        why = (
+            f"at the rate {near_one(rate)} the tolerance needs about {need} iterations in all "
+            f"(max_iter {ctx.max_iter})"
         )
+        out.add(_more_iterations(ctx, max(1, math.ceil(1.1 * more)), why))
         out.suggestions.append(f"raise max_iter to about {math.ceil(need * 1.1)}")
 
 
