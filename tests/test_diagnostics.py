@@ -235,6 +235,9 @@ def test_beyond_dense_max_dim_the_estimates_are_matrix_free() -> None:
     assert s["spectral"]["norm2"] == pytest.approx(0.9, rel=1e-6)
     assert s["spectral"]["spectral_radius"] == pytest.approx(0.9, rel=1e-6)
     assert s["rates"]["step_rate"] == pytest.approx(0.9, abs=0.02)
+    # Beyond the dense analysis σ_min(J_g) is not estimated, and the error bound says so.
+    assert s["error_bound"]["method"] == "not estimated"
+    assert s["error_bound"]["statement"] == "‖z − z*‖ not estimated (n too large for the dense SVD)"
 
 
 def test_slow_convergence_predicts_the_iterations_needed() -> None:

@@ -456,7 +456,12 @@ def forward_error(
     if "sigma_min" not in at:
         out["method"] = at.get("method", "not estimated")
         out["reason"] = at.get("reason") or at.get("error") or "σ_min(J_g) unavailable"
-        out["statement"] = f"‖z − z*‖ not estimated: {out['reason']}"
+        reason = out["reason"]
+        out["statement"] = (
+            f"‖z − z*‖ {reason}"
+            if reason.startswith("not estimated")
+            else f"‖z − z*‖ not estimated: {reason}"
+        )
         return out
     smin, smax, cond = at["sigma_min"], at["sigma_max"], at["cond"]
     start_max = at_start.get("sigma_max")

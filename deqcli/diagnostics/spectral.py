@@ -330,10 +330,7 @@ def _matrix_free(
 
 # -- σ_min(J_g) for the forward-error estimate --------------------------------------------------
 
-NOT_ESTIMATED = (
-    "not estimated (n too large for the dense SVD; a matrix-free σ_min(J_g) estimate awaits the "
-    "Krylov layer)"
-)
+NOT_ESTIMATED = "not estimated (n too large for the dense SVD)"
 
 
 def residual_sigma(
