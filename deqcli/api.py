@@ -85,8 +85,9 @@ def solve_config(
 ) -> SolveResult:
     """Solve the problem of ``config`` with its solver; ``problem`` reuses an already built one.
 
-    ``diagnostics`` (True, False or DiagnosticOptions) analyses the run afterwards and refines the
-    per-sample status with the evidence; ``precheck`` estimates the Lipschitz constant near z0 first.
+    ``diagnostics`` (True, False or DiagnosticOptions) analyses the run afterwards, refines the
+    per-sample status with the evidence and tries the planned remedies (unless the options say
+    ``trials=False``); ``precheck`` estimates the Lipschitz constant near z0 first.
     ``trust_code`` allows a config that runs Python code (see ``load_problem``).
     """
     cfg = as_config(config, overrides)
@@ -193,6 +194,11 @@ def _solve(
         from deqcli.diagnostics import attach
 
         attach(problem, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
+    if diagnostics is not False:
+        from deqcli.analyses.remedies import try_remedies
+
+        # The planned remedies, run within their budget (DiagnosticOptions.trials, --no-try).
+        try_remedies(problem, result, diag_options)
     return result
 
 

@@ -43,6 +43,8 @@ class SolveRequest:
     max_period: int | None = None
     sensitivity: list[str] = field(default_factory=list)
     save: str | None = None
+    try_remedies: bool = True
+    try_budget: int | None = None
 
 
 @dataclass
@@ -72,13 +74,14 @@ def solve(request: SolveRequest) -> SolveOutcome:
         saved = check_solution_path(request.save, protected=inputs)
     if request.explain and not request.diagnostics:
         raise UsageError("--explain needs the diagnostics; drop --no-diagnostics")
+    if request.try_budget is not None and not request.try_remedies:
+        raise UsageError("--try-budget sets the budget of the remedy trials; drop --no-try")
     from deqcli.diagnostics.settings import DiagnosticOptions
 
-    diagnostics = (
-        False
-        if not request.diagnostics
-        else DiagnosticOptions(**({"max_period": request.max_period} if request.max_period else {}))
-    )
+    settings: dict[str, Any] = {"trials": request.try_remedies, "try_budget": request.try_budget}
+    if request.max_period:
+        settings["max_period"] = request.max_period
+    diagnostics = DiagnosticOptions(**settings) if request.diagnostics else False
     problem = load_problem(cfg)
     if request.sensitivity:
         from deqcli.analyses.sensitivity import attach_sensitivities, check_names

@@ -62,6 +62,21 @@ def solve(
             "(arrays z and converged).",
         ),
     ] = None,
+    no_try: Annotated[
+        bool,
+        typer.Option(
+            "--no-try",
+            help="Do not run the candidate remedies of a failed or slow run (they stay suggestions).",
+        ),
+    ] = False,
+    try_budget: Annotated[
+        int | None,
+        typer.Option(
+            "--try-budget",
+            min=1,
+            help="Evaluations each remedy trial may spend (default: the run's own, at least 100).",
+        ),
+    ] = None,
 ) -> None:
     """Solve the problem in CONFIG and report how it went.
 
@@ -81,6 +96,8 @@ def solve(
             max_period=max_period,
             sensitivity=list(sensitivity or []),
             save=save,
+            try_remedies=not no_try,
+            try_budget=try_budget,
         )
         outcome = jobs.solve(request)
     if not quiet and json_path != "-":

@@ -238,6 +238,10 @@ CLASS_STYLE = {
 }
 
 
+# Verified remedies stand out; remedies that failed their trial and untried suggestions do not.
+ROW_STYLE = {"remedy": "cyan", "tried": "dim", "suggestion": "dim", "error": ""}
+
+
 def render_diagnostics(result: SolveResult, console: Console) -> None:
     """The diagnostics panel: certificate, spectrum, rates, classification and remedies.
 
@@ -257,8 +261,8 @@ def render_diagnostics(result: SolveResult, console: Console) -> None:
         style = ""
         if label == "outcome":
             style = CLASS_STYLE.get(text.split(" ", 1)[0], "yellow")
-        elif label == "remedy":
-            style = "cyan"
+        else:
+            style = ROW_STYLE.get(label, "")
         grid.add_row("→ remedy" if label == "remedy" else label, Text(text, style=style))
     console.print(Panel(grid, title="diagnostics", title_align="left", border_style="dim"))
 
