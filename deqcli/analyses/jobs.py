@@ -43,6 +43,9 @@ class SolveRequest:
     diagnostics: bool = True
     max_period: int | None = None
     sensitivity: list[str] = field(default_factory=list)
+    save: str | None = None
+    try_remedies: bool = True
+    try_budget: int | None = None
 
 
 @dataclass
@@ -55,7 +58,7 @@ class SolveOutcome:
 
 
 def solve(request: SolveRequest) -> SolveOutcome:
-    """Load, check the --json path and the sensitivity names, solve, write --json."""
+    """Load, check the --json and --save paths and the sensitivity names, solve, write --json and z*."""
     from deqcli.api import load_problem
     from deqcli.api import solve as api_solve
     from deqcli.config import load_config
@@ -63,15 +66,23 @@ def solve(request: SolveRequest) -> SolveOutcome:
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
     target = _output(request.json_path, request.config, "--json")
+    saved = None
+    if request.save is not None:
+        from deqcli.config import config_files
+        from deqcli.render.files import check_solution_path
+
+        inputs = [request.config, *(ref.path(cfg.base_dir) for ref in config_files(cfg))]
+        saved = check_solution_path(request.save, protected=inputs)
     if request.explain and not request.diagnostics:
         raise UsageError("--explain needs the diagnostics; drop --no-diagnostics")
+    if request.try_budget is not None and not request.try_remedies:
+        raise UsageError("--try-budget sets the budget of the remedy trials; drop --no-try")
     from deqcli.diagnostics.settings import DiagnosticOptions
 
-    diagnostics = (
-        False
-        if not request.diagnostics
-        else DiagnosticOptions(**({"max_period": request.max_period} if request.max_period else {}))
-    )
+    settings: dict[str, Any] = {"trials": request.try_remedies, "try_budget": request.try_budget}
+    if request.max_period:
+        settings["max_period"] = request.max_period
+    diagnostics = DiagnosticOptions(**settings) if request.diagnostics else False
     problem = load_problem(cfg)
     if request.sensitivity:
         from deqcli.analyses.sensitivity import attach_sensitivities, check_names
@@ -81,6 +92,10 @@ def solve(request: SolveRequest) -> SolveOutcome:
     sens = attach_sensitivities(problem, result, request.sensitivity) if request.sensitivity else []
     if request.json_path is not None:
         emit_json(result.to_dict(), target)
+    if saved is not None:
+        from deqcli.render.files import save_solution
+
+        save_solution(result.z_star, [s.ok for s in result.sample_status], saved)
     return SolveOutcome(result, problem.description, sens)
 
 

@@ -26,7 +26,11 @@ TolOpt = Annotated[
     float | None, typer.Option("--tol", "--atol", help="Absolute tolerance on ‖f(z)−z‖.")
 ]
 RtolOpt = Annotated[
-    float | None, typer.Option("--rtol", help="Relative tolerance (times ‖f(z0)−z0‖).")
+    float | None,
+    typer.Option(
+        "--rtol",
+        help="Relative tolerance: times ‖f(z0)−z0‖ (run.stop_mode abs) or ‖f(z)‖ (rel).",
+    ),
 ]
 MaxIterOpt = Annotated[int | None, typer.Option("--max-iter", help="Iteration budget.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
