@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from deqcli.diagnostics.settings import DiagnosticOptions
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
-    from deqcli.solvers.base import StopRule
+    from deqcli.solvers.base import Monitor, StopRule
 
 
 def as_config(config: Config | str | Path, overrides: list[str] | None = None) -> Config:
@@ -62,6 +62,8 @@ def solve(
     diagnostics: bool | DiagnosticOptions = True,
     precheck: bool = False,
     trust_code: bool = False,
+    monitor: Monitor | None = None,
+    monitor_every: int = 1,
     **solver_options: Any,
 ) -> SolveResult:
     """Solve the problem of ``config`` with its solver; ``problem`` reuses an already built one.
@@ -69,6 +71,8 @@ def solve(
     ``diagnostics`` (True, False or DiagnosticOptions) analyses the run afterwards and refines the
     per-sample status with the evidence; ``precheck`` estimates the Lipschitz constant near z0 first.
     ``trust_code`` allows a config that runs Python code (see ``load_problem``).
+    ``monitor`` is called with an ``Iteration`` (k, ‖g‖ per sample, samples running, elapsed) at
+    the start, every ``monitor_every`` iterations and at the end: live progress, ``--monitor``.
     """
     from deqcli.solvers import make_solver
     from deqcli.solvers.base import run
@@ -82,7 +86,9 @@ def solve(
         from deqcli.diagnostics import precheck as check_start
 
         pre = check_start(built, diag_options, solver=solver)
-    result = run(built, solver, stop_rule(cfg))
+    stop = stop_rule(cfg)
+    stop.monitor_every = monitor_every
+    result = run(built, solver, stop, monitor=monitor)
     result.notes.extend(tolerance_notes(cfg, built))
     if diagnostics is not False or pre is not None:
         from deqcli.diagnostics import attach
