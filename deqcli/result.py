@@ -104,6 +104,7 @@ class SolveResult:
     rtol: float
     max_iter: int
     stop_mode: str = "abs"
+    form: str = "fixed_point"  # the problem's own form: a map f, or a residual g
     # Iteration number of each history row: 0..K unless a long run's middle was thinned.
     history_iterations: list[int] | None = None
     history_summary: dict[str, Any] | None = None
@@ -220,6 +221,7 @@ class SolveResult:
         doc: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "problem": self.problem,
+            "form": self.form,
             "solver": self.solver,
             "options": self.options,
             "status": self.status.value,
