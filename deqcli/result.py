@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-SCHEMA_VERSION = "1"
+from deqcli.schemas import SOLVE_KIND, SOLVE_VERSION
+
+SCHEMA_VERSION = SOLVE_VERSION
 
 
 class Status(str, Enum):
@@ -219,6 +221,7 @@ class SolveResult:
                 sample["diagnostics"] = self.diagnostics["samples"][b]
             samples.append(sample)
         doc: dict[str, Any] = {
+            "kind": SOLVE_KIND,
             "schema_version": SCHEMA_VERSION,
             "problem": self.problem,
             "form": self.form,

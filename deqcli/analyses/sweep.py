@@ -38,8 +38,11 @@ import yaml
 from deqcli.config import PROBLEM_MODELS, Config, parse_config, read_config_text
 from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.expr import ExpressionError
+from deqcli.schemas import SWEEP_KIND, SWEEP_RESULTS_KIND, SWEEP_VERSION
 
-SWEEP_SCHEMA_VERSION = "1"
+SWEEP_SCHEMA_VERSION = SWEEP_VERSION
+# What a --results file written before the document kinds were unified says of itself.
+LEGACY_RESULTS_KIND = "deq-sweep"
 # Points are refused beyond this many (a typo such as 1:2:1e6 should not start a day-long run).
 MAX_POINTS = 100_000
 # Solutions with more entries than this are kept in memory for warm starts but not written out.
@@ -462,10 +465,10 @@ class SweepResult:
         return not self.interrupted and all(p.get("status") != "error" for p in self.points)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document of the whole sweep (``kind: sweep``)."""
+        """The JSON document of the whole sweep (``kind: deq.sweep``)."""
         return {
+            "kind": SWEEP_KIND,
             "schema_version": SWEEP_SCHEMA_VERSION,
-            "kind": "sweep",
             "config": self.source,
             "axes": [a.to_dict() for a in self.axes],
             "options": {**asdict(self.options), "warm_start": self.warm_start},
@@ -492,7 +495,7 @@ def _public(point: dict[str, Any]) -> dict[str, Any]:
 def header(base: SweepBase, axes: list[Axis], options: PointOptions, warm: bool) -> dict[str, Any]:
     """The first line of a results file: what the sweep is, for checking on --resume."""
     return {
-        "kind": "deq-sweep",
+        "kind": SWEEP_RESULTS_KIND,
         "schema_version": SWEEP_SCHEMA_VERSION,
         "config": str(Path(base.base_dir) / Path(base.source).name),
         "config_sha256": hashlib.sha256(base.text.encode("utf-8")).hexdigest(),
@@ -517,7 +520,10 @@ def read_results(path: Path, expected: dict[str, Any]) -> dict[tuple[int, ...], 
         head = json.loads(lines[0])
     except json.JSONDecodeError:
         head = None
-    if not isinstance(head, dict) or head.get("kind") != "deq-sweep":
+    if not isinstance(head, dict) or head.get("kind") not in (
+        SWEEP_RESULTS_KIND,
+        LEGACY_RESULTS_KIND,
+    ):
         raise UsageError(f"--results: '{path}' is not a deq sweep results file")
     for field_name in ("config", "overrides", "solver", "axes", "options", "warm_start"):
         if head.get(field_name) != json.loads(json.dumps(expected[field_name])):
