@@ -94,3 +94,78 @@ def test_compare_tables_fit_the_width_and_cut_nothing(comparison, width: int) ->
     ranks = [row["rank"] for p in comparison["problems"] for row in p["solvers"] if row["rank"]]
     assert ranks and all(str(rank) in words for rank in ranks)
     assert "auto: auto:" not in text and "auto:" in text
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+
+
+def test_compare_plot_names_what_it_draws_and_keeps_the_legend_off_the_data(comparison) -> None:
+    pytest.importorskip("matplotlib")
+    from deqcli.render.plots import problem_figure
+
+    fig = problem_figure(comparison["problems"][0])
+    fig.canvas.draw()
+    assert any("‖f(z) − z‖" in t for t in _texts(fig)) and fig._suptitle.get_text().startswith(
+        "dottie"
+    )
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert all(not box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    # A root problem's axis says ‖g(z)‖; curves sit at their iteration numbers, not row indices.
+    root = json.loads(json.dumps(comparison["problems"][0]))
+    root["form"] = "residual"
+    row = next(r for r in root["solvers"] if r["curve"])
+    row["curve"]["iteration"] = [10 * k for k in range(len(row["curve"]["residual"]))]
+    fig = problem_figure(root)
+    assert any("‖g(z)‖" in t for t in _texts(fig))
+    assert max(fig.axes[0].get_lines()[0].get_xdata()) == row["curve"]["iteration"][-1]
+
+
+def test_time_axis_turns_logarithmic_when_solvers_differ_by_orders_of_magnitude(
+    comparison,
+) -> None:
+    pytest.importorskip("matplotlib")
+    from deqcli.render.plots import problem_figure, wide_time_range
+
+    problem = json.loads(json.dumps(comparison["problems"][0]))
+    rows = [row for row in problem["solvers"] if row["curve"]]
+    for k, row in enumerate(rows):
+        row["curve"]["time"] = [t * 10.0**k for t in row["curve"]["time"]]
+    assert wide_time_range(rows)
+    assert problem_figure(problem).axes[1].get_xscale() == "log"
+    for row in rows:  # every solver within a few percent of one second
+        row["curve"]["time"] = [1.0 + 0.01 * i for i in range(len(row["curve"]["time"]))]
+    assert not wide_time_range(rows)
+    assert problem_figure(problem).axes[1].get_xscale() == "linear"
+
+
+@pytest.mark.parametrize("count", [3, 10, 15, 24])
+def test_every_solver_gets_its_own_colour(count: int) -> None:
+    pytest.importorskip("matplotlib")
+    from deqcli.render.plots import solver_colours
+
+    colours = solver_colours(count)
+    assert len(colours) == count and len({tuple(c) for c in colours}) == count
+
+
+def test_plots_are_written_as_pdf(tmp_path, comparison) -> None:
+    pytest.importorskip("matplotlib")
+    from deqcli.render.plots import check_plot_target, write_plots
+
+    (path,) = write_plots(
+        {"problems": comparison["problems"][:1]}, check_plot_target(str(tmp_path / "a.pdf"))
+    )
+    assert path.read_bytes()[:5] == b"%PDF-"
+
+
+def test_sweep_plot_is_titled_by_the_problem_and_says_when_it_draws_a_norm(cli, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "sweep.svg"
+    run = cli("sweep", CONFIGS / "linear.yaml", "-p", "c=0.5,1", "--plot", target, "-q")
+    assert run.exit_code == 0, run.stderr
+    text = target.read_text()
+    assert "linear-affine: sweep of c" in text and "‖z*‖" in text

@@ -197,6 +197,13 @@ class SweepBase:
         text, base_dir = read_config_text(path)
         return cls(text, str(base_dir), str(path), tuple(overrides or ()), solver)
 
+    @property
+    def problem_name(self) -> str:
+        """The problem's name, or the config file's name without its suffix."""
+        problem = self.raw().get("problem")
+        name = problem.get("name") if isinstance(problem, dict) else None
+        return name if isinstance(name, str) and name else Path(self.source).stem
+
     def raw(self) -> dict[str, Any]:
         """The YAML mapping (for resolving short parameter names)."""
         try:
@@ -278,6 +285,17 @@ def check_value_spec(spec: str) -> None:
     raise UsageError(
         f"--value: use auto, norm, mean, max, min or a component index such as 0, got {spec!r}"
     )
+
+
+def value_label(spec: str, n: int) -> str:
+    """What ``--value spec`` draws of an n-vector z*: z*, ‖z*‖, mean(z*), z*[i], …"""
+    if spec == "auto":
+        spec = "0" if n == 1 else "norm"
+    if spec == "norm":
+        return "‖z*‖"
+    if spec in ("mean", "max", "min"):
+        return f"{spec}(z*)"
+    return "z*" if n == 1 else f"z*[{spec}]"
 
 
 def value_of(z: Any, spec: str) -> float:
@@ -384,6 +402,7 @@ def _summarise_result(problem: Any, result: Any, options: PointOptions) -> dict[
         "iterations": result.nit,
         "residual": _num(max(finals, default=0.0)),
         "value": first["value"],
+        "value_label": value_label(options.value, result.solution.shape[1]),
         "rho": max(rhos) if rhos else None,
         "certificate": None if cert is None else bool(cert.get("contraction")),
         "lipschitz_bound": None if cert is None else _num(cert.get("lipschitz_bound")),
@@ -453,6 +472,7 @@ class SweepResult:
     wall_time: float = 0.0
     results_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    problem: str = ""  # the problem's name (titles, reports)
 
     @property
     def total(self) -> int:
@@ -469,6 +489,7 @@ class SweepResult:
         return {
             "kind": SWEEP_KIND,
             "schema_version": SWEEP_SCHEMA_VERSION,
+            "problem": self.problem,
             "config": self.source,
             "axes": [a.to_dict() for a in self.axes],
             "options": {**asdict(self.options), "warm_start": self.warm_start},
@@ -581,6 +602,7 @@ def run_sweep(
         base.source, axes, [], options, warm_start, results_path=str(results) if results else None
     )
     sweep.resumed = len(done)
+    sweep.problem = base.problem_name
     solutions: dict[tuple[int, ...], list[list[float]]] = {}
     with _Appender(results, head, fresh=not done) as out:
         try:
