@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,11 +28,19 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
     """Validate ``--plot PATH`` before any solving: matplotlib present, and a folder or a file with one
-    of ``suffixes`` (``wanted`` names them in the error) in a folder that exists."""
+    of ``suffixes`` (``wanted`` names them in the error) in a folder that exists.
+
+    A path ending in ``/`` names a folder; it is created if its parent exists (``--plot plots/``).
+    """
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot: matplotlib is not installed; pip install 'deqcli[plot]'")
     target = Path(path)
     if target.is_dir():
+        return target
+    if path.endswith(("/", os.sep)):
+        if target.exists() or not target.parent.is_dir():
+            raise UsageError(f"--plot: cannot make the folder '{path}' (its parent must exist)")
+        target.mkdir()
         return target
     if target.suffix.lower() not in suffixes:
         raise UsageError(f"--plot: '{path}' must end in {wanted}")
