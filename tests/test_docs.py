@@ -296,6 +296,9 @@ def test_doc_example(block: Block, scratch: Path) -> None:
     if directive == "errors":
         _check_errors(block, scratch)
         return
+    if directive == "formulas":
+        _check_formulas(block, scratch)
+        return
     if block.lang == "console":
         _check_session(block, scratch, loose)
     elif block.lang == "bash":
@@ -410,15 +413,118 @@ def _check_doctest(block: Block, scratch: Path) -> None:
 # -- documented error messages and the input behind each -------------------------------------------
 
 # Each documented error line (without "error: ") -> (config file name, its text, deq arguments).
-# The config is written in a folder named "project" of the scratch folder, which the messages
-# show as /tmp/project.
-DOTTIE = "problem:\n  kind: expression\n  fixed_point: cos(z)\n  initial: 1.0\n"
-ERRORS: dict[str, tuple[str, str, list[str]]] = {}
+# The config is written in a folder named "project" of the scratch folder (with a copy of
+# configs/models), which the messages show as /tmp/project.
+EXPR = "problem:\n  kind: expression\n  fixed_point: cos(z)\n  initial: 1.0\n"
+TANH = "problem:\n  kind: tanh_layer\n  dim: 3\n"
+ROOT_EXPR = "problem:\n  kind: expression\n  residual: z\n"
+MATRIX = (
+    "problem:\n  kind: expression\n  params:\n    A: [[1.0, 0.0], [0.0, 1.0]]\n  fixed_point: z\n"
+)
+
+
+def _solve(text: str, *extra: str, name: str = "cfg.yaml") -> tuple[str, str, list[str]]:
+    return name, text, ["solve", name, *extra]
+
+
+ERRORS: dict[str, tuple[str, str, list[str]]] = {
+    # docs/configuration.md: keys, types and values, with the YAML line
+    "solvr (line 4): unknown key; did you mean 'solver'? (valid keys: problem, solver, run)": _solve(
+        EXPR.replace("  initial: 1.0\n", "solvr: newton\n")
+    ),
+    "run.max_iters (line 5): unknown key; did you mean 'max_iter'? (valid keys: atol, rtol, "
+    "stop_mode, max_iter, timeout, device, dtype, seed, keep_iterates, divergence_factor, "
+    "history_limit)": _solve(EXPR.replace("  initial: 1.0\n", "run:\n  max_iters: 10\n")),
+    "problem.fixed_pont (line 3): unknown key; did you mean 'fixed_point'? (valid keys: kind, "
+    "name, fixed_point, residual, dim, batch, initial, params, batch_params)": _solve(
+        EXPR.replace("fixed_point:", "fixed_pont:")
+    ),
+    "problem.kind (line 2): unknown or missing problem kind; use one of tanh_layer, expression, "
+    "gradient_descent, python": _solve("problem:\n  kind: tanh\n"),
+    "problem.W (line 1): required key is missing": _solve("problem: {kind: tanh_layer, dim: 3}\n"),
+    "problem.dim (line 3): Input should be a valid integer, unable to parse string as an "
+    "integer, got 'three'": _solve(TANH.replace("3", "three") + "  W: {random: normal}\n"),
+    "run.max_iter (line 5): Input should be greater than or equal to 0, got -3": _solve(
+        EXPR.replace("  initial: 1.0\n", "run:\n  max_iter: -3\n")
+    ),
+    "problem (line 1): give exactly one of fixed_point (z = f(z)) or residual (g(z) = 0)": _solve(
+        EXPR + "  residual: z - cos(z)\n"
+    ),
+    "problem.W (line 4): unknown key 'sead' (valid keys: random, seed, scale, spectral_norm, "
+    "eigenvalues)": _solve(TANH + "  W: {random: normal, sead: 1}\n"),
+    "problem.initial (line 4): a mapping here needs a 'file' or 'random' key, got keys "
+    "['rand']": _solve(EXPR.replace("1.0", "{rand: normal}")),
+    "problem.initial (line 4): lists must hold only numbers (or lists of numbers)": _solve(
+        EXPR.replace("1.0", "[1.0, one]")
+    ),
+    "broken.yaml: malformed YAML at line 4, column 1: expected ',' or ']', but got "
+    "'<stream end>'": _solve(
+        "problem:\n  kind: expression\n  initial: [1.0, 2.0\n", name="broken.yaml"
+    ),
+    "solver.name: unknown solver 'newtn'; did you mean 'newton'? (valid: fixed_point, newton, "
+    "anderson, broyden, newton-krylov, trust-region, auto, scipy:hybr, scipy:lm, scipy:krylov, "
+    "scipy:anderson, scipy:df-sane, torchdeq:anderson, torchdeq:broyden, "
+    "torchdeq:fixed_point_iter; see deq list-solvers)": _solve(EXPR, "--solver", "newtn"),
+    "solver.bta: unknown option for solver 'fixed_point'; did you mean 'beta'? (valid options: "
+    "beta)": _solve(EXPR + "solver: {name: fixed_point, bta: 0.5}\n"),
+    "solver.beta: must lie in (0, 2), got 2.5": _solve(EXPR + "solver: {beta: 2.5}\n"),
+    "solver.max_backtracks: must be an integer, got 2.5": _solve(
+        EXPR + "solver: {name: newton, max_backtracks: 2.5}\n"
+    ),
+    "--set: expected key.path=value, got 'foo'": _solve(EXPR, "--set", "foo"),
+    "problem.fixed_point (line 3): unknown function 'sn' at column 11; did you mean 'sin'?": _solve(
+        EXPR.replace("cos(z)", "0.5 * z + sn(z)")
+    ),
+    # docs/configuration.md: found while building the problem
+    "problem.W: expected shape (3, 3), got (2, 2)": _solve(
+        TANH + "  W: [[0.5, 0.0], [0.0, 0.5]]\n"
+    ),
+    "problem.W: file 'weights/W.npy' does not exist (looked in /tmp/project/weights)": _solve(
+        TANH + "  W: {file: weights/W.npy}\n"
+    ),
+    "problem.U: required when input_dim (2) differs from dim (3)": _solve(
+        TANH + "  input_dim: 2\n  W: {random: normal}\n"
+    ),
+    "problem.batch_params.r: has 2 entries but the batch has 3 samples": _solve(
+        "problem:\n  kind: expression\n  batch: 3\n  batch_params: {r: [1.0, 2.0]}\n"
+        "  fixed_point: r * z\n"
+    ),
+    "problem.fixed_point: is not finite at the initial point (sample 0, z0 = [-1]); choose "
+    "another initial": _solve(EXPR.replace("cos(z)", "log(z)").replace("1.0", "-1.0")),
+    "problem.target: 'build' is not a callable in 'models/damped_cosine.py' (callables there: "
+    "DampedCosine, make)": _solve(
+        "problem: {kind: python, target: models/damped_cosine.py:build}\n", "--trust-code"
+    ),
+    # docs/expressions.md: formulas
+    "problem.fixed_point (line 3): unknown function 'cso' at column 1; did you mean 'cos'?": _solve(
+        EXPR.replace("cos(z)", "cso(z)")
+    ),
+    "problem.residual (line 3): unknown name 'zz' at column 1; did you mean 'z'? (known names: "
+    "n, z)": _solve(ROOT_EXPR.replace("residual: z", "residual: zz - 1")),
+    "problem.fixed_point (line 5): attribute access '.T' is not allowed at column 2; use "
+    "transpose(A)": _solve(MATRIX.replace("fixed_point: z", "fixed_point: A.T @ z")),
+    "problem.params.A (line 4): syntax error at column 5: unexpected token ')'": _solve(
+        MATRIX.replace("[[1.0, 0.0], [0.0, 1.0]]", "(1 +)")
+    ),
+    "problem.fixed_point (line 3): cos() takes 1 argument, got 2 at column 1": _solve(
+        EXPR.replace("cos(z)", "cos(z, z)")
+    ),
+    "problem.fixed_point (line 3): chained comparisons are not supported at column 13; write "
+    "(a < b) & (b < c)": _solve(EXPR.replace("cos(z)", "where(0 < z < 1, z, 0)")),
+    "problem.params.A: ones(): would create 100000000 elements; the limit is 10000000 "
+    "at column 1": _solve(MATRIX.replace("[[1.0, 0.0], [0.0, 1.0]]", "ones(10000, 10000)")),
+    "problem.residual: cannot evaluate '@' at column 3: size mismatch, got input (3), mat "
+    "(3x3), vec (2)": _solve(
+        "problem:\n  kind: expression\n  dim: 2\n  params: {A: eye(3)}\n  residual: A @ z\n"
+    ),
+}
 
 
 def _check_errors(block: Block, scratch: Path) -> None:
     project = scratch / "project"
-    project.mkdir(exist_ok=True)
+    if not project.exists():
+        project.mkdir()
+        shutil.copytree(scratch / "configs" / "models", project / "models")
     for line in [x.strip() for x in block.text.splitlines() if x.strip()]:
         message = line.removeprefix("error: ")
         assert message in ERRORS, f"{block.id}: no input known for the documented error: {line}"
@@ -444,10 +550,22 @@ WORDS = {
     "output",
     "usage",
     "errors",
+    "formulas",
     "slow",
     "timings",
     "",
 }
+
+
+def _check_formulas(block: Block, scratch: Path) -> None:
+    """Each line's formula (before the gap that starts its comment) builds a vector problem."""
+    shell = Shell(scratch)
+    for line in [x for x in block.text.splitlines() if x.strip()]:
+        formula = re.split(r"\s{2,}", line.strip())[0]
+        config = {"problem": {"kind": "expression", "dim": 3, "fixed_point": formula}}
+        path = _write(scratch, yaml.safe_dump(config))
+        shown = shell.run(f"deq solve {path.name} --max-iter 0 --no-diagnostics -q")
+        assert shell.status in (0, 1), f"{block.id}: `{formula}` does not build:\n{shown}"
 
 
 def test_every_block_is_checked_or_skipped_with_a_reason() -> None:
