@@ -84,13 +84,15 @@ def blocks(page: Path) -> list[Block]:
     lines = page.read_text(encoding="utf-8").splitlines()
     found, i = [], 0
     while i < len(lines):
-        fence = re.match(r"^```(\S*)\s*$", lines[i])
+        fence = re.match(r"^(\s*)```(\S*)\s*$", lines[i])
         if fence:
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            indent = fence.group(1)
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```"))
             before = lines[i - 1].strip() if i else ""
             match = DIRECTIVE.match(before)
-            text = "\n".join(lines[i + 1 : end]) + "\n"
-            found.append(Block(page, i + 1, fence.group(1), text, match.group(1) if match else ""))
+            body = [line.removeprefix(indent) for line in lines[i + 1 : end]]
+            text = "\n".join(body) + "\n"
+            found.append(Block(page, i + 1, fence.group(2), text, match.group(1) if match else ""))
             i = end
         i += 1
     return found

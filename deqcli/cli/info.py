@@ -73,6 +73,8 @@ def schema(
     from deqcli.schemas import OUTPUTS
 
     documents = ("config", *OUTPUTS)
+    if output == "-":  # the old spelling of "to stdout"
+        output = None
     with user_errors():
         if output is not None and output not in documents:
             # --output used to take the file to write; such a value still means that.
