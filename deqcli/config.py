@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,14 +34,21 @@ from deqcli.expr import ExpressionError, parse_expression
 # -- array specifications ------------------------------------------------------------------
 
 RANDOM_KINDS = ("normal", "uniform", "orthogonal", "symmetric")
-ARRAY_FILE_SUFFIXES = (".npy", ".pt", ".pth")
+ARRAY_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+# Checkpoints a module's weights may come from (torch.save files under any of the usual names).
+WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".npz")
 
 
 class FileArray(BaseModel):
-    """An array read from a .npy or .pt file (path relative to the config file)."""
+    """An array read from a file (path relative to the config file).
+
+    ``key`` picks one array from a file that holds several: an entry of a .npz archive, of a
+    .safetensors file, or of a dict saved with torch.save (dotted for nested dicts).
+    """
 
     model_config = ConfigDict(extra="forbid")
     file: str
+    key: str | None = None
 
 
 class RandomArray(BaseModel):
@@ -54,6 +62,9 @@ class RandomArray(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     random: Literal["normal", "uniform", "orthogonal", "symmetric"]
+    shape: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="the array's shape, where the key does not imply one"
+    )
     seed: int | None = None
     scale: float = 1.0
     spectral_norm: Annotated[float, Field(gt=0)] | None = None
@@ -146,7 +157,16 @@ class TanhLayerSpec(_Spec):
     name: str | None = None
     dim: Annotated[int, Field(gt=0, description="n, the size of z")]
     input_dim: Annotated[int, Field(gt=0, description="size of x (default: dim)")] | None = None
-    batch: Annotated[int, Field(gt=0, description="number of inputs x solved together")] = 1
+    batch: (
+        Annotated[
+            int,
+            Field(
+                gt=0,
+                description="number of inputs x solved together (default: the rows of x, else 1)",
+            ),
+        ]
+        | None
+    ) = None
     W: ArraySpec
     U: ArraySpec | None = None
     b: ArraySpec | None = None
@@ -188,31 +208,103 @@ class GradientDescentSpec(_Spec):
     batch_params: dict[str, ArraySpec] = Field(default_factory=dict)
 
 
+def _check_target(value: str) -> str:
+    if not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", value):
+        raise ValueError("target must look like path/to/file.py:factory or module:factory")
+    return value
+
+
+Target = Annotated[
+    str,
+    Field(description="path/to/file.py:factory or package.module:factory"),
+    AfterValidator(_check_target),
+]
+
+
 class PythonSpec(_Spec):
     """A map from the user's own Python code. This runs that code: only use files you trust."""
 
     kind: Literal["python"]
     name: str | None = None
-    target: Annotated[str, Field(description="path/to/file.py:factory or package.module:factory")]
+    target: Target
     args: dict[str, Any] = Field(default_factory=dict)
     form: Literal["fixed_point", "residual"] = "fixed_point"
 
-    @field_validator("target")
-    @classmethod
-    def _target_form(cls, value: str) -> str:
-        if not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", value):
-            raise ValueError("target must look like path/to/file.py:factory or module:factory")
+
+class WeightsSpec(_Spec):
+    """A checkpoint for a module: a state_dict, or the sub-tree of one that ``key`` names."""
+
+    file: str
+    key: str | None = Field(
+        default=None,
+        description="dotted path of the sub-tree to load (e.g. model.cell for the keys model.cell.*)",
+    )
+
+
+def _flat_names(value: Any) -> Any:
+    """``{cell: {scale: 2}}`` (as ``--set problem.params.cell.scale=2`` writes it) → ``{cell.scale: 2}``."""
+    if not isinstance(value, dict):
         return value
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict) and "file" not in v and "random" not in v:
+                walk(v, f"{name}.")
+            else:
+                flat[name] = v
+
+    walk(value, "")
+    return flat
+
+
+class ModuleSpec(_Spec):
+    """An nn.Module from the user's own code whose forward(z, x) is the map. This runs that code."""
+
+    kind: Literal["module"]
+    name: str | None = None
+    target: Target
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: WeightsSpec | None = None
+    strict: bool = Field(
+        default=True, description="the checkpoint's keys must match the module's exactly"
+    )
+    mode: Literal["eval", "train"] = "eval"
+    inputs: ArraySpec | None = Field(
+        default=None, description="the batch x, shape (batch, ...): one input per sample"
+    )
+    batch: (
+        Annotated[
+            int,
+            Field(
+                gt=0,
+                description="use the first batch rows of the inputs (or: samples without inputs)",
+            ),
+        ]
+        | None
+    ) = None
+    state_shape: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="one sample's z shape, when neither init_state nor a call tells"
+    )
+    initial: ArraySpec = 0.0
+    params: Annotated[dict[str, ArraySpec], BeforeValidator(_flat_names)] = Field(
+        default_factory=dict,
+        description="new values for parameters or buffers, by state_dict name (a number fills one)",
+    )
+    form: Literal["fixed_point", "residual"] = "fixed_point"
 
 
 ProblemSpec = Annotated[
-    TanhLayerSpec | ExpressionSpec | GradientDescentSpec | PythonSpec, Field(discriminator="kind")
+    TanhLayerSpec | ExpressionSpec | GradientDescentSpec | PythonSpec | ModuleSpec,
+    Field(discriminator="kind"),
 ]
 PROBLEM_MODELS: dict[str, type[BaseModel]] = {
     "tanh_layer": TanhLayerSpec,
     "expression": ExpressionSpec,
     "gradient_descent": GradientDescentSpec,
     "python": PythonSpec,
+    "module": ModuleSpec,
 }
 
 # -- solver and run --------------------------------------------------------------------------
@@ -583,6 +675,16 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
         return
     if isinstance(spec, PythonSpec):
         return
+    if isinstance(spec, ModuleSpec):
+        # Inputs, start and parameter values are data: expressions there use builders only.
+        for field in ("inputs", "initial"):
+            value = getattr(spec, field)
+            if isinstance(value, str):
+                parse(value, ("problem", field), set())
+        for name, value in spec.params.items():
+            if isinstance(value, str):
+                parse(value, ("problem", "params", name), set())
+        return
     names = {"n"}
     shared: set[str] = set()
     for group in ("params", "batch_params"):
@@ -608,30 +710,39 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
         parse(getattr(spec, field), ("problem", field), names | {var})
 
 
-def check_files(cfg: Config) -> None:
-    """Files the config names (arrays, a python target) must exist; checked without loading them."""
+def named_files(cfg: Config) -> list[tuple[Path, str, str]]:
+    """Every file the config names: (resolved path, the name as written, its config key)."""
+    found: list[tuple[Path, str, str]] = []
 
-    def require(name: str, key: str) -> None:
+    def add(name: str, key: str) -> None:
         path = Path(name)
-        full = path if path.is_absolute() else cfg.base_dir / path
-        if not full.exists():
-            raise ConfigError(key, f"file '{name}' does not exist (looked in {full.parent})")
+        found.append((path if path.is_absolute() else cfg.base_dir / path, name, key))
 
     def walk(value: Any, key: str) -> None:
         if isinstance(value, FileArray):
-            require(value.file, key)
+            add(value.file, key)
         elif isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{key}.{k}")
 
     spec = cfg.problem
-    if isinstance(spec, PythonSpec):
+    if isinstance(spec, (PythonSpec, ModuleSpec)):
         where = spec.target.rpartition(":")[0]
         if where.endswith(".py"):
-            require(where, "problem.target")
-        return
-    for name in type(spec).model_fields:
-        walk(getattr(spec, name), f"problem.{name}")
+            add(where, "problem.target")
+    if isinstance(spec, ModuleSpec) and spec.weights is not None:
+        add(spec.weights.file, "problem.weights.file")
+    if not isinstance(spec, PythonSpec):
+        for name in type(spec).model_fields:
+            walk(getattr(spec, name), f"problem.{name}")
+    return found
+
+
+def check_files(cfg: Config) -> None:
+    """Files the config names (arrays, a python target, weights) must exist; checked without loading them."""
+    for full, name, key in named_files(cfg):
+        if not full.exists():
+            raise ConfigError(key, f"file '{name}' does not exist (looked in {full.parent})")
 
 
 def json_schema() -> dict[str, Any]:
@@ -648,15 +759,18 @@ __all__ = [
     "DeqError",
     "ExpressionSpec",
     "GradientDescentSpec",
+    "ModuleSpec",
     "PythonSpec",
     "RunSpec",
     "SolverSpec",
     "TanhLayerSpec",
+    "WeightsSpec",
     "apply_override",
     "check_files",
     "default_solver",
     "json_schema",
     "load_config",
+    "named_files",
     "parse_config",
     "read_config_text",
 ]

@@ -90,7 +90,7 @@ def solve_schema() -> dict[str, Any]:
             **COUNTS,
             "residual": NUM,
             "relative_residual": NUM,
-            "solution": _array(NUM),
+            "solution": {"type": "array", "description": "z* of this sample, in the state's shape"},
             "diagnostics": ANY_OBJECT,
         },
         required=["index", "status", "message", "iterations", *COUNTS, "residual"],
@@ -127,6 +127,7 @@ def solve_schema() -> dict[str, Any]:
             "residual": NUM,
             "relative_residual": NUM,
             "wall_time": {"type": "number"},
+            "state_shape": _array(NONNEG),
             "device": STR,
             "dtype": {"enum": ["float32", "float64"]},
             "tolerance": _object(

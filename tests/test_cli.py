@@ -84,6 +84,18 @@ def test_float32_run(cli) -> None:
     assert any("below what float32 can resolve" in note for note in doc["notes"])
 
 
+def test_relative_stop_mode_needs_no_absolute_floor(cli) -> None:
+    # torchdeq's rule ‖f(z) − z‖/‖f(z)‖ ≤ rtol with atol 0 is resolvable in float32: no warning.
+    args = ("solve", CONFIGS / "tanh_layer.yaml", "--dtype", "float32", "--no-diagnostics")
+    args += ("--set", "problem.batch=2", "--json", "-")
+    rel = ("--set", "run.stop_mode=rel", "--tol", "0", "--rtol")
+    doc = json.loads(cli(*args, *rel, "1e-4").stdout)
+    assert doc["status"] == "converged" and doc["notes"] == []
+    assert doc["relative_residual"] <= 1e-4
+    doc = json.loads(cli(*args, *rel, "1e-9", "--max-iter", "50").stdout)
+    assert any("rtol 1e-09 is below what float32 can resolve" in n for n in doc["notes"])
+
+
 def test_quiet_prints_nothing(cli) -> None:
     run = cli("solve", CONFIGS / "dottie.yaml", "--quiet")
     assert run.exit_code == 0 and run.stdout == "" and run.stderr == ""

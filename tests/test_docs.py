@@ -23,7 +23,7 @@ message; ``ERRORS`` below holds the input that produces it) and ``timings vary``
 in another order, and the time ratios, ranks and wins that follow from timings are set aside).
 
 Commands run in-process (``deq`` through Typer's CliRunner at 100 columns) in a scratch copy of
-configs/ and bench/, one per page, so files written by one example serve the next.
+configs/, bench/ and examples/, one per page, so files written by one example serve the next.
 """
 
 from __future__ import annotations
@@ -254,11 +254,12 @@ _SCRATCH: dict[Path, Path] = {}
 
 @pytest.fixture
 def scratch(block: Block, tmp_path_factory, monkeypatch) -> Path:
-    """The page's scratch folder (a copy of configs/ and bench/), the working directory."""
+    """The page's scratch folder (a copy of configs/, bench/ and examples/), the working directory."""
     if block.page not in _SCRATCH:
         root = tmp_path_factory.mktemp(block.page.stem)
-        for folder in ("configs", "bench"):
-            shutil.copytree(ROOT / folder, root / folder)
+        for folder in ("configs", "bench", "examples"):
+            if (ROOT / folder).is_dir():
+                shutil.copytree(ROOT / folder, root / folder)
         _SCRATCH[block.page] = root
     monkeypatch.chdir(_SCRATCH[block.page])
     monkeypatch.delenv("DEQ_TRUST_CODE", raising=False)

@@ -43,6 +43,7 @@ class SolveRequest:
     diagnostics: bool = True
     max_period: int | None = None
     sensitivity: list[str] = field(default_factory=list)
+    save: str | None = None
     monitor_every: int = 1
 
 
@@ -56,8 +57,8 @@ class SolveOutcome:
 
 
 def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome:
-    """Load, check the --json path and the sensitivity names, solve (``monitor`` sees every
-    ``request.monitor_every``-th iteration), write --json."""
+    """Load, check the --json and --save paths and the sensitivity names, solve (``monitor`` sees
+    every ``request.monitor_every``-th iteration), write --json and z*."""
     from deqcli.api import load_problem
     from deqcli.api import solve as api_solve
     from deqcli.config import load_config
@@ -65,6 +66,13 @@ def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
     target = _output(request.json_path, request.config, "--json")
+    saved = None
+    if request.save is not None:
+        from deqcli.config import named_files
+        from deqcli.render.files import check_solution_path
+
+        inputs = [request.config, *(path for path, _, _ in named_files(cfg))]
+        saved = check_solution_path(request.save, protected=inputs)
     if request.explain and not request.diagnostics:
         raise UsageError("--explain needs the diagnostics; drop --no-diagnostics")
     from deqcli.diagnostics.settings import DiagnosticOptions
@@ -90,6 +98,10 @@ def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome
     sens = attach_sensitivities(problem, result, request.sensitivity) if request.sensitivity else []
     if request.json_path is not None:
         emit_json(result.to_dict(), target)
+    if saved is not None:
+        from deqcli.render.files import save_solution
+
+        save_solution(result.z_star, [s.ok for s in result.sample_status], saved)
     return SolveOutcome(result, problem.description, sens)
 
 

@@ -17,7 +17,9 @@ Axes are given as ``NAME=SPEC``:
 NAME is a dotted config key (``problem.lr``, ``problem.W.spectral_norm``, ``run.atol``,
 ``solver.beta``) or a short name: ``a`` means ``problem.params.a`` when the config has that
 parameter, else ``problem.a`` (e.g. ``lr`` for gradient descent), else ``problem.args.a`` for
-Python problems.
+Python problems. For ``kind: module`` every other name — short or dotted, such as ``scale`` or
+``cell.norm.weight`` — is a parameter or buffer of the module by its state_dict name
+(``problem.params.NAME``: a number fills it), checked against the module before the sweep starts.
 """
 
 from __future__ import annotations
@@ -141,9 +143,12 @@ def _value(text: str) -> Any:
 
 def resolve_key(raw: Mapping[str, Any], name: str) -> str:
     """The full config key for NAME: dotted names as given, short names looked up in the problem."""
-    if "." in name:
-        return name
     problem = raw.get("problem") if isinstance(raw.get("problem"), dict) else {}
+    kind = problem.get("kind")
+    if "." in name:
+        if kind == "module" and name.split(".")[0] not in Config.model_fields:
+            return f"problem.params.{name}"  # a state_dict name such as cell.norm.weight
+        return name
     params = problem.get("params") or {}
     if isinstance(params, dict) and name in params:
         return f"problem.params.{name}"
@@ -154,13 +159,14 @@ def resolve_key(raw: Mapping[str, Any], name: str) -> str:
             "holds one value per sample and cannot be swept as a scalar; move it to problem.params "
             "or sweep a dotted key",
         )
-    kind = problem.get("kind")
     model = PROBLEM_MODELS.get(kind) if isinstance(kind, str) else None
     if model is not None and name in model.model_fields and name != "kind":
         return f"problem.{name}"
     args = problem.get("args") or {}
-    if kind == "python" and isinstance(args, dict) and name in args:
+    if kind in ("python", "module") and isinstance(args, dict) and name in args:
         return f"problem.args.{name}"
+    if kind == "module":
+        return f"problem.params.{name}"  # the module's own names are checked when it is built
     choices = [str(k) for k in params] if isinstance(params, dict) else []
     if kind == "python" and isinstance(args, dict):
         choices += [str(k) for k in args]
@@ -252,6 +258,14 @@ def make_axes(base: SweepBase, params: list[str]) -> list[Axis]:
                 base.config({**others, axis.key: value})
             except DeqError as exc:
                 raise UsageError(f"--param {axis.name}={_text(value)}: {exc}") from None
+    if (base.raw().get("problem") or {}).get("kind") == "module":
+        # Only the module knows its parameter names and shapes: build the first point once.
+        from deqcli.api import load_problem
+
+        try:
+            load_problem(base.config(grid(axes)[0][1]))
+        except DeqError as exc:
+            raise UsageError(f"--param: {exc}") from None
     return axes
 
 

@@ -39,7 +39,11 @@ TolOpt = Annotated[
 ]
 RtolOpt = Annotated[
     float | None,
-    typer.Option("--rtol", metavar="X", help="Relative tolerance (times ‖g(z0)‖)."),
+    typer.Option(
+        "--rtol",
+        metavar="X",
+        help="Relative tolerance: times ‖g(z0)‖ (run.stop_mode abs) or ‖f(z)‖ (rel).",
+    ),
 ]
 MaxIterOpt = Annotated[
     int | None, typer.Option("--max-iter", metavar="N", help="Iteration budget.")

@@ -60,6 +60,15 @@ def solve(
             help="Also compute dz*/dNAME at the solution (implicit function theorem); repeatable.",
         ),
     ] = None,
+    save: Annotated[
+        str | None,
+        typer.Option(
+            "--save",
+            metavar="PATH",
+            help="Write z* (batch, *state shape) to PATH: .pt (torch.save), .npy, or .npz "
+            "(arrays z and converged).",
+        ),
+    ] = None,
 ) -> None:
     """Solve the problem in CONFIG and report how it went.
 
@@ -79,6 +88,7 @@ def solve(
             diagnostics=not no_diagnostics,
             max_period=max_period,
             sensitivity=list(sensitivity or []),
+            save=save,
             monitor_every=monitor or 1,
         )
         # --monitor prints lines; otherwise a terminal gets a transient progress line.

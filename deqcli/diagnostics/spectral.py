@@ -11,7 +11,6 @@ both are estimates, reported with their product counts.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -39,13 +38,8 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def subset(problem: Problem, rows: list[int]) -> Problem:
-    """The problem restricted to some samples (batched parameters sliced alike); uncounted use only."""
-    index = torch.tensor(rows, dtype=torch.long, device=problem.device)
-    params = {
-        k: v.index_select(0, index) if k in problem.batched_params else v
-        for k, v in problem.params.items()
-    }
-    return dataclasses.replace(problem, z0=problem.z0.index_select(0, index), params=params)
+    """The problem restricted to some samples, per-sample inputs with them (``Problem.subset``)."""
+    return problem.subset(rows)
 
 
 def dense_fits(problem: Problem, opts: DiagnosticOptions, batch: int | None = None) -> bool:

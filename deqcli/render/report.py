@@ -29,6 +29,11 @@ STATUS_STYLE = {
 # Batches up to this size list every sample; larger ones list only the worst.
 LIST_ALL_SAMPLES = 8
 WORST_SHOWN = 5
+# z* is printed in full up to this many entries per sample and this many samples.
+SOLUTION_ENTRIES = 8
+SOLUTION_SAMPLES = 4
+# Otherwise the norm of the worst sample's z* and its first entries.
+SOLUTION_FIRST = 4
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -151,6 +156,8 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
         f"(relative {fmt(max(result.final_relative()))})"
         + ("  [dim]worst sample[/dim]" if result.batch > 1 else ""),
     )
+    for label, text in solution_rows(result):
+        head.add_row(label, text)
     head.add_row("wall time", fmt_time(result.wall_time))
     parts: list[Any] = [head]
     worst = worst_sample(result)
@@ -180,6 +187,48 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     )
     if result.diagnostics and result.diagnostics.get("samples"):
         render_diagnostics(result, console)
+
+
+def solution_rows(result: SolveResult) -> list[tuple[str, str]]:
+    """z* in the state's shape: every entry for small problems, else its norm and first entries.
+
+    In full when each sample has at most SOLUTION_ENTRIES entries and there are at most
+    SOLUTION_SAMPLES samples; otherwise for the worst sample (``--json`` and ``--save`` have all).
+    """
+    z = result.z_star.detach().cpu()
+    per = z[0].numel() if z.shape[0] else 0
+    if per <= SOLUTION_ENTRIES and result.batch <= SOLUTION_SAMPLES:
+        if result.batch == 1:
+            return [("solution", f"z* = {_entries(z[0].tolist())}")]
+        return [
+            ("solution" if b == 0 else "", f"z*[{b}] = {_entries(z[b].tolist())}")
+            for b in range(result.batch)
+        ]
+    b = worst_sample(result)
+    flat = z[b].reshape(-1)
+    first = ", ".join(_number(float(v), 6) for v in flat[:SOLUTION_FIRST])
+    first += ", …" if flat.numel() > SOLUTION_FIRST else ""
+    shape = "×".join(str(d) for d in z.shape[1:])
+    which = "" if result.batch == 1 else f" (sample {b}, the worst)"
+    norm = float(flat.norm())
+    return [
+        (
+            "solution",
+            f"‖z*‖ {fmt(norm)}{which}, z* of shape {shape}: [{first}]  "
+            "[dim]--json or --save for all[/dim]",
+        )
+    ]
+
+
+def _entries(value: Any) -> str:
+    """A (nested) list of numbers, each to 12 significant digits."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_entries(v) for v in value) + "]"
+    return _number(float(value))
+
+
+def _number(v: float, digits: int = 12) -> str:
+    return f"{v:.{digits}g}" if math.isfinite(v) else fmt(v)
 
 
 def _samples_table(result: SolveResult) -> Table:

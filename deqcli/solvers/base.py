@@ -250,6 +250,7 @@ def run(
             if n_active == 0:
                 break
         z_prev, g_prev = state.z, state.g
+        problem.counter.running = active  # a stopped sample's evaluations no longer count
         state = solver.step(problem, state)
         k += 1
         if n_active < problem.batch:
