@@ -10,7 +10,7 @@ block is checked according to its language, and an HTML comment on the line befo
   exit 0 unless the session shows its status (``echo $?``).
 - ``bash``: one command per line; each must exit 0 unless its comment says ``(exit N)`` (or
   ``(exit 0 or 1)`` where the outcome depends on the machine, as a time against a baseline does).
-- ``yaml``: a whole config, solved; it must converge (``exit N`` says otherwise).
+- ``yaml``: a whole config, solved; it must converge (``exit N`` says otherwise, for a session too).
 - ``pycon``: a doctest, run in the scratch folder.
 - anything else needs a directive.
 
@@ -36,6 +36,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,16 +308,20 @@ def test_doc_example(block: Block, scratch: Path) -> None:
         _check_formulas(block, scratch)
         return
     if block.lang == "console":
-        _check_session(block, scratch, loose)
+        _check_session(block, scratch, loose, _exit_code(directive))
     elif block.lang == "bash":
         _check_commands(block, scratch)
     elif block.lang == "yaml":
-        exit_code = int(directive.removeprefix("exit ")) if directive.startswith("exit ") else 0
-        _solve_config(_write(scratch, block.text), scratch, exit_code)
+        _solve_config(_write(scratch, block.text), scratch, _exit_code(directive))
     elif block.lang == "pycon":
         _check_doctest(block, scratch)
     else:
         raise AssertionError(f"{block.id}: a '{block.lang}' block needs a doc-test directive")
+
+
+def _exit_code(directive: str) -> int:
+    """The exit code an ``exit N`` directive promises (0 without one)."""
+    return int(directive.removeprefix("exit ")) if directive.startswith("exit ") else 0
 
 
 def _write(scratch: Path, text: str) -> Path:
@@ -360,7 +365,7 @@ def _check_commands(block: Block, scratch: Path) -> None:
         assert shell.status in allowed, f"{block.id}: `{line}` exited {shell.status}\n{shown}"
 
 
-def _check_session(block: Block, scratch: Path, loose: bool) -> None:
+def _check_session(block: Block, scratch: Path, loose: bool, exit_code: int) -> None:
     shell = Shell(scratch)
     lines = block.text.replace("\\\n", " ").splitlines()
     steps: list[tuple[str, list[str]]] = []
@@ -373,7 +378,7 @@ def _check_session(block: Block, scratch: Path, loose: bool) -> None:
     for k, (command, expected) in enumerate(steps):
         shown = shell.run(command)
         checked = "$?" in command or (k + 1 < len(steps) and "$?" in steps[k + 1][0])
-        assert checked or shell.status == 0, (
+        assert checked or shell.status == exit_code, (
             f"{block.id}: `{command}` exited {shell.status}\n{shown}"
         )
         problem = compare_text("\n".join(expected), shown, loose)
@@ -402,17 +407,25 @@ def _check_usage(block: Block, command: str) -> None:
         )
 
 
-# One Python session per page, as a reader would type the page's examples one after the other.
+# One Python session per page, as a reader would type the page's examples one after the other:
+# its names and its working directory carry over from one block to the next.
 _NAMESPACES: dict[Path, dict[str, Any]] = {}
+_SESSION_CWD: dict[Path, str] = {}
 
 
 def _check_doctest(block: Block, scratch: Path) -> None:
     parser = doctest.DocTestParser()
     names = _NAMESPACES.setdefault(block.page, {})
+    os.chdir(_SESSION_CWD.get(block.page, scratch))
+    path = list(sys.path)
     test = parser.get_doctest(block.text, names, block.id, str(block.page), block.line)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     out: list[str] = []
-    runner.run(test, out=out.append, clear_globs=False)
+    try:
+        runner.run(test, out=out.append, clear_globs=False)
+    finally:
+        sys.path[:] = path
+        _SESSION_CWD[block.page] = os.getcwd()
     names.update(test.globs)  # the DocTest worked on a copy
     assert runner.failures == 0, "".join(out)
 
@@ -447,7 +460,7 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
         EXPR.replace("fixed_point:", "fixed_pont:")
     ),
     "problem.kind (line 2): unknown or missing problem kind; use one of tanh_layer, expression, "
-    "gradient_descent, python": _solve("problem:\n  kind: tanh\n"),
+    "gradient_descent, python, module": _solve("problem:\n  kind: tanh\n"),
     "problem.W (line 1): required key is missing": _solve("problem: {kind: tanh_layer, dim: 3}\n"),
     "problem.dim (line 3): Input should be a valid integer, unable to parse string as an "
     "integer, got 'three'": _solve(TANH.replace("3", "three") + "  W: {random: normal}\n"),
@@ -457,7 +470,7 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
     "problem (line 1): give exactly one of fixed_point (z = f(z)) or residual (g(z) = 0)": _solve(
         EXPR + "  residual: z - cos(z)\n"
     ),
-    "problem.W (line 4): unknown key 'sead' (valid keys: random, seed, scale, spectral_norm, "
+    "problem.W (line 4): unknown key 'sead' (valid keys: random, shape, seed, scale, spectral_norm, "
     "eigenvalues)": _solve(TANH + "  W: {random: normal, sead: 1}\n"),
     "problem.initial (line 4): a mapping here needs a 'file' or 'random' key, got keys "
     "['rand']": _solve(EXPR.replace("1.0", "{rand: normal}")),
