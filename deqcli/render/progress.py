@@ -46,7 +46,8 @@ def rate(now: float, before: float, steps: int) -> float | None:
 
 
 class MonitorLines:
-    """``--monitor [K]``: a header, then one line every K iterations and one at the end.
+    """``--monitor [K]``: a header, then a line each time the driver calls it (every K iterations
+    and at the end).
 
     In the spirit of PETSc's ``-snes_monitor``: plain aligned columns, one line per report, so a
     log can be read by eye or by ``awk``.
@@ -54,9 +55,8 @@ class MonitorLines:
 
     HEADER = f"{'iter':>8}  {'‖g‖':>10}  {'rate':>10}  {'running':>9}  {'time':>9}"
 
-    def __init__(self, console: Console, every: int = 1) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
-        self.every = every
         self.last: tuple[int, float] | None = None
 
     def __call__(self, it: Iteration) -> None:
@@ -83,8 +83,6 @@ class LiveProgress:
     ``LIVE_REFRESH`` seconds and removed when the solve ends, so the report that follows is not
     mixed with it.
     """
-
-    every = 1
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -125,10 +123,11 @@ class LiveProgress:
 
 @contextmanager
 def solve_monitor(console: Console, *, every: int | None, live: bool) -> Iterator[Monitor | None]:
-    """The monitor for one solve: ``--monitor`` lines when ``every`` is given, else a live line
-    when ``live`` (stderr is a terminal and the run is not quiet), else none."""
+    """The monitor for one solve: ``--monitor`` lines when ``every`` is given (the driver calls it
+    every that many iterations), else a live line when ``live`` (stderr is a terminal and the run
+    is not quiet), else none."""
     if every is not None:
-        yield MonitorLines(console, every)
+        yield MonitorLines(console)
         return
     if not live:
         yield None
