@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -92,8 +93,12 @@ def test_schema_output_still_accepts_a_file_path(cli, tmp_path) -> None:
     new = tmp_path / "solve.schema.json"
     assert cli("schema", "--output", "solve", "--file", new).exit_code == 0
     assert json.loads(new.read_text())["properties"]["kind"]["const"] == "deq.solve"
-    wrong = cli("schema", "--output", "solv", "--file", new)
-    assert wrong.exit_code == 2 and "unknown document 'solv'" in wrong.stderr
+    for wrong in (cli("schema", "--output", "solv", "--file", new), cli("schema", "-o", "solv")):
+        assert (
+            wrong.exit_code == 2
+            and "unknown document 'solv'; did you mean 'solve'?" in wrong.stderr
+        )
+    assert not Path("solv").exists()  # nothing written where it ran
 
 
 def test_a_results_file_from_before_the_rename_still_resumes(cli, tmp_path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import sys
@@ -77,10 +78,14 @@ def schema(
         output = None
     with user_errors():
         if output is not None and output not in documents:
-            # --output used to take the file to write; such a value still means that.
-            if file is not None:
+            # --output used to take the file to write; a value that looks like a file (it has a
+            # suffix or a folder) still means that, anything else is a misspelt document.
+            if file is not None or not ("." in Path(output).name or "/" in output):
+                close = difflib.get_close_matches(output, documents, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise UsageError(
-                    f"--output: unknown document '{output}'; use one of {', '.join(documents)}"
+                    f"--output: unknown document '{output}'{hint} "
+                    f"(documents: {', '.join(documents)}; write a file with --file PATH)"
                 )
             stderr.print(
                 f"note: writing the config schema to '{output}'; --output now names a document "
@@ -90,7 +95,7 @@ def schema(
                 soft_wrap=True,
             )
             output, file = "config", output
-        text = json.dumps(document_schema(output or "config"), indent=2, ensure_ascii=False) + "\n"
+        text = json.dumps(document_schema(output or "config"), indent=2) + "\n"
         if file is None or file == "-":
             sys.stdout.write(text)
             return
