@@ -56,6 +56,16 @@ def _iteration(k: int, residual: list[float], running: int, elapsed: float) -> I
     return Iteration(k, torch.tensor(residual), running, elapsed, StopRule())
 
 
+def test_live_progress_never_captures_stdout(capsys) -> None:
+    """While the line is shown, stdout (the report, --json -) still goes to stdout."""
+    out = io.StringIO()
+    live = LiveProgress(Console(file=out, force_terminal=True, width=100))
+    live(_iteration(10, [1e-3], 1, LIVE_DELAY + 0.1))
+    print("report")
+    live.stop()
+    assert capsys.readouterr().out == "report\n" and "report" not in out.getvalue()
+
+
 def test_live_progress_appears_only_for_long_solves_and_goes_away() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=100)

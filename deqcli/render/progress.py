@@ -110,7 +110,16 @@ class LiveProgress:
         if self.live is None:
             from rich.live import Live
 
-            self.live = Live(line, console=self.console, transient=True, auto_refresh=False)
+            # No redirection: what the user's own code prints stays on the stream it chose, and
+            # stdout (the report, --json -) is never routed through this stderr display.
+            self.live = Live(
+                line,
+                console=self.console,
+                transient=True,
+                auto_refresh=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             self.live.start()
         self.live.update(line, refresh=True)
 
