@@ -73,7 +73,10 @@ class MonitorLines:
         self.last = (it.k, worst)
 
     def _print(self, line: str) -> None:
-        self.console.print(Text(line), highlight=False, soft_wrap=True)
+        # Plain text straight to the console's stream: a line per iteration must cost little.
+        stream = self.console.file
+        stream.write(line + "\n")
+        stream.flush()
 
 
 class LiveProgress:
