@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from deqcli.diagnostics.settings import DiagnosticOptions
     from deqcli.problems.base import Form, Problem
     from deqcli.result import SolveResult
-    from deqcli.solvers.base import StopRule
+    from deqcli.solvers.base import Monitor, StopRule
     from deqcli.solvers.convergence import StopMode
 
 
@@ -81,6 +81,8 @@ def solve_config(
     diagnostics: bool | DiagnosticOptions = True,
     precheck: bool = False,
     trust_code: bool = False,
+    monitor: Monitor | None = None,
+    monitor_every: int = 1,
     **solver_options: Any,
 ) -> SolveResult:
     """Solve the problem of ``config`` with its solver; ``problem`` reuses an already built one.
@@ -89,16 +91,21 @@ def solve_config(
     per-sample status with the evidence and tries the planned remedies (unless the options say
     ``trials=False``); ``precheck`` estimates the Lipschitz constant near z0 first.
     ``trust_code`` allows a config that runs Python code (see ``load_problem``).
+    ``monitor`` is called with an ``Iteration`` (k, ‖g‖ per sample, samples running, elapsed) at
+    the start, every ``monitor_every`` iterations and at the end: live progress, ``--monitor``.
     """
     cfg = as_config(config, overrides)
     built = problem if problem is not None else load_problem(cfg, trust_code=trust_code)
+    stop = stop_rule(cfg)
+    stop.monitor_every = monitor_every
     return _solve(
         built,
         cfg.solver.name,
         {**cfg.solver.options, **solver_options},
-        stop_rule(cfg),
+        stop,
         diagnostics=diagnostics,
         precheck=precheck,
+        monitor=monitor,
     )
 
 
@@ -175,8 +182,10 @@ def _solve(
     *,
     diagnostics: bool | DiagnosticOptions,
     precheck: bool,
+    monitor: Monitor | None = None,
 ) -> SolveResult:
-    """The one path of both forms: precheck, the driver, notes, diagnostics, the state's shape."""
+    """The one path of both forms: precheck, the driver (with ``monitor``, every
+    ``stop.monitor_every`` iterations), notes, diagnostics, the state's shape."""
     from deqcli.solvers import make_solver
     from deqcli.solvers.base import run
 
@@ -187,7 +196,7 @@ def _solve(
         from deqcli.diagnostics import precheck as check_start
 
         pre = check_start(problem, diag_options, solver=solver)
-    result = run(problem, solver, stop)
+    result = run(problem, solver, stop, monitor=monitor)
     result.state_shape = list(problem.sample_shape)
     result.notes.extend(tolerance_notes(stop, problem))
     if diagnostics is not False or pre is not None:

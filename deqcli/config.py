@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -311,11 +312,30 @@ PROBLEM_MODELS: dict[str, type[BaseModel]] = {
 # -- solver and run --------------------------------------------------------------------------
 
 
+# The solver a config gets when it names none. A residual g(z) = 0 is a root-finding problem: its
+# naive map z − g(z) contracts only by luck (for z² − 2 near √2 its slope is 1 − 2z ≈ −1.8), so
+# it gets Newton's method; a fixed-point map z = f(z) gets plain iteration.
+DEFAULT_SOLVER = "fixed_point"
+DEFAULT_ROOT_SOLVER = "newton"
+
+
+def default_solver(problem: Any) -> str:
+    """The solver for a raw ``problem`` mapping that names none: newton for a residual, else fixed_point."""
+    if isinstance(problem, dict) and (
+        problem.get("residual") is not None or problem.get("form") == "residual"
+    ):
+        return DEFAULT_ROOT_SOLVER
+    return DEFAULT_SOLVER
+
+
 class SolverSpec(BaseModel):
     """The solver's name and its options (every other key is an option of that solver)."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "fixed_point"
+    name: str = Field(
+        default=DEFAULT_SOLVER,
+        description="default: newton for a problem given as a residual, else fixed_point",
+    )
 
     @property
     def options(self) -> dict[str, Any]:
@@ -382,6 +402,17 @@ class Config(_Spec):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<config>")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_solver(cls, data: Any) -> Any:
+        """Name the problem's default solver (see ``default_solver``) when the config names none."""
+        if not isinstance(data, dict) or data.get("solver", {}) is None:
+            return data
+        current = _solver_shorthand(data.get("solver", {}))
+        if isinstance(current, dict) and "name" not in current:
+            data = {**data, "solver": {"name": default_solver(data.get("problem")), **current}}
+        return data
+
     @property
     def base_dir(self) -> Path:
         """Directory that relative file paths in the config are resolved against."""
@@ -415,19 +446,30 @@ class Config(_Spec):
 def load_config(
     path: str | Path, overrides: list[str] | None = None, *, solver: str | None = None
 ) -> Config:
-    """Read, override and validate a YAML config file.
+    """Read, override and validate a YAML config file (``-`` reads it from standard input).
 
     ``solver`` replaces the file's solver; the file's solver options are dropped when it names a
     different solver (they belong to that one), while ``--set solver.x=…`` overrides still apply.
     """
     text, base_dir = read_config_text(path)
-    return parse_config(
-        text, base_dir=base_dir, source=str(path), overrides=overrides, solver=solver
-    )
+    source = STDIN if str(path) == "-" else str(path)
+    return parse_config(text, base_dir=base_dir, source=source, overrides=overrides, solver=solver)
+
+
+# How a config read from standard input is named in messages (and, without a name, the problem).
+STDIN = "stdin"
 
 
 def read_config_text(path: str | Path) -> tuple[str, Path]:
-    """A config file's text and the directory its relative paths are resolved against."""
+    """A config file's text and the directory its relative paths are resolved against.
+
+    ``-`` reads standard input; its relative paths then resolve against the current directory.
+    """
+    if str(path) == "-":
+        try:
+            return sys.stdin.read(), Path.cwd()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("", f"cannot read the config from standard input: {exc}") from None
     p = Path(path)
     if not p.exists():
         raise ConfigError("", f"config file '{path}' does not exist")
@@ -454,7 +496,12 @@ def parse_config(
         raise ConfigError("", f"{source}: expected a mapping with a 'problem' key at the top level")
     if solver is not None:
         current = _solver_shorthand(raw.get("solver", {}))
-        same = isinstance(current, dict) and current.get("name", "fixed_point") == solver
+        named = (
+            current.get("name", default_solver(raw.get("problem")))
+            if isinstance(current, dict)
+            else None
+        )
+        same = named == solver
         raw["solver"] = current if same else {"name": solver}
     for item in overrides or []:
         apply_override(raw, item)
@@ -785,6 +832,7 @@ __all__ = [
     "apply_override",
     "check_files",
     "config_files",
+    "default_solver",
     "json_schema",
     "load_config",
     "load_yaml",

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-SCHEMA_VERSION = "1"
+from deqcli.schemas import SOLVE_KIND, SOLVE_VERSION
+
+SCHEMA_VERSION = SOLVE_VERSION
 
 
 class Status(str, Enum):
@@ -105,6 +107,7 @@ class SolveResult:
     rtol: float
     max_iter: int
     stop_mode: str = "abs"
+    form: str = "fixed_point"  # the problem's own form: a map f, or a residual g
     # Iteration number of each history row: 0..K unless a long run's middle was thinned.
     history_iterations: list[int] | None = None
     history_summary: dict[str, Any] | None = None
@@ -228,8 +231,10 @@ class SolveResult:
                 sample["diagnostics"] = self.diagnostics["samples"][b]
             samples.append(sample)
         doc: dict[str, Any] = {
+            "kind": SOLVE_KIND,
             "schema_version": SCHEMA_VERSION,
             "problem": self.problem,
+            "form": self.form,
             "solver": self.solver,
             "options": self.options,
             "status": self.status.value,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import typer
+from typer.testing import CliRunner
 
+from deqcli.cli import app
 from tests.conftest import CONFIGS, ROOT
 
 DOTTIE = 0.7390851332151607
@@ -304,7 +308,9 @@ def test_run_flags_reach_every_solving_command(cli) -> None:
         ["solve", "--help"],
         ["validate", "configs/dottie.yaml"],
         ["schema"],
+        ["schema", "--output", "solve"],
         ["list-solvers"],
+        ["--show-completion"],
     ],
 )
 def test_commands_that_solve_nothing_do_not_import_torch(args: list[str]) -> None:
@@ -353,3 +359,105 @@ def test_schema_accepts_the_solver_shorthand_and_writes_to_stdout(cli) -> None:
     schema = json.loads(cli("schema", "--output", "-").stdout)
     kinds = [option.get("type") for option in schema["properties"]["solver"]["anyOf"]]
     assert "string" in kinds
+
+
+# -- everyday use: stdin, version, completion, help, monitor --------------------------------------
+
+
+def test_config_from_stdin_resolves_paths_against_the_working_directory(
+    tmp_path, monkeypatch
+) -> None:
+    np.save(tmp_path / "c.npy", np.array([2.0]))
+    monkeypatch.chdir(tmp_path)
+    text = (
+        "problem: {kind: expression, residual: z**2 - c, params: {c: {file: c.npy}}, "
+        "initial: 1.0}\nrun: {atol: 1.0e-12}\n"
+    )
+    res = CliRunner().invoke(app, ["solve", "-", "--json", "-"], input=text)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    # No solver named: a residual is solved by Newton's method.
+    assert doc["problem"] == "stdin" and doc["solver"] == "newton"
+    assert doc["samples"][0]["solution"][0] == pytest.approx(math.sqrt(2), abs=1e-14)
+
+
+def test_config_from_stdin_errors_name_stdin() -> None:
+    text = "problem: {kind: expression, fixed_point: cos(z), initial: [1.0\n"
+    res = CliRunner().invoke(app, ["solve", "-"], input=text)
+    assert res.exit_code == 2 and "stdin: malformed YAML at line" in res.stderr
+
+
+def test_version_prints_the_package_version() -> None:
+    import deqcli
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout == f"deq {deqcli.__version__}\n"
+
+
+def test_shell_completion_script_is_produced() -> None:
+    # The shell is detected from the parent process (bash, zsh, fish or PowerShell).
+    res = CliRunner().invoke(app, ["--show-completion"], prog_name="deq")
+    assert res.exit_code == 0 and "_DEQ_COMPLETE=complete_" in res.stdout
+
+
+def test_completion_offers_commands_and_flags() -> None:
+    env = {"_DEQ_COMPLETE": "complete_bash", "COMP_WORDS": "deq solve --mon", "COMP_CWORD": "2"}
+    res = CliRunner().invoke(app, [], prog_name="deq", env=env)
+    assert "--monitor" in res.stdout.split()
+    env.update(COMP_WORDS="deq comp", COMP_CWORD="1")
+    assert CliRunner().invoke(app, [], prog_name="deq", env=env).stdout.split() == [
+        "compare-solvers"
+    ]
+
+
+COMMANDS = ["solve", "validate", "schema", "list-solvers", "compare-solvers", "sweep", "gradcheck"]
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
+def test_help_shows_every_help_text_as_written_and_no_type_names(command: list[str]) -> None:
+    """No Python type placeholders (<bool>, <list[str]>) and no text eaten as markup."""
+    import click
+
+    res = CliRunner().invoke(app, [*command, "--help"], prog_name="deq", env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    assert not re.search(r"<(bool|str|int|float|path|list\[\w+\])>", res.stdout), res.stdout
+    group = typer.main.get_command(app)
+    cmd = group.get_command(click.Context(group), command[0]) if command else group
+    flat = " ".join(res.stdout.split())
+    for param in cmd.params:
+        if param.help:
+            assert " ".join(param.help.split()) in flat, param.help
+
+
+def test_sweep_help_keeps_the_bracketed_list_syntax(cli) -> None:
+    assert "KEY=[v1,v2,...]" in " ".join(cli("sweep", "--help").stdout.split())
+
+
+def test_monitor_prints_one_line_per_iteration_on_stderr(cli) -> None:
+    run = cli("solve", CONFIGS / "sqrt2.yaml", "--monitor", "--json", "-")
+    doc = json.loads(run.stdout)  # stdout holds the JSON and nothing else
+    lines = run.stderr.splitlines()
+    assert lines[0].split() == ["iter", "‖g‖", "rate", "running", "time"]
+    rows = [line.split() for line in lines[1:]]
+    residuals = [row[0] for row in doc["history"]["residual"]]
+    assert [int(row[0]) for row in rows] == list(range(doc["iterations"] + 1))
+    assert [float(row[1]) for row in rows] == pytest.approx(residuals, rel=1e-3)
+    # Newton on z² − 2 from 1: ‖g‖ goes 1 → 0.25, then the rate collapses (quadratic).
+    assert rows[0][2] == "–" and float(rows[1][2]) == pytest.approx(0.25, rel=1e-3)
+    assert float(rows[4][2]) < 1e-5
+    assert rows[0][3] == "1/1" and rows[-1][3] == "0/1"
+
+
+def test_monitor_every_k_and_before_the_config(cli) -> None:
+    every = cli("solve", CONFIGS / "dottie.yaml", "--monitor", "10", "-q", "--no-diagnostics")
+    ks = [int(line.split()[0]) for line in every.stderr.splitlines()[1:]]
+    assert every.exit_code == 0 and every.stdout == ""
+    assert ks[:-1] == list(range(0, ks[-1], 10)) and ks[-1] % 10 != 0
+    # A bare --monitor before the config does not swallow it.
+    first = cli("solve", "--monitor", CONFIGS / "sqrt2.yaml", "-q")
+    assert first.exit_code == 0 and first.stderr.splitlines()[1].split()[0] == "0"
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(cli) -> None:
+    run = cli("solve", CONFIGS / "tanh_layer.yaml", "--no-diagnostics")
+    assert run.exit_code == 0 and run.stderr == ""

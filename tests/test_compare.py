@@ -482,7 +482,7 @@ def test_problem_nobody_solves_exits_1() -> None:
     [
         (["--solvers", "nope"], "unknown solver 'nope'"),
         (["--solvers", "newton", "--all"], "exclude each other"),
-        (["--plot", "fig.gif"], "must end in .png or .svg"),
+        (["--plot", "fig.gif"], "must end in .png, .svg or .pdf"),
         (["--json", "-", "--csv", "-"], "only one of --json, --csv and --markdown"),
         (["--repeat", "0"], "--repeat: must be at least 1"),
         (["--max-slowdown", "0.5"], "--max-slowdown: must be a number ≥ 1"),

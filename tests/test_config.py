@@ -130,6 +130,40 @@ def test_solver_flag_drops_options_of_another_solver() -> None:
     }
 
 
+SQRT2 = """
+problem:
+  kind: expression
+  residual: z**2 - 2
+  initial: 1.0
+"""
+
+
+def test_a_residual_defaults_to_newton_and_a_map_to_plain_iteration() -> None:
+    assert parse(SQRT2).solver.name == "newton"
+    assert parse(DOTTIE).solver.name == "fixed_point"
+    # Options without a name belong to the default solver; --solver newton keeps them.
+    with_options = SQRT2 + "solver: {max_backtracks: 3}\n"
+    assert parse(with_options).solver.name == "newton"
+    assert parse(with_options, solver="newton").solver.options == {"max_backtracks": 3}
+    assert parse(with_options, solver="anderson").solver.options == {}
+    # A named solver always wins, and a Python map's form decides its default too.
+    assert parse(SQRT2 + "solver: fixed_point\n").solver.name == "fixed_point"
+    python = "problem: {kind: python, target: m.py:make, form: residual}\n"
+    assert parse(python).solver.name == "newton"
+    assert parse(python.replace("residual", "fixed_point")).solver.name == "fixed_point"
+
+
+def test_the_documented_sqrt2_example_solves_as_written() -> None:
+    """docs/expressions.md: a residual with no solver named converges to √2 (by Newton)."""
+    import math
+
+    from deqcli.api import solve
+
+    result = solve(parse(SQRT2 + "run: {atol: 1.0e-12}\n"), diagnostics=False)
+    assert result.status.ok and result.solver == "newton" and result.nit <= 6
+    assert float(result.solution[0, 0]) == pytest.approx(math.sqrt(2), abs=1e-14)
+
+
 def test_schema_is_json_and_describes_every_problem_kind() -> None:
     schema = json_schema()
     text = json.dumps(schema)

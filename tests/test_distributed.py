@@ -406,7 +406,7 @@ def test_ctrl_c_on_a_distributed_sweep_keeps_every_point_that_arrived(
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 130, stderr
     lines = results.read_text().splitlines()
-    assert json.loads(lines[0])["kind"] == "deq-sweep"
+    assert json.loads(lines[0])["kind"] == "deq.sweep-results"
     points = [json.loads(line) for line in lines[1:]]  # every line whole
     indices = [p["index"][0] for p in points]
     assert 6 <= len(points) < 300 and len(set(indices)) == len(indices)

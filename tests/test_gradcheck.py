@@ -178,7 +178,7 @@ def test_cli_gradcheck_json_and_exit_codes(
     run = cli("gradcheck", good, "--param", "x", "--json", "-")
     assert run.exit_code == 0
     doc = json.loads(run.stdout)
-    assert doc["kind"] == "gradcheck" and doc["ok"] is True and doc["parameters"] == ["x"]
+    assert doc["kind"] == "deq.gradcheck" and doc["ok"] is True and doc["parameters"] == ["x"]
     assert doc["ift"]["error_vs_fd"] < 1e-7
     assert doc["ift"]["backward_solve"]["iterations"] > 0
     assert len(doc["finite_differences"]["directions"]) == 3

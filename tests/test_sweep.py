@@ -227,7 +227,7 @@ def test_interrupted_sweep_keeps_its_points_and_resumes(tmp_path: Path) -> None:
     partial = run_sweep(base, axes, results=path, on_point=stop_after_two)
     assert partial.interrupted and len(partial.points) == 2
     lines = path.read_text().splitlines()
-    assert json.loads(lines[0])["kind"] == "deq-sweep" and len(lines) == 3
+    assert json.loads(lines[0])["kind"] == "deq.sweep-results" and len(lines) == 3
     with pytest.raises(UsageError, match="already exists; pass --resume"):
         run_sweep(base, axes, results=path)
     with pytest.raises(UsageError, match="different sweep"):
@@ -273,7 +273,7 @@ def test_cli_sweep_outputs_and_exit_codes(cli, tmp_path: Path) -> None:
     run = cli("sweep", LINEAR, "--param", "a=0.2:0.6:3", "--json", "-")
     assert run.exit_code == 0
     doc = json.loads(run.stdout)
-    assert doc["kind"] == "sweep" and doc["complete"] and doc["points_total"] == 3
+    assert doc["kind"] == "deq.sweep" and doc["complete"] and doc["points_total"] == 3
     assert [p["value"] for p in doc["points"]] == pytest.approx([2.5, 2 / 0.6, 5.0], rel=1e-12)
 
     plot, table = tmp_path / "s.svg", tmp_path / "s.csv"

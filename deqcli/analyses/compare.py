@@ -40,14 +40,15 @@ from deqcli.execution import Executor, Task, TaskFailed
 from deqcli.execution.source import ConfigSource, ship
 from deqcli.render.report import fmt_time
 from deqcli.result import _num as json_number
+from deqcli.schemas import COMPARE_KIND, COMPARE_VERSION
 
 if TYPE_CHECKING:
     from deqcli.config import Config
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
 
-SCHEMA_VERSION = "1"
-DOCUMENT_KIND = "deq.compare-solvers"
+SCHEMA_VERSION = COMPARE_VERSION
+DOCUMENT_KIND = COMPARE_KIND
 CONFIG_SUFFIXES = (".yaml", ".yml")
 DEFAULT_REPEAT = 3
 DEFAULT_WARMUP = 1
@@ -360,7 +361,7 @@ def _compare_tasks(
         if progress is not None:
             for _ in range(warmup + repeat):  # the bar counts solves
                 progress(f"{names[i]} · {solver}")
-    unknown = dict.fromkeys(("description", "batch", "dim", "device"))
+    unknown = dict.fromkeys(("form", "description", "batch", "dim", "device"))
     return [
         _problem_entry(
             names[i], paths[i], configs[i], facts.get(i, unknown), [rows[(i, s)] for s in solvers]
@@ -372,6 +373,7 @@ def _compare_tasks(
 def _problem_facts(problem: Problem) -> dict[str, Any]:
     """What a problem entry reports of the built problem."""
     return {
+        "form": problem.form,
         "description": problem.description,
         "batch": problem.batch,
         "dim": problem.dim,
@@ -506,7 +508,8 @@ def _result_doc(result: SolveResult) -> dict[str, Any]:
 
 
 def _curve(result: SolveResult) -> dict[str, list[Any]]:
-    """The worst residual over the samples at each iteration, and the time of each iteration.
+    """The worst residual over the samples at each kept history row, with the row's iteration
+    number (a long run's middle is thinned: see ``run.history_limit``) and time.
 
     Stopped samples keep their final residual in the history, so the maximum is the residual the
     whole batch still has to bring under the tolerance.
@@ -517,7 +520,7 @@ def _curve(result: SolveResult) -> dict[str, list[Any]]:
         residual.append(
             json_number(math.nan if any(math.isnan(v) for v in values) else max(values))
         )
-    return {"residual": residual, "time": list(result.time_history)}
+    return {"iteration": list(result.rows), "residual": residual, "time": list(result.time_history)}
 
 
 def _diagnosis(result: SolveResult) -> tuple[int | None, str | None]:

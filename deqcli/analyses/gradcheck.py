@@ -41,6 +41,7 @@ from deqcli.errors import UsageError
 from deqcli.expr import ExpressionError, parse_expression
 from deqcli.problems.base import Problem
 from deqcli.result import SolveResult, _num
+from deqcli.schemas import GRADCHECK_KIND, GRADCHECK_VERSION
 
 DEFAULT_LOSS = "sum(z**2)"
 # Spectral radius of ∂f/∂z from which errors in z* are amplified enough to call it "close to 1".
@@ -203,10 +204,10 @@ class GradcheckReport:
         return self.forward.status.ok and self.agree and self.jacobian_ok
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready document (``kind: gradcheck``)."""
+        """A JSON-ready document (``kind: deq.gradcheck``)."""
         return {
-            "schema_version": "1",
-            "kind": "gradcheck",
+            "kind": GRADCHECK_KIND,
+            "schema_version": GRADCHECK_VERSION,
             "problem": self.problem,
             "ok": self.ok,
             "agree": self.agree,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from deqcli.analyses.sensitivity import Sensitivity
     from deqcli.analyses.sweep import SweepResult
     from deqcli.result import SolveResult
+    from deqcli.solvers.base import Monitor
 
 # -- deq solve ------------------------------------------------------------------------------------
 
@@ -46,6 +47,7 @@ class SolveRequest:
     save: str | None = None
     try_remedies: bool = True
     try_budget: int | None = None
+    monitor_every: int = 1
 
 
 @dataclass
@@ -57,8 +59,9 @@ class SolveOutcome:
     sensitivities: list[Sensitivity]
 
 
-def solve(request: SolveRequest) -> SolveOutcome:
-    """Load, check the --json and --save paths and the sensitivity names, solve, write --json and z*."""
+def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome:
+    """Load, check the --json and --save paths and the sensitivity names, solve (``monitor`` sees
+    every ``request.monitor_every``-th iteration), write --json and z*."""
     from deqcli.api import load_problem
     from deqcli.api import solve as api_solve
     from deqcli.config import load_config
@@ -88,7 +91,14 @@ def solve(request: SolveRequest) -> SolveOutcome:
         from deqcli.analyses.sensitivity import attach_sensitivities, check_names
 
         check_names(problem, request.sensitivity)
-    result = api_solve(cfg, problem=problem, diagnostics=diagnostics, precheck=request.precheck)
+    result = api_solve(
+        cfg,
+        problem=problem,
+        diagnostics=diagnostics,
+        precheck=request.precheck,
+        monitor=monitor,
+        monitor_every=request.monitor_every,
+    )
     sens = attach_sensitivities(problem, result, request.sensitivity) if request.sensitivity else []
     if request.json_path is not None:
         emit_json(result.to_dict(), target)

@@ -42,8 +42,11 @@ from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.execution import Executor, InProcess, Task, TaskFailed
 from deqcli.execution.source import ConfigSource, ship, value_text
 from deqcli.expr import ExpressionError
+from deqcli.schemas import SWEEP_KIND, SWEEP_RESULTS_KIND, SWEEP_VERSION
 
-SWEEP_SCHEMA_VERSION = "1"
+SWEEP_SCHEMA_VERSION = SWEEP_VERSION
+# What a --results file written before the document kinds were unified says of itself.
+LEGACY_RESULTS_KIND = "deq-sweep"
 # Points are refused beyond this many (a typo such as 1:2:1e6 should not start a day-long run).
 MAX_POINTS = 100_000
 # Solutions with more entries than this are kept in memory for warm starts but not written out.
@@ -259,6 +262,17 @@ def check_value_spec(spec: str) -> None:
     )
 
 
+def value_label(spec: str, n: int) -> str:
+    """What ``--value spec`` draws of an n-vector z*: z*, ‖z*‖, mean(z*), z*[i], …"""
+    if spec == "auto":
+        spec = "0" if n == 1 else "norm"
+    if spec == "norm":
+        return "‖z*‖"
+    if spec in ("mean", "max", "min"):
+        return f"{spec}(z*)"
+    return "z*" if n == 1 else f"z*[{spec}]"
+
+
 def value_of(z: Any, spec: str) -> float:
     """The recorded scalar of one sample's vector z (a 1-D tensor)."""
     import torch
@@ -383,6 +397,7 @@ def _summarise_result(problem: Any, result: Any, options: PointOptions) -> dict[
         "iterations": result.nit,
         "residual": _num(max(finals, default=0.0)),
         "value": first["value"],
+        "value_label": value_label(options.value, result.solution.shape[1]),
         "rho": max(rhos) if rhos else None,
         "certificate": None if cert is None else bool(cert.get("contraction")),
         "lipschitz_bound": None if cert is None else _num(cert.get("lipschitz_bound")),
@@ -453,6 +468,7 @@ class SweepResult:
     results_path: str | None = None
     notes: list[str] = field(default_factory=list)
     execution: dict[str, Any] = field(default_factory=lambda: {"backend": "in-process"})
+    problem: str = ""  # the problem's name (titles, reports)
 
     @property
     def total(self) -> int:
@@ -465,10 +481,11 @@ class SweepResult:
         return not self.interrupted and all(p.get("status") != "error" for p in self.points)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document of the whole sweep (``kind: sweep``)."""
+        """The JSON document of the whole sweep (``kind: deq.sweep``)."""
         return {
+            "kind": SWEEP_KIND,
             "schema_version": SWEEP_SCHEMA_VERSION,
-            "kind": "sweep",
+            "problem": self.problem,
             "config": self.source,
             "axes": [a.to_dict() for a in self.axes],
             "options": {**asdict(self.options), "warm_start": self.warm_start},
@@ -496,7 +513,7 @@ def _public(point: dict[str, Any]) -> dict[str, Any]:
 def header(base: SweepBase, axes: list[Axis], options: PointOptions, warm: bool) -> dict[str, Any]:
     """The first line of a results file: what the sweep is, for checking on --resume."""
     return {
-        "kind": "deq-sweep",
+        "kind": SWEEP_RESULTS_KIND,
         "schema_version": SWEEP_SCHEMA_VERSION,
         "config": str(Path(base.base_dir) / Path(base.source).name),
         "config_sha256": hashlib.sha256(base.text.encode("utf-8")).hexdigest(),
@@ -521,7 +538,10 @@ def read_results(path: Path, expected: dict[str, Any]) -> dict[tuple[int, ...], 
         head = json.loads(lines[0])
     except json.JSONDecodeError:
         head = None
-    if not isinstance(head, dict) or head.get("kind") != "deq-sweep":
+    if not isinstance(head, dict) or head.get("kind") not in (
+        SWEEP_RESULTS_KIND,
+        LEGACY_RESULTS_KIND,
+    ):
         raise UsageError(f"--results: '{path}' is not a deq sweep results file")
     for field_name in ("config", "overrides", "solver", "axes", "options", "warm_start"):
         if head.get(field_name) != json.loads(json.dumps(expected[field_name])):
@@ -590,6 +610,7 @@ def run_sweep(
         source, files = ship(base, (base.config(a) for _, _, a in _axis_points(axes)))
     tasks = _point_tasks(source, missing, done, options, warm_start)
     count = 0
+    sweep.problem = base.problem_name
     with _Appender(results, head, fresh=not done) as out:
 
         def record(point: dict[str, Any]) -> None:

@@ -37,9 +37,11 @@ app = typer.Typer(
     help="Solve and analyse fixed points z = f(z) and roots g(z) = 0, from a YAML config.\n\n"
     + EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # --install-completion / --show-completion for bash, zsh, fish and PowerShell.
+    add_completion=True,
+    # Plain help: text such as KEY=[v1,v2,...] is shown as written, never read as markup.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 stdout = Console()
 stderr = Console(stderr=True)
@@ -88,11 +90,12 @@ def user_errors(debug: bool = False) -> Iterator[None]:
 
 # The commands, registered in the order `deq --help` lists them. Their modules import the names above.
 from deqcli.cli import compare, gradcheck, info, solve, sweep  # noqa: E402
+from deqcli.cli.options import DeqCommand  # noqa: E402
 
-app.command()(solve.solve)
-app.command()(info.validate)
-app.command()(info.schema)
-app.command("list-solvers")(info.list_solvers)
-app.command("compare-solvers")(compare.compare_solvers)
-app.command()(sweep.sweep)
-app.command()(gradcheck.gradcheck)
+app.command(cls=DeqCommand)(solve.solve)
+app.command(cls=DeqCommand)(info.validate)
+app.command(cls=DeqCommand)(info.schema)
+app.command("list-solvers", cls=DeqCommand)(info.list_solvers)
+app.command("compare-solvers", cls=DeqCommand)(compare.compare_solvers)
+app.command(cls=DeqCommand)(sweep.sweep)
+app.command(cls=DeqCommand)(gradcheck.gradcheck)

@@ -25,12 +25,18 @@ from deqcli.execution import ExecutionSettings
 CsvOpt = Annotated[
     str | None,
     typer.Option(
-        "--csv", help="Write one CSV row per problem and solver to PATH ('-' for stdout)."
+        "--csv",
+        metavar="PATH",
+        help="Write one CSV row per problem and solver to PATH ('-' for stdout).",
     ),
 ]
 MarkdownOpt = Annotated[
     str | None,
-    typer.Option("--markdown", help="Write Markdown tables (README, PR comment) to PATH or '-'."),
+    typer.Option(
+        "--markdown",
+        metavar="PATH",
+        help="Write Markdown tables (README, PR comment) to PATH or '-'.",
+    ),
 ]
 
 
@@ -38,12 +44,18 @@ MarkdownOpt = Annotated[
 def compare_solvers(
     configs: Annotated[
         list[Path],
-        typer.Argument(help="Config files, or folders of configs (a suite).", show_default=False),
+        typer.Argument(
+            metavar="CONFIGS",
+            help="Config files, or folders of configs (a suite).",
+            show_default=False,
+        ),
     ],
     solvers: Annotated[
         str | None,
         typer.Option(
-            "--solvers", help="Comma-separated solver names (default: every solver of deq's own)."
+            "--solvers",
+            metavar="NAMES",
+            help="Comma-separated solver names (default: every solver of deq's own).",
         ),
     ] = None,
     all_solvers: Annotated[
@@ -51,10 +63,16 @@ def compare_solvers(
         typer.Option("--all", help="Every registered solver, plus the installed peers' solvers."),
     ] = False,
     repeat: Annotated[
-        int, typer.Option("--repeat", help="Timed runs per solver and problem (median shown).")
+        int,
+        typer.Option(
+            "--repeat", metavar="N", help="Timed runs per solver and problem (median shown)."
+        ),
     ] = 3,
     warmup: Annotated[
-        int, typer.Option("--warmup", help="Untimed runs per solver and problem before timing.")
+        int,
+        typer.Option(
+            "--warmup", metavar="N", help="Untimed runs per solver and problem before timing."
+        ),
     ] = 1,
     *,
     run: RunFlags,
@@ -65,22 +83,30 @@ def compare_solvers(
         str | None,
         typer.Option(
             "--plot",
-            help="Residual vs iteration and vs time, one figure per problem: PATH.png or PATH.svg "
-            "(PATH-<problem>.ext for several problems), or an existing folder.",
+            metavar="PATH",
+            help="Residual vs iteration and vs time, one figure per problem: PATH.png, .svg or "
+            ".pdf (PATH-<problem>.ext for several problems), or an existing folder (PNGs).",
         ),
     ] = None,
     baseline: Annotated[
         Path | None,
-        typer.Option("--baseline", help="Fail (exit 1) on regressions against this saved JSON."),
+        typer.Option(
+            "--baseline",
+            metavar="PATH",
+            help="Fail (exit 1) on regressions against this saved JSON.",
+        ),
     ] = None,
     save_baseline: Annotated[
         str | None,
-        typer.Option("--save-baseline", help="Write this run's JSON as a baseline to PATH."),
+        typer.Option(
+            "--save-baseline", metavar="PATH", help="Write this run's JSON as a baseline to PATH."
+        ),
     ] = None,
     max_slowdown: Annotated[
         float,
         typer.Option(
             "--max-slowdown",
+            metavar="X",
             help="With --baseline: a median time this many times slower regresses.",
         ),
     ] = 3.0,
@@ -90,7 +116,9 @@ def compare_solvers(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run several solvers on the same problems side by side: which one to use, and how much better.
+    """Run several solvers on the same problems, side by side.
+
+    Which solver to use, and by how much it is better.
 
     Exit codes: 0 every problem was solved by at least one solver and nothing regressed against
     --baseline; 1 some problem was solved by no solver, or a regression against --baseline;

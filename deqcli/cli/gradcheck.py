@@ -25,41 +25,57 @@ def gradcheck(
     param: Annotated[
         list[str] | None,
         typer.Option(
-            "--param", "-p", help="Parameter to differentiate (repeatable; default: all of them)."
+            "--param",
+            "-p",
+            metavar="NAME",
+            help="Parameter to differentiate (repeatable; default: all of them).",
         ),
     ] = None,
     loss: Annotated[
         str | None,
         typer.Option(
             "--loss",
+            metavar="EXPR",
             help="Scalar loss of one sample's solution z (expression; summed over samples). "
             "Default: sum(z**2).",
         ),
     ] = None,
     directions: Annotated[
-        int, typer.Option("--directions", min=1, help="Random directions for finite differences.")
+        int,
+        typer.Option(
+            "--directions", min=1, metavar="N", help="Random directions for finite differences."
+        ),
     ] = 3,
     eps: Annotated[
         float | None,
-        typer.Option("--eps", help="Finite-difference step (default 1e-5 float64, 3e-3 float32)."),
+        typer.Option(
+            "--eps",
+            metavar="X",
+            help="Finite-difference step (default 1e-5 float64, 3e-3 float32).",
+        ),
     ] = None,
     grad_rtol: Annotated[
         float | None,
         typer.Option(
             "--grad-rtol",
+            metavar="X",
             help="Allowed relative error of the IFT gradient (default 1e-5 float64, 2e-2 float32).",
         ),
     ] = None,
     fd_atol: Annotated[
         float | None,
         typer.Option(
-            "--fd-atol", help="Tolerance of the finite-difference re-solves (default about 1e-13)."
+            "--fd-atol",
+            metavar="X",
+            help="Tolerance of the finite-difference re-solves (default about 1e-13).",
         ),
     ] = None,
     unroll: Annotated[
         int | None,
         typer.Option(
-            "--unroll", help="Unrolled iterations (default: as many as the forward solve took)."
+            "--unroll",
+            metavar="N",
+            help="Unrolled iterations (default: as many as the forward solve took).",
         ),
     ] = None,
     *,
@@ -68,7 +84,9 @@ def gradcheck(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Compare the implicit, unrolled and finite-difference gradients of a loss of the fixed point.
+    """Check the gradient through the fixed point.
+
+    Compares the implicit, unrolled and finite-difference gradients of a loss of the solution.
 
     Exit codes: 0 the gradients agree (and the forward solve converged), 1 they do not, 2 bad input.
     """

@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from deqcli.cli import stdout, user_errors
+from deqcli.cli import stderr, stdout, user_errors
 from deqcli.cli.options import DebugOpt, SetOpt
+from deqcli.errors import UsageError
 
 
 def validate(
@@ -24,9 +26,9 @@ def validate(
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Check configs (keys, types, expressions, solver options) without solving anything.
+    """Check configs without solving anything.
 
-    Never imports a config's Python target; a config that names one is reported as needing consent.
+    Checks keys, types, expressions and solver options. Never imports a config's Python target; a config that names one is reported as needing consent.
     """
     from deqcli.config import check_files, load_config
     from deqcli.consent import notice
@@ -48,24 +50,73 @@ def validate(
 
 def schema(
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="DOCUMENT",
+            help="Which schema: config (the default), or the document a command writes with "
+            "--json: solve, compare, sweep or gradcheck.",
+        ),
+    ] = None,
+    file: Annotated[
+        str | None,
+        typer.Option("--file", "-f", metavar="PATH", help="Write the schema to PATH, not stdout."),
     ] = None,
 ) -> None:
-    """Print the JSON Schema of the config format (for editors and CI linting)."""
-    from deqcli.config import json_schema
+    """Print the JSON Schema of the config or of an output.
 
-    text = json.dumps(json_schema(), indent=2) + "\n"
-    if output is None:
-        sys.stdout.write(text)
-    else:
+    \b
+    deq schema                  the config format (editors, CI linting)
+    deq schema --output solve   what deq solve --json writes (or compare, sweep, gradcheck)
+    deq schema --file PATH      write it to PATH
+    """
+    from deqcli.schemas import OUTPUTS
+
+    documents = ("config", *OUTPUTS)
+    if output == "-":  # the old spelling of "to stdout"
+        output = None
+    with user_errors():
+        if output is not None and output not in documents:
+            # --output used to take the file to write; a value that looks like a file (it has a
+            # suffix or a folder) still means that, anything else is a misspelt document.
+            if file is not None or not ("." in Path(output).name or "/" in output):
+                close = difflib.get_close_matches(output, documents, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise UsageError(
+                    f"--output: unknown document '{output}'{hint} "
+                    f"(documents: {', '.join(documents)}; write a file with --file PATH)"
+                )
+            stderr.print(
+                f"note: writing the config schema to '{output}'; --output now names a document "
+                f"({', '.join(documents)}), write files with --file PATH",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+            output, file = "config", output
+        text = json.dumps(document_schema(output or "config"), indent=2) + "\n"
+        if file is None or file == "-":
+            sys.stdout.write(text)
+            return
         from deqcli.render.files import check_output_path, write_text_atomic
 
-        with user_errors():
-            target = check_output_path(str(output), protected=[], flag="--output")
-        if target is None:  # '-' means stdout
+        target = check_output_path(file, protected=[], flag="--file")
+        if target is None:
             sys.stdout.write(text)
         else:
             write_text_atomic(target, text)
+
+
+def document_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema named ``name``: ``config`` or one of the output documents."""
+    if name == "config":
+        from deqcli.config import json_schema
+
+        return json_schema()
+    from deqcli.schemas import output_schema
+
+    return output_schema(name)
 
 
 def list_solvers() -> None:

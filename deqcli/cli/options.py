@@ -1,10 +1,14 @@
-"""The flags several commands share, defined once.
+"""The flags several commands share, defined once, and how every command shows its flags.
 
 Single flags are ``Annotated`` aliases (``ConfigArg``, ``JsonOpt``, ``QuietOpt``, ``DebugOpt``, …). The
 flags of a run (--solver, --tol/--atol, --rtol, --max-iter, --device, --dtype, --seed, --set,
 --trust-code) come as
 one ``RunFlags`` value: a command declares a keyword-only parameter ``run: RunFlags`` and the
 ``run_flags`` decorator puts the flags in its place, so ``--help`` lists them where ``run`` stands.
+
+Every command is a ``DeqCommand``: its help names values by what they are (``PATH``, ``N``,
+``KEY=VALUE``), never by Python types, and options in ``OPTIONAL_VALUES`` may be given without a
+value (``--monitor`` or ``--monitor 10``).
 """
 
 from __future__ import annotations
@@ -17,34 +21,65 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
-ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", show_default=False)]
+ConfigArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="CONFIG", help="YAML config file ('-': read it from stdin).", show_default=False
+    ),
+]
 SolverOpt = Annotated[
-    str | None, typer.Option("--solver", "-s", help="Solver name (see deq list-solvers).")
+    str | None,
+    typer.Option("--solver", "-s", metavar="NAME", help="Solver name (see deq list-solvers)."),
 ]
 TolOpt = Annotated[
-    float | None, typer.Option("--tol", "--atol", help="Absolute tolerance on ‖f(z)−z‖.")
+    float | None,
+    typer.Option("--tol", "--atol", metavar="X", help="Absolute tolerance on ‖g(z)‖ = ‖f(z)−z‖."),
 ]
 RtolOpt = Annotated[
     float | None,
     typer.Option(
         "--rtol",
-        help="Relative tolerance: times ‖f(z0)−z0‖ (run.stop_mode abs) or ‖f(z)‖ (rel).",
+        metavar="X",
+        help="Relative tolerance: times ‖g(z0)‖ (run.stop_mode abs) or ‖f(z)‖ (rel).",
     ),
 ]
-MaxIterOpt = Annotated[int | None, typer.Option("--max-iter", help="Iteration budget.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32 or float64 (default).")]
+MaxIterOpt = Annotated[
+    int | None, typer.Option("--max-iter", metavar="N", help="Iteration budget.")
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", metavar="DTYPE", help="float32 or float64 (default)."),
+]
 SeedOpt = Annotated[
-    int | None, typer.Option("--seed", help="Seed for random arrays in the config.")
+    int | None,
+    typer.Option("--seed", metavar="N", help="Seed for random arrays in the config."),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config key: key.path=value (repeatable)."),
+    typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a config key: key.path=value (repeatable)."
+    ),
 ]
 JsonOpt = Annotated[
     str | None,
-    typer.Option("--json", help="Write the JSON result to PATH, or '-' for stdout only."),
+    typer.Option(
+        "--json", metavar="PATH", help="Write the JSON result to PATH, or '-' for stdout only."
+    ),
+]
+MonitorOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--monitor",
+        min=1,
+        metavar="[K]",
+        help="Print one line per iteration (or every K-th) on stderr: ‖g‖, rate, samples running.",
+    ),
 ]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No report; only the exit code and errors.")
@@ -85,6 +120,57 @@ TrustCodeOpt = Annotated[
         "same as DEQ_TRUST_CODE=1.",
     ),
 ]
+
+
+# Options that may be given without a value, and the value they then take.
+OPTIONAL_VALUES = {"--monitor": "1"}
+# Names for values whose option declares no metavar, so help never shows a Python type.
+_TYPE_METAVARS = {"int": "N", "float": "X", "Path": "PATH"}
+
+
+class DeqArgument(TyperArgument):
+    """An argument shown by its metavar alone: ``CONFIG`` in the usage line and the help."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        """No type placeholder: the metavar says what the argument is."""
+        return None
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+
+class DeqCommand(TyperCommand):
+    """A deq command: help without Python type names, and options whose value is optional."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                # Typer builds its own argument class; this one only changes how it is shown.
+                param.__class__ = DeqArgument
+                param.metavar = param.metavar or (param.name or "ARG").upper()
+            elif isinstance(param, TyperOption) and not param.is_flag and param.metavar is None:
+                param.metavar = _TYPE_METAVARS.get(
+                    param.bare_type().removeprefix("list[").removesuffix("]"), "TEXT"
+                )
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Give a bare ``--monitor`` (no number after it) its default value before parsing."""
+        return super().parse_args(ctx, optional_values(args))
+
+
+def optional_values(args: list[str]) -> list[str]:
+    """``--monitor`` not followed by a number becomes ``--monitor=1`` (see ``OPTIONAL_VALUES``)."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        following = args[i + 1] if i + 1 < len(args) else ""
+        if arg in OPTIONAL_VALUES and not following.isdigit():
+            arg = f"{arg}={OPTIONAL_VALUES[arg]}"
+        out.append(arg)
+    return out
 
 
 @dataclass(frozen=True)

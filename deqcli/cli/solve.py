@@ -6,11 +6,12 @@ from typing import Annotated
 
 import typer
 
-from deqcli.cli import EXIT_CONVERGED, EXIT_NOT_CONVERGED, stdout, user_errors
+from deqcli.cli import EXIT_CONVERGED, EXIT_NOT_CONVERGED, stderr, stdout, user_errors
 from deqcli.cli.options import (
     ConfigArg,
     DebugOpt,
     JsonOpt,
+    MonitorOpt,
     QuietOpt,
     RunFlags,
     flag_overrides,
@@ -27,6 +28,7 @@ def solve(
     json_path: JsonOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    monitor: MonitorOpt = None,
     explain: Annotated[
         bool,
         typer.Option("--explain", help="Print the diagnostics' reasoning at length, per sample."),
@@ -44,13 +46,17 @@ def solve(
     max_period: Annotated[
         int | None,
         typer.Option(
-            "--max-period", min=2, help="Longest cycle period to look for (default 8; ≤ keep/3)."
+            "--max-period",
+            min=2,
+            metavar="N",
+            help="Longest cycle period to look for (default 8; ≤ keep/3).",
         ),
     ] = None,
     sensitivity: Annotated[
         list[str] | None,
         typer.Option(
             "--sensitivity",
+            metavar="NAME",
             help="Also compute dz*/dNAME at the solution (implicit function theorem); repeatable.",
         ),
     ] = None,
@@ -58,6 +64,7 @@ def solve(
         str | None,
         typer.Option(
             "--save",
+            metavar="PATH",
             help="Write z* (batch, *state shape) to PATH: .pt (torch.save), .npy, or .npz "
             "(arrays z and converged).",
         ),
@@ -83,6 +90,7 @@ def solve(
     Exit codes: 0 converged, 1 did not converge, 2 bad input.
     """
     from deqcli.analyses import jobs
+    from deqcli.render.progress import solve_monitor
 
     with user_errors(debug), allowed(run.trust_code):
         request = jobs.SolveRequest(
@@ -98,8 +106,11 @@ def solve(
             save=save,
             try_remedies=not no_try,
             try_budget=try_budget,
+            monitor_every=monitor or 1,
         )
-        outcome = jobs.solve(request)
+        # --monitor prints lines; otherwise a terminal gets a transient progress line.
+        with solve_monitor(stderr, every=monitor, live=not quiet and stderr.is_terminal) as watch:
+            outcome = jobs.solve(request, monitor=watch)
     if not quiet and json_path != "-":
         from deqcli.render.report import render_explain, render_result
 

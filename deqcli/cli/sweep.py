@@ -39,6 +39,7 @@ def sweep(
         typer.Option(
             "--param",
             "-p",
+            metavar="KEY=VALUES",
             help="KEY=START:STOP:COUNT (…:log for geometric), KEY=[v1,v2,...] or KEY=v1,v2; "
             "KEY is a dotted config key or a short name (problem.params.NAME, else problem.NAME). "
             "Twice for a 2-D grid.",
@@ -54,13 +55,17 @@ def sweep(
     value: Annotated[
         str,
         typer.Option(
-            "--value", help="What to record of z*: auto, norm, mean, max, min or a component index."
+            "--value",
+            metavar="WHAT",
+            help="What to record of z*: auto, norm, mean, max, min or a component index.",
         ),
     ] = "auto",
     results: Annotated[
         Path | None,
         typer.Option(
-            "--results", help="Append each finished point to PATH (JSON lines) as the sweep runs."
+            "--results",
+            metavar="PATH",
+            help="Append each finished point to PATH (JSON lines) as the sweep runs.",
         ),
     ] = None,
     resume: Annotated[
@@ -72,12 +77,17 @@ def sweep(
     json_path: JsonOpt = None,
     csv_path: Annotated[
         str | None,
-        typer.Option("--csv", help="Write one CSV row per point and sample to PATH ('-': stdout)."),
+        typer.Option(
+            "--csv",
+            metavar="PATH",
+            help="Write one CSV row per point and sample to PATH ('-': stdout).",
+        ),
     ] = None,
     plot: Annotated[
         str | None,
         typer.Option(
             "--plot",
+            metavar="PATH",
             help="Draw the sweep to PATH (.png/.svg/.pdf): z*, iterations and ρ(J) against the "
             "parameter, or a regime map for two parameters.",
         ),
@@ -92,7 +102,9 @@ def sweep(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Solve CONFIG at every value of one or two parameters and summarise the regimes.
+    """Solve CONFIG along a grid of parameter values.
+
+    Every value of one or two parameters is solved and the regimes are summarised.
 
     Exit codes: 0 every point ran (whatever its status), 1 some points failed with an error,
     2 bad input, 130 interrupted (partial results are still written).

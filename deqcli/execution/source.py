@@ -48,6 +48,13 @@ class ConfigSource:
         text, base_dir = read_config_text(path)
         return cls(text, str(base_dir), str(path), tuple(overrides or ()), solver)
 
+    @property
+    def problem_name(self) -> str:
+        """The problem's name, or the config file's name without its suffix (titles, reports)."""
+        problem = self.raw().get("problem")
+        name = problem.get("name") if isinstance(problem, dict) else None
+        return name if isinstance(name, str) and name else Path(self.source).stem
+
     def raw(self) -> dict[str, Any]:
         """The YAML mapping (for resolving short parameter names)."""
         try:

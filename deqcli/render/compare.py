@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -97,17 +99,28 @@ def _reasons(problem: dict[str, Any]) -> list[tuple[str, str]]:
     """(solver, why) for every row that did not converge, and notes on the others."""
     out = []
     for row in _ordered(problem):
+        solver = row["solver"]
         if not row["converged"]:
             why = row["message"] + (f"; {row['reason']}" if row["reason"] else "")
-            out.append((row["solver"], why))
-        out.extend((row["solver"], note) for note in row["notes"])
+            out.append((solver, why))
+        out.extend((solver, unprefixed(note, solver)) for note in row["notes"])
     return out
 
 
+def unprefixed(note: str, solver: str) -> str:
+    """A note without the solver's name in front: it is shown under that name already."""
+    return note.removeprefix(f"{solver}: ")
+
+
 def render(doc: dict[str, Any], console: Console) -> None:
-    """Print the comparison: one table per problem, then the summary across problems."""
+    """Print the comparison: one table per problem, then the summary across problems.
+
+    Nothing is ever cut: a table that does not fit the console's width (80 columns in a piped CI
+    log) drops its secondary columns (njev/jvp/vjp and the time range: the JSON, CSV and Markdown
+    keep them), and below that each solver gets a short paragraph of its own.
+    """
     for problem in doc["problems"]:
-        console.print(_problem_table(problem))
+        console.print(problem_view(problem, console))
         reasons = _reasons(problem)
         if reasons:
             # A grid keeps a wrapped reason aligned under its own first line.
@@ -121,13 +134,58 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(_summary_renderable(doc))
 
 
-def _problem_table(problem: dict[str, Any]) -> Table:
-    title = Text.assemble(
+def problem_view(problem: dict[str, Any], console: Console) -> RenderableType:
+    """The widest layout of one problem's rows that fits ``console``: the full table, a compact
+    table, or one paragraph per solver."""
+    unbounded = console.options.update_width(NATURAL_WIDTH)
+    for cols in (_columns(problem), _compact_columns(problem)):
+        table = _problem_table(problem, cols)
+        if Measurement.get(console, unbounded, table).maximum <= console.width:
+            return table
+    return _stacked(problem)
+
+
+# Wide enough to measure a table without squeezing it.
+NATURAL_WIDTH = 10_000
+# The compact table: what decides between solvers (status, work, accuracy, time, rank).
+COMPACT = ("solver", "status", "iterations", "nfev", "residual", "median time", "× fastest", "rank")
+
+
+def _compact_columns(problem: dict[str, Any]) -> list[str]:
+    return [c for c in _columns(problem) if c in COMPACT]
+
+
+def _title(problem: dict[str, Any]) -> Text:
+    return Text.assemble(
         (problem["name"], "bold"),
         (f"  {problem['description']}" if problem["description"] else "", "dim"),
     )
+
+
+def _stacked(problem: dict[str, Any]) -> Group:
+    """One short paragraph per solver, for consoles too narrow for any table."""
+    parts: list[RenderableType] = [_title(problem), Text(_heading(problem), style="dim")]
+    for row in _ordered(problem):
+        cells = _cells(row)
+        style = ERROR_STYLE if row["status"] == ERROR else STATUS_STYLE[Status(row["status"])]
+        head = Text.assemble((cells["solver"], "bold"), "  ", (cells["status"], style))
+        if row["rank"] is not None:
+            head.append(f"  rank {cells['rank']}, {cells['× fastest']} the fastest")
+        parts.append(head)
+        if row["status"] == ERROR:
+            continue
+        counts = ", ".join(f"{k} {cells[k]}" for k in COUNT_KINDS if k == "nfev" or row[k])
+        detail = (
+            f"{cells['iterations']} iterations, {counts}, residual {cells['residual']}, "
+            f"time {cells['median time']}"
+        )
+        parts.append(Padding(Text(detail), (0, 0, 0, 2)))
+    return Group(*parts)
+
+
+def _problem_table(problem: dict[str, Any], cols: list[str]) -> Table:
     table = Table(
-        title=title,
+        title=_title(problem),
         title_justify="left",
         caption=_heading(problem),
         caption_justify="left",
@@ -137,7 +195,6 @@ def _problem_table(problem: dict[str, Any]) -> Table:
         collapse_padding=True,
         pad_edge=False,
     )
-    cols = _columns(problem)
     longest = max(len(row["solver"]) for row in problem["solvers"])
     for col in cols:
         table.add_column(

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deqcli.errors import UsageError
+from deqcli.render.report import residual_name
 
-PLOT_SUFFIXES = (".png", ".svg")
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 # Distinct line styles on top of colours, so curves stay apart in greyscale prints.
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -23,11 +28,19 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
     """Validate ``--plot PATH`` before any solving: matplotlib present, and a folder or a file with one
-    of ``suffixes`` (``wanted`` names them in the error) in a folder that exists."""
+    of ``suffixes`` (``wanted`` names them in the error) in a folder that exists.
+
+    A path ending in ``/`` names a folder; it is created if its parent exists (``--plot plots/``).
+    """
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot: matplotlib is not installed; pip install 'deqcli[plot]'")
     target = Path(path)
     if target.is_dir():
+        return target
+    if path.endswith(("/", os.sep)):
+        if target.exists() or not target.parent.is_dir():
+            raise UsageError(f"--plot: cannot make the folder '{path}' (its parent must exist)")
+        target.mkdir()
         return target
     if target.suffix.lower() not in suffixes:
         raise UsageError(f"--plot: '{path}' must end in {wanted}")
@@ -37,9 +50,10 @@ def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
 
 
 def check_plot_target(path: str) -> Path:
-    """Validate compare-solvers' ``--plot PATH``: .png or .svg, or an existing folder for PNGs."""
+    """Validate compare-solvers' ``--plot PATH``: .png, .svg or .pdf, or an existing folder for
+    PNGs."""
     return check_plot_path(
-        path, PLOT_SUFFIXES, ".png or .svg (or name an existing folder for PNGs)"
+        path, PLOT_SUFFIXES, ".png, .svg or .pdf (or name an existing folder for PNGs)"
     )
 
 
@@ -66,19 +80,33 @@ def write_plots(doc: dict[str, Any], target: Path) -> list[Path]:
 
 
 def plot_problem(problem: dict[str, Any], path: Path) -> None:
-    """Residual (worst sample) against iteration and against wall time, log scale, every solver."""
+    """Draw one problem of a comparison (see ``problem_figure``) to ``path`` (.png, .svg, .pdf)."""
+    problem_figure(problem).savefig(path, format=path.suffix.lstrip(".").lower(), dpi=120)
+
+
+def problem_figure(problem: dict[str, Any]) -> Figure:
+    """Residual (worst sample) against iteration and against wall time, log scale, every solver.
+
+    The y axis names what is drawn (‖g(z)‖ for a root problem, ‖f(z) − z‖ for a map); the time
+    axis turns logarithmic when the solvers' times differ by two orders of magnitude or more; the
+    legend sits below the axes, so it never hides a curve; each solver has its own colour, line
+    style and marker, however many there are.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    curves = [row for row in problem["solvers"] if row["curve"]]
+    fig = Figure(figsize=(11, 5 + 0.25 * math.ceil(len(curves) / 3)), layout="constrained")
     FigureCanvasAgg(fig)
     by_iter, by_time = fig.subplots(1, 2)
-    curves = [row for row in problem["solvers"] if row["curve"]]
     floor = _floor(curves, problem["atol"])
+    colours = solver_colours(len(curves))
     for k, row in enumerate(curves):
-        residual = [_value(v, floor) for v in row["curve"]["residual"]]
-        times = row["curve"]["time"]
+        curve = row["curve"]
+        residual = [_value(v, floor) for v in curve["residual"]]
+        iterations = curve.get("iteration") or list(range(len(residual)))
         style = {
+            "color": colours[k],
             "linestyle": LINESTYLES[k % len(LINESTYLES)],
             "marker": MARKERS[k % len(MARKERS)],
             "markevery": max(1, len(residual) // 12),
@@ -86,17 +114,21 @@ def plot_problem(problem: dict[str, Any], path: Path) -> None:
             "linewidth": 1.6,
             "label": _label(row),
         }
-        by_iter.plot(range(len(residual)), residual, **style)
-        by_time.plot(times, residual, **style)
+        by_iter.plot(iterations, residual, **style)
+        by_time.plot(curve["time"], residual, **style)
+    name = residual_name(problem.get("form", "fixed_point")).replace("−", " − ")
     threshold = problem["atol"]
     for ax, xlabel in ((by_iter, "iteration"), (by_time, "wall time [s]")):
         ax.set_yscale("log")
         ax.set_xlabel(xlabel, fontsize=11)
-        ax.set_ylabel("residual ‖f(z) − z‖ (worst sample)", fontsize=11)
+        ax.set_ylabel(f"residual {name} (worst sample)", fontsize=11)
         ax.grid(True, which="major", alpha=0.35)
         ax.tick_params(labelsize=10)
         if threshold > 0:
             ax.axhline(threshold, color="0.4", linewidth=1, linestyle=(0, (4, 3)), label="atol")
+    if wide_time_range(curves):
+        by_time.set_xscale("log")
+        by_time.set_xlabel("wall time [s] (log scale)", fontsize=11)
     failed = [row["solver"] for row in problem["solvers"] if not row["curve"]]
     title = problem["name"] + (f"  ({problem['description']})" if problem["description"] else "")
     fig.suptitle(title, fontsize=13)
@@ -111,8 +143,32 @@ def plot_problem(problem: dict[str, Any], path: Path) -> None:
             color="firebrick",
         )
     if handles:
-        by_time.legend(handles, labels, fontsize=9, loc="best", framealpha=0.9)
-    fig.savefig(path, format=path.suffix.lstrip(".").lower(), dpi=120)
+        # As many columns as the labels' length lets fit across the figure (about 150 characters).
+        columns = max(1, min(3, len(handles), 150 // (max(map(len, labels)) + 6)))
+        fig.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize=9)
+    return fig
+
+
+# Times this many times apart get a logarithmic time axis.
+LOG_TIME_RATIO = 100.0
+
+
+def wide_time_range(rows: list[dict[str, Any]]) -> bool:
+    """Whether the solvers' total times differ by ``LOG_TIME_RATIO`` or more."""
+    ends = [row["curve"]["time"][-1] for row in rows if row["curve"]["time"]]
+    ends = [t for t in ends if isinstance(t, (int, float)) and t > 0]
+    return len(ends) > 1 and max(ends) >= LOG_TIME_RATIO * min(ends)
+
+
+def solver_colours(count: int) -> list[Any]:
+    """``count`` distinct colours: matplotlib's ten, then tab20's twenty, then evenly spaced hues."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [colormaps["tab10"](k) for k in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](k) for k in range(count)]
+    return [colormaps["turbo"](k / (count - 1)) for k in range(count)]
 
 
 def _label(row: dict[str, Any]) -> str:

@@ -14,6 +14,9 @@ from rich.text import Text
 from deqcli.result import SolveResult, Status
 
 SPARK = "▁▂▃▄▅▆▇█"
+# Values a log scale cannot draw: an exact zero (a root hit exactly) and inf/NaN.
+ZERO_MARK = "0"
+BAD_MARK = "×"
 STATUS_STYLE = {
     Status.CONVERGED: "bold green",
     Status.MAX_ITER: "bold yellow",
@@ -55,23 +58,54 @@ def fmt_time(seconds: float) -> str:
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
-    """log10 of positive values as a one-line bar chart, downsampled to ``width`` columns."""
-    logs = [math.log10(v) if v > 0 and math.isfinite(v) else math.nan for v in values]
-    finite = [x for x in logs if not math.isnan(x)]
-    if not finite:
+    """log10 of positive values as a one-line bar chart, downsampled to ``width`` columns.
+
+    The bars span the smallest to the largest positive value (``spark_scale`` says which);
+    an exact zero is drawn as ``ZERO_MARK`` and inf, NaN or a negative value as ``BAD_MARK``.
+    """
+    if len(values) > width:
+        step = len(values) / width
+        values = [values[min(len(values) - 1, int(i * step))] for i in range(width - 1)] + [
+            values[-1]
+        ]
+    positive = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
+    if not positive and not any(v == 0 for v in values):
         return ""
-    if len(logs) > width:
-        step = len(logs) / width
-        logs = [logs[min(len(logs) - 1, int(i * step))] for i in range(width - 1)] + [logs[-1]]
-    lo, hi = min(finite), max(finite)
+    lo, hi = (min(positive), max(positive)) if positive else (0.0, 0.0)
     span = hi - lo or 1.0
     chars = []
-    for x in logs:
-        if math.isnan(x):
-            chars.append("×")
+    for v in values:
+        if v == 0:
+            chars.append(ZERO_MARK)
+        elif not (v > 0 and math.isfinite(v)):
+            chars.append(BAD_MARK)
         else:
-            chars.append(SPARK[min(len(SPARK) - 1, int((x - lo) / span * (len(SPARK) - 1) + 0.5))])
+            level = (math.log10(v) - lo) / span * (len(SPARK) - 1)
+            chars.append(SPARK[min(len(SPARK) - 1, int(level + 0.5))])
     return "".join(chars)
+
+
+def spark_scale(values: list[float]) -> str:
+    """The key to a sparkline of ``values``: its log scale's ends and the marks it uses."""
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    parts = []
+    if positive:
+        lo, hi = min(positive), max(positive)
+        parts.append(
+            f"log scale {SPARK[0]} {fmt(lo, 1)} … {SPARK[-1]} {fmt(hi, 1)}"
+            if hi > lo
+            else f"{SPARK[0]} {fmt(lo, 1)}"
+        )
+    if any(v == 0 for v in values):
+        parts.append(f"{ZERO_MARK} exactly zero")
+    if any(not (v >= 0 and math.isfinite(v)) for v in values):
+        parts.append(f"{BAD_MARK} inf/NaN")
+    return "; ".join(parts)
+
+
+def residual_name(form: str) -> str:
+    """What the residual of a problem in ``form`` is: ‖g(z)‖ for a root problem, else ‖f(z)−z‖."""
+    return "‖g(z)‖" if form == "residual" else "‖f(z)−z‖"
 
 
 def status_text(status: Status) -> Text:
@@ -118,7 +152,8 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     finals = result.final_residuals()
     head.add_row(
         "residual",
-        f"‖f(z)−z‖ {fmt(max(finals))}  (relative {fmt(max(result.final_relative()))})"
+        f"{residual_name(result.form)} {fmt(max(finals))}  "
+        f"(relative {fmt(max(result.final_relative()))})"
         + ("  [dim]worst sample[/dim]" if result.batch > 1 else ""),
     )
     for label, text in solution_rows(result):
@@ -126,7 +161,7 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     head.add_row("wall time", fmt_time(result.wall_time))
     parts: list[Any] = [head]
     worst = worst_sample(result)
-    curve = [row[worst] for row in result.residual_history[: result.iterations[worst] + 1]]
+    _, curve, _ = result.sample_history(worst)
     if len(curve) > 1:
         label = "residual" if result.batch == 1 else f"residual (sample {worst})"
         parts += [
@@ -139,6 +174,7 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
                 " ",
                 fmt(curve[-1], 1),
             ),
+            Text(" " * (len(label) + 2) + spark_scale(curve), style="dim"),
         ]
     if result.batch > 1:
         parts += [Text(""), _samples_table(result)]
@@ -205,7 +241,7 @@ def _samples_table(result: SolveResult) -> Table:
         padding=(0, 2),
         header_style="bold",
     )
-    for col in ("sample", "status", "iterations", "‖f(z)−z‖", "relative"):
+    for col in ("sample", "status", "iterations", residual_name(result.form), "relative"):
         table.add_column(col, justify="right" if col != "status" else "left")
     finals, rels = result.final_residuals(), result.final_relative()
     order = list(range(result.batch))

@@ -41,9 +41,9 @@ PERIOD_RAMP = ("#1f77b4", "#17becf", "#e7ba52", "#637939", "#843c39", "#7b4173",
 
 def check_target(path: str) -> Path:
     """Validate ``--plot PATH`` before sweeping: .png, .svg or .pdf (or a folder), and matplotlib present."""
-    from deqcli.render.plots import check_plot_path
+    from deqcli.render.plots import PLOT_SUFFIXES, check_plot_path
 
-    return check_plot_path(path, (".png", ".svg", ".pdf"), ".png, .svg or .pdf (or name a folder)")
+    return check_plot_path(path, PLOT_SUFFIXES, ".png, .svg or .pdf (or name a folder)")
 
 
 def colour(label: str) -> str:
@@ -66,7 +66,7 @@ def _label_order(labels: set[str]) -> list[str]:
 
 
 def plot_sweep(sweep: SweepResult, path: Path) -> Path:
-    """Draw the sweep to ``path`` (.png or .svg); a folder gets ``<folder>/sweep.png``."""
+    """Draw the sweep to ``path`` (.png, .svg or .pdf); a folder gets ``<folder>/sweep.png``."""
     if path.is_dir():
         path = path / "sweep.png"
     if len(sweep.axes) > 2:
@@ -124,9 +124,7 @@ def _plot_1d(sweep: SweepResult, path: Path) -> None:
         top.scatter(d["x"], d["y"], **style)
         mid.scatter(d["ix"], d["iy"], **style)
         low.scatter(d["rx"], d["ry"], **style)
-    value = sweep.options.value
-    what = {"auto": "z*", "norm": "‖z*‖", "mean": "mean(z*)", "max": "max(z*)", "min": "min(z*)"}
-    top.set_ylabel(what.get(value, f"z*[{value}]") + "  (attractor if not converged)")
+    top.set_ylabel(_value_label(sweep) + "  (attractor if not converged)")
     top.ticklabel_format(axis="y", useOffset=False)
     mid.set_ylabel("iterations")
     if any(d["iy"] and max(d["iy"]) > 0 for d in series.values()):
@@ -149,8 +147,11 @@ def _plot_1d(sweep: SweepResult, path: Path) -> None:
     low.set_xlabel(axis.name if axis.name == axis.key else f"{axis.name}  ({axis.key})")
     for ax in (top, mid, low):
         ax.grid(True, alpha=0.3)
-    top.legend(loc="best", fontsize=8, markerscale=2 if dense else 1)
-    top.set_title(f"{Path(sweep.source).stem}: sweep of {axis.name}", loc="left")
+    # Outside the axes, so no regime's points are hidden behind it.
+    top.legend(
+        loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, markerscale=2 if dense else 1
+    )
+    top.set_title(f"{_title(sweep)}: sweep of {axis.name}", loc="left")
     fig.savefig(path)
 
 
@@ -190,8 +191,22 @@ def _plot_2d(sweep: SweepResult, path: Path) -> None:
         bbox_to_anchor=(1.01, 1),
         fontsize=8,
     )
-    ax.set_title(f"{Path(sweep.source).stem}: regimes over {ya.name} × {xa.name}", loc="left")
+    ax.set_title(f"{_title(sweep)}: regimes over {ya.name} × {xa.name}", loc="left")
     fig.savefig(path)
+
+
+def _title(sweep: SweepResult) -> str:
+    return sweep.problem or Path(sweep.source).stem
+
+
+def _value_label(sweep: SweepResult) -> str:
+    """What the top panel draws (‖z*‖ when a norm is recorded), as the points say."""
+    labels = {p["value_label"] for p in sweep.points if "value_label" in p}
+    if len(labels) == 1:
+        return labels.pop()
+    value = sweep.options.value
+    names = {"norm": "‖z*‖", "mean": "mean(z*)", "max": "max(z*)", "min": "min(z*)"}
+    return names.get(value, "z* (or ‖z*‖ for vectors)" if value == "auto" else f"z*[{value}]")
 
 
 def _edges(values: list[float]) -> list[float]:

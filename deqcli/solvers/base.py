@@ -285,6 +285,7 @@ def run(
         rtol=stop.rtol,
         stop_mode=stop.stop_mode,
         max_iter=stop.max_iter,
+        form=problem.form,
     )
     solver.finish(state, result)
     return result

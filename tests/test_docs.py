@@ -1,0 +1,599 @@
+"""Every example in README.md and docs/*.md runs, and says what it really prints.
+
+The convention (also in docs/architecture.md, "Examples in the docs are tests"): every fenced
+block is checked according to its language, and an HTML comment on the line before the fence,
+``<!-- doc-test: ... -->``, says how when the language alone does not:
+
+- ``console``: a session. ``$ command`` lines (``\\`` continues one), each followed by what the
+  terminal shows. Output is compared line by line with whitespace collapsed and wall times
+  (``8.07 ms``) set aside; a line ``...`` or ``…`` stands for any number of lines. A command must
+  exit 0 unless the session shows its status (``echo $?``).
+- ``bash``: one command per line; each must exit 0 unless its comment says ``(exit N)`` (or
+  ``(exit 0 or 1)`` where the outcome depends on the machine, as a time against a baseline does).
+- ``yaml``: a whole config, solved; it must converge (``exit N`` says otherwise, for a session too).
+- ``pycon``: a doctest, run in the scratch folder.
+- anything else needs a directive.
+
+Directives: ``skip: REASON`` (not run; pytest reports the reason), ``file PATH`` (write the block
+there for the examples after it on the same page), ``same as PATH`` (the block is a verbatim part
+of a shipped file), ``into CONFIG at KEY`` (a YAML fragment, merged into CONFIG at KEY and
+solved), ``exit N``, ``output of COMMAND`` (the block is what COMMAND prints; JSON is compared as
+data), ``usage of deq COMMAND`` (every flag named exists), ``errors`` (each line is an error
+message; ``ERRORS`` below holds the input that produces it) and ``timings vary`` (rows may come
+in another order, and the time ratios, ranks and wins that follow from timings are set aside).
+
+Commands run in-process (``deq`` through Typer's CliRunner at 100 columns) in a scratch copy of
+configs/, bench/ and examples/, one per page, so files written by one example serve the next.
+"""
+
+from __future__ import annotations
+
+import doctest
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from deqcli.cli import app
+from tests.conftest import ROOT
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+WIDTH = "100"
+DIRECTIVE = re.compile(r"^<!--\s*doc-test:\s*(.*?)\s*-->$")
+FLAGS = {"slow", "timings vary"}
+
+
+@dataclass
+class Block:
+    """One fenced block of a page."""
+
+    page: Path
+    line: int
+    lang: str
+    text: str
+    directives: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    @property
+    def flags(self) -> set[str]:
+        """The directive's flags: ``slow``, ``timings vary``."""
+        return {p.strip() for p in self.directives.split(";")} & FLAGS
+
+    @property
+    def directive(self) -> str:
+        """The directive's instruction (``file PATH``, ``output of ...``, …), without the flags."""
+        rest = [p.strip() for p in self.directives.split(";") if p.strip() not in FLAGS]
+        return "; ".join(p for p in rest if p)
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks of a page, with the directive on the line before each (if any)."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        fence = re.match(r"^(\s*)```(\S*)\s*$", lines[i])
+        if fence:
+            indent = fence.group(1)
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```"))
+            before = lines[i - 1].strip() if i else ""
+            match = DIRECTIVE.match(before)
+            body = [line.removeprefix(indent) for line in lines[i + 1 : end]]
+            text = "\n".join(body) + "\n"
+            found.append(Block(page, i + 1, fence.group(2), text, match.group(1) if match else ""))
+            i = end
+        i += 1
+    return found
+
+
+ALL = [block for page in PAGES for block in blocks(page)]
+
+
+# -- a small shell: enough for the docs' pipes, redirects, && and echo $? -------------------------
+
+
+class Shell:
+    """Runs the docs' command lines in ``cwd``; ``deq`` in-process, a few tools as processes."""
+
+    TOOLS = ("jq", "cat", "head", "ls")
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.status = 0
+
+    def run(self, line: str) -> str:
+        """Run one command line; returns what the terminal shows. Sets ``self.status``."""
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|<>")
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        tokens = list(lexer)
+        shown, connector = [], ";"
+        while tokens:
+            cut = next((i for i, t in enumerate(tokens) if t in (";", "&&", "||")), len(tokens))
+            part, tokens = tokens[:cut], tokens[cut:]
+            go = connector == ";" or (connector == "&&") == (self.status == 0)
+            if go and part:
+                shown.append(self._pipeline(part))
+            connector = tokens.pop(0) if tokens else ";"
+        return "".join(shown)
+
+    def _pipeline(self, tokens: list[str]) -> str:
+        target, mode, piped = None, "w", None
+        for op in (">>", ">"):
+            if op in tokens:
+                at = tokens.index(op)
+                target, mode, tokens = tokens[at + 1], "a" if op == ">>" else "w", tokens[:at]
+                break
+        if "<" in tokens:
+            at = tokens.index("<")
+            piped = (self.cwd / tokens[at + 1]).read_text(encoding="utf-8")
+            tokens = tokens[:at] + tokens[at + 2 :]
+        commands, shown = [], []
+        while "|" in tokens:
+            at = tokens.index("|")
+            commands.append(tokens[:at])
+            tokens = tokens[at + 1 :]
+        commands.append(tokens)
+        for k, argv in enumerate(commands):
+            last = k == len(commands) - 1
+            out, err, both, self.status = self._command(argv, piped)
+            if last and target is None:
+                shown.append(both)
+            else:
+                shown.append(err)
+            piped = out
+        if target is not None:
+            with open(self.cwd / target, mode, encoding="utf-8") as handle:
+                handle.write(piped or "")
+        return "".join(shown)
+
+    def _command(self, argv: list[str], stdin: str | None) -> tuple[str, str, str, int]:
+        argv = [a.replace("$?", str(self.status)) for a in argv]
+        expanded: list[str] = []
+        for arg in argv:
+            matches = sorted(glob.glob(arg, root_dir=self.cwd)) if "*" in arg else []
+            expanded.extend(matches or [arg])
+        name, args = expanded[0], expanded[1:]
+        if name == "echo":
+            text = " ".join(args) + "\n"
+            return text, "", text, 0
+        if name == "deq":
+            res = CliRunner().invoke(
+                app, args, input=stdin, env={"COLUMNS": WIDTH}, prog_name="deq"
+            )
+            if res.exception is not None and not isinstance(res.exception, SystemExit):
+                raise res.exception
+            return res.stdout, res.stderr, res.output, res.exit_code
+        if name in self.TOOLS:
+            if shutil.which(name) is None:
+                pytest.skip(f"{name} is not installed")
+            done = subprocess.run(
+                expanded, input=stdin, cwd=self.cwd, capture_output=True, text=True, check=False
+            )
+            return done.stdout, done.stderr, done.stderr + done.stdout, done.returncode
+        raise AssertionError(f"'{name}' cannot run in a doc test; mark the block with a skip")
+
+
+# -- comparing what the docs claim with what the tools print --------------------------------------
+
+# A wall time or a range of them: 8.07 ms, 1.1–1.2 ms, 950 µs–1.2 ms.
+TIME = re.compile(r"\d+(?:\.\d+)?(?:\s?(?:s|ms|µs))?(?:–\d+(?:\.\d+)?)?\s?(?:s|ms|µs)(?!\w)")
+RATIO = re.compile(r"\d+(?:\.\d+)?×")
+WILDCARD = ("...", "…")
+
+
+def normal(line: str, loose: bool) -> str:
+    """A line with whitespace collapsed and wall times (and, loosely, ranks and ratios) set aside."""
+    line = TIME.sub("<time>", " ".join(line.split()))
+    if loose:
+        line = RATIO.sub("<x>", line)
+        line = re.sub(r"(<x>)( \|)? \d+( \|)?$", r"\1\2 <rank>\3", line)  # a row's rank
+        # A summary row's wins, in the terminal and in Markdown.
+        line = re.sub(r"^(\S+ \d+/\d+) \d+ (\d+ <x>)$", r"\1 <wins> \2", line)
+        line = re.sub(r"^(\| \S+ \| \d+/\d+ \|) \d+ (\| \d+ \| <x> \|)$", r"\1 <wins> \2", line)
+    return line
+
+
+def compare_text(expected: str, actual: str, loose: bool) -> str | None:
+    """None when ``actual`` shows what ``expected`` claims, else a message saying where not."""
+    want = [normal(x, loose) for x in expected.splitlines() if x.strip()]
+    have = [normal(x, loose) for x in actual.splitlines() if x.strip()]
+    if loose:
+        if any(w in WILDCARD for w in want):
+            missing = [w for w in want if w not in WILDCARD and w not in have]
+        else:
+            missing = sorted(set(want) ^ set(have))
+        return None if not missing else "differs in:\n" + "\n".join(missing) + _both(want, have)
+    pattern = "".join(r"(?:[^\n]*\n)*?" if w in WILDCARD else re.escape(w) + r"\n" for w in want)
+    if re.fullmatch(pattern, "\n".join(have) + "\n" if have else ""):
+        return None
+    return "output differs" + _both(want, have)
+
+
+def _both(want: list[str], have: list[str]) -> str:
+    return "\n--- the docs say:\n" + "\n".join(want) + "\n--- the tool prints:\n" + "\n".join(have)
+
+
+VOLATILE_KEYS = {"wall_time", "time", "created", "environment", "runs"}
+
+
+def same_data(doc: Any, real: Any, path: str = "") -> list[str]:
+    """Where two JSON documents differ (volatile keys such as wall_time are not compared)."""
+    if isinstance(doc, dict) and isinstance(real, dict):
+        out = [f"{path}.{k}: missing in the real document" for k in doc if k not in real]
+        out += [f"{path}.{k}: not in the docs" for k in real if k not in doc]
+        for k in doc.keys() & real.keys():
+            if k not in VOLATILE_KEYS:
+                out += same_data(doc[k], real[k], f"{path}.{k}")
+        return out
+    if isinstance(doc, list) and isinstance(real, list) and len(doc) == len(real):
+        return [
+            d
+            for a, b, i in zip(doc, real, range(len(doc)), strict=True)
+            for d in same_data(a, b, f"{path}[{i}]")
+        ]
+    return [] if doc == real else [f"{path}: docs {doc!r}, real {real!r}"]
+
+
+# -- the examples -----------------------------------------------------------------------------------
+
+_SCRATCH: dict[Path, Path] = {}
+
+
+@pytest.fixture
+def scratch(block: Block, tmp_path_factory, monkeypatch) -> Path:
+    """The page's scratch folder (a copy of configs/, bench/ and examples/), the working directory."""
+    if block.page not in _SCRATCH:
+        root = tmp_path_factory.mktemp(block.page.stem)
+        for folder in ("configs", "bench", "examples"):
+            if (ROOT / folder).is_dir():
+                shutil.copytree(ROOT / folder, root / folder)
+        _SCRATCH[block.page] = root
+    monkeypatch.chdir(_SCRATCH[block.page])
+    monkeypatch.delenv("DEQ_TRUST_CODE", raising=False)
+    return _SCRATCH[block.page]
+
+
+@pytest.fixture(
+    params=[pytest.param(b, marks=[pytest.mark.slow] if "slow" in b.flags else []) for b in ALL],
+    ids=[b.id for b in ALL],
+)
+def block(request) -> Block:
+    return request.param
+
+
+def test_doc_example(block: Block, scratch: Path) -> None:
+    directive = block.directive
+    if directive.startswith("skip:"):
+        pytest.skip(directive.removeprefix("skip:").strip())
+    loose = "timings vary" in block.flags
+    if directive.startswith("file "):
+        target = scratch / directive.removeprefix("file ").strip()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(block.text, encoding="utf-8")
+        if block.lang == "yaml":
+            _solve_config(target, scratch, 0)
+        return
+    if directive.startswith("same as "):
+        shipped = (ROOT / directive.removeprefix("same as ").strip()).read_text(encoding="utf-8")
+        assert block.text.strip() in shipped, f"{block.id} is not a verbatim part of that file"
+        return
+    if directive.startswith("into "):
+        config, _, key = directive.removeprefix("into ").partition(" at ")
+        _solve_fragment(block, scratch, config.strip(), key.strip())
+        return
+    if directive.startswith("output of "):
+        _check_output(block, scratch, directive.removeprefix("output of ").strip(), loose)
+        return
+    if directive.startswith("usage of "):
+        _check_usage(block, directive.removeprefix("usage of ").strip())
+        return
+    if directive == "errors":
+        _check_errors(block, scratch)
+        return
+    if directive == "formulas":
+        _check_formulas(block, scratch)
+        return
+    if block.lang == "console":
+        _check_session(block, scratch, loose, _exit_code(directive))
+    elif block.lang == "bash":
+        _check_commands(block, scratch)
+    elif block.lang == "yaml":
+        _solve_config(_write(scratch, block.text), scratch, _exit_code(directive))
+    elif block.lang == "pycon":
+        _check_doctest(block, scratch)
+    else:
+        raise AssertionError(f"{block.id}: a '{block.lang}' block needs a doc-test directive")
+
+
+def _exit_code(directive: str) -> int:
+    """The exit code an ``exit N`` directive promises (0 without one)."""
+    return int(directive.removeprefix("exit ")) if directive.startswith("exit ") else 0
+
+
+def _write(scratch: Path, text: str) -> Path:
+    path = scratch / "doc-example.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _solve_config(path: Path, scratch: Path, exit_code: int) -> None:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(raw, dict) and "problem" in raw, f"{path.name} is not a whole config"
+    shell = Shell(scratch)
+    shown = shell.run(f"deq solve {shlex.quote(str(path))} --trust-code --no-diagnostics")
+    assert shell.status == exit_code, shown
+
+
+def _solve_fragment(block: Block, scratch: Path, config: str, key: str) -> None:
+    raw = yaml.safe_load((scratch / config).read_text(encoding="utf-8"))
+    node = raw
+    for part in [p for p in key.split(".") if p]:
+        node = node.setdefault(part, {})
+    node.update(yaml.safe_load(block.text))
+    path = scratch / Path(config).parent / "doc-fragment.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    _solve_config(path, scratch, 0)
+
+
+def _commands(text: str) -> list[str]:
+    """Command lines of a block, with ``\\`` continuations joined."""
+    return [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _check_commands(block: Block, scratch: Path) -> None:
+    shell = Shell(scratch)
+    for line in _commands(block.text):
+        if line.startswith("#"):
+            continue
+        said = re.search(r"#.*\(exit (\d+(?: or \d+)*)\)", line)
+        shown = shell.run(line)
+        allowed = [int(code) for code in said.group(1).split(" or ")] if said else [0]
+        assert shell.status in allowed, f"{block.id}: `{line}` exited {shell.status}\n{shown}"
+
+
+def _check_session(block: Block, scratch: Path, loose: bool, exit_code: int) -> None:
+    shell = Shell(scratch)
+    lines = block.text.replace("\\\n", " ").splitlines()
+    steps: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if line.startswith("$ "):
+            steps.append((line[2:].strip(), []))
+        else:
+            assert steps, f"{block.id}: output before any $ command"
+            steps[-1][1].append(line)
+    for k, (command, expected) in enumerate(steps):
+        shown = shell.run(command)
+        checked = "$?" in command or (k + 1 < len(steps) and "$?" in steps[k + 1][0])
+        assert checked or shell.status == exit_code, (
+            f"{block.id}: `{command}` exited {shell.status}\n{shown}"
+        )
+        problem = compare_text("\n".join(expected), shown, loose)
+        assert problem is None, f"{block.id}: `{command}`: {problem}"
+
+
+def _check_output(block: Block, scratch: Path, command: str, loose: bool) -> None:
+    shell = Shell(scratch)
+    shown = shell.run(command)
+    if block.lang == "json":
+        differences = same_data(json.loads(block.text), json.loads(shown))
+        assert not differences, f"{block.id}:\n" + "\n".join(differences)
+        return
+    problem = compare_text(block.text, shown, loose)
+    assert problem is None, f"{block.id}: `{command}`: {problem}"
+
+
+def _check_usage(block: Block, command: str) -> None:
+    words = command.split()
+    assert words[0] == "deq", f"{block.id}: usage of what?"
+    res = CliRunner().invoke(app, [*words[1:], "--help"], prog_name="deq")
+    assert res.exit_code == 0, res.output
+    for flag in re.findall(r"(?<![\w-])--?[a-zA-Z][\w-]*", block.text):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", res.stdout), (
+            f"{block.id}: {flag} is not an option of {command}"
+        )
+
+
+# One Python session per page, as a reader would type the page's examples one after the other:
+# its names and its working directory carry over from one block to the next.
+_NAMESPACES: dict[Path, dict[str, Any]] = {}
+_SESSION_CWD: dict[Path, str] = {}
+
+
+def _check_doctest(block: Block, scratch: Path) -> None:
+    parser = doctest.DocTestParser()
+    names = _NAMESPACES.setdefault(block.page, {})
+    os.chdir(_SESSION_CWD.get(block.page, scratch))
+    path = list(sys.path)
+    test = parser.get_doctest(block.text, names, block.id, str(block.page), block.line)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out: list[str] = []
+    try:
+        runner.run(test, out=out.append, clear_globs=False)
+    finally:
+        sys.path[:] = path
+        _SESSION_CWD[block.page] = os.getcwd()
+    names.update(test.globs)  # the DocTest worked on a copy
+    assert runner.failures == 0, "".join(out)
+
+
+# -- documented error messages and the input behind each -------------------------------------------
+
+# Each documented error line (without "error: ") -> (config file name, its text, deq arguments).
+# The config is written in a folder named "project" of the scratch folder (with a copy of
+# configs/models), which the messages show as /tmp/project.
+EXPR = "problem:\n  kind: expression\n  fixed_point: cos(z)\n  initial: 1.0\n"
+TANH = "problem:\n  kind: tanh_layer\n  dim: 3\n"
+ROOT_EXPR = "problem:\n  kind: expression\n  residual: z\n"
+MATRIX = (
+    "problem:\n  kind: expression\n  params:\n    A: [[1.0, 0.0], [0.0, 1.0]]\n  fixed_point: z\n"
+)
+
+
+def _solve(text: str, *extra: str, name: str = "cfg.yaml") -> tuple[str, str, list[str]]:
+    return name, text, ["solve", name, *extra]
+
+
+ERRORS: dict[str, tuple[str, str, list[str]]] = {
+    # docs/configuration.md: keys, types and values, with the YAML line
+    "solvr (line 4): unknown key; did you mean 'solver'? (valid keys: problem, solver, run)": _solve(
+        EXPR.replace("  initial: 1.0\n", "solvr: newton\n")
+    ),
+    "run.max_iters (line 5): unknown key; did you mean 'max_iter'? (valid keys: atol, rtol, "
+    "stop_mode, max_iter, timeout, device, dtype, seed, keep_iterates, divergence_factor, "
+    "history_limit)": _solve(EXPR.replace("  initial: 1.0\n", "run:\n  max_iters: 10\n")),
+    "problem.fixed_pont (line 3): unknown key; did you mean 'fixed_point'? (valid keys: kind, "
+    "name, fixed_point, residual, dim, batch, initial, params, batch_params)": _solve(
+        EXPR.replace("fixed_point:", "fixed_pont:")
+    ),
+    "problem.kind (line 2): unknown or missing problem kind; use one of tanh_layer, expression, "
+    "gradient_descent, python, module": _solve("problem:\n  kind: tanh\n"),
+    "problem.W (line 1): required key is missing": _solve("problem: {kind: tanh_layer, dim: 3}\n"),
+    "problem.dim (line 3): Input should be a valid integer, unable to parse string as an "
+    "integer, got 'three'": _solve(TANH.replace("3", "three") + "  W: {random: normal}\n"),
+    "run.max_iter (line 5): Input should be greater than or equal to 0, got -3": _solve(
+        EXPR.replace("  initial: 1.0\n", "run:\n  max_iter: -3\n")
+    ),
+    "problem (line 1): give exactly one of fixed_point (z = f(z)) or residual (g(z) = 0)": _solve(
+        EXPR + "  residual: z - cos(z)\n"
+    ),
+    "problem.W (line 4): unknown key 'sead' (valid keys: random, shape, seed, scale, spectral_norm, "
+    "eigenvalues)": _solve(TANH + "  W: {random: normal, sead: 1}\n"),
+    "problem.initial (line 4): a mapping here needs a 'file' or 'random' key, got keys "
+    "['rand']": _solve(EXPR.replace("1.0", "{rand: normal}")),
+    "problem.initial (line 4): lists must hold only numbers (or lists of numbers)": _solve(
+        EXPR.replace("1.0", "[1.0, one]")
+    ),
+    "broken.yaml: malformed YAML at line 4, column 1: expected ',' or ']', but got "
+    "'<stream end>'": _solve(
+        "problem:\n  kind: expression\n  initial: [1.0, 2.0\n", name="broken.yaml"
+    ),
+    "solver.name: unknown solver 'newtn'; did you mean 'newton'? (valid: fixed_point, newton, "
+    "anderson, broyden, newton-krylov, trust-region, auto, scipy:hybr, scipy:lm, scipy:krylov, "
+    "scipy:anderson, scipy:df-sane, torchdeq:anderson, torchdeq:broyden, "
+    "torchdeq:fixed_point_iter; see deq list-solvers)": _solve(EXPR, "--solver", "newtn"),
+    "solver.bta: unknown option for solver 'fixed_point'; did you mean 'beta'? (valid options: "
+    "beta)": _solve(EXPR + "solver: {name: fixed_point, bta: 0.5}\n"),
+    "solver.beta: must lie in (0, 2), got 2.5": _solve(EXPR + "solver: {beta: 2.5}\n"),
+    "solver.max_backtracks: must be an integer, got 2.5": _solve(
+        EXPR + "solver: {name: newton, max_backtracks: 2.5}\n"
+    ),
+    "--set: expected key.path=value, got 'foo'": _solve(EXPR, "--set", "foo"),
+    "problem.fixed_point (line 3): unknown function 'sn' at column 11; did you mean 'sin'?": _solve(
+        EXPR.replace("cos(z)", "0.5 * z + sn(z)")
+    ),
+    # docs/configuration.md: found while building the problem
+    "problem.W: expected shape (3, 3), got (2, 2)": _solve(
+        TANH + "  W: [[0.5, 0.0], [0.0, 0.5]]\n"
+    ),
+    "problem.W: file 'weights/W.npy' does not exist (looked in /tmp/project/weights)": _solve(
+        TANH + "  W: {file: weights/W.npy}\n"
+    ),
+    "problem.U: required when input_dim (2) differs from dim (3)": _solve(
+        TANH + "  input_dim: 2\n  W: {random: normal}\n"
+    ),
+    "problem.batch_params.r: has 2 entries but the batch has 3 samples": _solve(
+        "problem:\n  kind: expression\n  batch: 3\n  batch_params: {r: [1.0, 2.0]}\n"
+        "  fixed_point: r * z\n"
+    ),
+    "problem.fixed_point: is not finite at the initial point (sample 0, z0 = [-1]); choose "
+    "another initial": _solve(EXPR.replace("cos(z)", "log(z)").replace("1.0", "-1.0")),
+    "problem.target: 'build' is not a callable in 'models/damped_cosine.py' (callables there: "
+    "DampedCosine, make)": _solve(
+        "problem: {kind: python, target: models/damped_cosine.py:build}\n", "--trust-code"
+    ),
+    # docs/expressions.md: formulas
+    "problem.fixed_point (line 3): unknown function 'cso' at column 1; did you mean 'cos'?": _solve(
+        EXPR.replace("cos(z)", "cso(z)")
+    ),
+    "problem.residual (line 3): unknown name 'zz' at column 1; did you mean 'z'? (known names: "
+    "n, z)": _solve(ROOT_EXPR.replace("residual: z", "residual: zz - 1")),
+    "problem.fixed_point (line 5): attribute access '.T' is not allowed at column 2; use "
+    "transpose(A)": _solve(MATRIX.replace("fixed_point: z", "fixed_point: A.T @ z")),
+    "problem.params.A (line 4): syntax error at column 5: unexpected token ')'": _solve(
+        MATRIX.replace("[[1.0, 0.0], [0.0, 1.0]]", "(1 +)")
+    ),
+    "problem.fixed_point (line 3): cos() takes 1 argument, got 2 at column 1": _solve(
+        EXPR.replace("cos(z)", "cos(z, z)")
+    ),
+    "problem.fixed_point (line 3): chained comparisons are not supported at column 13; write "
+    "(a < b) & (b < c)": _solve(EXPR.replace("cos(z)", "where(0 < z < 1, z, 0)")),
+    "problem.params.A: ones(): would create 100000000 elements; the limit is 10000000 "
+    "at column 1": _solve(MATRIX.replace("[[1.0, 0.0], [0.0, 1.0]]", "ones(10000, 10000)")),
+    "problem.residual: cannot evaluate '@' at column 3: size mismatch, got input (3), mat "
+    "(3x3), vec (2)": _solve(
+        "problem:\n  kind: expression\n  dim: 2\n  params: {A: eye(3)}\n  residual: A @ z\n"
+    ),
+}
+
+
+def _check_errors(block: Block, scratch: Path) -> None:
+    project = scratch / "project"
+    if not project.exists():
+        project.mkdir()
+        shutil.copytree(scratch / "configs" / "models", project / "models")
+    for line in [x.strip() for x in block.text.splitlines() if x.strip()]:
+        message = line.removeprefix("error: ")
+        assert message in ERRORS, f"{block.id}: no input known for the documented error: {line}"
+        name, text, args = ERRORS[message]
+        (project / name).write_text(text, encoding="utf-8")
+        os.chdir(project)
+        try:
+            res = CliRunner().invoke(app, args, env={"COLUMNS": WIDTH}, prog_name="deq")
+        finally:
+            os.chdir(scratch)
+        shown = res.stderr.replace(str(scratch), "/tmp").strip()
+        assert res.exit_code == 2 and shown == f"error: {message}", (
+            f"{block.id}: the docs say\n  error: {message}\nthe tool prints\n  {shown}"
+        )
+
+
+WORDS = {
+    "skip:",
+    "file",
+    "same",
+    "into",
+    "exit",
+    "output",
+    "usage",
+    "errors",
+    "formulas",
+    "slow",
+    "timings",
+    "",
+}
+
+
+def _check_formulas(block: Block, scratch: Path) -> None:
+    """Each line's formula (before the gap that starts its comment) builds a vector problem."""
+    shell = Shell(scratch)
+    for line in [x for x in block.text.splitlines() if x.strip()]:
+        formula = re.split(r"\s{2,}", line.strip())[0]
+        config = {"problem": {"kind": "expression", "dim": 3, "fixed_point": formula}}
+        path = _write(scratch, yaml.safe_dump(config))
+        shown = shell.run(f"deq solve {path.name} --max-iter 0 --no-diagnostics -q")
+        assert shell.status in (0, 1), f"{block.id}: `{formula}` does not build:\n{shown}"
+
+
+def test_every_block_is_checked_or_skipped_with_a_reason() -> None:
+    known = ("console", "bash", "yaml", "pycon")
+    for block in ALL:
+        assert block.lang, f"{block.id}: name the block's language"
+        if block.directive.startswith("skip"):
+            assert block.directive.removeprefix("skip:").strip(), f"{block.id}: skip needs a reason"
+        assert block.lang in known or block.directive, f"{block.id}: needs a doc-test directive"
+        unknown = [p for p in block.directives.split(";") if p.strip().split(" ")[0] not in WORDS]
+        assert not unknown, f"{block.id}: unknown doc-test directive {unknown}"
