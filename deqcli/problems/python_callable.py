@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from deqcli.config import NUMBER, Config, PythonSpec
+from deqcli.consent import UserCodeError, mark_user_code, running_user_code
 from deqcli.errors import ConfigError
 from deqcli.problems.arrays import as_batch
 from deqcli.problems.base import Problem
@@ -41,17 +42,23 @@ def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
             raise ConfigError(key, f"cannot import '{where}'")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
+        mark_user_code(str(path))
         try:
-            spec.loader.exec_module(module)
+            with running_user_code(target):
+                spec.loader.exec_module(module)
         except Exception as exc:  # the user's module failed to import: report it as their input
+            if isinstance(exc, UserCodeError):
+                raise
             raise ConfigError(
                 key, f"importing '{where}' failed: {type(exc).__name__}: {exc}"
             ) from None
     else:
         try:
-            module = importlib.import_module(where)
+            with running_user_code(target):
+                module = importlib.import_module(where)
         except ImportError as exc:
             raise ConfigError(key, f"cannot import module '{where}': {exc}") from None
+        mark_user_code(getattr(module, "__file__", None))
     factory = getattr(module, attr, None)
     if not callable(factory):
         names = sorted(
@@ -76,7 +83,10 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
         if name in accepted and name not in kwargs:
             kwargs[name] = value
     try:
-        made = factory(**kwargs)
+        with running_user_code(spec.target):
+            made = factory(**kwargs)
+    except UserCodeError:
+        raise
     except Exception as exc:  # the user's factory failed: report it as their input, in one line
         raise ConfigError(
             "problem.args", f"calling {spec.target} failed: {type(exc).__name__}: {exc}"
@@ -96,11 +106,13 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
         params = {name: p.detach() for name, p in module.named_parameters()}
 
         def func(z: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return torch.func.functional_call(module, dict(p), (z,))
+            with running_user_code(spec.target):
+                return torch.func.functional_call(module, dict(p), (z,))
     else:
 
         def func(z: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return fmap(z)
+            with running_user_code(spec.target):
+                return fmap(z)
 
     _probe(func, z0_t, params, spec.target)
     return Problem(
@@ -145,6 +157,8 @@ def _probe(
     try:
         with torch.no_grad():
             out = func(z0, params)
+    except UserCodeError:
+        raise
     except Exception as exc:  # the user's map failed on its own start: bad input, not our bug
         raise ConfigError(
             key, f"the map from {target} failed at z0: {type(exc).__name__}: {exc}"
