@@ -1,6 +1,7 @@
 """YAML configuration → validated spec objects, ``--set`` overrides, and the JSON Schema.
 
-Loaded with ``yaml.safe_load`` only; validated strictly by pydantic (unknown keys, wrong types and
+Loaded with PyYAML's safe loader only, capped in size, depth and alias expansion
+(``deqcli.yaml_reader``); validated strictly by pydantic (unknown keys, wrong types and
 out-of-range values are errors that name the dotted key path and the YAML line). Expressions are
 parsed here too, so ``deq validate`` catches them without importing torch.
 """
@@ -13,7 +14,6 @@ import zlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,6 +28,7 @@ from pydantic import (
 
 from deqcli.errors import ConfigError, DeqError
 from deqcli.expr import ExpressionError, parse_expression
+from deqcli.yaml_reader import INT_LIMIT, YamlSyntaxError, load_yaml, read_capped
 
 # -- array specifications ------------------------------------------------------------------
 
@@ -340,9 +341,11 @@ def read_config_text(path: str | Path) -> tuple[str, Path]:
     if p.is_dir():
         raise ConfigError("", f"'{path}' is a directory, not a config file")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("", f"cannot read '{path}': {exc}") from None
+        # Capped: a FIFO, /dev/zero or a huge file is refused without filling the memory.
+        with p.open("rb") as fh:
+            text = read_capped(fh, f"'{path}'")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read '{path}': {exc.strerror or exc}") from None
     return text, p.resolve().parent
 
 
@@ -355,15 +358,8 @@ def parse_config(
     solver: str | None = None,
 ) -> Config:
     """Validate YAML text as a Config; errors name the key path and the YAML line."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if "'\\t'" in problem:
-            problem += " (a tab: YAML indents with spaces)"
-        raise ConfigError("", f"{source}: malformed YAML{where}: {problem}") from None
+    # Bounded in depth, aliases and integer range; the key lines come from the same pass.
+    raw, lines = load_yaml(text, source)
     if not isinstance(raw, dict):
         raise ConfigError("", f"{source}: expected a mapping with a 'problem' key at the top level")
     if solver is not None:
@@ -372,7 +368,6 @@ def parse_config(
         raw["solver"] = current if same else {"name": solver}
     for item in overrides or []:
         apply_override(raw, item)
-    lines = _key_lines(text)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -412,36 +407,24 @@ NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 def _scalar(text: str) -> Any:
     """Parse a flag value as YAML, reading 1e-8 as a number (YAML 1.1 would keep it a string)."""
     if NUMBER.match(text.strip()):
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        if any(c in text for c in ".eE"):
+            return float(text)
+        digits = text.strip().lstrip("+-")
+        if len(digits) > 19 or not -INT_LIMIT <= int(digits) < INT_LIMIT:
+            shown = text if len(text) <= 24 else f"{text[:12]}… ({len(digits)} digits)"
+            raise ConfigError(
+                "--set",
+                f"integer {shown} is out of range (|n| < 2**63); write a large value as a float "
+                "such as 1.0e30",
+            )
+        return int(text)
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in the YAML document to its 1-based line number."""
-    lines: dict[tuple[str, ...], int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                sub = (*path, str(k.value))
-                lines[sub] = k.start_mark.line + 1
-                walk(v, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                sub = (*path, str(i))
-                lines[sub] = v.start_mark.line + 1
-                walk(v, sub)
-
-    if root is not None:
-        walk(root, ())
-    return lines
+        value, _ = load_yaml(text, "--set value")
+    except YamlSyntaxError:
+        return text  # not YAML: the text itself (validation says whether a string fits)
+    except ConfigError as exc:  # YAML, but refused for its shape (depth, aliases, range)
+        raise ConfigError("--set", exc.message) from None
+    return value
 
 
 def _line_for(

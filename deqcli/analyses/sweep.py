@@ -33,11 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deqcli.config import PROBLEM_MODELS, Config, parse_config, read_config_text
 from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.expr import ExpressionError
+from deqcli.yaml_reader import load_yaml
 
 SWEEP_SCHEMA_VERSION = "1"
 # Points are refused beyond this many (a typo such as 1:2:1e6 should not start a day-long run).
@@ -197,8 +196,8 @@ class SweepBase:
     def raw(self) -> dict[str, Any]:
         """The YAML mapping (for resolving short parameter names)."""
         try:
-            data = yaml.safe_load(self.text)
-        except yaml.YAMLError:
+            data, _ = load_yaml(self.text, self.source)
+        except ConfigError:
             data = None
         return data if isinstance(data, dict) else {}
 
