@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deqcli.config import Config, load_config
+from deqcli.limits import Limits, check_solve
 
 if TYPE_CHECKING:
     from deqcli.diagnostics.settings import DiagnosticOptions
@@ -76,19 +79,40 @@ def solve(
     cfg = as_config(config, overrides)
     built = problem if problem is not None else load_problem(cfg, trust_code=trust_code)
     solver = make_solver(cfg.solver.name, {**cfg.solver.options, **solver_options})
+    stop = stop_rule(cfg)
+    # Before anything runs: the solver's working set must fit run.max_memory.
+    check_solve(built.batch, built.dim, built.z0.element_size(), solver, stop, Limits.of(cfg.run))
     diag_options = None if isinstance(diagnostics, bool) else diagnostics
     pre = None
+    cut: list[str] = []  # what run.timeout cut short before the solve
     if precheck:
         from deqcli.diagnostics import precheck as check_start
 
-        pre = check_start(built, diag_options, solver=solver)
-    result = run(built, solver, stop_rule(cfg))
-    result.notes.extend(tolerance_notes(cfg, built))
+        with within_timeout(cfg, "the precheck", cut):
+            pre = check_start(built, diag_options, solver=solver)
+    result = run(built, solver, stop)
+    result.notes.extend(tolerance_notes(cfg, built) + cut)
     if diagnostics is not False or pre is not None:
         from deqcli.diagnostics import attach
 
-        attach(built, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
+        with within_timeout(cfg, "the diagnostics", result.notes):
+            attach(built, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
     return result
+
+
+@contextmanager
+def within_timeout(cfg: Config, what: str, notes: list[str]) -> Iterator[None]:
+    """Run ``what`` (diagnostics, a precheck, remedy trials) under run.timeout of its own; if it
+    runs past it, stop it and add a note instead of failing the solve."""
+    from deqcli.deadline import DeadlineExceeded, armed
+
+    try:
+        with armed(cfg.run.timeout):
+            yield
+    except DeadlineExceeded as exc:
+        notes.append(
+            f"{what} stopped after run.timeout ({exc.seconds:g} s); raise run.timeout for them"
+        )
 
 
 def tolerance_notes(cfg: Config, problem: Problem) -> list[str]:

@@ -28,6 +28,7 @@ from pydantic import (
 
 from deqcli.errors import ConfigError, DeqError
 from deqcli.expr import ExpressionError, parse_expression
+from deqcli.limits import DEFAULT_MAX_MEMORY, DEFAULT_MAX_WORK, parse_memory
 from deqcli.yaml_reader import INT_LIMIT, YamlSyntaxError, load_yaml, read_capped
 
 # -- array specifications ------------------------------------------------------------------
@@ -39,7 +40,7 @@ ARRAY_FILE_SUFFIXES = (".npy", ".pt", ".pth")
 class FileArray(BaseModel):
     """An array read from a .npy or .pt file (path relative to the config file)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     file: str
 
 
@@ -52,7 +53,7 @@ class RandomArray(BaseModel):
     [lo, hi] in a random orthonormal basis.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     random: Literal["normal", "uniform", "orthogonal", "symmetric"]
     seed: int | None = None
     scale: float = 1.0
@@ -136,7 +137,7 @@ ArraySpec = Annotated[Any, BeforeValidator(_parse_array), WithJsonSchema(_ARRAY_
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TanhLayerSpec(_Spec):
@@ -230,6 +231,10 @@ class SolverSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+def _memory_size(value: Any) -> int:
+    return parse_memory(value)
+
+
 class RunSpec(_Spec):
     """Tolerances, budgets, device and precision."""
 
@@ -256,6 +261,26 @@ class RunSpec(_Spec):
         int,
         Field(ge=64, description="history rows kept before a long run's middle is thinned"),
     ] = 10_000
+    max_memory: Annotated[
+        int,
+        BeforeValidator(_memory_size),
+        WithJsonSchema(
+            {
+                "description": "most memory the problem's arrays, the solver's working set and "
+                "one evaluation of an expression may need: bytes, or a size such as 8GiB or "
+                "512MB (default 4GiB)",
+                "anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"type": "string"}],
+            }
+        ),
+    ] = DEFAULT_MAX_MEMORY
+    max_work: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="most operations one evaluation of an expression may take for the "
+            "whole batch (default 1e8)",
+        ),
+    ] = DEFAULT_MAX_WORK
 
     @field_validator("device")
     @classmethod
@@ -496,31 +521,53 @@ def _config_error(
 
 
 def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = None) -> None:
-    """Parse every expression in the config against the names it may use (no torch needed)."""
+    """Parse every expression in the config against the names it may use, and refuse problems
+    whose arrays or expressions exceed run.max_memory / run.max_work where the config fixes the
+    shapes (no torch needed; the build checks again with the actual shapes)."""
+    from deqcli.limits import Limits
+
     spec = cfg.problem
     lines = lines or {}
+    limits = Limits.of(cfg.run)
+    itemsize = 4 if cfg.run.dtype == "float32" else 8
 
-    def parse(text: str, path: tuple[str, ...], names: set[str]) -> None:
+    def parse(
+        text: str,
+        path: tuple[str, ...],
+        known: dict[str, Any],
+        *,
+        batch: int = 1,
+        factor: float = 1.0,
+    ) -> Any:
+        """Parse, check the cost of one evaluation, and return what is known of its value."""
         key = ".".join(path)
         try:
-            parse_expression(text, key=key, names=names)
+            expr = parse_expression(text, key=key, names=set(known))
+            cost = expr.cost(known)
+            limits.check_expression(expr, known, batch=batch, itemsize=itemsize, factor=factor)
         except ExpressionError as exc:
             detail = str(exc).removeprefix(f"{key}: ")
             raise ConfigError(key, detail, line=_line_for(path, lines)) from None
+        return cost.result
 
     if isinstance(spec, TanhLayerSpec):
-        names = {"n", "m", "batch"}
+        n, m, batch = spec.dim, spec.input_dim or spec.dim, spec.batch
+        _check_layer_size(spec, limits, itemsize, lines)
+        known: dict[str, Any] = {"n": n, "m": m, "batch": batch}
+        shapes = {"W": (n, n), "U": (n, m), "b": (n,), "x": (batch, m), "initial": (batch, n)}
         for field in ("W", "U", "b", "x", "initial"):
             value = getattr(spec, field)
             if isinstance(value, str):
-                parse(value, ("problem", field), names)
+                parse(value, ("problem", field), known)
             if value is not None:
-                names.add(field)
+                known[field] = shapes[field]
         return
     if isinstance(spec, PythonSpec):
         return
-    names = {"n"}
-    shared: set[str] = set()
+    dim = spec.dim or _static_dim(spec.initial)
+    known = {"n": dim}
+    shared: dict[str, Any] = {}
+    batch = spec.batch or _static_rows(spec.initial)
     for group in ("params", "batch_params"):
         for name, value in getattr(spec, group).items():
             if not name.isidentifier() or name.startswith("_"):
@@ -529,19 +576,79 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
                     "parameter names must be identifiers not starting with _",
                 )
             if isinstance(value, str):
-                parse(value, ("problem", group, name), names)
-            names.add(name)
+                result = parse(value, ("problem", group, name), known)
+            else:
+                result = _static_known(value)
+            if group == "batch_params" and isinstance(result, tuple) and result:
+                batch = batch or result[0]
+                result = result[1:]  # one sample's row, as the map sees it
+            known[name] = result
         if group == "params":
-            shared = set(names)
+            shared = dict(known)
+    batch = batch or 1
+    if dim is not None:
+        limits.check_bytes(
+            2.0 * batch * dim * itemsize,
+            f"a start of batch {batch} × n {dim} and its copies",
+            key="problem.dim" if spec.dim else "problem.initial",
+        )
     var = "w" if isinstance(spec, GradientDescentSpec) else "z"
     if isinstance(spec.initial, str):
         # The start is built before per-sample parameters are spread over the batch.
         parse(spec.initial, ("problem", "initial"), shared)
+    known[var] = (dim,) if dim is not None else None
     if isinstance(spec, GradientDescentSpec):
-        parse(spec.loss, ("problem", "loss"), names | {"w"})
+        # The map evaluates the loss and its gradient: about three evaluations' work.
+        parse(spec.loss, ("problem", "loss"), known, batch=batch, factor=3.0)
     else:
         field = "fixed_point" if spec.fixed_point is not None else "residual"
-        parse(getattr(spec, field), ("problem", field), names | {var})
+        parse(getattr(spec, field), ("problem", field), known, batch=batch)
+
+
+def _static_known(value: Any) -> Any:
+    """What the config itself fixes of an array spec: a number's value or a list's shape."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list):
+        try:
+            return _check_rectangular(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _static_dim(initial: Any) -> int | None:
+    """n as the build infers it from ``initial`` when ``dim`` is not given (None: unknown)."""
+    known = _static_known(initial)
+    if isinstance(known, tuple):
+        return known[-1] if known else 1
+    return 1 if known is not None else None
+
+
+def _static_rows(initial: Any) -> int | None:
+    known = _static_known(initial)
+    return known[0] if isinstance(known, tuple) and len(known) == 2 else None
+
+
+def _check_layer_size(
+    spec: TanhLayerSpec, limits: Any, itemsize: int, lines: dict[tuple[str, ...], int]
+) -> None:
+    """The layer's arrays (W, U, b, x, the start), random draws made in float64, and the SVD
+    behind ‖W‖₂, against run.max_memory."""
+    n, m, batch = spec.dim, spec.input_dim or spec.dim, spec.batch
+    sizes = {"W": n * n, "U": n * m if spec.U is not None else 0, "b": n, "x": batch * m}
+    sizes["initial"] = batch * n
+    need = sum(sizes.values()) * itemsize + 3 * n * n * 8
+    for field, count in sizes.items():
+        if isinstance(getattr(spec, field), RandomArray):
+            need += count * 8
+    key = "problem.dim" if n * n >= batch * max(n, m) else "problem.batch"
+    try:
+        limits.check_bytes(
+            need, f"dim {n}, input_dim {m}, batch {batch}: the layer's arrays", key=key
+        )
+    except ConfigError as exc:
+        raise ConfigError(key, exc.message, line=_line_for(tuple(key.split(".")), lines)) from None
 
 
 def check_files(cfg: Config) -> None:

@@ -19,6 +19,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from deqcli.deadline import DeadlineExceeded
 from deqcli.errors import PeerUnavailableError
 from deqcli.solvers.base import Solver, State, StopRule
 
@@ -32,6 +33,18 @@ if TYPE_CHECKING:
 
 class PeerStop(Exception):
     """Raised from inside a peer's function or callback to end its run early."""
+
+
+# What ends a peer's run early from inside its loop: our own stop, or run.timeout passing
+# during an evaluation (deqcli.deadline). The adapters catch both and keep what was recorded.
+EARLY_STOPS = (PeerStop, DeadlineExceeded)
+
+
+def stop_message(stop: Exception) -> str:
+    """The peer's message for a run ended early by ``stop``."""
+    if isinstance(stop, DeadlineExceeded):
+        return str(stop)
+    return "stopped by the shared stopping rule or iteration budget"
 
 
 INSTALL = {"torchdeq": "pip install 'deqcli[peers]'", "scipy": "pip install scipy"}

@@ -25,7 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, SharedRule, pad_stack
+from deqcli import deadline
+from deqcli.solvers.peers import (
+    EARLY_STOPS,
+    PeerSolver,
+    PeerStop,
+    Recording,
+    SharedRule,
+    pad_stack,
+    stop_message,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
 # Step tolerance for hybr/lm: about machine precision, so only the shared rule (or a genuine
 # failure to progress) ends their run.
 _MINPACK_XTOL = 1e-15
+# MINPACK counts evaluations in a C int; a larger budget would overflow it.
+_C_INT_MAX = 2**31 - 1
 
 
 @dataclass
@@ -121,12 +132,13 @@ class ScipyRoot(PeerSolver):
         try:
             sol = root(fun, x0, **kwargs)
             message = str(sol.message)
-        except PeerStop:
-            message = "stopped by the shared stopping rule or iteration budget"
+        except EARLY_STOPS as stop_:
+            message = stop_message(stop_)
         except (ValueError, np.linalg.LinAlgError, ArithmeticError) as exc:
             message = f"scipy raised {type(exc).__name__}: {exc}".splitlines()[0]
-        if not z_rows:  # the method failed before evaluating anything
-            g0 = sample.g(z0[b : b + 1])[0]
+        if not z_rows:  # the method failed (or the deadline passed) before evaluating anything
+            with deadline.suspended():
+                g0 = sample.g(z0[b : b + 1])[0]
             z_rows.append(z0[b])
             g_rows.append(g0)
         _merge_counts(problem, sample, b)
@@ -159,7 +171,7 @@ class ScipyHybr(ScipyRoot):
 
     def scipy_options(self, stop: StopRule) -> dict[str, Any]:
         """Step tolerance at machine precision; the budget in evaluations."""
-        return {"xtol": _MINPACK_XTOL, "maxfev": stop.max_iter + 1}
+        return {"xtol": _MINPACK_XTOL, "maxfev": min(stop.max_iter + 1, _C_INT_MAX)}
 
 
 @dataclass
@@ -178,7 +190,7 @@ class ScipyLm(ScipyRoot):
             "xtol": _MINPACK_XTOL,
             "ftol": _MINPACK_XTOL,
             "gtol": 0.0,
-            "maxiter": stop.max_iter + 1,
+            "maxiter": min(stop.max_iter + 1, _C_INT_MAX),
         }
 
 
