@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from deqcli import __version__
 from deqcli.errors import DeqError, UsageError
+from deqcli.expr import ExpressionError
 from deqcli.render.report import fmt_time
 from deqcli.result import _num as json_number
 
@@ -152,22 +153,41 @@ def compare(
     """Run every solver on every config and return the comparison document (see module docstring).
 
     A solver that cannot handle a problem (unknown option, dense Jacobian too large, peer library
-    missing, an exception inside the solver) gets an ``error`` row with a one-line reason; the
-    comparison goes on. Problems that cannot be built are bad input and raise.
+    missing, an exception inside the solver) gets an ``error`` row with a one-line reason; so does
+    every solver of a problem that cannot be built; the comparison goes on. Configs that do not
+    validate, and configs that would run Python code without consent, are bad input and raise
+    before anything runs. A Ctrl-C keeps the problems finished so far: the document is marked
+    ``interrupted`` (and not ``complete``).
     """
+    from deqcli.consent import require
+
     check_settings(repeat=repeat, warmup=warmup, max_slowdown=DEFAULT_MAX_SLOWDOWN)
     if not solvers:
         raise UsageError("no solvers to compare; name some with --solvers (see deq list-solvers)")
     overrides = list(overrides or [])
     configs = load_configs(paths, overrides)
+    for cfg in configs:  # consent is asked for up front, before anything runs
+        require(cfg.problem.kind, getattr(cfg.problem, "target", ""))
     problems = []
     names: set[str] = set()
-    for path, cfg in zip(paths, configs, strict=True):
-        problems.append(
-            _compare_one(
-                path, cfg, solvers, overrides, repeat, warmup, progress, debug, _unique(cfg, names)
+    interrupted = False
+    try:
+        for path, cfg in zip(paths, configs, strict=True):
+            problems.append(
+                _compare_one(
+                    path,
+                    cfg,
+                    solvers,
+                    overrides,
+                    repeat,
+                    warmup,
+                    progress,
+                    debug,
+                    _unique(cfg, names),
+                )
             )
-        )
+    except KeyboardInterrupt:
+        interrupted = True  # the problem in progress is dropped; the finished ones are kept
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": DOCUMENT_KIND,
@@ -181,6 +201,8 @@ def compare(
             "overrides": overrides,
         },
         "problems": problems,
+        "complete": not interrupted,
+        "interrupted": interrupted,
     }
     doc["summary"] = summarise(problems, solvers)
     return doc
@@ -211,7 +233,14 @@ def _compare_one(
     from deqcli import api
     from deqcli.config import load_config
 
-    problem = api.load_problem(cfg)
+    try:
+        problem = api.load_problem(cfg)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the config validated, but its problem cannot be built
+        if debug and not isinstance(exc, (DeqError, ExpressionError)):
+            raise
+        return _unbuilt(path, cfg, solvers, name, _failure(exc))
     runs = {solver: _Runs() for solver in solvers}
     per_solver: dict[str, Config] = {}
 
@@ -231,12 +260,12 @@ def _compare_one(
             return api.solve(per_solver[solver], problem=problem, diagnostics=False)
         except KeyboardInterrupt:
             raise
-        except DeqError as exc:
-            slot.error = _one_line(str(exc))
+        except (DeqError, ExpressionError) as exc:
+            slot.error = _failure(exc)
         except Exception as exc:
             if debug:
                 raise
-            slot.error = _one_line(f"{type(exc).__name__}: {exc}")
+            slot.error = _failure(exc)
         return None
 
     for solver in solvers:
@@ -273,7 +302,39 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dict[str, Any]:
+def _failure(exc: BaseException) -> str:
+    """One line for an error row: the message of our own errors, the type and message of others."""
+    if isinstance(exc, (DeqError, ExpressionError)):
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _unbuilt(path: Path, cfg: Config, solvers: list[str], name: str, error: str) -> dict[str, Any]:
+    """A problem whose config validated but whose problem could not be built: an error row for
+    every solver, the reason in each."""
+    rows = [
+        _row(solver, _Runs(error=f"the problem could not be built: {error}"), None)
+        for solver in solvers
+    ]
+    return {
+        "name": name,
+        "config": str(path),
+        "kind": cfg.problem.kind,
+        "description": "",
+        "batch": None,
+        "dim": None,
+        "device": cfg.run.device,
+        "dtype": cfg.run.dtype,
+        "atol": cfg.atol,
+        "rtol": cfg.run.rtol,
+        "max_iter": cfg.run.max_iter,
+        "solved_by": [],
+        "fastest": None,
+        "solvers": rows,
+    }
+
+
+def _row(solver: str, runs: _Runs, problem: Problem | None, debug: bool = False) -> dict[str, Any]:
     """One solver's row: status, counts, residual and timing over the repeats."""
     from deqcli.solvers import SOLVERS
 
@@ -286,7 +347,7 @@ def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dic
         "message": runs.error or "",
         "reason": None,
         "period": None,
-        "samples": problem.batch,
+        "samples": problem.batch if problem is not None else None,
         "converged_samples": 0,
         "iterations": None,
         **dict.fromkeys(COUNT_KINDS),
@@ -300,7 +361,7 @@ def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dic
         "result": None,
         "curve": None,
     }
-    if runs.error is not None or not runs.results:
+    if runs.error is not None or not runs.results or problem is None:
         return row
     times = [r.wall_time for r in runs.results]
     # The representative solve is the one whose time is the median (the lower one for even counts),

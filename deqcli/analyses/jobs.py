@@ -132,17 +132,23 @@ class CompareOutcome:
         """Every problem was solved by some solver and nothing regressed."""
         return not self.doc["summary"]["unsolved"] and not self.regressions
 
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C stopped the comparison; the document holds the problems finished before it."""
+        return bool(self.doc.get("interrupted"))
+
 
 # A progress bar for this many solves, entered around the solving; it yields the per-solve callback.
 CompareProgress = Callable[[int], AbstractContextManager["ProgressCallback"]]
 
 
 def compare(request: CompareRequest, progress: CompareProgress | None = None) -> CompareOutcome:
-    """Check configs, solvers, settings and every output; solve; check the baseline; write the plots,
-    then --json, --save-baseline, --csv and --markdown, in that order."""
+    """Check configs, solvers, settings and every output; solve; check the baseline; write --json,
+    --save-baseline, --csv, --markdown and the plots, in that order (a failed one is kept
+    elsewhere and reported after the others were written)."""
     from deqcli.analyses import compare as analysis
     from deqcli.render.compare import to_csv, to_markdown
-    from deqcli.render.files import check_output_path, emit_json, emit_text
+    from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
 
     files = analysis.expand_configs(request.configs)
     names = analysis.resolve_solvers(request.solvers, include_peers=request.all_solvers)
@@ -193,21 +199,25 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
             doc, stored, max_slowdown=request.max_slowdown, path=str(baseline)
         )
         doc["baseline"] = check.to_dict()
-    plots = []
-    if plot_target is not None:
-        from deqcli.render.plots import write_plots
-
-        plots = write_plots(doc, plot_target)
-
+    out = Outputs()
     if "--json" in targets or request.json_path == "-":
-        emit_json(doc, targets.get("--json"))
+        out.write("--json", lambda: emit_json(doc, targets.get("--json")))
     if saved is not None:
-        emit_json(doc, saved)
+        out.write("--save-baseline", lambda: emit_json(doc, saved, flag="--save-baseline"))
     for flag, text in (("--csv", request.csv_path), ("--markdown", request.markdown_path)):
         if text is None:
             continue
         rendered = to_csv(doc) if flag == "--csv" else to_markdown(doc)
-        emit_text(rendered, targets[flag])
+        out.write(
+            flag, lambda rendered=rendered, flag=flag: emit_text(rendered, targets[flag], flag=flag)
+        )
+    plots: list[Path] = []
+    if plot_target is not None:
+        # Last: a plot that cannot be drawn or saved must not cost the documents above.
+        from deqcli.render.plots import write_plots
+
+        plots = out.write("--plot", lambda: write_plots(doc, plot_target)) or []
+    out.finish()
     to_stdout = any(value == "-" for value in outputs.values())
     return CompareOutcome(doc, check, plots, to_stdout)
 
@@ -258,7 +268,7 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
         run_sweep,
         to_csv,
     )
-    from deqcli.render.files import check_output_path, emit_json, emit_text
+    from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
 
     config = request.config
     if sum(1 for t in (request.json_path, request.csv_path) if t == "-") > 1:
@@ -291,15 +301,17 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
             on_point=on_point,
         )
 
+    out = Outputs()
     if request.json_path is not None:
-        emit_json(done.to_dict(), json_target)
+        out.write("--json", lambda: emit_json(done.to_dict(), json_target))
     if request.csv_path is not None:
-        emit_text(to_csv(done), csv_target)
+        out.write("--csv", lambda: emit_text(to_csv(done), csv_target, flag="--csv"))
     written = None
     if plot_target is not None and done.points:
         from deqcli.render.sweep_plots import plot_sweep
 
-        written = plot_sweep(done, plot_target)
+        written = out.write("--plot", lambda: plot_sweep(done, plot_target))
+    out.finish()
     to_stdout = request.json_path == "-" or request.csv_path == "-"
     return SweepOutcome(done, written, to_stdout)
 

@@ -147,8 +147,11 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-stdout = Console()
-stderr = Console(stderr=True)
+# Text from configs and paths (a problem named "[/]", a file called "[red]x.yaml", a loss such
+# as sum(w**2)) is printed as written: these consoles never read rich markup or :emoji: codes in
+# strings, so the renderers style with Text objects only.
+stdout = Console(markup=False, emoji=False)
+stderr = Console(stderr=True, markup=False, emoji=False)
 
 
 def _version(value: bool) -> None:

@@ -58,14 +58,11 @@ def schema(
     if output is None:
         sys.stdout.write(text)
     else:
-        from deqcli.render.files import check_output_path, write_text_atomic
+        from deqcli.render.files import check_output_path, emit_text
 
         with user_errors():
             target = check_output_path(str(output), protected=[], flag="--output")
-        if target is None:  # '-' means stdout
-            sys.stdout.write(text)
-        else:
-            write_text_atomic(target, text)
+            emit_text(text, target, flag="--output")  # '-' (None) means stdout
 
 
 def list_solvers() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,16 @@ def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
     of ``suffixes`` (``wanted`` names them in the error) in a folder that exists."""
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot: matplotlib is not installed; pip install 'deqcli[plot]'")
+    from deqcli.render.files import check_writable
+
     target = Path(path)
     if target.is_dir():
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise UsageError(f"--plot: directory '{path}' is not writable")
         return target
     if target.suffix.lower() not in suffixes:
         raise UsageError(f"--plot: '{path}' must end in {wanted}")
-    if not target.parent.exists():
-        raise UsageError(f"--plot: directory '{target.parent}' does not exist")
+    check_writable(target, flag="--plot")
     return target
 
 

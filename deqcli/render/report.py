@@ -92,7 +92,7 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     head.add_column(style="dim")
     head.add_column()
     head.add_row(
-        "problem", f"{result.problem}" + (f"  [dim]{description}[/dim]" if description else "")
+        "problem", Text.assemble(result.problem, (f"  {description}" if description else "", "dim"))
     )
     opts = ", ".join(f"{k}={v}" for k, v in result.options.items())
     head.add_row("solver", f"{result.solver}" + (f" ({opts})" if opts else ""))
@@ -113,8 +113,10 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     finals = result.final_residuals()
     head.add_row(
         "residual",
-        f"‖f(z)−z‖ {fmt(max(finals))}  (relative {fmt(max(result.final_relative()))})"
-        + ("  [dim]worst sample[/dim]" if result.batch > 1 else ""),
+        Text.assemble(
+            f"‖f(z)−z‖ {fmt(max(finals))}  (relative {fmt(max(result.final_relative()))})",
+            ("  worst sample" if result.batch > 1 else "", "dim"),
+        ),
     )
     head.add_row("wall time", fmt_time(result.wall_time))
     parts: list[Any] = [head]
