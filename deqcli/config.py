@@ -43,6 +43,17 @@ class FileArray(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     file: str
 
+    @field_validator("file")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        # Checked here so that deq validate and deq solve accept the same files.
+        if Path(value).suffix.lower() not in ARRAY_FILE_SUFFIXES:
+            raise ValueError(
+                f"'{value}' must be {', '.join(ARRAY_FILE_SUFFIXES[:-1])} or "
+                f"{ARRAY_FILE_SUFFIXES[-1]} (a NumPy array or a torch tensor)"
+            )
+        return value
+
 
 class RandomArray(BaseModel):
     """A seeded random array.

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deqcli.config import ARRAY_FILE_SUFFIXES, FileArray, RandomArray
+from deqcli.config import FileArray, RandomArray
 from deqcli.errors import ConfigError
 from deqcli.expr import parse_expression
 from deqcli.limits import Limits
@@ -71,12 +71,10 @@ class ArrayBuilder:
         path = Path(name)
         if not path.is_absolute():
             path = self.base_dir / path
-        if path.suffix not in ARRAY_FILE_SUFFIXES:
-            raise ConfigError(key, f"file '{name}' must be .npy or .pt")
         if not path.exists():
             raise ConfigError(key, f"file '{name}' does not exist (looked in {path.parent})")
         try:
-            if path.suffix == ".npy":
+            if path.suffix.lower() == ".npy":
                 data: Any = np.load(path, allow_pickle=False)
             else:
                 data = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,6 +84,11 @@ class ArrayBuilder:
             raise ConfigError(
                 key, f"'{name}' must hold a single array/tensor, got {type(data).__name__}"
             )
+        complex_values = (
+            data.is_complex() if isinstance(data, torch.Tensor) else np.iscomplexobj(data)
+        )
+        if complex_values:
+            raise ConfigError(key, f"'{name}' holds complex numbers; deq works with real arrays")
         try:
             return torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data).to(
                 device=self.device, dtype=self.dtype

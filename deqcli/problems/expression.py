@@ -87,6 +87,12 @@ def build_gradient_descent(cfg: Config, arrays: ArrayBuilder) -> Problem:
             raise ExpressionError(
                 "problem.loss", f"the loss must be a scalar, got shape {tuple(value.shape)}"
             )
+        if not value.is_floating_point():
+            raise ExpressionError(
+                "problem.loss",
+                f"the loss must be a real number; this one gives "
+                f"{str(value.dtype).removeprefix('torch.')} values (a condition has no gradient)",
+            )
         return value.reshape(())
 
     def step(

@@ -92,7 +92,7 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
             "problem.args", f"calling {spec.target} failed: {type(exc).__name__}: {exc}"
         ) from None
     fmap, z0 = _unpack(made, spec.target)
-    z0_t = torch.as_tensor(z0).to(device=device, dtype=dtype)
+    z0_t = _start(z0, spec.target, device, dtype)
     z0_t = as_batch(
         z0_t,
         "problem.target",
@@ -124,6 +124,31 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
         params=params,
         description=f"{spec.form} from {spec.target}",
     )
+
+
+def _start(z0: Any, target: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The factory's z0 as a real tensor on the device: numbers only, not empty, finite."""
+    key = "problem.target"
+    try:
+        tensor = torch.as_tensor(z0)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            key,
+            f"{target} must return a start z0 of numbers, got {type(z0).__name__}: "
+            + str(exc).splitlines()[0],
+        ) from None
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ConfigError(
+            key, f"the start z0 from {target} must be real numbers, got {tensor.dtype}"
+        )
+    if tensor.numel() == 0:
+        raise ConfigError(key, f"the start z0 from {target} is empty; give it at least one number")
+    if tensor.dim() > 2:
+        raise ConfigError(
+            key,
+            f"the start z0 from {target} must be a vector or (batch, n), got shape {tuple(tensor.shape)}",
+        )
+    return tensor.to(device=device, dtype=dtype)
 
 
 def _number_or_text(value: Any) -> Any:
@@ -167,6 +192,10 @@ def _probe(
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(
             key, f"the map must return a tensor of shape {tuple(z0.shape)}, got {shape}"
+        )
+    if not out.is_floating_point():  # complex, integer or boolean values cannot be iterated
+        raise ConfigError(
+            key, f"the map from {target} must return real floating-point values, got {out.dtype}"
         )
     if not bool(torch.isfinite(out).all()):
         raise ConfigError(key, f"the map from {target} is not finite at z0; choose another start")

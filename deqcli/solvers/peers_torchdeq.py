@@ -72,8 +72,14 @@ class TorchdeqSolver(PeerSolver):
         met = torch.zeros(problem.batch, dtype=torch.bool, device=z0.device)
         rule = SharedRule(stop)
 
+        own: list[BaseException] = []  # failures of our own evaluation, not of torchdeq
+
         def func(x: torch.Tensor) -> torch.Tensor:
-            fx = problem.f(x)
+            try:
+                fx = problem.f(x)
+            except BaseException as exc:
+                own.append(exc)
+                raise
             z = x.detach().clone()  # torchdeq may hand us a view of its own buffer
             g = z - fx.detach()
             zs.append(z)
@@ -98,6 +104,11 @@ class TorchdeqSolver(PeerSolver):
                 )
         except EARLY_STOPS as stop_:
             message = stop_message(stop_)
+        except (RuntimeError, ValueError, ArithmeticError) as exc:
+            if own and exc is own[-1]:
+                raise  # the map itself failed: that is the problem's error, not the peer's
+            # torchdeq failed inside its own loop (a singular system, say): keep what it visited.
+            message = f"torchdeq raised {type(exc).__name__}: {exc}".splitlines()[0]
         if not zs:  # the deadline passed before torchdeq evaluated anything
             with deadline.suspended():
                 zs.append(z0.detach().clone())
