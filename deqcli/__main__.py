@@ -14,13 +14,21 @@ from deqcli import interrupt
 def main() -> None:
     """Run ``deq`` with the process's arguments and exit with its code."""
     interrupt.install()
+    code: int | str | None = 0
     try:
         from deqcli.cli import app
 
         app(prog_name="deq")
     except KeyboardInterrupt:  # pressed before the command line took over
         interrupt.announce()
-        sys.exit(interrupt.EXIT_INTERRUPTED)
+        code = interrupt.EXIT_INTERRUPTED
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        # The outcome is decided: a press from now on (while the interpreter shuts down, when
+        # Python would restore the default handler and die of the signal) changes nothing.
+        interrupt.ignore()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

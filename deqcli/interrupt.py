@@ -37,6 +37,12 @@ def install() -> None:
         signal.signal(signal.SIGINT, _on_sigint)
 
 
+def ignore() -> None:
+    """Ignore SIGINT from now on (the exit code is decided; the process is shutting down)."""
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def checkpoint() -> None:
     """Raise a held Ctrl-C here, at a safe point."""
     global _pending
