@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,12 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n" + DOTTIE
 
 
-def test_a_billion_laughs_is_refused_in_well_under_a_second() -> None:
-    start = time.perf_counter()
+def test_a_billion_laughs_is_refused_where_it_starts_to_expand() -> None:
+    # 9**9 values if expanded; refused at the first level beyond the limit (9**6 values), before
+    # the levels that would take the time and the memory are even composed (bench/hostile.py
+    # measures it: milliseconds).
     with pytest.raises(ConfigError, match=r"a5 \(line 6\): aliases expand this document by more"):
         parse_config(billion_laughs())
-    assert time.perf_counter() - start < 0.5
 
 
 def test_aliases_that_only_share_values_still_work_and_keep_their_lines() -> None:
@@ -115,10 +115,8 @@ def test_reads_are_capped(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         read_capped(io.BytesIO(b"\xff\xfe"), "x")
     if os.path.exists("/dev/zero"):
-        start = time.perf_counter()
         with pytest.raises(ConfigError, match="'/dev/zero' is longer than"):
             load_config("/dev/zero")
-        assert time.perf_counter() - start < 5
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")

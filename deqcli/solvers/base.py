@@ -97,6 +97,9 @@ class Solver:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # True for solvers whose steps evaluate nothing (a peer's recorded run, replayed): the time
+    # limit was applied while recording, so the replay of what was recorded is never cut short.
+    replays: ClassVar[bool] = False
 
     def init(self, problem: Problem, z0: torch.Tensor) -> State:
         """Build the starting state from ``z0`` (evaluating the residual there)."""
@@ -259,7 +262,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         if k >= stop.max_iter:
             _finish(status, iterations, Status.MAX_ITER, k)
             break
-        if limit is not None and limit.expired():
+        if limit is not None and not solver.replays and limit.expired():
             _finish(status, iterations, Status.TIMEOUT, k)
             break
         state.active = active

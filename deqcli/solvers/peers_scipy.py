@@ -68,16 +68,20 @@ class ScipyRoot(PeerSolver):
         zs: list[list[torch.Tensor]] = []
         gs: list[list[torch.Tensor]] = []
         messages: list[str] = []
+        timed_out: list[bool] = []
         for b in range(problem.batch):
             z_rows, g_rows, message = self._run_sample(problem, z0, b, stop)
             zs.append(z_rows)
             gs.append(g_rows)
             messages.append(message)
+            limit = deadline.current()
+            timed_out.append(limit is not None and limit.expired())
         return Recording(
             zs=pad_stack(zs),
             gs=pad_stack(gs),
             lengths=[len(z) - 1 for z in zs],
             messages=messages,
+            timed_out=timed_out,
         )
 
     def _run_sample(

@@ -114,11 +114,14 @@ class TorchdeqSolver(PeerSolver):
                 zs.append(z0.detach().clone())
                 gs.append(problem.g(z0).detach())
         steps = len(zs) - 1
+        limit = deadline.current()
+        cut = limit is not None and limit.expired()
         return Recording(
             zs=torch.stack(zs, dim=1),
             gs=torch.stack(gs, dim=1),
             lengths=[steps] * problem.batch,
             messages=[message] * problem.batch,
+            timed_out=[cut] * problem.batch,
         )
 
 
