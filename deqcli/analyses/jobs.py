@@ -268,6 +268,7 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
         run_sweep,
         to_csv,
     )
+    from deqcli.consent import require
     from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
 
     config = request.config
@@ -276,6 +277,10 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
     check_value_spec(request.value)
     base = SweepBase.from_path(config, request.overrides, request.solver)
     axes = make_axes(base, request.params)
+    # Consent is asked for up front: a config that runs code without it is bad input, not a
+    # sweep of failed points.
+    first = base.config({axis.key: axis.values[0] for axis in axes})
+    require(first.problem.kind, getattr(first.problem, "target", ""))
     json_target = _output(request.json_path, config, "--json")
     csv_target = _output(request.csv_path, config, "--csv")
     if request.results is not None:
