@@ -248,17 +248,21 @@ def _compose(
             top.node.value.append((top.key, node))
             top.key = None
         else:
-            path = (*top.path, str(len(top.node.value)))
-            lines[path] = node.start_mark.line + 1
-            if mark is None:
-                positions[(node.start_mark.line, node.start_mark.column)] = path
+            if type(node) is not ScalarNode:  # items of arrays are not worth a path each
+                path = (*top.path, str(len(top.node.value)))
+                lines[path] = node.start_mark.line + 1
+                if mark is None:
+                    positions[(node.start_mark.line, node.start_mark.column)] = path
             top.node.value.append(node)
         return None
 
     loader.get_event()  # DocumentStartEvent
-    while not loader.check_event(DocumentEndEvent):
+    while True:
         event = loader.get_event()
-        if isinstance(event, AliasEvent):
+        kind_of = type(event)
+        if kind_of is DocumentEndEvent:
+            break
+        if kind_of is AliasEvent:
             target = anchors.get(event.anchor)
             if target is None:
                 raise refuse(
@@ -273,8 +277,9 @@ def _compose(
                 )
             attach(target, sizes[id(target)], event.start_mark)
             continue
+        # Sizes and open nodes are only ever looked up by aliases, so only anchored nodes keep them.
         anchor = getattr(event, "anchor", None)
-        if isinstance(event, ScalarEvent):
+        if kind_of is ScalarEvent:
             tag = event.tag
             if tag is None or tag == "!":
                 tag = loader.resolve(ScalarNode, event.value, event.implicit)
@@ -282,12 +287,12 @@ def _compose(
                 tag, event.value, event.start_mark, event.end_mark, style=event.style
             )
             written += 1
-            sizes[id(node)] = 1
             if anchor is not None:
                 anchors[anchor] = node
+                sizes[id(node)] = 1
             attach(node, 1)
-        elif isinstance(event, (SequenceStartEvent, MappingStartEvent)):
-            kind = SequenceNode if isinstance(event, SequenceStartEvent) else MappingNode
+        elif kind_of is SequenceStartEvent or kind_of is MappingStartEvent:
+            kind = SequenceNode if kind_of is SequenceStartEvent else MappingNode
             if len(stack) >= MAX_DEPTH:
                 raise refuse(
                     f"YAML nested more than {MAX_DEPTH} levels deep; flatten it (or put arrays in "
@@ -302,17 +307,17 @@ def _compose(
             written += 1
             if anchor is not None:
                 anchors[anchor] = node
-            open_nodes.add(id(node))
+                open_nodes.add(id(node))
             stack.append(_Frame(node, child_path()))
-        elif isinstance(event, (SequenceEndEvent, MappingEndEvent)):
+        elif kind_of is SequenceEndEvent or kind_of is MappingEndEvent:
             frame = stack.pop()
             frame.node.end_mark = event.end_mark
-            open_nodes.discard(id(frame.node))
-            sizes[id(frame.node)] = frame.size
+            if id(frame.node) in open_nodes:
+                open_nodes.discard(id(frame.node))
+                sizes[id(frame.node)] = frame.size
             attach(frame.node, frame.size)
         else:  # pragma: no cover - the parser emits nothing else inside a document
             raise refuse(f"unexpected YAML event {type(event).__name__}", event.start_mark, ())
-    loader.get_event()  # DocumentEndEvent
     if not loader.check_event(StreamEndEvent):
         event = loader.get_event()
         raise ConfigError(

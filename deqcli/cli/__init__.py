@@ -39,7 +39,8 @@ ClickAbort: tuple[type[BaseException], ...] = (typer.Abort, getattr(_click, "Abo
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 converged (every sample), 1 ran but did not converge, "
-    "2 bad input or usage (config error, unknown solver or option, unavailable device)."
+    "2 bad input or usage (config error, unknown solver or option, unavailable device), "
+    "130 interrupted (Ctrl-C)."
 )
 
 
