@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deqcli.expr.compiler import _BINOP_SYMBOLS
 from deqcli.expr.errors import ExpressionError
 from deqcli.expr.functions import _BINARY, CONSTANTS, FUNCTION_SPECS
 
@@ -195,7 +196,7 @@ class _Walker:
     def _binop(self, node: ast.BinOp) -> _Value:
         left = self.value(node.left)
         right = self.value(node.right)
-        symbol = _SYMBOLS.get(type(node.op), "?")
+        symbol = _BINOP_SYMBOLS.get(type(node.op), "?")
         if isinstance(left, _Num) and isinstance(right, _Num):
             return _Num(_fold(symbol, left.value, right.value))
         if symbol == "@":
@@ -271,19 +272,6 @@ class _Walker:
 
 
 # -- shape rules --------------------------------------------------------------------------------
-
-_SYMBOLS: dict[type, str] = {
-    ast.Add: "+",
-    ast.Sub: "-",
-    ast.Mult: "*",
-    ast.Div: "/",
-    ast.FloorDiv: "//",
-    ast.Mod: "%",
-    ast.Pow: "**",
-    ast.MatMult: "@",
-    ast.BitAnd: "&",
-    ast.BitOr: "|",
-}
 
 
 def _fold(symbol: str, a: int | float | None, b: int | float | None) -> int | float | None:
