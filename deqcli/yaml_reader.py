@@ -19,6 +19,7 @@ Nothing here evaluates text, and nothing imports torch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import IO, Any
 
 import yaml
@@ -51,7 +52,20 @@ KeyLines = dict[tuple[str, ...], int]
 _BASE_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def read_capped(stream: IO[bytes], source: str, limit: int = MAX_CONFIG_BYTES) -> str:
+CONFIG_ADVICE = (
+    "a config is a page of YAML (put large arrays in .npy or .pt files and name them with "
+    "{file: ...})"
+)
+#: Largest JSON document read back (a baseline, a sweep's results file).
+MAX_DOCUMENT_BYTES = 256 * 1024 * 1024
+
+
+def read_capped(
+    stream: IO[bytes],
+    source: str,
+    limit: int = MAX_CONFIG_BYTES,
+    advice: str = CONFIG_ADVICE,
+) -> str:
     """Read at most ``limit`` bytes of UTF-8 text from ``stream``; refuse anything longer.
 
     Works on regular files, FIFOs, devices and pipes alike: never more than ``limit + 1`` bytes are
@@ -62,17 +76,22 @@ def read_capped(stream: IO[bytes], source: str, limit: int = MAX_CONFIG_BYTES) -
     except OSError as exc:
         raise ConfigError("", f"cannot read {source}: {exc.strerror or exc}") from None
     if len(data) > limit:
-        raise ConfigError(
-            "",
-            f"{source} is longer than {limit // (1024 * 1024)} MiB; a config is a page of YAML "
-            "(put large arrays in .npy or .pt files and name them with {file: ...})",
-        )
+        raise ConfigError("", f"{source} is longer than {limit // (1024 * 1024)} MiB; {advice}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             "", f"{source} is not UTF-8 text (byte {exc.start}); is it a config file?"
         ) from None
+
+
+def read_capped_file(path: str | Path, source: str, limit: int, advice: str) -> str:
+    """``read_capped`` on the file at ``path`` (opening errors are ConfigErrors too)."""
+    try:
+        with open(path, "rb") as fh:
+            return read_capped(fh, source, limit, advice)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {source}: {exc.strerror or exc}") from None
 
 
 class _Loader(_BASE_LOADER):  # type: ignore[misc, valid-type]
@@ -334,8 +353,10 @@ __all__ = [
     "MAX_ALIAS_EXPANSION",
     "MAX_CONFIG_BYTES",
     "MAX_DEPTH",
+    "MAX_DOCUMENT_BYTES",
     "KeyLines",
     "YamlSyntaxError",
     "load_yaml",
     "read_capped",
+    "read_capped_file",
 ]

@@ -40,7 +40,7 @@ def one_line_error(run: Run, *fragments: str, code: int = 2) -> str:
     """Assert the run failed with exit ``code`` and exactly one 'error:' line on stderr holding
     every fragment, no traceback and nothing on stdout; return the line."""
     assert run.exit_code == code, (run.exit_code, run.stdout, run.stderr)
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    lines = run.stderr.splitlines()
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("error: ")
     assert "Traceback" not in run.stderr and run.stdout == ""

@@ -322,9 +322,8 @@ def check_run(run: Run, args: list[str]) -> None:
     assert run.exit_code in (0, 1, 2), (shown, run.exit_code, run.stderr[-2000:])
     assert "Traceback" not in run.stderr, (shown, run.stderr[-2000:])
     assert "╭" not in run.stderr, (shown, run.stderr[-2000:])  # no boxed error panels
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    if run.exit_code == 2:
-        assert len(lines) == 1 and lines[0].startswith("error: "), (shown, run.stderr)
+    if run.exit_code == 2:  # exactly one line, not even a blank one around it
+        assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, (shown, run.stderr)
     json_to_stdout = any(a == "--json" and b == "-" for a, b in itertools.pairwise(args))
     if json_to_stdout:
         if run.exit_code == 2:

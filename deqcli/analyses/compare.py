@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deqcli import __version__
-from deqcli.errors import DeqError, UsageError
+from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.expr import ExpressionError
 from deqcli.render.report import fmt_time
 from deqcli.result import _num as json_number
+from deqcli.yaml_reader import MAX_DOCUMENT_BYTES, read_capped_file
 
 if TYPE_CHECKING:
     from deqcli.config import Config
@@ -594,8 +595,11 @@ def load_baseline(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise UsageError(f"--baseline: '{path}' is a directory; give the JSON file")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = read_capped_file(path, f"'{path}'", MAX_DOCUMENT_BYTES, "is it a baseline?")
+        doc = json.loads(text)
+    except ConfigError as exc:
+        raise UsageError(f"--baseline: {exc.message}") from None
+    except (RecursionError, json.JSONDecodeError) as exc:
         raise UsageError(
             f"--baseline: cannot read '{path}' as JSON: {_one_line(str(exc))}"
         ) from None

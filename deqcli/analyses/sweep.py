@@ -36,7 +36,7 @@ from typing import Any
 from deqcli.config import PROBLEM_MODELS, Config, parse_config, read_config_text
 from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.expr import ExpressionError
-from deqcli.yaml_reader import load_yaml
+from deqcli.yaml_reader import MAX_DOCUMENT_BYTES, load_yaml, read_capped_file
 
 SWEEP_SCHEMA_VERSION = "1"
 # Points are refused beyond this many (a typo such as 1:2:1e6 should not start a day-long run).
@@ -507,14 +507,15 @@ def read_results(path: Path, expected: dict[str, Any]) -> dict[tuple[int, ...], 
     """Points already in a results file (JSON lines), after checking it belongs to this sweep."""
     done: dict[tuple[int, ...], dict[str, Any]] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--results: cannot read '{path}': {exc}") from None
+        text = read_capped_file(path, f"'{path}'", MAX_DOCUMENT_BYTES, "is it a results file?")
+    except ConfigError as exc:
+        raise UsageError(f"--results: {exc.message}") from None
+    lines = text.splitlines()
     if not lines:
         return done
     try:
         head = json.loads(lines[0])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
         head = None
     if not isinstance(head, dict) or head.get("kind") != "deq-sweep":
         raise UsageError(f"--results: '{path}' is not a deq sweep results file")
@@ -532,7 +533,7 @@ def read_results(path: Path, expected: dict[str, Any]) -> dict[tuple[int, ...], 
     for line in lines[1:]:
         try:
             point = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue  # the line an interrupt cut short: that point runs again
         if isinstance(point, dict) and point.get("status") != "error" and "index" in point:
             done[tuple(point["index"])] = point

@@ -109,7 +109,10 @@ def sweep(
             plot=plot,
             diagnostics=not no_diagnostics,
         )
-        outcome = jobs.sweep(request, progress=lambda: sweep_progress(stderr, enabled=not quiet))
+        outcome = jobs.sweep(
+            request,
+            progress=lambda: sweep_progress(stderr, enabled=not quiet and stderr.is_terminal),
+        )
     report_sweep(outcome, stdout, stderr, quiet=quiet)
     if outcome.sweep.interrupted:
         interrupt.mark_announced()  # the report's line says how far it got and how to resume
