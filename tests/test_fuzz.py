@@ -199,6 +199,7 @@ def expressions(draw: Callable, depth: int = 0) -> str:
 @example(text="ones(3000,3000) @ ones(3000,3000)")
 @example(text="outer(arange(100000), arange(100000))")
 @example(text="9**9**9")
+@example(text="zeros(1e308, 1e308)")  # found by the long profile: sizes beyond a float
 def test_expressions_compile_cost_and_evaluate_within_their_limits(text: str) -> None:
     known = {**VARIABLE_SHAPES, "n": N}
     try:

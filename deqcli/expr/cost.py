@@ -47,10 +47,11 @@ class _Arr:
     dims: Dims | None = None
 
     @property
-    def size(self) -> int | None:
+    def size(self) -> float | None:
+        """Elements, as a float: absurd sizes (1e308 × 1e308) become inf rather than overflow."""
         if self.dims is None or any(d is None for d in self.dims):
             return None
-        return math.prod(d for d in self.dims if d is not None)
+        return math.prod(float(d) for d in self.dims if d is not None)
 
 
 _Value = _Num | _Arr
@@ -97,7 +98,7 @@ class Cost:
         if work > max_work:
             raise ExpressionError(
                 key,
-                f"one evaluation needs about {format_count(work)} operations{for_batch}"
+                f"one evaluation needs {_about(format_count(work), work)} operations{for_batch}"
                 + (f", most of them in {self.work_site}" if self.work_site else ""),
                 suggestion=f"the limit is run.max_work = {format_count(max_work)}; make the "
                 "arrays smaller or raise run.max_work",
@@ -106,7 +107,7 @@ class Cost:
         if memory > max_memory:
             raise ExpressionError(
                 key,
-                f"one evaluation creates about {format_bytes(memory)} of intermediate "
+                f"one evaluation creates {_about(format_bytes(memory), memory)} of intermediate "
                 f"values{for_batch}"
                 + (f", the largest in {self.largest_site}" if self.largest_site else ""),
                 suggestion=f"the limit is run.max_memory = {format_bytes(max_memory)}; make the "
@@ -114,8 +115,14 @@ class Cost:
             )
 
 
+def _about(text: str, value: float) -> str:
+    return f"about {text}" if math.isfinite(value) else "more than 1e308"
+
+
 def format_count(value: float) -> str:
     """8e8, 5.4e10, 2e4, 350: two significant digits, no exponent padding."""
+    if not math.isfinite(value):
+        return "1e308+"
     if value < 1e4:
         return f"{value:.3g}"
     mantissa, _, exponent = f"{value:.2g}".partition("e")
@@ -124,6 +131,8 @@ def format_count(value: float) -> str:
 
 def format_bytes(count: float) -> str:
     """1.5 GiB, 200 MiB, 12 KiB, 100 B."""
+    if not math.isfinite(count):
+        return "1e308+ B"
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if count >= size:
             return f"{count / size:.3g} {unit}"
@@ -291,7 +300,8 @@ def _as_array(value: _Value) -> _Arr:
 
 def _describe(value: _Arr) -> str:
     dims = value.dims or ()
-    return "×".join("?" if d is None else str(d) for d in dims) if dims else "a number"
+    shown = ["?" if d is None else str(d) if d < 10**12 else f"{float(d):.0e}" for d in dims]
+    return "×".join(shown) if dims else "a number"
 
 
 def _broadcast(*values: _Value) -> _Arr:
@@ -418,7 +428,7 @@ def _diag(args: list[_Value]) -> tuple[_Value, float | None]:
 
 def _outer(args: list[_Value]) -> tuple[_Value, float | None]:
     sizes = [_as_array(a).size for a in args]
-    return _Arr(tuple(sizes)), None
+    return _Arr(tuple(int(s) if s is not None and math.isfinite(s) else None for s in sizes)), None
 
 
 def _concat(args: list[_Value]) -> tuple[_Value, float | None]:
