@@ -200,6 +200,7 @@ def expressions(draw: Callable, depth: int = 0) -> str:
 @example(text="outer(arange(100000), arange(100000))")
 @example(text="9**9**9")
 @example(text="zeros(1e308, 1e308)")  # found by the long profile: sizes beyond a float
+@example(text="ones(1e308)[1:][0]")  # found by the long profile: a slice beyond a C ssize_t
 def test_expressions_compile_cost_and_evaluate_within_their_limits(text: str) -> None:
     known = {**VARIABLE_SHAPES, "n": N}
     try:

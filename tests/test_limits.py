@@ -58,6 +58,8 @@ def test_indexing_gives_the_shapes_torch_gives() -> None:
     assert cost("W[:, 0]", W=(3, 7)).result == (3,)
     assert cost("W[1]", W=(3, 7)).result == (7,)
     assert cost("W[0:2, 1:6:2]", W=(3, 7)).result == (2, 3)
+    assert cost("z[8:2:-2]", z=(10,)).result == (3,) and cost("z[5:2]", z=(10,)).result == (0,)
+    assert cost("v[1:]", v=(10**30,)).result == (10**30 - 1,)  # beyond what len() can count
 
 
 def test_numbers_are_folded_and_unknown_shapes_add_nothing() -> None:

@@ -358,7 +358,10 @@ def _slice_length(size: int | None, bounds: list[_Value | None]) -> int | None:
             return None
     if values[2] == 0:
         return None
-    return len(range(size)[slice(*values)])
+    # len(range(...)) cannot count beyond a C ssize_t; the arithmetic can.
+    start, stop, step = slice(*values).indices(size)
+    count = (stop - start + step - (1 if step > 0 else -1)) // step
+    return max(0, count)
 
 
 def _count(value: _Value) -> int | None:
