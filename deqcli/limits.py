@@ -145,7 +145,8 @@ def known_of(value: Any) -> Any:
 
 def solve_bytes(batch: int, n: int, itemsize: int, solver: Solver, stop: StopRule) -> float:
     """The working set of a solve: iterates, stored vectors, dense Jacobians, histories."""
-    vectors = BASE_VECTORS + stop.keep_iterates
+    # The kept iterates never outnumber the iterations.
+    vectors = BASE_VECTORS + min(stop.keep_iterates, stop.max_iter + 1)
     for option, per in VECTOR_OPTIONS.items():
         count = getattr(solver, option, None)
         if isinstance(count, int) and not isinstance(count, bool):

@@ -48,6 +48,8 @@ DEFAULT_WARMUP = 1
 # Wall time is noisy (other load, frequency scaling, a different CI machine): only a large slowdown
 # against a baseline counts as a regression by default.
 DEFAULT_MAX_SLOWDOWN = 3.0
+# Timed runs beyond this add nothing to a median but can keep a CI job busy for hours.
+MAX_REPEAT = 1000
 # Solutions are kept in the JSON only up to this many numbers per solve, so that baselines of large
 # problems stay small files.
 MAX_SOLUTION_VALUES = 4096
@@ -113,10 +115,10 @@ def peer_available(family: str) -> bool:
 
 def check_settings(*, repeat: int, warmup: int, max_slowdown: float) -> None:
     """Reject impossible numeric flags before any solving starts."""
-    if repeat < 1:
-        raise UsageError(f"--repeat: must be at least 1, got {repeat}")
-    if warmup < 0:
-        raise UsageError(f"--warmup: must be 0 or more, got {warmup}")
+    if not 1 <= repeat <= MAX_REPEAT:
+        raise UsageError(f"--repeat: must be from 1 to {MAX_REPEAT}, got {repeat}")
+    if not 0 <= warmup <= MAX_REPEAT:
+        raise UsageError(f"--warmup: must be from 0 to {MAX_REPEAT}, got {warmup}")
     if not (math.isfinite(max_slowdown) and max_slowdown >= 1.0):
         raise UsageError(
             f"--max-slowdown: must be a number ≥ 1 (1 = no slowdown allowed), got {max_slowdown:g}"

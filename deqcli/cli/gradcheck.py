@@ -37,7 +37,10 @@ def gradcheck(
         ),
     ] = None,
     directions: Annotated[
-        int, typer.Option("--directions", min=1, help="Random directions for finite differences.")
+        int,
+        typer.Option(
+            "--directions", min=1, max=1000, help="Random directions for finite differences."
+        ),
     ] = 3,
     eps: Annotated[
         float | None,
