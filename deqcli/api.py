@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deqcli.config import Config, load_config
+from deqcli.deadline import bounded
 from deqcli.limits import Limits, check_solve
 
 if TYPE_CHECKING:
@@ -88,31 +87,16 @@ def solve(
     if precheck:
         from deqcli.diagnostics import precheck as check_start
 
-        with within_timeout(cfg, "the precheck", cut):
+        with bounded(cfg.run.timeout, "the precheck", cut):
             pre = check_start(built, diag_options, solver=solver)
     result = run(built, solver, stop)
     result.notes.extend(tolerance_notes(cfg, built) + cut)
     if diagnostics is not False or pre is not None:
         from deqcli.diagnostics import attach
 
-        with within_timeout(cfg, "the diagnostics", result.notes):
+        with bounded(cfg.run.timeout, "the diagnostics", result.notes):
             attach(built, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
     return result
-
-
-@contextmanager
-def within_timeout(cfg: Config, what: str, notes: list[str]) -> Iterator[None]:
-    """Run ``what`` (diagnostics, a precheck, remedy trials) under run.timeout of its own; if it
-    runs past it, stop it and add a note instead of failing the solve."""
-    from deqcli.deadline import DeadlineExceeded, armed
-
-    try:
-        with armed(cfg.run.timeout):
-            yield
-    except DeadlineExceeded as exc:
-        notes.append(
-            f"{what} stopped after run.timeout ({exc.seconds:g} s); raise run.timeout for them"
-        )
 
 
 def tolerance_notes(cfg: Config, problem: Problem) -> list[str]:

@@ -4,8 +4,9 @@
 remedy trials alike. All of them evaluate the problem through ``Problem.raw_f``/``raw_g``, which call
 ``checkpoint()``: past the deadline in force it raises ``DeadlineExceeded``. That is an internal stop,
 not an error: the driver loop turns it into the ``timeout`` status with the last finished iterate,
-the peer adapters catch it like their other early stops (it is a ``PeerStop``), and whoever arms a
-deadline around other work (the diagnostics, remedy trials) catches it and notes what was cut short.
+the peer adapters catch it like their other early stops, and other work with a deadline of its
+own (the diagnostics, a precheck, remedy trials) runs inside ``bounded``, which stops it and notes
+what was cut short.
 
 Deadlines nest: an inner one never extends an outer one. ``checkpoint()`` is also the safe point
 where a held Ctrl-C is raised (``deqcli.interrupt``). Nothing here imports torch.
@@ -26,7 +27,7 @@ from deqcli import interrupt
 class DeadlineExceeded(Exception):
     """The deadline in force has passed; raised from inside an evaluation.
 
-    The peer adapters' ``PeerStop`` derives from it, so a peer's loop unwinds the same way.
+    The peer adapters catch it with their own ``PeerStop`` (``solvers.peers.EARLY_STOPS``).
     """
 
     def __init__(self, seconds: float | None = None, what: str = "run.timeout") -> None:
@@ -97,6 +98,19 @@ def suspended() -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def bounded(seconds: float | None, what: str, notes: list[str]) -> Iterator[None]:
+    """Run ``what`` (the diagnostics, a precheck, remedy trials) under a deadline of its own
+    (run.timeout); past it, stop it and append a note to ``notes`` instead of failing."""
+    try:
+        with armed(seconds):
+            yield
+    except DeadlineExceeded as exc:
+        notes.append(
+            f"{what} stopped after run.timeout ({exc.seconds:g} s); raise run.timeout for them"
+        )
 
 
 def checkpoint() -> None:

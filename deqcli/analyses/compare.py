@@ -280,7 +280,7 @@ def _compare_one(
             if result is not None:
                 runs[solver].results.append(result)
 
-    rows = [_row(solver, runs[solver], problem, debug) for solver in solvers]
+    rows = [_row(solver, runs[solver], problem, debug, cfg.run.timeout) for solver in solvers]
     _rank(rows)
     solved_by = [row["solver"] for row in rows if row["converged"]]
     return {
@@ -337,8 +337,15 @@ def _unbuilt(path: Path, cfg: Config, solvers: list[str], name: str, error: str)
     }
 
 
-def _row(solver: str, runs: _Runs, problem: Problem | None, debug: bool = False) -> dict[str, Any]:
-    """One solver's row: status, counts, residual and timing over the repeats."""
+def _row(
+    solver: str,
+    runs: _Runs,
+    problem: Problem | None,
+    debug: bool = False,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """One solver's row: status, counts, residual and timing over the repeats (the diagnostics
+    of the representative solve bounded by ``timeout``, run.timeout)."""
     from deqcli.solvers import SOLVERS
 
     info = SOLVERS.get(solver)
@@ -375,7 +382,7 @@ def _row(solver: str, runs: _Runs, problem: Problem | None, debug: bool = False)
     notes = list(rep.notes)
     if len(signature) > 1:
         notes.append("iterations or counts differed between repeats (nondeterministic solver)")
-    notes.extend(_attach_diagnostics(problem, rep, debug))
+    notes.extend(_attach_diagnostics(problem, rep, debug, timeout))
     status = rep.status
     counts = rep.counts.totals()
     period, reason = _diagnosis(rep)
@@ -404,22 +411,28 @@ def _row(solver: str, runs: _Runs, problem: Problem | None, debug: bool = False)
     return row
 
 
-def _attach_diagnostics(problem: Problem, result: SolveResult, debug: bool) -> list[str]:
+def _attach_diagnostics(
+    problem: Problem, result: SolveResult, debug: bool, timeout: float | None = None
+) -> list[str]:
     """The post-processing ``deq solve`` applies (status refinement, period, reason), in place.
 
-    A failure here must not hide the solve's own numbers: it becomes a note on the row.
+    A failure here must not hide the solve's own numbers: it becomes a note on the row; so does
+    running past ``timeout`` (run.timeout), as in ``deq solve``.
     """
+    from deqcli.deadline import bounded
     from deqcli.diagnostics import attach
 
+    notes: list[str] = []
     try:
-        attach(problem, result)
+        with bounded(timeout, "the diagnostics", notes):
+            attach(problem, result)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         if debug:
             raise
         return [_one_line(f"diagnostics failed: {type(exc).__name__}: {exc}")]
-    return []
+    return notes
 
 
 def _result_doc(result: SolveResult) -> dict[str, Any]:
