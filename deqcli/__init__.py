@@ -1,6 +1,7 @@
 """deq: a solver and convergence analyser for fixed points z = f(z) and roots g(z) = 0.
 
-The public Python API: ``solve``, ``load_problem``, ``load_config``, ``SolveResult`` and ``Status``.
+The public Python API: ``solve`` (a config, or a callable / module with its start and inputs),
+``load_problem``, ``load_config``, ``SolveResult``, ``Status``, and ``nn.DEQLayer`` for training.
 Importing the package does not import torch; solving does.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 from deqcli.result import SolveResult, Status
 
 __version__ = "0.1.0"
-__all__ = ["SolveResult", "Status", "__version__", "load_config", "load_problem", "solve"]
+__all__ = ["SolveResult", "Status", "__version__", "load_config", "load_problem", "nn", "solve"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from deqcli.config import load_config
 
         return load_config
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("deqcli.nn")
     raise AttributeError(f"module 'deqcli' has no attribute {name!r}")

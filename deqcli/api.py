@@ -1,7 +1,8 @@
-"""The Python API behind ``deq solve``: config in, SolveResult out."""
+"""The Python API behind ``deq solve``: a config, or a callable / module with its start, in; SolveResult out."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +12,10 @@ from deqcli.limits import Limits, check_solve
 
 if TYPE_CHECKING:
     from deqcli.diagnostics.settings import DiagnosticOptions
-    from deqcli.problems.base import Problem
+    from deqcli.problems.base import Form, Problem
     from deqcli.result import SolveResult
     from deqcli.solvers.base import StopRule
+    from deqcli.solvers.convergence import StopMode
 
 
 def as_config(config: Config | str | Path, overrides: list[str] | None = None) -> Config:
@@ -56,7 +58,24 @@ def stop_rule(cfg: Config) -> StopRule:
     )
 
 
-def solve(
+def solve(target: Any, *args: Any, **kwargs: Any) -> SolveResult:
+    """Solve a fixed-point problem: a config, or a callable / ``nn.Module`` with its start.
+
+    Two forms, told apart by the first argument:
+
+    - ``solve(config, overrides=None, *, problem=None, diagnostics=True, precheck=False,
+      trust_code=False, **solver_options)``: a config path or ``Config`` (see ``solve_config``);
+    - ``solve(f, z0=None, *, inputs=None, solver="auto", atol=None, rtol=0.0, max_iter=1000, ...)``:
+      any callable or module ``f(z)`` or ``f(z, x)`` (see ``solve_map``).
+
+    Both return the same ``SolveResult`` (with diagnostics) that ``deq solve`` reports.
+    """
+    if callable(target) and not isinstance(target, (str, Path, Config)):
+        return solve_map(target, *args, **kwargs)
+    return solve_config(target, *args, **kwargs)
+
+
+def solve_config(
     config: Config | str | Path,
     overrides: list[str] | None = None,
     *,
@@ -68,46 +87,158 @@ def solve(
 ) -> SolveResult:
     """Solve the problem of ``config`` with its solver; ``problem`` reuses an already built one.
 
-    ``diagnostics`` (True, False or DiagnosticOptions) analyses the run afterwards and refines the
-    per-sample status with the evidence; ``precheck`` estimates the Lipschitz constant near z0 first.
+    ``diagnostics`` (True, False or DiagnosticOptions) analyses the run afterwards, refines the
+    per-sample status with the evidence and tries the planned remedies (unless the options say
+    ``trials=False``); ``precheck`` estimates the Lipschitz constant near z0 first.
     ``trust_code`` allows a config that runs Python code (see ``load_problem``).
+    """
+    cfg = as_config(config, overrides)
+    built = problem if problem is not None else load_problem(cfg, trust_code=trust_code)
+    return _solve(
+        built,
+        cfg.solver.name,
+        {**cfg.solver.options, **solver_options},
+        stop_rule(cfg),
+        diagnostics=diagnostics,
+        precheck=precheck,
+        limits=Limits.of(cfg.run),
+    )
+
+
+def solve_map(
+    f: Callable[..., Any],
+    z0: Any = None,
+    *,
+    inputs: Any = None,
+    solver: str = "auto",
+    atol: float | None = None,
+    rtol: float = 0.0,
+    max_iter: int = 1000,
+    stop_mode: StopMode = "abs",
+    timeout: float | None = None,
+    form: Form = "fixed_point",
+    state_shape: tuple[int, ...] | None = None,
+    name: str | None = None,
+    diagnostics: bool | DiagnosticOptions = True,
+    precheck: bool = False,
+    **solver_options: Any,
+) -> SolveResult:
+    """Solve z = f(z) (or f(z, x) with per-sample ``inputs``) for any callable or ``nn.Module``.
+
+    ``z0`` is (batch, *state shape) — any shape, e.g. (B, C, H, W) — or one state of at most one
+    dimension (used for every sample); without it the start is zeros in the shape ``f.init_state(x)``
+    returns, else ``state_shape``, else that of one call ``f(zeros like x, x)``. ``inputs`` is x with
+    the batch first: row b of x goes with sample b wherever rows are evaluated (peers, diagnostics,
+    sensitivities). ``form="residual"`` means f returns g(z) and the problem is g(z) = 0. A module's
+    parameters and floating buffers become the problem's parameters under their state_dict names.
+    The tolerance ``atol`` defaults to the dtype's (1e-10 in float64, 1e-5 in float32);
+    ``stop_mode``, ``rtol``, ``max_iter`` and ``timeout`` are those of ``run:`` in a config, and
+    the remaining keyword arguments are options of ``solver``. ``result.z_star`` is the solution in
+    the state's shape.
+    """
+    import torch
+
+    from deqcli.device import default_atol
+    from deqcli.problems.model import from_map
+    from deqcli.solvers.base import StopRule
+
+    x = None if inputs is None else torch.as_tensor(inputs)
+    start = None if z0 is None else torch.as_tensor(z0)
+    if start is not None and not start.is_floating_point():
+        start = start.to(torch.get_default_dtype())
+    label = name or getattr(f, "__name__", type(f).__name__)
+    problem = from_map(
+        f,
+        start,
+        x,
+        name=label,
+        kind="callable",
+        key="f",
+        what=f"f ({label})",
+        form=form,
+        state_shape=state_shape,
+        description=f"{form} from {label}",
+    )
+    dtype_name = str(problem.dtype).removeprefix("torch.")
+    stop = StopRule(
+        atol=default_atol(dtype_name) if atol is None else atol,
+        rtol=rtol,
+        max_iter=max_iter,
+        timeout=timeout,
+        stop_mode=stop_mode,
+    )
+    return _solve(problem, solver, solver_options, stop, diagnostics=diagnostics, precheck=precheck)
+
+
+def _solve(
+    problem: Problem,
+    solver_name: str,
+    options: dict[str, Any],
+    stop: StopRule,
+    *,
+    diagnostics: bool | DiagnosticOptions,
+    precheck: bool,
+    limits: Limits | None = None,
+) -> SolveResult:
+    """The one path of both forms: precheck, the driver, notes, diagnostics, the state's shape.
+
+    ``limits`` (run.max_memory, run.max_work; the defaults for a callable) bound the working set.
     """
     from deqcli.solvers import make_solver
     from deqcli.solvers.base import run
 
-    cfg = as_config(config, overrides)
-    built = problem if problem is not None else load_problem(cfg, trust_code=trust_code)
-    solver = make_solver(cfg.solver.name, {**cfg.solver.options, **solver_options})
-    stop = stop_rule(cfg)
+    solver = make_solver(solver_name, options)
     # Before anything runs: the solver's working set must fit run.max_memory.
-    check_solve(built.batch, built.dim, built.z0.element_size(), solver, stop, Limits.of(cfg.run))
+    check_solve(
+        problem.batch, problem.dim, problem.z0.element_size(), solver, stop, limits or Limits()
+    )
     diag_options = None if isinstance(diagnostics, bool) else diagnostics
     pre = None
     cut: list[str] = []  # what run.timeout cut short before the solve
     if precheck:
         from deqcli.diagnostics import precheck as check_start
 
-        with bounded(cfg.run.timeout, "the precheck", cut):
-            pre = check_start(built, diag_options, solver=solver)
-    result = run(built, solver, stop)
-    result.notes.extend(tolerance_notes(cfg, built) + cut)
+        with bounded(stop.timeout, "the precheck", cut):
+            pre = check_start(problem, diag_options, solver=solver)
+    result = run(problem, solver, stop)
+    result.state_shape = list(problem.sample_shape)
+    result.notes.extend(tolerance_notes(stop, problem) + cut)
+    # The diagnostics and the remedy trials each get run.timeout again, and end with a note.
     if diagnostics is not False or pre is not None:
         from deqcli.diagnostics import attach
 
-        with bounded(cfg.run.timeout, "the diagnostics", result.notes):
-            attach(built, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
+        with bounded(stop.timeout, "the diagnostics", result.notes):
+            attach(problem, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
+    if diagnostics is not False:
+        from deqcli.analyses.remedies import try_remedies
+
+        # The planned remedies, run within their budget (DiagnosticOptions.trials, --no-try).
+        with bounded(stop.timeout, "the remedy trials", result.notes):
+            try_remedies(problem, result, diag_options)
     return result
 
 
-def tolerance_notes(cfg: Config, problem: Problem) -> list[str]:
-    """Warn when the absolute tolerance is finer than the precision can resolve at the iterates' scale."""
+def tolerance_notes(stop: StopRule, problem: Problem) -> list[str]:
+    """Warn when the tolerance is finer than the precision can resolve at the iterates' scale.
+
+    In ``rel`` mode the test is ‖g‖ ≤ atol + rtol·‖f(z)‖: rtol is what must be resolvable (relative
+    to ‖f(z)‖ it is resolvable down to about ε), and atol is only a floor that may well be 0.
+    """
     import torch
 
     eps = torch.finfo(problem.dtype).eps
+    dtype = str(problem.dtype).removeprefix("torch.")
+    if stop.stop_mode == "rel" and stop.rtol > 0:
+        if stop.rtol < 4 * eps:
+            return [
+                f"rtol {stop.rtol:g} is below what {dtype} can resolve (about {4 * eps:.1e}); "
+                "loosen --rtol or use float64"
+            ]
+        return []
     scale = max(1.0, float(torch.linalg.vector_norm(problem.z0, dim=1).max()))
-    if cfg.atol < 4 * eps * scale:
+    if stop.atol < 4 * eps * scale:
         return [
-            f"atol {cfg.atol:g} is below what {cfg.run.dtype} can resolve at this scale "
+            f"atol {stop.atol:g} is below what {dtype} can resolve at this scale "
             f"(about {4 * eps * scale:.1e}); loosen --tol or use float64"
         ]
     return []

@@ -11,10 +11,13 @@ from __future__ import annotations
 import difflib
 import re
 import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,29 +32,34 @@ from pydantic import (
 from deqcli.errors import ConfigError, DeqError
 from deqcli.expr import ExpressionError, parse_expression
 from deqcli.limits import DEFAULT_MAX_MEMORY, DEFAULT_MAX_WORK, parse_memory
-from deqcli.yaml_reader import INT_LIMIT, YamlSyntaxError, load_yaml, read_capped
+from deqcli.yaml_reader import INT_LIMIT, YamlSyntaxError, load_document, read_capped
 
 # -- array specifications ------------------------------------------------------------------
 
 RANDOM_KINDS = ("normal", "uniform", "orthogonal", "symmetric")
-ARRAY_FILE_SUFFIXES = (".npy", ".pt", ".pth")
+ARRAY_FILE_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+# Checkpoints a module's weights may come from (torch.save files under any of the usual names).
+WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".npz")
 
 
 class FileArray(BaseModel):
-    """An array read from a .npy or .pt file (path relative to the config file)."""
+    """An array read from a file (path relative to the config file).
+
+    ``key`` picks one array from a file that holds several: an entry of a .npz archive, of a
+    .safetensors file, or of a dict saved with torch.save (dotted for nested dicts).
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     file: str
+    key: str | None = None
 
     @field_validator("file")
     @classmethod
     def _format(cls, value: str) -> str:
-        # Checked here so that deq validate and deq solve accept the same files.
-        if Path(value).suffix.lower() not in ARRAY_FILE_SUFFIXES:
-            raise ValueError(
-                f"'{value}' must be {', '.join(ARRAY_FILE_SUFFIXES[:-1])} or "
-                f"{ARRAY_FILE_SUFFIXES[-1]} (a NumPy array or a torch tensor)"
-            )
+        # Checked here, as the build checks it, so that deq validate and deq solve accept the
+        # same files.
+        if Path(value).suffix not in ARRAY_FILE_SUFFIXES:
+            raise ValueError(f"'{value}' must be one of {', '.join(ARRAY_FILE_SUFFIXES)}")
         return value
 
 
@@ -66,6 +74,9 @@ class RandomArray(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     random: Literal["normal", "uniform", "orthogonal", "symmetric"]
+    shape: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="the array's shape, where the key does not imply one"
+    )
     seed: int | None = None
     scale: float = 1.0
     spectral_norm: Annotated[float, Field(gt=0)] | None = None
@@ -158,7 +169,16 @@ class TanhLayerSpec(_Spec):
     name: str | None = None
     dim: Annotated[int, Field(gt=0, description="n, the size of z")]
     input_dim: Annotated[int, Field(gt=0, description="size of x (default: dim)")] | None = None
-    batch: Annotated[int, Field(gt=0, description="number of inputs x solved together")] = 1
+    batch: (
+        Annotated[
+            int,
+            Field(
+                gt=0,
+                description="number of inputs x solved together (default: the rows of x, else 1)",
+            ),
+        ]
+        | None
+    ) = None
     W: ArraySpec
     U: ArraySpec | None = None
     b: ArraySpec | None = None
@@ -200,31 +220,103 @@ class GradientDescentSpec(_Spec):
     batch_params: dict[str, ArraySpec] = Field(default_factory=dict)
 
 
+def _check_target(value: str) -> str:
+    if not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", value):
+        raise ValueError("target must look like path/to/file.py:factory or module:factory")
+    return value
+
+
+Target = Annotated[
+    str,
+    Field(description="path/to/file.py:factory or package.module:factory"),
+    AfterValidator(_check_target),
+]
+
+
 class PythonSpec(_Spec):
     """A map from the user's own Python code. This runs that code: only use files you trust."""
 
     kind: Literal["python"]
     name: str | None = None
-    target: Annotated[str, Field(description="path/to/file.py:factory or package.module:factory")]
+    target: Target
     args: dict[str, Any] = Field(default_factory=dict)
     form: Literal["fixed_point", "residual"] = "fixed_point"
 
-    @field_validator("target")
-    @classmethod
-    def _target_form(cls, value: str) -> str:
-        if not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", value):
-            raise ValueError("target must look like path/to/file.py:factory or module:factory")
+
+class WeightsSpec(_Spec):
+    """A checkpoint for a module: a state_dict, or the sub-tree of one that ``key`` names."""
+
+    file: str
+    key: str | None = Field(
+        default=None,
+        description="dotted path of the sub-tree to load (e.g. model.cell for the keys model.cell.*)",
+    )
+
+
+def _flat_names(value: Any) -> Any:
+    """``{cell: {scale: 2}}`` (as ``--set problem.params.cell.scale=2`` writes it) → ``{cell.scale: 2}``."""
+    if not isinstance(value, dict):
         return value
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict) and "file" not in v and "random" not in v:
+                walk(v, f"{name}.")
+            else:
+                flat[name] = v
+
+    walk(value, "")
+    return flat
+
+
+class ModuleSpec(_Spec):
+    """An nn.Module from the user's own code whose forward(z, x) is the map. This runs that code."""
+
+    kind: Literal["module"]
+    name: str | None = None
+    target: Target
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: WeightsSpec | None = None
+    strict: bool = Field(
+        default=True, description="the checkpoint's keys must match the module's exactly"
+    )
+    mode: Literal["eval", "train"] = "eval"
+    inputs: ArraySpec | None = Field(
+        default=None, description="the batch x, shape (batch, ...): one input per sample"
+    )
+    batch: (
+        Annotated[
+            int,
+            Field(
+                gt=0,
+                description="use the first batch rows of the inputs (or: samples without inputs)",
+            ),
+        ]
+        | None
+    ) = None
+    state_shape: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="one sample's z shape, when neither init_state nor a call tells"
+    )
+    initial: ArraySpec = 0.0
+    params: Annotated[dict[str, ArraySpec], BeforeValidator(_flat_names)] = Field(
+        default_factory=dict,
+        description="new values for parameters or buffers, by state_dict name (a number fills one)",
+    )
+    form: Literal["fixed_point", "residual"] = "fixed_point"
 
 
 ProblemSpec = Annotated[
-    TanhLayerSpec | ExpressionSpec | GradientDescentSpec | PythonSpec, Field(discriminator="kind")
+    TanhLayerSpec | ExpressionSpec | GradientDescentSpec | PythonSpec | ModuleSpec,
+    Field(discriminator="kind"),
 ]
 PROBLEM_MODELS: dict[str, type[BaseModel]] = {
     "tanh_layer": TanhLayerSpec,
     "expression": ExpressionSpec,
     "gradient_descent": GradientDescentSpec,
     "python": PythonSpec,
+    "module": ModuleSpec,
 }
 
 # -- solver and run --------------------------------------------------------------------------
@@ -395,7 +487,7 @@ def parse_config(
 ) -> Config:
     """Validate YAML text as a Config; errors name the key path and the YAML line."""
     # Bounded in depth, aliases and integer range; the key lines come from the same pass.
-    raw, lines = load_yaml(text, source)
+    raw, lines = load_document(text, source)
     if not isinstance(raw, dict):
         raise ConfigError("", f"{source}: expected a mapping with a 'problem' key at the top level")
     if solver is not None:
@@ -412,6 +504,20 @@ def parse_config(
     cfg._source = source
     check_expressions(cfg, lines)
     return cfg
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """A YAML document's value, read safely (``deqcli.yaml_reader``: bounded in depth, aliases
+    and integers); malformed or refused YAML is a ConfigError naming the line."""
+    return load_document(text, source)[0]
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML document to its 1-based line number ({} if it is not YAML)."""
+    try:
+        return load_document(text)[1]
+    except ConfigError:
+        return {}
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -455,7 +561,7 @@ def _scalar(text: str) -> Any:
             )
         return int(text)
     try:
-        value, _ = load_yaml(text, "--set value")
+        value, _ = load_document(text, "--set value")
     except YamlSyntaxError:
         return text  # not YAML: the text itself (validation says whether a string fits)
     except ConfigError as exc:  # YAML, but refused for its shape (depth, aliases, range)
@@ -480,9 +586,11 @@ def _line_for(
     return None
 
 
-def _model_at(path: tuple[str, ...], raw: dict[str, Any]) -> type[BaseModel] | None:
+def _model_at(
+    path: tuple[str, ...], raw: dict[str, Any], root: type[BaseModel] = Config
+) -> type[BaseModel] | None:
     if not path:
-        return Config
+        return root
     if path == ("run",):
         return RunSpec
     if path == ("problem",):
@@ -494,8 +602,13 @@ def _model_at(path: tuple[str, ...], raw: dict[str, Any]) -> type[BaseModel] | N
 
 
 def _config_error(
-    exc: ValidationError, raw: dict[str, Any], lines: dict[tuple[str, ...], int]
+    exc: ValidationError,
+    raw: dict[str, Any],
+    lines: dict[tuple[str, ...], int],
+    root: type[BaseModel] = Config,
 ) -> ConfigError:
+    """The first validation error as one line: the key, its YAML line, the fix (``root``: the
+    model of the whole file)."""
     err = exc.errors()[0]
     loc = tuple(str(p) for p in err["loc"])
     if len(loc) >= 2 and loc[0] == "problem" and loc[1] in PROBLEM_MODELS:
@@ -506,7 +619,7 @@ def _config_error(
     line = _line_for(loc, lines, exact=kind not in ("missing", "union_tag_not_found"))
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
-        model = _model_at(parent, raw)
+        model = _model_at(parent, raw, root)
         valid = list(model.model_fields) if model else []
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -562,7 +675,7 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
         return cost.result
 
     if isinstance(spec, TanhLayerSpec):
-        n, m, batch = spec.dim, spec.input_dim or spec.dim, spec.batch
+        n, m, batch = spec.dim, spec.input_dim or spec.dim, _layer_batch(spec)
         _check_layer_size(spec, limits, itemsize, lines)
         known: dict[str, Any] = {"n": n, "m": m, "batch": batch}
         shapes = {"W": (n, n), "U": (n, m), "b": (n,), "x": (batch, m), "initial": (batch, n)}
@@ -574,6 +687,16 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
                 known[field] = shapes[field]
         return
     if isinstance(spec, PythonSpec):
+        return
+    if isinstance(spec, ModuleSpec):
+        # Inputs, start and parameter values are data: expressions there use builders only.
+        for field in ("inputs", "initial"):
+            value = getattr(spec, field)
+            if isinstance(value, str):
+                parse(value, ("problem", field), {})
+        for name, value in spec.params.items():
+            if isinstance(value, str):
+                parse(value, ("problem", "params", name), {})
         return
     dim = spec.dim or _static_dim(spec.initial)
     known = {"n": dim}
@@ -625,6 +748,8 @@ def _static_known(value: Any) -> Any:
             return _check_rectangular(value)
         except ValueError:
             return None
+    if isinstance(value, RandomArray) and value.shape is not None:
+        return tuple(value.shape)
     return None
 
 
@@ -641,12 +766,21 @@ def _static_rows(initial: Any) -> int | None:
     return known[0] if isinstance(known, tuple) and len(known) == 2 else None
 
 
+def _layer_batch(spec: TanhLayerSpec) -> int:
+    """The layer's batch as the build infers it: ``batch``, else the rows of a (batch, m) x."""
+    if spec.batch is not None:
+        return spec.batch
+    known = _static_known(spec.x)
+    m = spec.input_dim or spec.dim
+    return known[0] if isinstance(known, tuple) and len(known) == 2 and known[1] == m else 1
+
+
 def _check_layer_size(
     spec: TanhLayerSpec, limits: Any, itemsize: int, lines: dict[tuple[str, ...], int]
 ) -> None:
     """The layer's arrays (W, U, b, x, the start), random draws made in float64, and the SVD
     behind ‖W‖₂, against run.max_memory."""
-    n, m, batch = spec.dim, spec.input_dim or spec.dim, spec.batch
+    n, m, batch = spec.dim, spec.input_dim or spec.dim, _layer_batch(spec)
     sizes = {"W": n * n, "U": n * m if spec.U is not None else 0, "b": n, "x": batch * m}
     sizes["initial"] = batch * n
     need = sum(sizes.values()) * itemsize + 3 * n * n * 8
@@ -662,30 +796,88 @@ def _check_layer_size(
         raise ConfigError(key, exc.message, line=_line_for(tuple(key.split(".")), lines)) from None
 
 
-def check_files(cfg: Config) -> None:
-    """Files the config names (arrays, a python target) must exist; checked without loading them."""
+@dataclass(frozen=True)
+class FileRef:
+    """A file a config names: where (the dotted key) and the path as written in the config."""
 
-    def require(name: str, key: str) -> None:
-        path = Path(name)
-        full = path if path.is_absolute() else cfg.base_dir / path
-        if not full.exists():
-            raise ConfigError(key, f"file '{name}' does not exist (looked in {full.parent})")
+    key: str  # e.g. problem.W, problem.params.A, problem.target
+    name: str  # relative to the config's folder unless absolute
 
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, FileArray):
-            require(value.file, key)
+    def path(self, base_dir: Path) -> Path:
+        """The file on this machine: ``name`` resolved against the config's folder."""
+        path = Path(self.name)
+        return path if path.is_absolute() else base_dir / path
+
+
+def _file_slots(cfg: Config) -> Iterator[tuple[str, BaseModel, str]]:
+    """Every (key, model, field) of the problem section whose value names a file.
+
+    Any sub-model with a ``file`` field (an array file, a checkpoint) holds a path, and so does a
+    code target written as ``path/to/file.py:factory``. New file-bearing keys are found here without
+    a list to keep up to date, as long as they keep to those two forms.
+    """
+    spec = cfg.problem
+    target = getattr(spec, "target", None)
+    if isinstance(target, str) and target.rpartition(":")[0].endswith(".py"):
+        yield "problem.target", spec, "target"
+
+    def walk(value: Any, key: str) -> Iterator[tuple[str, BaseModel, str]]:
+        if isinstance(value, BaseModel):
+            if isinstance(getattr(value, "file", None), str) and "file" in type(value).model_fields:
+                # An array given as {file: ...} is named by its own key; a checkpoint by its file.
+                yield (key if isinstance(value, FileArray) else f"{key}.file"), value, "file"
+                return
+            for name in type(value).model_fields:
+                yield from walk(getattr(value, name), f"{key}.{name}")
         elif isinstance(value, dict):
             for k, v in value.items():
-                walk(v, f"{key}.{k}")
+                yield from walk(v, f"{key}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                yield from walk(v, f"{key}.{i}")
 
-    spec = cfg.problem
-    if isinstance(spec, PythonSpec):
-        where = spec.target.rpartition(":")[0]
-        if where.endswith(".py"):
-            require(where, "problem.target")
-        return
     for name in type(spec).model_fields:
-        walk(getattr(spec, name), f"problem.{name}")
+        yield from walk(getattr(spec, name), f"problem.{name}")
+
+
+def config_files(cfg: Config) -> list[FileRef]:
+    """Every file the config names (arrays, checkpoints, a Python target), in config order.
+
+    Files that the user's own code opens by itself are not listed: only the config knows its keys.
+    """
+    refs = []
+    for key, model, field in _file_slots(cfg):
+        value = getattr(model, field)
+        refs.append(FileRef(key, value.rpartition(":")[0] if field == "target" else value))
+    return refs
+
+
+def relocate_files(cfg: Config, paths: Mapping[str, str]) -> Config:
+    """A copy of ``cfg`` whose file names are replaced by ``paths[name]`` where given.
+
+    Used where a config's files were copied to another place (a worker's file store): the copy
+    reads the same bytes without the original folder.
+    """
+    moved = cfg.model_copy(deep=True)
+    for _key, model, field in _file_slots(moved):
+        value = getattr(model, field)
+        if field == "target":
+            where, _, attr = value.rpartition(":")
+            if where in paths:
+                setattr(model, field, f"{paths[where]}:{attr}")
+        elif value in paths:
+            setattr(model, field, paths[value])
+    return moved
+
+
+def check_files(cfg: Config) -> None:
+    """Files the config names (arrays, a python target, weights) must exist; checked without loading them."""
+    for ref in config_files(cfg):
+        full = ref.path(cfg.base_dir)
+        if not full.exists():
+            raise ConfigError(
+                ref.key, f"file '{ref.name}' does not exist (looked in {full.parent})"
+            )
 
 
 def json_schema() -> dict[str, Any]:
@@ -701,15 +893,21 @@ __all__ = [
     "ConfigError",
     "DeqError",
     "ExpressionSpec",
+    "FileRef",
     "GradientDescentSpec",
+    "ModuleSpec",
     "PythonSpec",
     "RunSpec",
     "SolverSpec",
     "TanhLayerSpec",
+    "WeightsSpec",
     "apply_override",
     "check_files",
+    "config_files",
     "json_schema",
     "load_config",
+    "load_yaml",
     "parse_config",
     "read_config_text",
+    "relocate_files",
 ]

@@ -5,15 +5,19 @@ arrive from pull requests and other people. Such a config is only built when the
 so: ``--trust-code`` on the command line, ``trust_code=True`` in the Python API, or
 ``DEQ_TRUST_CODE=1`` in the environment. Without consent nothing is imported and the user gets one
 line naming the target and how to consent (exit code 2 on the command line).
+
+Work sent to other processes (a sweep's points on Dask workers) carries the client's consent with
+each task and runs under ``decided(trust)``, so a worker's own environment never changes the answer.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 from deqcli.errors import UsageError
 
@@ -23,6 +27,8 @@ CODE_KINDS = frozenset({"python", "module"})
 HOW = f"pass --trust-code (or set {ENV_VAR}=1) if you trust it"
 
 _granted: ContextVar[bool] = ContextVar("deq_trust_code", default=False)
+# A decision made elsewhere and carried here (a task on a worker): it replaces flag and environment.
+_decided: ContextVar[bool | None] = ContextVar("deq_trust_code_decided", default=None)
 
 
 class ConsentError(UsageError):
@@ -36,6 +42,9 @@ def env_grants() -> bool:
 
 def granted() -> bool:
     """True when running a config's code has been allowed here (flag, API argument or env)."""
+    decision = _decided.get()
+    if decision is not None:
+        return decision
     return _granted.get() or env_grants()
 
 
@@ -49,10 +58,30 @@ def allowed(trust: bool) -> Iterator[None]:
         _granted.reset(token)
 
 
+@contextmanager
+def decided(trust: bool) -> Iterator[None]:
+    """Within the block, exactly ``trust`` decides (a task run for a client carries its consent).
+
+    A worker's own environment neither adds consent the client did not give nor takes it away.
+    """
+    token = _decided.set(trust)
+    try:
+        yield
+    finally:
+        _decided.reset(token)
+
+
 def require(kind: str, target: str, *, key: str = "problem.target") -> None:
     """Refuse, before anything is imported, to build a code-running problem without consent."""
     if kind in CODE_KINDS and not granted():
         raise ConsentError(f"{key}: this config runs Python code ({target}); {HOW}")
+
+
+def require_all(problems: Iterable[Any]) -> None:
+    """``require`` for each config's problem section, before any of them runs (a sweep's or a
+    comparison's tasks then carry the answer to wherever they run)."""
+    for problem in problems:
+        require(problem.kind, getattr(problem, "target", ""))
 
 
 def notice(kind: str, target: str) -> str | None:

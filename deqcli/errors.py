@@ -17,6 +17,14 @@ class ConfigError(DeqError):
         where = f"{key} (line {line})" if line is not None else key
         super().__init__(f"{where}: {message}" if key else message)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt from its fields, so the error survives pickling (a task on another process).
+        return (_config_error, (type(self), self.key, self.message, self.line))
+
+
+def _config_error(cls: type[ConfigError], key: str, message: str, line: int | None) -> ConfigError:
+    return cls(key, message, line=line)
+
 
 class UsageError(DeqError):
     """A command-line flag or argument is invalid (unknown solver, bad device, bad option)."""

@@ -67,8 +67,9 @@ def overall_status(statuses: list[Status]) -> Status:
 class Counts:
     """Per-sample evaluation counts, maintained by the problem's counting wrapper.
 
-    A batched call of the map counts once for every sample it evaluates; ``nfev`` etc. report the
-    largest per-sample count (equal to the number of batched calls for our batched solvers).
+    A batched call of the map counts once for every sample still running when it is made, so a
+    sample's counts are what solving it alone costs (comparable with per-sample peers); ``totals``
+    reports the largest per-sample count, which is the number of batched calls.
     """
 
     nfev: list[int]
@@ -107,6 +108,8 @@ class SolveResult:
     # Iteration number of each history row: 0..K unless a long run's middle was thinned.
     history_iterations: list[int] | None = None
     history_summary: dict[str, Any] | None = None
+    # One sample's state shape when it is not a vector (an image (C, H, W), a sequence (T, d)).
+    state_shape: list[int] | None = None
     notes: list[str] = field(default_factory=list)
     diagnostics: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +127,12 @@ class SolveResult:
 
             self._tail = torch.stack(self.tail_iterates)
         return self._tail
+
+    @property
+    def z_star(self) -> Any:
+        """The solution in the state's shape: (batch, *state_shape), (batch, n) for vectors."""
+        shape = self.state_shape or [self.solution.shape[1]]
+        return self.solution.reshape(self.solution.shape[0], *shape)
 
     @property
     def status(self) -> Status:
@@ -199,6 +208,7 @@ class SolveResult:
         """A JSON-ready document; its layout is versioned by ``schema_version``."""
         finals = self.final_residuals()
         rels = self.final_relative()
+        states = self.z_star
         samples = []
         for b in range(self.batch):
             sample: dict[str, Any] = {
@@ -212,7 +222,7 @@ class SolveResult:
                 "vjp": self.counts.vjp[b],
                 "residual": _num(finals[b]),
                 "relative_residual": _num(rels[b]),
-                "solution": [_num(v) for v in self.solution[b].detach().cpu().tolist()],
+                "solution": json_nested(states[b].detach().cpu().tolist()),
             }
             if self.diagnostics is not None and "samples" in self.diagnostics:
                 sample["diagnostics"] = self.diagnostics["samples"][b]
@@ -232,6 +242,7 @@ class SolveResult:
             "residual": _num(max(finals, default=0.0)),
             "relative_residual": _num(max(rels, default=0.0)),
             "wall_time": self.wall_time,
+            "state_shape": list(states.shape[1:]),
             "device": self.device,
             "dtype": self.dtype,
             "tolerance": {
@@ -266,6 +277,13 @@ class SolveResult:
 
 # The stopping rules by mode, as the JSON states them (see solvers/convergence.py).
 _RULES = {"abs": "‖g‖ ≤ atol + rtol·‖g(z0)‖", "rel": "‖g‖ ≤ atol + rtol·‖f(z)‖"}
+
+
+def json_nested(value: Any) -> Any:
+    """Nested lists of floats with inf/NaN encoded as strings, for JSON."""
+    if isinstance(value, list):
+        return [json_nested(v) for v in value]
+    return _num(value)
 
 
 def _num(value: float) -> float | str | None:

@@ -4,7 +4,7 @@ Configs come from pull requests and other people, so reading one must stay cheap
 
 - ``read_capped`` reads at most ``MAX_CONFIG_BYTES`` from a file, a FIFO, a device such as
   ``/dev/zero`` or standard input, and refuses more (a config is a page of YAML, not a data set).
-- ``load_yaml`` composes the document with its own iterative composer on top of the YAML event
+- ``load_document`` composes the document with its own iterative composer on top of the YAML event
   stream (libyaml's C parser when installed): nesting deeper than ``MAX_DEPTH`` is refused before
   any recursive code sees it (libyaml's composer would overflow the C stack), an alias that refers
   to a node still being built (a recursive structure) is refused, and so is a document whose
@@ -140,7 +140,7 @@ class _Frame:
         self.key: Node | None = None  # a mapping's key awaiting its value
 
 
-def load_yaml(text: str, source: str = "<config>") -> tuple[Any, KeyLines]:
+def load_document(text: str, source: str = "<config>") -> tuple[Any, KeyLines]:
     """Parse one YAML document safely: its Python value and the line of every key path.
 
     Raises ConfigError for malformed YAML, nesting deeper than MAX_DEPTH, recursive aliases,
@@ -356,7 +356,7 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "KeyLines",
     "YamlSyntaxError",
-    "load_yaml",
+    "load_document",
     "read_capped",
     "read_capped_file",
 ]

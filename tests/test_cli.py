@@ -77,8 +77,28 @@ def test_float32_run(cli) -> None:
     assert doc["tolerance"]["atol"] == 1e-5
     # The file asks for atol 1e-10, which float32 cannot resolve: say so rather than just fail.
     doc = json.loads(cli(*args, "--max-iter", "50").stdout)
-    assert doc["status"] == "max_iter"
     assert any("below what float32 can resolve" in note for note in doc["notes"])
+    # Samples that stopped short of 1e-10 reached float32's precision floor: the verdict says so,
+    # and no further iteration can help (stalled, not max_iter).
+    stopped = [s for s in doc["samples"] if s["status"] != "converged"]
+    assert stopped and doc["status"] == "stalled"
+    for sample in stopped:
+        diag = sample["diagnostics"]
+        assert diag["classification"] == "precision_floor" and sample["status"] == "stalled"
+        assert diag["evidence"]["dtype"] == "float32"
+        assert sample["residual"] <= diag["evidence"]["floor"]
+
+
+def test_relative_stop_mode_needs_no_absolute_floor(cli) -> None:
+    # torchdeq's rule ‖f(z) − z‖/‖f(z)‖ ≤ rtol with atol 0 is resolvable in float32: no warning.
+    args = ("solve", CONFIGS / "tanh_layer.yaml", "--dtype", "float32", "--no-diagnostics")
+    args += ("--set", "problem.batch=2", "--json", "-")
+    rel = ("--set", "run.stop_mode=rel", "--tol", "0", "--rtol")
+    doc = json.loads(cli(*args, *rel, "1e-4").stdout)
+    assert doc["status"] == "converged" and doc["notes"] == []
+    assert doc["relative_residual"] <= 1e-4
+    doc = json.loads(cli(*args, *rel, "1e-9", "--max-iter", "50").stdout)
+    assert any("rtol 1e-09 is below what float32 can resolve" in n for n in doc["notes"])
 
 
 def test_quiet_prints_nothing(cli) -> None:

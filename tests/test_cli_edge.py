@@ -184,8 +184,8 @@ def test_an_exception_in_the_map_names_the_line_of_the_config_code(cli, tmp_path
     [
         ("(lambda z: (0.5 * z).to(torch.complex128), torch.zeros(1, 2))", "complex128"),
         ("(lambda z: z > 0, torch.zeros(1, 2))", "torch.bool"),
-        ("(lambda z: torch.cat([z, z], dim=1), torch.zeros(1, 2))", "shape (1, 2), got (1, 4)"),
-        ("(lambda z: z, 'abc')", "start z0 of numbers"),
+        ("(lambda z: torch.cat([z, z], dim=1), torch.zeros(1, 2))", "returned (1, 4) for z of shape (1, 2)"),
+        ("(lambda z: z, 'abc')", "z0 from model.py:make is not a tensor"),
         ("(lambda z: z, torch.zeros(1, 0))", "is empty"),
         ("(lambda z: z, [1 + 2j])", "must be real numbers"),
     ],

@@ -210,3 +210,45 @@ def test_any_mapping_is_either_a_config_or_a_config_error(
         assert "\n" not in str(exc)
     else:
         assert cfg.problem.kind == kind
+
+
+def test_every_file_a_config_names_is_listed_and_can_be_relocated(tmp_path) -> None:
+    from deqcli.config import check_files, config_files, relocate_files
+
+    module = parse_config(
+        textwrap.dedent(
+            """
+            problem:
+              kind: module
+              target: models/cell.py:Cell
+              weights: {file: ckpt/cell.pt, key: model}
+              inputs: {file: /data/x.npy}
+              params: {scale: {file: scale.npy}}
+            """
+        ),
+        base_dir=tmp_path,
+    )
+    refs = [(ref.key, ref.name) for ref in config_files(module)]
+    assert refs == [
+        ("problem.target", "models/cell.py"),
+        ("problem.weights.file", "ckpt/cell.pt"),
+        ("problem.inputs", "/data/x.npy"),
+        ("problem.params.scale", "scale.npy"),
+    ]
+    moved = relocate_files(
+        module, {"models/cell.py": "/s/1/cell.py", "ckpt/cell.pt": "/s/2/cell.pt"}
+    )
+    assert moved.problem.target == "/s/1/cell.py:Cell"
+    assert moved.problem.weights.file == "/s/2/cell.pt" and moved.problem.weights.key == "model"
+    assert moved.problem.inputs.file == "/data/x.npy"  # not in the mapping: as written
+    assert module.problem.target == "models/cell.py:Cell"  # the original is left alone
+    assert moved.base_dir == module.base_dir
+    with pytest.raises(ConfigError, match=r"problem\.target: file 'models/cell.py' does not exist"):
+        check_files(module)
+
+    arrays = parse_config(
+        "problem: {kind: tanh_layer, dim: 2, W: {file: W.npy}, x: {random: normal}}",
+        base_dir=tmp_path,
+    )
+    assert [(r.key, r.name) for r in config_files(arrays)] == [("problem.W", "W.npy")]
+    assert config_files(parse_config("problem: {kind: expression, fixed_point: cos(z)}")) == []

@@ -339,3 +339,61 @@ def test_monitor_sees_the_start_every_kth_iteration_and_the_end() -> None:
     assert seen[0] == (0, 1)
     assert [i for i, _ in seen[:-1]] == list(range(0, k, 10))
     assert seen[-1] == (k, 0)
+
+
+# -- per-sample counts ------------------------------------------------------------------------------
+
+
+def _per_sample(form: str, fn, start: float, values: list[float]) -> Problem:
+    """Scalar problems fn(z, c) = 0 or z = fn(z, c), one per value c (a per-sample parameter)."""
+    c = torch.tensor(values, dtype=torch.float64)[:, None]
+    return Problem(
+        name="per-sample",
+        kind="test",
+        form=form,
+        func=lambda z, p: fn(z, p["c"]),
+        z0=torch.full_like(c, start),
+        params={"c": c},
+        batched_params=frozenset({"c"}),
+    )
+
+
+def _per_sample_costs(problem: Problem, solver: str, stop: StopRule) -> list[tuple[int, int, int]]:
+    """(iterations, nfev, njev) of every sample solved alone."""
+    out = []
+    for b in range(problem.batch):
+        alone = run(problem.select(b), make_solver(solver), stop)
+        out.append((alone.iterations[0], alone.counts.nfev[0], alone.counts.njev[0]))
+    return out
+
+
+def test_fixed_point_counts_each_sample_until_it_stops() -> None:
+    # z = c z + 1 from z0 = 0: the error shrinks by c per iteration, so samples with c = 0.1, 0.5
+    # and 0.8 stop at very different iterations; each counts only the evaluations it ran for.
+    problem = _per_sample("fixed_point", lambda z, c: c * z + 1, 0.0, [0.1, 0.5, 0.8])
+    stop = StopRule(atol=1e-12, max_iter=500)
+    result = run(problem, make_solver("fixed_point"), stop)
+    assert result.status is Status.CONVERGED
+    assert len(set(result.iterations)) == 3
+    alone = _per_sample_costs(problem, "fixed_point", stop)
+    assert [a[0] for a in alone] == result.iterations
+    assert result.counts.nfev == [a[1] for a in alone]
+    assert result.counts.nfev == [k + 1 for k in result.iterations]
+    # The slowest sample ran through every batched call: the totals are those calls.
+    assert result.counts.totals()["nfev"] == result.nit + 1
+
+
+def test_newton_counts_each_sample_until_it_stops() -> None:
+    # z² − a = 0 from above the root: Newton decreases the residual monotonically (no backtracks),
+    # and a = 100 is reached from 12 in fewer steps than a = 2.
+    problem = _per_sample("residual", lambda z, a: z**2 - a, 12.0, [2.0, 100.0, 140.0])
+    a = problem.params["c"]
+    stop = StopRule(atol=1e-12, max_iter=50)
+    result = run(problem, make_solver("newton"), stop)
+    assert result.status is Status.CONVERGED
+    np.testing.assert_allclose(result.solution[:, 0].numpy(), np.sqrt(a[:, 0].numpy()), atol=1e-12)
+    assert len(set(result.iterations)) > 1
+    alone = _per_sample_costs(problem, "newton", stop)
+    assert [a[0] for a in alone] == result.iterations
+    assert result.counts.nfev == [a[1] for a in alone]
+    assert result.counts.njev == [a[2] for a in alone] == result.iterations

@@ -193,7 +193,9 @@ def test_ctrl_c_in_compare_writes_what_finished_marked_partial(
     )  # fmt: skip
     assert run.exit_code == 130
     lines = run.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("interrupted: the comparison is partial (1 of 2")
+    assert len(lines) == 1 and lines[0].startswith(
+        "interrupted: the comparison is partial (1 problem"
+    )
     doc = json.loads(out.read_text())
     assert doc["interrupted"] is True and doc["complete"] is False
     assert [p["name"] for p in doc["problems"]] == ["dottie"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import math
 import sys
 
 import numpy as np
@@ -99,6 +101,70 @@ def test_scipy_peer_stops_at_the_shared_rule_and_budget() -> None:
     assert max(loose.final_residuals()) <= 1e-4 < max(loose.residual_history[-2])
     capped = run(problem, make_solver("scipy:df-sane"), StopRule(atol=1e-15, max_iter=3))
     assert capped.status is Status.MAX_ITER and capped.nit == 3
+
+
+@pytest.mark.parametrize("solver", SCIPY)
+def test_scipy_replay_holds_the_residuals_of_its_own_iterates(solver: str) -> None:
+    # scipy reuses its work arrays in place; the recording must hold copies, so every replayed
+    # residual is g at the replayed iterate (every iterate is kept here).
+    problem = CASES["tanh"].build(torch.float64)
+    stop = StopRule(atol=1e-10, max_iter=200, keep_iterates=201)
+    result = run(problem, make_solver(solver), stop)
+    assert result.status is Status.CONVERGED
+    for t, z in enumerate(result.tail_iterates):
+        replayed = torch.tensor(result.residual_history[t], dtype=torch.float64)
+        torch.testing.assert_close(
+            torch.linalg.vector_norm(problem.raw_g(z), dim=1), replayed, rtol=1e-12, atol=1e-15
+        )
+
+
+@pytest.mark.parametrize("solver", ["scipy:hybr", "scipy:lm"])
+def test_minpack_rejected_trial_points_are_not_iterates(solver: str) -> None:
+    # g(z) = eᶻ − 1 from z = −5: the first Newton step lands at z ≈ 142 where ‖g‖ ≈ 7e61, which
+    # MINPACK rejects. Counted as an evaluation, it is not an iterate: the run is not "diverged".
+    problem = scalar_problem("residual", lambda z: torch.exp(z) - 1, [-5.0], torch.float64)
+    options = {"factor": 1.0} if solver == "scipy:hybr" else {}
+    result = run(problem, make_solver(solver, options), StopRule(atol=1e-10, max_iter=100))
+    assert result.status is Status.CONVERGED
+    assert result.solution[0, 0].item() == pytest.approx(0.0, abs=1e-10)
+    history = [row[0] for row in result.residual_history]
+    assert all(b < a for a, b in itertools.pairwise(history))  # accepted steps only
+    assert history[0] == pytest.approx(1 - math.exp(-5.0), rel=1e-12)
+    assert result.counts.nfev[0] > result.iterations[0] + 1  # rejected trials were evaluated
+
+
+def test_scipy_hybr_scaling_options() -> None:
+    # MINPACK's first step from z = −5 is bounded by factor·|z|: with the default factor 100 the
+    # rejected trial collapses the trust region and hybr gives up at the start (stalled, with
+    # its message); factor 1 bounds the first step to 5 and reaches the root.
+    problem = scalar_problem("residual", lambda z: torch.exp(z) - 1, [-5.0], torch.float64)
+    default = run(problem, make_solver("scipy:hybr"), StopRule(atol=1e-10, max_iter=100))
+    assert default.status is Status.STALLED and default.iterations == [0]
+    assert make_solver("scipy:hybr", {"factor": 1.0, "diag": [2]}).options() == {
+        "factor": 1.0,
+        "diag": [2.0],
+    }
+    # In two dimensions g = (eˣ − 1, y) from (−5, 0.05): MINPACK's automatic scaling by the
+    # Jacobian's column norms (e⁻⁵ and 1) stretches the x-direction and hybr stops without
+    # progress; fixed unit scales (diag) let it reach the root.
+    plane = Problem(
+        "plane",
+        "test",
+        "residual",
+        lambda z, p: torch.stack([torch.exp(z[:, 0]) - 1, z[:, 1]], dim=1),
+        torch.tensor([[-5.0, 0.05]], dtype=torch.float64),
+    )
+    auto = run(plane, make_solver("scipy:hybr"), StopRule(atol=1e-10, max_iter=100))
+    unit = run(plane, make_solver("scipy:hybr", {"diag": [1, 1]}), StopRule(atol=1e-10))
+    assert auto.status is Status.STALLED and "not making good progress" in auto.notes[0]
+    assert unit.status is Status.CONVERGED
+    assert unit.solution[0].tolist() == pytest.approx([0.0, 0.0], abs=1e-10)
+    with pytest.raises(UsageError, match=r"solver\.factor: must be > 0"):
+        make_solver("scipy:hybr", {"factor": 0})
+    with pytest.raises(UsageError, match=r"solver\.diag: must be a list of positive numbers"):
+        make_solver("scipy:hybr", {"diag": [1.0, -1.0]})
+    with pytest.raises(UsageError, match=r"solver\.diag: needs one positive scale per unknown"):
+        run(problem, make_solver("scipy:hybr", {"diag": [1.0, 1.0]}), StopRule())
 
 
 def test_scipy_anderson_memory_option() -> None:

@@ -14,7 +14,7 @@ from deqcli.yaml_reader import (
     MAX_ALIAS_EXPANSION,
     MAX_CONFIG_BYTES,
     MAX_DEPTH,
-    load_yaml,
+    load_document,
     read_capped,
 )
 
@@ -38,7 +38,7 @@ def test_a_billion_laughs_is_refused_where_it_starts_to_expand() -> None:
 
 
 def test_aliases_that_only_share_values_still_work_and_keep_their_lines() -> None:
-    value, lines = load_yaml("base: &b {x: 1, y: [1, 2]}\nother: *b\nlast:\n  deep: 3\n")
+    value, lines = load_document("base: &b {x: 1, y: [1, 2]}\nother: *b\nlast:\n  deep: 3\n")
     assert value["other"] == {"x": 1, "y": [1, 2]}
     # The alias's own key has its line; nothing inside the alias is walked again.
     assert lines[("other",)] == 2 and lines[("last", "deep")] == 4
@@ -49,7 +49,7 @@ def test_expansion_just_under_the_limit_is_accepted() -> None:
     chunk = "[" + ",".join(["1"] * 999) + "]"
     count = MAX_ALIAS_EXPANSION // 1000 - 1  # each alias adds 1000 values
     text = f"a: &a {chunk}\nb: [{','.join(['*a'] * count)}]\n"
-    value, _ = load_yaml(text)
+    value, _ = load_document(text)
     assert len(value["b"]) == count and len(value["b"][0]) == 999
 
 
@@ -57,15 +57,15 @@ def test_a_recursive_alias_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"problem\.params\.a \(line 1\): alias \*p refers to"):
         parse_config("problem: &p {kind: expression, fixed_point: cos(z), params: {a: *p}}\n")
     with pytest.raises(ConfigError, match="recursive alias"):
-        load_yaml("a: &x\n  <<: *x\n")
+        load_document("a: &x\n  <<: *x\n")
 
 
 def test_deep_nesting_is_refused_before_any_recursive_code_sees_it() -> None:
     text = "problem: {a: " + "[" * 100_000 + "]" * 100_000 + "}\n"
     with pytest.raises(ConfigError, match=f"nested more than {MAX_DEPTH} levels"):
-        load_yaml(text)
+        load_document(text)
     # Just inside the limit is fine.
-    value, _ = load_yaml("a: " + "[" * (MAX_DEPTH - 1) + "1" + "]" * (MAX_DEPTH - 1))
+    value, _ = load_document("a: " + "[" * (MAX_DEPTH - 1) + "1" + "]" * (MAX_DEPTH - 1))
     assert value["a"] is not None
 
 

@@ -7,6 +7,11 @@ Each solve goes through :func:`deqcli.api.solve`, so it gets the same driver loo
 the diagnostics (which refine a max_iter status to oscillating, stalled, … with a period or reason)
 are left out of the warm-up and timed runs and attached once, to the solve each row reports.
 
+With ``--workers``/``--scheduler``/``--cluster`` the comparison runs on Dask instead: one task per
+(config, solver) builds the problem, warms up and runs the timed repeats back to back in one worker
+process, which times one such task at a time; the rows come back as they finish and are ranked here.
+The numbers are the same as in-process except the timings.
+
 The outcome is one versioned JSON document (``--json`` and ``--save-baseline`` share it); the rich
 table, CSV and Markdown (``deqcli.render.compare``) are renderings of that document, so they always
 show the same numbers.
@@ -29,7 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deqcli import __version__
+from deqcli.consent import decided, granted, require_all
 from deqcli.errors import ConfigError, DeqError, UsageError
+from deqcli.execution import Executor, Task, TaskFailed
+from deqcli.execution.source import ConfigSource, ship
 from deqcli.expr import ExpressionError
 from deqcli.render.report import fmt_time
 from deqcli.result import _num as json_number
@@ -152,8 +160,12 @@ def compare(
     warmup: int = DEFAULT_WARMUP,
     progress: ProgressCallback | None = None,
     debug: bool = False,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run every solver on every config and return the comparison document (see module docstring).
+
+    Without ``executor`` (or with an in-process one) the solves run here, repeats interleaved
+    across solvers; with a remote one each (config, solver) is a task.
 
     A solver that cannot handle a problem (unknown option, dense Jacobian too large, peer library
     missing, an exception inside the solver) gets an ``error`` row with a one-line reason; so does
@@ -162,41 +174,38 @@ def compare(
     before anything runs. A Ctrl-C keeps the problems finished so far: the document is marked
     ``interrupted`` (and not ``complete``).
     """
-    from deqcli.consent import require
-
     check_settings(repeat=repeat, warmup=warmup, max_slowdown=DEFAULT_MAX_SLOWDOWN)
     if not solvers:
         raise UsageError("no solvers to compare; name some with --solvers (see deq list-solvers)")
     overrides = list(overrides or [])
     configs = load_configs(paths, overrides)
-    for cfg in configs:  # consent is asked for up front, before anything runs
-        require(cfg.problem.kind, getattr(cfg.problem, "target", ""))
-    problems = []
-    names: set[str] = set()
+    require_all(cfg.problem for cfg in configs)
+    taken: set[str] = set()
+    names = [_unique(cfg, taken) for cfg in configs]
+    problems: list[dict[str, Any]] = []
     interrupted = False
-    try:
-        for path, cfg in zip(paths, configs, strict=True):
-            problems.append(
-                _compare_one(
-                    path,
-                    cfg,
-                    solvers,
-                    overrides,
-                    repeat,
-                    warmup,
-                    progress,
-                    debug,
-                    _unique(cfg, names),
+    if executor is not None and executor.remote:
+        problems, interrupted = _compare_tasks(
+            paths, configs, names, solvers, overrides, repeat, warmup, progress, debug, executor
+        )
+    else:
+        try:
+            for path, cfg, name in zip(paths, configs, names, strict=True):
+                problems.append(
+                    _compare_one(
+                        path, cfg, solvers, overrides, repeat, warmup, progress, debug, name
+                    )
                 )
-            )
-    except KeyboardInterrupt:
-        interrupted = True  # the problem in progress is dropped; the finished ones are kept
+        except KeyboardInterrupt:
+            interrupted = True  # the problem in progress is dropped; the finished ones are kept
+    environment = _environment()
+    environment["execution"] = executor.describe() if executor else {"backend": "in-process"}
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": DOCUMENT_KIND,
         "deq_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": _environment(),
+        "environment": environment,
         "settings": {
             "solvers": list(solvers),
             "repeat": repeat,
@@ -243,59 +252,185 @@ def _compare_one(
     except Exception as exc:  # the config validated, but its problem cannot be built
         if debug and not isinstance(exc, (DeqError, ExpressionError)):
             raise
-        return _unbuilt(path, cfg, solvers, name, _failure(exc))
-    runs = {solver: _Runs() for solver in solvers}
-    per_solver: dict[str, Config] = {}
-
-    def attempt(solver: str) -> SolveResult | None:
-        slot = runs[solver]
-        if progress is not None:
-            progress(f"{name} · {solver}")
-        if slot.error is not None:
-            return None
-        try:
-            if solver not in per_solver:
-                # The config's own solver options apply only when it names this solver; --set
-                # overrides apply to every solver (one that lacks the option shows an error row).
-                per_solver[solver] = load_config(path, overrides, solver=solver)
-            # Diagnostics do not touch the timed part, but they cost time on every repeat: they
-            # are attached once to the representative solve instead (see _row).
-            return api.solve(per_solver[solver], problem=problem, diagnostics=False)
-        except KeyboardInterrupt:
-            raise
-        except (DeqError, ExpressionError) as exc:
-            slot.error = _failure(exc)
-        except Exception as exc:
-            if debug:
-                raise
-            slot.error = _failure(exc)
-        return None
-
+        return _unbuilt(name, path, cfg, solvers, _failure(exc))
+    attempt = _Attempts(
+        problem, lambda solver: load_config(path, overrides, solver=solver), debug, progress, name
+    )
     for solver in solvers:
         for _ in range(warmup):
             attempt(solver)
     for _ in range(repeat):
         for solver in solvers:
-            result = attempt(solver)
-            if result is not None:
-                runs[solver].results.append(result)
+            attempt.timed(solver)
+    rows = [
+        _row(solver, attempt.runs(solver), problem, debug, cfg.run.timeout) for solver in solvers
+    ]
+    return _problem_entry(name, path, cfg, _problem_facts(problem), rows)
 
-    rows = [_row(solver, runs[solver], problem, debug, cfg.run.timeout) for solver in solvers]
-    _rank(rows)
-    solved_by = [row["solver"] for row in rows if row["converged"]]
+
+class _Attempts:
+    """Solves of one built problem by named solvers; a solver that fails once gets an error row.
+
+    Every solver runs the same problem from the same start; ``configs(solver)`` gives the config
+    with that solver (the config's own solver options apply only when it names this solver;
+    ``--set`` overrides apply to every solver, and one that lacks the option shows an error row).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        configs: Callable[[str], Config],
+        debug: bool,
+        progress: ProgressCallback | None = None,
+        name: str = "",
+    ) -> None:
+        self.problem = problem
+        self.configs = configs
+        self.debug = debug
+        self.progress = progress
+        self.name = name
+        self._runs: dict[str, _Runs] = {}
+        self._configs: dict[str, Config] = {}
+
+    def runs(self, solver: str) -> _Runs:
+        """The measured solves of ``solver`` so far (or its error)."""
+        return self._runs.setdefault(solver, _Runs())
+
+    def timed(self, solver: str) -> None:
+        """One measured solve, kept for the row."""
+        result = self(solver)
+        if result is not None:
+            self.runs(solver).results.append(result)
+
+    def __call__(self, solver: str) -> SolveResult | None:
+        """One solve (a warm-up when its result is not kept); None once the solver has failed."""
+        from deqcli import api
+
+        slot = self.runs(solver)
+        if self.progress is not None:
+            self.progress(f"{self.name} · {solver}")
+        if slot.error is not None:
+            return None
+        try:
+            if solver not in self._configs:
+                self._configs[solver] = self.configs(solver)
+            # Diagnostics do not touch the timed part, but they cost time on every repeat: they
+            # are attached once to the representative solve instead (see _row).
+            return api.solve(self._configs[solver], problem=self.problem, diagnostics=False)
+        except KeyboardInterrupt:
+            raise
+        except (DeqError, ExpressionError) as exc:
+            slot.error = _failure(exc)
+        except Exception as exc:
+            if self.debug:
+                raise
+            slot.error = _failure(exc)
+        return None
+
+
+def compare_task(
+    source: ConfigSource, solver: str, warmup: int, repeat: int, debug: bool, trust: bool
+) -> dict[str, Any]:
+    """One solver on one config as a task, under the client's consent ``trust``: build the problem,
+    warm up, run the timed repeats back to back; the problem's facts and the solver's row."""
+    from deqcli import api
+
+    with decided(trust):
+        cfg = source.config()
+        try:
+            problem = api.load_problem(cfg)
+        except (DeqError, ExpressionError) as exc:  # an error row, as in-process
+            return {"facts": None, "row": _error_row(solver, _built_failure(_failure(exc)), None)}
+        attempt = _Attempts(problem, lambda name: source.config(solver=name), debug)
+        for _ in range(warmup):
+            attempt(solver)
+        for _ in range(repeat):
+            attempt.timed(solver)
+        return {
+            "facts": _problem_facts(problem),
+            "row": _row(solver, attempt.runs(solver), problem, debug, cfg.run.timeout),
+        }
+
+
+def _compare_tasks(
+    paths: list[Path],
+    configs: list[Config],
+    names: list[str],
+    solvers: list[str],
+    overrides: list[str],
+    repeat: int,
+    warmup: int,
+    progress: ProgressCallback | None,
+    debug: bool,
+    executor: Executor,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every (config, solver) as a timed task on ``executor``; the problems' entries in order, and
+    whether Ctrl-C stopped it (then only the problems whose every solver came back are kept)."""
+    sources = []
+    files = {}
+    for path, cfg in zip(paths, configs, strict=True):
+        source, blobs = ship(ConfigSource.from_path(path, overrides), [cfg])
+        sources.append(source)
+        files.update(blobs)
+    trust = granted()  # the client's consent, carried by every task
+    tasks = [
+        Task((i, solver), compare_task, (sources[i], solver, warmup, repeat, debug, trust))
+        for i in range(len(sources))
+        for solver in solvers
+    ]
+    rows: dict[Any, dict[str, Any]] = {}
+    facts: dict[int, dict[str, Any]] = {}
+    interrupted = False
+    try:
+        for key, out in executor.run(tasks, files=files, exclusive=True):
+            i, solver = key  # type: ignore[misc]
+            if isinstance(out, TaskFailed):
+                rows[key] = _error_row(solver, out.message, None)
+            else:
+                if out["facts"] is not None:
+                    facts.setdefault(i, out["facts"])
+                rows[key] = out["row"]
+            if progress is not None:
+                for _ in range(warmup + repeat):  # the bar counts solves
+                    progress(f"{names[i]} · {solver}")
+    except KeyboardInterrupt:
+        interrupted = True
+    unknown = dict.fromkeys(("description", "batch", "dim", "device"))
+    entries = [
+        _problem_entry(
+            names[i], paths[i], configs[i], facts.get(i, unknown), [rows[(i, s)] for s in solvers]
+        )
+        for i in range(len(paths))
+        if all((i, s) in rows for s in solvers)
+    ]
+    return entries, interrupted
+
+
+def _problem_facts(problem: Problem) -> dict[str, Any]:
+    """What a problem entry reports of the built problem."""
     return {
-        "name": name,
-        "config": str(path),
-        "kind": cfg.problem.kind,
         "description": problem.description,
         "batch": problem.batch,
         "dim": problem.dim,
         "device": str(problem.device),
+    }
+
+
+def _problem_entry(
+    name: str, path: Path, cfg: Config, facts: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One problem of the document: its settings and facts, and its solvers' rows, ranked."""
+    _rank(rows)
+    return {
+        "name": name,
+        "config": str(path),
+        "kind": cfg.problem.kind,
+        **facts,
         "dtype": cfg.run.dtype,
         "atol": cfg.atol,
         "rtol": cfg.run.rtol,
         "max_iter": cfg.run.max_iter,
-        "solved_by": solved_by,
+        "solved_by": [row["solver"] for row in rows if row["converged"]],
         "fastest": next((row["solver"] for row in rows if row["rank"] == 1), None),
         "solvers": rows,
     }
@@ -312,52 +447,32 @@ def _failure(exc: BaseException) -> str:
     return _one_line(f"{type(exc).__name__}: {exc}")
 
 
-def _unbuilt(path: Path, cfg: Config, solvers: list[str], name: str, error: str) -> dict[str, Any]:
+def _built_failure(error: str) -> str:
+    return f"the problem could not be built: {error}"
+
+
+def _unbuilt(name: str, path: Path, cfg: Config, solvers: list[str], error: str) -> dict[str, Any]:
     """A problem whose config validated but whose problem could not be built: an error row for
     every solver, the reason in each."""
-    rows = [
-        _row(solver, _Runs(error=f"the problem could not be built: {error}"), None)
-        for solver in solvers
-    ]
-    return {
-        "name": name,
-        "config": str(path),
-        "kind": cfg.problem.kind,
-        "description": "",
-        "batch": None,
-        "dim": None,
-        "device": cfg.run.device,
-        "dtype": cfg.run.dtype,
-        "atol": cfg.atol,
-        "rtol": cfg.run.rtol,
-        "max_iter": cfg.run.max_iter,
-        "solved_by": [],
-        "fastest": None,
-        "solvers": rows,
-    }
+    rows = [_error_row(solver, _built_failure(error), None) for solver in solvers]
+    facts = {"description": "", "batch": None, "dim": None, "device": cfg.run.device}
+    return _problem_entry(name, path, cfg, facts, rows)
 
 
-def _row(
-    solver: str,
-    runs: _Runs,
-    problem: Problem | None,
-    debug: bool = False,
-    timeout: float | None = None,
-) -> dict[str, Any]:
-    """One solver's row: status, counts, residual and timing over the repeats (the diagnostics
-    of the representative solve bounded by ``timeout``, run.timeout)."""
+def _error_row(solver: str, message: str, samples: int | None) -> dict[str, Any]:
+    """The row of a solver that has no measured solve (it failed, or its task could not run)."""
     from deqcli.solvers import SOLVERS
 
     info = SOLVERS.get(solver)
-    row: dict[str, Any] = {
+    return {
         "solver": solver,
         "family": info.family if info is not None else "deq",
         "status": ERROR,
         "converged": False,
-        "message": runs.error or "",
+        "message": message,
         "reason": None,
         "period": None,
-        "samples": problem.batch if problem is not None else None,
+        "samples": samples,
         "converged_samples": 0,
         "iterations": None,
         **dict.fromkeys(COUNT_KINDS),
@@ -371,7 +486,19 @@ def _row(
         "result": None,
         "curve": None,
     }
-    if runs.error is not None or not runs.results or problem is None:
+
+
+def _row(
+    solver: str,
+    runs: _Runs,
+    problem: Problem,
+    debug: bool = False,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """One solver's row: status, counts, residual and timing over the repeats (the diagnostics
+    of the representative solve bounded by ``timeout``, run.timeout)."""
+    row = _error_row(solver, runs.error or "", problem.batch)
+    if runs.error is not None or not runs.results:
         return row
     times = [r.wall_time for r in runs.results]
     # The representative solve is the one whose time is the median (the lower one for even counts),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from deqcli.analyses.compare import DEFAULT_MAX_SLOWDOWN, DEFAULT_REPEAT, DEFAULT_WARMUP
 from deqcli.errors import UsageError
+from deqcli.execution import ExecutionSettings
 
 if TYPE_CHECKING:
     from deqcli.analyses.compare import BaselineCheck, ProgressCallback, Regression
@@ -42,6 +43,9 @@ class SolveRequest:
     diagnostics: bool = True
     max_period: int | None = None
     sensitivity: list[str] = field(default_factory=list)
+    save: str | None = None
+    try_remedies: bool = True
+    try_budget: int | None = None
 
 
 @dataclass
@@ -54,23 +58,31 @@ class SolveOutcome:
 
 
 def solve(request: SolveRequest) -> SolveOutcome:
-    """Load, check the --json path and the sensitivity names, solve, write --json."""
+    """Load, check the --json and --save paths and the sensitivity names, solve, write --json and z*."""
     from deqcli.api import load_problem
     from deqcli.api import solve as api_solve
     from deqcli.config import load_config
-    from deqcli.render.files import emit_json
+    from deqcli.render.files import Outputs, emit_json
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
     target = _output(request.json_path, request.config, "--json")
+    saved = None
+    if request.save is not None:
+        from deqcli.config import config_files
+        from deqcli.render.files import check_solution_path
+
+        inputs = [request.config, *(ref.path(cfg.base_dir) for ref in config_files(cfg))]
+        saved = check_solution_path(request.save, protected=inputs)
     if request.explain and not request.diagnostics:
         raise UsageError("--explain needs the diagnostics; drop --no-diagnostics")
+    if request.try_budget is not None and not request.try_remedies:
+        raise UsageError("--try-budget sets the budget of the remedy trials; drop --no-try")
     from deqcli.diagnostics.settings import DiagnosticOptions
 
-    diagnostics = (
-        False
-        if not request.diagnostics
-        else DiagnosticOptions(**({"max_period": request.max_period} if request.max_period else {}))
-    )
+    settings: dict[str, Any] = {"trials": request.try_remedies, "try_budget": request.try_budget}
+    if request.max_period:
+        settings["max_period"] = request.max_period
+    diagnostics = DiagnosticOptions(**settings) if request.diagnostics else False
     problem = load_problem(cfg)
     if request.sensitivity:
         from deqcli.analyses.sensitivity import attach_sensitivities, check_names
@@ -78,8 +90,17 @@ def solve(request: SolveRequest) -> SolveOutcome:
         check_names(problem, request.sensitivity)
     result = api_solve(cfg, problem=problem, diagnostics=diagnostics, precheck=request.precheck)
     sens = attach_sensitivities(problem, result, request.sensitivity) if request.sensitivity else []
+    out = Outputs()
     if request.json_path is not None:
-        emit_json(result.to_dict(), target)
+        out.write("--json", lambda: emit_json(result.to_dict(), target))
+    if saved is not None:
+        from deqcli.render.files import save_solution
+
+        out.write(
+            "--save",
+            lambda: save_solution(result.z_star, [s.ok for s in result.sample_status], saved),
+        )
+    out.finish()
     return SolveOutcome(result, problem.description, sens)
 
 
@@ -111,6 +132,7 @@ class CompareRequest:
     save_baseline: str | None = None
     max_slowdown: float = DEFAULT_MAX_SLOWDOWN
     debug: bool = False
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
 
 
 @dataclass
@@ -147,6 +169,7 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
     --save-baseline, --csv, --markdown and the plots, in that order (a failed one is kept
     elsewhere and reported after the others were written)."""
     from deqcli.analyses import compare as analysis
+    from deqcli.execution import open_executor
     from deqcli.render.compare import to_csv, to_markdown
     from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
 
@@ -183,7 +206,8 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
         plot_target = check_plot_target(request.plot)
     stored = analysis.load_baseline(baseline) if baseline is not None else None
     runs = len(files) * len(names) * (request.warmup + request.repeat)
-    with progress(runs) if progress is not None else nullcontext(None) as step:
+    executor = open_executor(request.execution)
+    with executor, progress(runs) if progress is not None else nullcontext(None) as step:
         doc = analysis.compare(
             files,
             names,
@@ -192,6 +216,7 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
             warmup=request.warmup,
             progress=step,
             debug=request.debug,
+            executor=executor,
         )
     check = None
     if stored is not None:
@@ -241,6 +266,7 @@ class SweepRequest:
     csv_path: str | None = None
     plot: str | None = None
     diagnostics: bool = True
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
 
 
 @dataclass
@@ -268,7 +294,8 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
         run_sweep,
         to_csv,
     )
-    from deqcli.consent import require
+    from deqcli.consent import require_all
+    from deqcli.execution import open_executor
     from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
 
     config = request.config
@@ -277,10 +304,6 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
     check_value_spec(request.value)
     base = SweepBase.from_path(config, request.overrides, request.solver)
     axes = make_axes(base, request.params)
-    # Consent is asked for up front: a config that runs code without it is bad input, not a
-    # sweep of failed points.
-    first = base.config({axis.key: axis.values[0] for axis in axes})
-    require(first.problem.kind, getattr(first.problem, "target", ""))
     json_target = _output(request.json_path, config, "--json")
     csv_target = _output(request.csv_path, config, "--csv")
     if request.results is not None:
@@ -295,7 +318,9 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
         if len(axes) > 2:
             raise UsageError("--plot: sweeps of one or two keys can be plotted; this one has more")
     options = PointOptions(value=request.value, diagnostics=request.diagnostics)
-    with progress() if progress is not None else nullcontext(None) as on_point:
+    require_all([base.config().problem])
+    executor = open_executor(request.execution)
+    with executor, progress() if progress is not None else nullcontext(None) as on_point:
         done = run_sweep(
             base,
             axes,
@@ -304,6 +329,7 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
             results=request.results,
             resume=request.resume,
             on_point=on_point,
+            executor=executor,
         )
 
     out = Outputs()

@@ -3,9 +3,10 @@
 A sweep is a grid of *assignments* (config key → value). Each assignment is an independent task:
 ``solve_point(base, assignment, warm_start)`` re-builds the problem from the config text with the
 values overridden, solves it, runs the diagnostics and returns a JSON-ready record. It reads no
-global state and writes nothing, and its arguments pickle, so a process pool or a distributed engine
-can run points anywhere; ``run_sweep`` is the sequential driver with warm starts, incremental JSON
-lines and resume.
+global state and writes nothing, and its arguments pickle, so ``run_sweep`` hands the points to an
+executor (``deqcli.execution``: in this process, or on Dask workers) as tasks, each carrying the
+config text, its values and the client's consent; warm starts chain a point to its neighbour. The
+client alone writes the results file, one line per point as results arrive, and resumes from it.
 
 Axes are given as ``NAME=SPEC``:
 
@@ -17,7 +18,9 @@ Axes are given as ``NAME=SPEC``:
 NAME is a dotted config key (``problem.lr``, ``problem.W.spectral_norm``, ``run.atol``,
 ``solver.beta``) or a short name: ``a`` means ``problem.params.a`` when the config has that
 parameter, else ``problem.a`` (e.g. ``lr`` for gradient descent), else ``problem.args.a`` for
-Python problems.
+Python problems. For ``kind: module`` every other name — short or dotted, such as ``scale`` or
+``cell.norm.weight`` — is a parameter or buffer of the module by its state_dict name
+(``problem.params.NAME``: a number fills it), checked against the module before the sweep starts.
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deqcli.config import PROBLEM_MODELS, Config, parse_config, read_config_text
+from deqcli.config import PROBLEM_MODELS, Config
+from deqcli.consent import decided, granted
 from deqcli.errors import ConfigError, DeqError, UsageError
+from deqcli.execution import Executor, InProcess, Task, TaskFailed
+from deqcli.execution.source import ConfigSource, ship, value_text
 from deqcli.expr import ExpressionError
-from deqcli.yaml_reader import MAX_DOCUMENT_BYTES, load_yaml, read_capped_file
+from deqcli.yaml_reader import MAX_DOCUMENT_BYTES, read_capped_file
 
 SWEEP_SCHEMA_VERSION = "1"
 # Points are refused beyond this many (a typo such as 1:2:1e6 should not start a day-long run).
@@ -137,9 +143,12 @@ def _value(text: str) -> Any:
 
 def resolve_key(raw: Mapping[str, Any], name: str) -> str:
     """The full config key for NAME: dotted names as given, short names looked up in the problem."""
-    if "." in name:
-        return name
     problem = raw.get("problem") if isinstance(raw.get("problem"), dict) else {}
+    kind = problem.get("kind")
+    if "." in name:
+        if kind == "module" and name.split(".")[0] not in Config.model_fields:
+            return f"problem.params.{name}"  # a state_dict name such as cell.norm.weight
+        return name
     params = problem.get("params") or {}
     if isinstance(params, dict) and name in params:
         return f"problem.params.{name}"
@@ -150,13 +159,14 @@ def resolve_key(raw: Mapping[str, Any], name: str) -> str:
             "holds one value per sample and cannot be swept as a scalar; move it to problem.params "
             "or sweep a dotted key",
         )
-    kind = problem.get("kind")
     model = PROBLEM_MODELS.get(kind) if isinstance(kind, str) else None
     if model is not None and name in model.model_fields and name != "kind":
         return f"problem.{name}"
     args = problem.get("args") or {}
-    if kind == "python" and isinstance(args, dict) and name in args:
+    if kind in ("python", "module") and isinstance(args, dict) and name in args:
         return f"problem.args.{name}"
+    if kind == "module":
+        return f"problem.params.{name}"  # the module's own names are checked when it is built
     choices = [str(k) for k in params] if isinstance(params, dict) else []
     if kind == "python" and isinstance(args, dict):
         choices += [str(k) for k in args]
@@ -171,50 +181,9 @@ def resolve_key(raw: Mapping[str, Any], name: str) -> str:
 
 # -- the base config (picklable) ---------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class SweepBase:
-    """The config every point starts from: its text and where it came from, plus fixed overrides.
-
-    Plain strings only, so it pickles and can be shipped to workers that have no access to the file.
-    """
-
-    text: str
-    base_dir: str
-    source: str
-    overrides: tuple[str, ...] = ()
-    solver: str | None = None
-
-    @classmethod
-    def from_path(
-        cls, path: str | Path, overrides: list[str] | None = None, solver: str | None = None
-    ) -> SweepBase:
-        """Read a config file once; points re-parse its text with their own overrides."""
-        text, base_dir = read_config_text(path)
-        return cls(text, str(base_dir), str(path), tuple(overrides or ()), solver)
-
-    def raw(self) -> dict[str, Any]:
-        """The YAML mapping (for resolving short parameter names)."""
-        try:
-            data, _ = load_yaml(self.text, self.source)
-        except ConfigError:
-            data = None
-        return data if isinstance(data, dict) else {}
-
-    def config(self, assignment: Mapping[str, Any]) -> Config:
-        """The validated config of one point: base overrides, then the point's values."""
-        extra = [f"{k}={_text(v)}" for k, v in assignment.items()]
-        return parse_config(
-            self.text,
-            base_dir=Path(self.base_dir),
-            source=self.source,
-            overrides=[*self.overrides, *extra],
-            solver=self.solver,
-        )
-
-
-def _text(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
+# The config every point starts from: its text, origin, fixed overrides and solver (plain strings,
+# so it pickles and reaches workers that cannot read the file).
+SweepBase = ConfigSource
 
 
 def make_axes(base: SweepBase, params: list[str]) -> list[Axis]:
@@ -232,16 +201,31 @@ def make_axes(base: SweepBase, params: list[str]) -> list[Axis]:
     total = math.prod(len(a.values) for a in axes)
     if total > MAX_POINTS:
         raise UsageError(f"--param: the grid has {total:,} points; the limit is {MAX_POINTS:,}")
+    # Every value of each axis must make a valid config, so a bad value fails now rather than
+    # halfway through a long sweep.
+    for axis, value, assignment in _axis_points(axes):
+        try:
+            base.config(assignment)
+        except DeqError as exc:
+            raise UsageError(f"--param {axis.name}={value_text(value)}: {exc}") from None
+    if (base.raw().get("problem") or {}).get("kind") == "module":
+        # Only the module knows its parameter names and shapes: build the first point once.
+        from deqcli.api import load_problem
+
+        try:
+            load_problem(base.config(grid(axes)[0][1]))
+        except DeqError as exc:
+            raise UsageError(f"--param: {exc}") from None
+    return axes
+
+
+def _axis_points(axes: list[Axis]) -> Iterator[tuple[Axis, Any, dict[str, Any]]]:
+    """Each value of each axis, with the other axes at their first value: every config value a
+    sweep can set appears in one of these points."""
     for axis in axes:
-        # Every value of each axis (with the other axes at their first value) must make a valid
-        # config, so a bad value fails now rather than halfway through a long sweep.
         others = {a.key: a.values[0] for a in axes if a is not axis}
         for value in axis.values:
-            try:
-                base.config({**others, axis.key: value})
-            except DeqError as exc:
-                raise UsageError(f"--param {axis.name}={_text(value)}: {exc}") from None
-    return axes
+            yield axis, value, {**others, axis.key: value}
 
 
 def grid(axes: list[Axis]) -> list[tuple[tuple[int, ...], dict[str, Any]]]:
@@ -329,6 +313,26 @@ def solve_point(
     record["warm_start"] = warm
     record["wall_time"] = time.perf_counter() - started
     return record
+
+
+def point_task(
+    base: SweepBase,
+    index: tuple[int, ...],
+    assignment: Mapping[str, Any],
+    options: PointOptions,
+    trust: bool,
+    warm_start: list[list[float]] | None = None,
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One grid point as a task: its record with its ``index``, under the client's consent ``trust``.
+
+    ``previous`` is the record of the neighbour this point runs after: its solution is the warm
+    start when it converged (as ``warm_start`` is, for a neighbour read back on resume).
+    """
+    if previous is not None and previous.get("converged") and "solution" in previous:
+        warm_start = previous["solution"]
+    with decided(trust):
+        return {"index": list(index), **solve_point(base, assignment, warm_start, options)}
 
 
 def _summarise_result(problem: Any, result: Any, options: PointOptions) -> dict[str, Any]:
@@ -426,7 +430,7 @@ def label(classification: str, period: int | None) -> str:
 def describe_point(point: Mapping[str, Any]) -> str:
     """A one-line description of a finished point: its values and its regime, e.g. ``r=3.1: period 2``."""
     shown = ", ".join(
-        f"{k.rsplit('.', 1)[-1]}={_text(v) if not isinstance(v, float) else f'{v:.6g}'}"
+        f"{k.rsplit('.', 1)[-1]}={value_text(v) if not isinstance(v, float) else f'{v:.6g}'}"
         for k, v in point["assignment"].items()
     )
     return f"{shown}: {point.get('label', point.get('status', '?'))}"
@@ -449,6 +453,7 @@ class SweepResult:
     wall_time: float = 0.0
     results_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    execution: dict[str, Any] = field(default_factory=lambda: {"backend": "in-process"})
 
     @property
     def total(self) -> int:
@@ -473,6 +478,7 @@ class SweepResult:
             "points_total": self.total,
             "resumed": self.resumed,
             "wall_time": self.wall_time,
+            "execution": self.execution,
             "summary": summarise(self),
             "notes": self.notes,
             "points": [_public(p) for p in self.points],
@@ -549,16 +555,21 @@ def run_sweep(
     results: Path | None = None,
     resume: bool = False,
     on_point: Callable[[int, int, dict[str, Any]], None] | None = None,
+    executor: Executor | None = None,
 ) -> SweepResult:
-    """Solve every grid point in order, appending each record to ``results`` (JSON lines) as it ends.
+    """Solve every grid point on ``executor`` (default: here, in grid order), appending each record
+    to ``results`` (JSON lines) as it arrives; ``points`` come back in grid order.
 
     With ``warm_start`` a point starts from the solution of its predecessor along the last axis when
-    that one converged. With ``resume`` the points already in ``results`` are read back, not solved.
-    An interrupt (Ctrl-C) stops the sweep and returns what is done, marked ``interrupted``.
+    that one converged (the point is a task that waits for its predecessor's). With ``resume`` the
+    points already in ``results`` are read back and only the missing ones run. An interrupt (Ctrl-C)
+    stops the sweep and returns what is done, marked ``interrupted``; every point that arrived is in
+    ``results`` already.
     """
     options = options or PointOptions()
+    executor = executor or InProcess()
     started = time.perf_counter()
-    tasks = grid(axes)
+    points = grid(axes)
     head = header(base, axes, options, warm_start)
     done: dict[tuple[int, ...], dict[str, Any]] = {}
     if results is not None:
@@ -575,29 +586,72 @@ def run_sweep(
         base.source, axes, [], options, warm_start, results_path=str(results) if results else None
     )
     sweep.resumed = len(done)
-    solutions: dict[tuple[int, ...], list[list[float]]] = {}
+    missing = [(idx, assignment) for idx, assignment in points if idx not in done]
+    source, files = base, None
+    if executor.remote and missing:
+        source, files = ship(base, (base.config(a) for _, _, a in _axis_points(axes)))
+    tasks = _point_tasks(source, missing, done, options, warm_start)
+    count = 0
     with _Appender(results, head, fresh=not done) as out:
+
+        def record(point: dict[str, Any]) -> None:
+            nonlocal count
+            count += 1
+            sweep.points.append(point)
+            if on_point is not None:
+                on_point(count, len(points), point)
+
+        for idx in sorted(done):
+            record(done[idx])
         try:
-            for count, (idx, assignment) in enumerate(tasks, start=1):
-                if idx in done:
-                    point = done[idx]
-                else:
-                    start = None
-                    if warm_start and idx[-1] > 0:
-                        start = solutions.get((*idx[:-1], idx[-1] - 1))
-                    point = {"index": list(idx), **solve_point(base, assignment, start, options)}
-                    out.write(point)
-                if point.get("converged") and "solution" in point:
-                    solutions[idx] = point["solution"]
-                # Only the previous point along the last axis is ever a warm start: free the rest.
-                solutions.pop((*idx[:-1], idx[-1] - 2), None)
-                sweep.points.append(point)
-                if on_point is not None:
-                    on_point(count, len(tasks), point)
+            assignments = dict(missing)
+            for idx, outcome in executor.run(tasks, files=files):
+                failed = isinstance(outcome, TaskFailed)
+                point = _failed(idx, assignments[idx], outcome) if failed else outcome
+                out.write(point)
+                record(point)
         except KeyboardInterrupt:
             sweep.interrupted = True
+    sweep.points.sort(key=lambda p: p["index"])
+    sweep.execution = executor.describe()
     sweep.wall_time = time.perf_counter() - started
     return sweep
+
+
+def _point_tasks(
+    source: SweepBase,
+    missing: list[tuple[tuple[int, ...], dict[str, Any]]],
+    done: Mapping[tuple[int, ...], Mapping[str, Any]],
+    options: PointOptions,
+    warm_start: bool,
+) -> list[Task]:
+    """One task per missing point; with warm starts, each runs after its predecessor along the last
+    axis (or starts from that predecessor's solution when it was read back on resume)."""
+    trust = granted()  # the client's consent, carried by every task
+    tasks = []
+    for idx, assignment in missing:
+        kwargs: dict[str, Any] = {}
+        after = None
+        if warm_start and idx[-1] > 0:
+            before = (*idx[:-1], idx[-1] - 1)
+            if before not in done:
+                after = before
+            elif done[before].get("converged") and "solution" in done[before]:
+                kwargs["warm_start"] = done[before]["solution"]
+        tasks.append(
+            Task(idx, point_task, (source, idx, assignment, options, trust), kwargs, after)
+        )
+    return tasks
+
+
+def _failed(idx: tuple[int, ...], assignment: dict[str, Any], failed: TaskFailed) -> dict[str, Any]:
+    """The record of a point whose task could not finish (its worker kept dying)."""
+    return {
+        "index": list(idx),
+        "assignment": assignment,
+        "status": "error",
+        "error": failed.message,
+    }
 
 
 class _Appender:

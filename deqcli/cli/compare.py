@@ -16,8 +16,19 @@ from deqcli.cli import (
     stdout,
     user_errors,
 )
-from deqcli.cli.options import DebugOpt, JsonOpt, QuietOpt, RunFlags, flag_overrides, run_flags
+from deqcli.cli.options import (
+    ClusterOpt,
+    DebugOpt,
+    JsonOpt,
+    QuietOpt,
+    RunFlags,
+    SchedulerOpt,
+    WorkersOpt,
+    flag_overrides,
+    run_flags,
+)
 from deqcli.consent import allowed
+from deqcli.execution import ExecutionSettings
 
 CsvOpt = Annotated[
     str | None,
@@ -81,6 +92,9 @@ def compare_solvers(
             help="With --baseline: a median time this many times slower regresses.",
         ),
     ] = 3.0,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    cluster: ClusterOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -109,6 +123,7 @@ def compare_solvers(
             save_baseline=save_baseline,
             max_slowdown=max_slowdown,
             debug=debug,
+            execution=ExecutionSettings(workers, scheduler, cluster),
         )
         outcome = jobs.compare(
             request,
@@ -120,8 +135,8 @@ def compare_solvers(
     if outcome.interrupted:
         done = len(outcome.doc["problems"])
         interrupt.announce(
-            f"interrupted: the comparison is partial ({done} of {len(configs)} configs finished; "
-            "the files written hold those, marked interrupted)"
+            f"interrupted: the comparison is partial ({done} problem(s) finished; the files "
+            "written hold those, marked interrupted)"
         )
         raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_CONVERGED if outcome.ok else EXIT_NOT_CONVERGED)

@@ -26,7 +26,11 @@ TolOpt = Annotated[
     float | None, typer.Option("--tol", "--atol", help="Absolute tolerance on ‖f(z)−z‖.")
 ]
 RtolOpt = Annotated[
-    float | None, typer.Option("--rtol", help="Relative tolerance (times ‖f(z0)−z0‖).")
+    float | None,
+    typer.Option(
+        "--rtol",
+        help="Relative tolerance: times ‖f(z0)−z0‖ (run.stop_mode abs) or ‖f(z)‖ (rel).",
+    ),
 ]
 MaxIterOpt = Annotated[int | None, typer.Option("--max-iter", help="Iteration budget.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
@@ -46,6 +50,33 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No report; only the exit code and errors.")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+# Where the tasks of sweep and compare-solvers run (default: in this process); see docs/scale-out.md.
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Run the tasks on a local Dask cluster of N worker processes, one thread each "
+        "(pip install 'deqcli[distributed]').",
+        show_default=False,
+    ),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="Run the tasks on the Dask scheduler at ADDRESS (e.g. tcp://10.0.0.5:8786).",
+        show_default=False,
+    ),
+]
+ClusterOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cluster",
+        help="Start a Slurm/PBS/SGE/LSF/HTCondor cluster described by this YAML file "
+        "(dask-jobqueue) and run the tasks there.",
+        show_default=False,
+    ),
+]
 TrustCodeOpt = Annotated[
     bool,
     typer.Option(

@@ -54,6 +54,29 @@ def solve(
             help="Also compute dz*/dNAME at the solution (implicit function theorem); repeatable.",
         ),
     ] = None,
+    save: Annotated[
+        str | None,
+        typer.Option(
+            "--save",
+            help="Write z* (batch, *state shape) to PATH: .pt (torch.save), .npy, or .npz "
+            "(arrays z and converged).",
+        ),
+    ] = None,
+    no_try: Annotated[
+        bool,
+        typer.Option(
+            "--no-try",
+            help="Do not run the candidate remedies of a failed or slow run (they stay suggestions).",
+        ),
+    ] = False,
+    try_budget: Annotated[
+        int | None,
+        typer.Option(
+            "--try-budget",
+            min=1,
+            help="Evaluations each remedy trial may spend (default: the run's own, at least 100).",
+        ),
+    ] = None,
 ) -> None:
     """Solve the problem in CONFIG and report how it went.
 
@@ -72,6 +95,9 @@ def solve(
             diagnostics=not no_diagnostics,
             max_period=max_period,
             sensitivity=list(sensitivity or []),
+            save=save,
+            try_remedies=not no_try,
+            try_budget=try_budget,
         )
         outcome = jobs.solve(request)
     if not quiet and json_path != "-":

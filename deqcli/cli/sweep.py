@@ -17,15 +17,19 @@ from deqcli.cli import (
     user_errors,
 )
 from deqcli.cli.options import (
+    ClusterOpt,
     ConfigArg,
     DebugOpt,
     JsonOpt,
     QuietOpt,
     RunFlags,
+    SchedulerOpt,
+    WorkersOpt,
     flag_overrides,
     run_flags,
 )
 from deqcli.consent import allowed
+from deqcli.execution import ExecutionSettings
 
 
 @run_flags()
@@ -83,6 +87,9 @@ def sweep(
         bool,
         typer.Option("--no-diagnostics", help="Skip classification and ρ(J) (faster)."),
     ] = False,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    cluster: ClusterOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -108,6 +115,7 @@ def sweep(
             csv_path=csv_path,
             plot=plot,
             diagnostics=not no_diagnostics,
+            execution=ExecutionSettings(workers, scheduler, cluster),
         )
         outcome = jobs.sweep(
             request,

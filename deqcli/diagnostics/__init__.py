@@ -26,6 +26,10 @@ __all__ = ["DEFAULT_OPTIONS", "DiagnosticOptions", "analyse", "attach", "prechec
 
 # Located fixed points and cycle points are listed in the JSON up to this dimension.
 POINT_SHOWN_DIM = 8
+# Where the analysis looks when a sample stopped at its dtype's precision floor.
+AT_FLOOR = "last iterate (at the precision floor)"
+# Points whose distance to the root z* the forward-error estimate bounds.
+ERROR_POINTS = ("solution", AT_FLOOR)
 
 
 def precheck(
@@ -113,12 +117,76 @@ def analyse(
 
     # Huge or non-finite iterates are evidence to report, not errors to warn about.
     with torch.no_grad(), np.errstate(all="ignore"):
-        return json_safe(_analyse(problem, result, options or DEFAULT_OPTIONS, pre))
+        out, plans = _analyse(problem, result, options or DEFAULT_OPTIONS, pre)
+    for item, the_plan in zip(out["samples"], plans, strict=True):
+        item["plan"] = the_plan.as_dict()
+    compose_remedies(out, None)
+    return json_safe(out)
+
+
+def compose_remedies(diag: dict[str, Any], record: dict[str, Any] | None) -> None:
+    """Write each sample's ``advice`` (entries with kind, text, trial) and ``remedies`` (the texts)
+    from its ``plan`` and the trials ``record`` (None: nothing was tried, every candidate is a
+    suggestion). Verified remedies come first; the batch trial is listed for every sample."""
+    from deqcli.diagnostics import advice
+
+    runs = (record or {}).get("runs", [])
+    tried_sample = (record or {}).get("sample")
+    skipped = (record or {}).get("skipped")
+    batch_run = next((t for t in runs if t.get("scope") == "batch"), None)
+    for b, item in enumerate(diag["samples"]):
+        if "plan" not in item:
+            continue
+        the_plan = advice.Plan.from_dict(item["plan"])
+        own = [t for t in runs if t.get("sample") == b and t.get("scope") != "batch"]
+        if batch_run is not None and b != tried_sample:
+            own = [*own, _batch_view(batch_run, b)]
+        if skipped:
+            why_not = skipped
+        elif record is not None and b != tried_sample:
+            why_not = f"the trials ran on sample {tried_sample}"
+        else:
+            why_not = None
+        entries = advice.compose(the_plan, own, untried=why_not)
+        if batch_run is not None and b == tried_sample:
+            head = sum(e["kind"] == "verified" for e in entries)
+            kind = "verified" if batch_run["verified"] else "tried"
+            text = batch_run["text"]
+            entries.insert(
+                head,
+                {
+                    "kind": kind,
+                    "text": text,
+                    "short": text.removeprefix("tried "),
+                    "trial": batch_run["index"],
+                },
+            )
+        item["advice"] = entries
+        item["remedies"] = [e["text"] for e in entries]
+
+
+def _batch_view(run: dict[str, Any], b: int) -> dict[str, Any]:
+    """What the batch trial did for sample b, as that sample's trial of the candidate."""
+    status = run.get("statuses", [])[b] if run.get("statuses") else "error"
+    ok = status == "converged"
+    its = run["sample_iterations"][b] if ok else 0
+    outcome = (
+        f"this sample converged in {its} iteration{'' if its == 1 else 's'}"
+        if ok
+        else f"this sample did not converge ({(run.get('classifications') or ['?'] * (b + 1))[b]})"
+    )
+    return {
+        "label": run["label"],
+        "index": run["index"],
+        "verified": ok,
+        "outcome": status,
+        "text": f"tried on the batch: {run['label']} → {outcome}",
+    }
 
 
 def _analyse(
     problem: Problem, result: SolveResult, opts: DiagnosticOptions, pre: dict[str, Any] | None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[Any]]:
     import torch
 
     from deqcli.diagnostics import advice, lipschitz, spectral
@@ -154,6 +222,9 @@ def _analyse(
     # -- where to look at the Jacobian: the solution, a located fixed point, or the last iterate --
     points = result.solution.detach().clone().to(problem.device, problem.dtype)
     where: list[str | None] = ["solution" if tr.status is Status.CONVERGED else None for tr in trs]
+    for b, item in enumerate(samples):
+        if item["classification"] == dyn.PRECISION_FLOOR:
+            where[b] = AT_FLOOR  # the last iterate is the fixed point, to the dtype's precision
     located_from: list[str | None] = [None] * batch
     missing = [b for b in range(batch) if where[b] is None]
     if missing and dense:
@@ -180,11 +251,14 @@ def _analyse(
         item["spectral"] = s
 
     _check_growth(problem, trs, samples, opts, beta)
+    _error_bounds(problem, samples, points, opts)
     if dense:
         _cycles(problem, samples)
         if newtonish:
             _conditioning(problem, result, trs, samples, opts)
     _stationarity(problem, trs, samples, opts)
+    if dense:
+        _nonzero_minima(problem, trs, samples, opts)
 
     cert = lipschitz.certificate(problem, beta)
     ctx = advice.Context(
@@ -194,13 +268,16 @@ def _analyse(
         certificate=cert,
         available=list(SOLVERS),
         slow_rate=opts.slow_rate,
+        options=dict(result.options),
+        dense=dense,
     )
+    plans = []
     for b, (tr, item) in enumerate(zip(trs, samples, strict=True)):
-        item["theory"] = _theory(tr, item, solver, plain, newtonish, opts)
+        item["theory"] = _theory(tr, item, solver, result.options, plain, newtonish, opts)
         item["banach"] = _banach(tr, item, cert, beta, plain)
         if pre is not None:
             item["precheck"] = pre["samples"][b]
-        item["remedies"] = advice.remedies(item, ctx)
+        plans.append(advice.plan(item, ctx))
 
     tally = Counter(item["classification"] for item in samples)
     out: dict[str, Any] = {
@@ -215,7 +292,7 @@ def _analyse(
     }
     if pre is not None:
         out["precheck"] = {k: v for k, v in pre.items() if k != "samples"}
-    return out
+    return out, plans
 
 
 def _locate(
@@ -248,6 +325,10 @@ def _locate(
         ("last iterate", lambda b: trs[b].last if np.all(np.isfinite(trs[b].last)) else None),
         ("start z0", lambda b: problem.z0[b].detach().cpu().numpy()),
     ]
+    # Scale-aware acceptance: ‖g‖ within the run's own tolerance, or locate_rtol × the problem's
+    # scale max(1, ‖z0‖, ‖f(z0)‖) — never relative to the located point, which may be huge.
+    thresholds = result.thresholds()
+    accept = {b: max(thresholds[b], opts.locate_rtol * trs[b].problem_scale) for b in missing}
     todo = list(missing)
     for label, pick in candidates:
         rows = [b for b in todo if pick(b) is not None]
@@ -257,8 +338,9 @@ def _locate(
         starts = torch.as_tensor(
             np.stack([pick(b) for b in rows]), dtype=problem.dtype, device=problem.device
         )
+        tol = torch.tensor([accept[b] for b in rows], dtype=torch.float64)
         try:
-            z, ok, _ = spectral.locate_fixed_points(sub, starts, result.atol, opts)
+            z, ok, _ = spectral.locate_fixed_points(sub, starts, tol, opts)
         except spectral.AUTODIFF_ERRORS:
             return
         for i, b in enumerate(rows):
@@ -291,6 +373,7 @@ def _check_growth(
         for b, item in enumerate(samples)
         if item["classification"] in (dyn.GROWING, dyn.DIVERGED)
         and item["driver_status"] != "diverged"
+        and not item["evidence"].get("escaping")  # ‖g‖ bounded: not a residual growth
         and bool(np.all(np.isfinite(trs[b].last)))
     ]
     if not rows:
@@ -316,14 +399,104 @@ def _check_growth(
         need = dyn.predicted_iterations(tr.residuals[-1], tr.threshold, rho)
         item["transient"] = True
         item["transient_iterations"] = None if need is None else tr.iterations + need
+        norm = dyn.near_one(s.get("norm2", math.nan))
         item["reasoning"].append(
-            f"but ρ = {rho:.3g} < 1 for the iteration's Jacobian at the last iterate (‖J‖₂ = {s.get('norm2', math.nan):.3g}): "
+            f"but ρ = {dyn.near_one(rho)} < 1 for the iteration's Jacobian at the last iterate (‖J‖₂ = {norm}): "
             "a non-normal map grows transiently before it contracts; not divergence"
         )
         item["classification"] = dyn.GROWING
         item["reason"] = (
-            f"transient growth (‖J‖₂ = {s.get('norm2', math.nan):.3g}, ρ = {rho:.3g} < 1), not divergence"
+            f"transient growth (‖J‖₂ = {norm}, ρ = {dyn.near_one(rho)} < 1), not divergence"
         )
+
+
+def _error_bounds(
+    problem: Problem, samples: list[dict[str, Any]], points: Any, opts: DiagnosticOptions
+) -> None:
+    """Every solver: σ_min(J_g) at the solution and the forward-error estimate ‖z − z*‖ ≲ ‖g‖/σ_min,
+    with a near-singular warning (cond(J_g) ≥ cond_warn, or σ_min below jacobian_decay_warn × the
+    larger σ_max(J_g) at the solution and at z0)."""
+    from deqcli.diagnostics import spectral
+
+    rows = [
+        b
+        for b, item in enumerate(samples)
+        if (item.get("spectral") or {}).get("point") in ERROR_POINTS
+    ]
+    if not rows:
+        return
+    sub = spectral.subset(problem, rows)
+    try:
+        at_start = spectral.residual_sigma(sub, sub.z0, opts)
+    except spectral.AUTODIFF_ERRORS:
+        at_start = [{} for _ in rows]
+    for i, b in enumerate(rows):
+        item = samples[b]
+        spec = item["spectral"]
+        at = spec.get("residual_jacobian")
+        if at is None:  # beyond the dense analysis: the matrix-free path decides
+            at = spectral.residual_sigma(spectral.subset(problem, [b]), points[b : b + 1], opts)[0]
+        item["error_bound"] = forward_error(
+            spec["point"], spec["point_residual"], at, at_start[i], opts
+        )
+        if item["error_bound"].get("near_singular"):
+            item["reasoning"].append(item["error_bound"]["statement"])
+
+
+def forward_error(
+    point: str,
+    residual: float,
+    at: dict[str, Any],
+    at_start: dict[str, Any],
+    opts: DiagnosticOptions,
+) -> dict[str, Any]:
+    """The first-order forward-error estimate ‖z − z*‖ ≲ ‖g(z)‖/σ_min(J_g) from σ's at the point
+    (``at``) and at z0 (``at_start``, the reference for a decaying σ_min)."""
+    out: dict[str, Any] = {"point": point, "residual": residual}
+    if "sigma_min" not in at:
+        out["method"] = at.get("method", "not estimated")
+        out["reason"] = at.get("reason") or at.get("error") or "σ_min(J_g) unavailable"
+        reason = out["reason"]
+        out["statement"] = (
+            f"‖z − z*‖ {reason}"
+            if reason.startswith("not estimated")
+            else f"‖z − z*‖ not estimated: {reason}"
+        )
+        return out
+    smin, smax, cond = at["sigma_min"], at["sigma_max"], at["cond"]
+    start_max = at_start.get("sigma_max")
+    reference = max(v for v in (smax, start_max) if isinstance(v, float) and math.isfinite(v))
+    # ‖g‖ = 0 exactly: z is a root of g as computed, whatever J_g is there.
+    estimate = 0.0 if residual == 0 else (residual / smin if smin > 0 else math.inf)
+    decayed = smin <= opts.jacobian_decay_warn * reference
+    near = cond >= opts.cond_warn or decayed
+    out.update(
+        {
+            "method": at.get("method", "dense"),
+            "sigma_min": smin,
+            "sigma_max": smax,
+            "cond": cond,
+            "sigma_max_at_start": start_max,
+            "forward_error_estimate": estimate,
+            "amplification": 1.0 / smin if smin > 0 else math.inf,
+            "near_singular": near,
+        }
+    )
+    text = f"‖z − z*‖ ≲ ‖g‖/σ_min(J_g) = {residual:.3g}/{smin:.3g} = {estimate:.3g} (first order)"
+    if near:
+        why = (
+            f"cond(J_g) = {cond:.3g} ≥ cond_warn = {opts.cond_warn:g}"
+            if cond >= opts.cond_warn
+            else f"σ_min(J_g) = {smin:.3g} is {smin / reference:.3g} × the largest σ_max(J_g) {reference:.3g} "
+            f"(≤ jacobian_decay_warn = {opts.jacobian_decay_warn:g})"
+        )
+        text += f"; J_g is near singular at the {point} ({why})" + (
+            f": a residual of {residual:.3g} hides an error of about {estimate:.3g}"
+            if residual > 0
+            else ""
+        )
+    out["statement"] = text
+    return out
 
 
 def _cycles(problem: Problem, samples: list[dict[str, Any]]) -> None:
@@ -436,7 +609,7 @@ def _stationarity(
         if stationary:
             samples[b]["reason"] += ": likely a local minimum of ‖g‖, not a root"
         samples[b]["reasoning"].append(
-            f"‖J_gᵀg‖/(‖J_g‖₂‖g‖) = {ratio:.3g} at the last iterate "
+            f"‖J_gᵀg‖/(max(‖J_g‖₂, ‖J_g(z0)‖₂)·‖g‖) = {ratio:.3g} at the last iterate "
             + (
                 f"(≤ stationary_rtol = {opts.stationary_rtol:g}): a stationary point of ‖g‖ — likely a "
                 "local minimum of ‖g‖, not a root"
@@ -446,10 +619,82 @@ def _stationarity(
         )
 
 
+def _nonzero_minima(
+    problem: Problem, trs: list[Any], samples: list[dict[str, Any]], opts: DiagnosticOptions
+) -> None:
+    """A sample that hovers without progress at a nonzero ‖g‖ (classified chaotic so far) is
+    stalled at a nonzero local minimum of ‖g‖ when Levenberg–Marquardt on ½‖g‖² from its best kept
+    iterate finds a stationary point with ‖g‖ no lower than the band it hovers in, near the
+    iterates. A rotation also keeps ‖g‖ flat, but around a root: the minimum found there is 0."""
+    import numpy as np
+    import torch
+
+    from deqcli.diagnostics import dynamics as dyn
+    from deqcli.diagnostics import spectral
+
+    rows = [
+        b
+        for b, item in enumerate(samples)
+        if item["classification"] == dyn.CHAOTIC and item["evidence"].get("hovering")
+    ]
+    if not rows:
+        return
+
+    def best_kept(b: int) -> Any:
+        X = trs[b].iterates
+        r = np.asarray(trs[b].residuals[-X.shape[0] :], dtype=float)
+        return X[int(np.nanargmin(r))] if r.size == X.shape[0] else X[-1]
+
+    sub = spectral.subset(problem, rows)
+    starts = torch.as_tensor(
+        np.stack([best_kept(b) for b in rows]), dtype=problem.dtype, device=problem.device
+    )
+    try:
+        z, ratios, residuals = spectral.locate_minima(sub, starts, opts)
+    except spectral.AUTODIFF_ERRORS:
+        return
+    for i, b in enumerate(rows):
+        item, ev = samples[b], samples[b]["evidence"]
+        X = trs[b].iterates
+        centre = X.mean(axis=0)
+        reach = max(ev.get("spread", 0.0), opts.stall_spread_rtol * trs[b].scale) * 2
+        point = z[i].detach().cpu().numpy()
+        distance = float(np.linalg.norm(point - centre))
+        level = ev["best_recent"]
+        found = (
+            ratios[i] <= opts.stationary_rtol
+            and residuals[i] >= (1 - opts.stall_band) * level
+            and distance <= reach
+        )
+        item["minimum"] = {
+            "residual": residuals[i],
+            "ratio": ratios[i],
+            "distance_to_centre": distance,
+            "stationary": found,
+            **({"point": point.tolist()} if problem.dim <= POINT_SHOWN_DIM else {}),
+        }
+        if not found:
+            continue
+        item["classification"] = dyn.STALLED
+        item["reason"] = (
+            f"‖g‖ hovers at ≈ {level:.3g} without progress around a nonzero local minimum of ‖g‖ "
+            f"(‖g‖ = {residuals[i]:.3g}, ∇½‖g‖² ≈ 0 there): not a root"
+        )
+        ev["nonzero_level"] = True
+        item["stationarity"] = {"ratio": ratios[i], "stationary": True}
+        item["reasoning"].append(
+            f"minimum test: Levenberg–Marquardt on ½‖g‖² from the best kept iterate reaches a point "
+            f"{distance:.3g} from the iterates' centre with ‖g‖ = {residuals[i]:.3g} and "
+            f"‖J_gᵀg‖/(max(‖J_g‖₂, ‖J_g(z0)‖₂)·‖g‖) = {ratios[i]:.3g} (≤ stationary_rtol = "
+            f"{opts.stationary_rtol:g}): the iterates circle a nonzero local minimum of ‖g‖, not a root"
+        )
+
+
 def _theory(
     tr: Any,
     item: dict[str, Any],
     solver: str,
+    options: dict[str, Any],
     plain: bool,
     newtonish: bool,
     opts: DiagnosticOptions,
@@ -494,20 +739,68 @@ def _theory(
         and rates["order_class"] == "linear"
         and len(rates["estimates"]) >= 2
     ):
-        rate = rates["step_rate"]
         out["linear_newton"] = True
-        if rate is not None and 0 < rate < 1:
-            out["multiplicity"] = 1.0 / (1.0 - rate)
-        item["reasoning"].append(
-            f"{solver} converged only linearly (q = {rates['order']:.3g}, rate {rate:.3g}): a multiple root or a "
-            "singular Jacobian at the root"
-        )
+        out.update(_multiplicity(item, solver, options))
+        item["reasoning"].append(out["multiplicity_evidence"])
     elif rates["order"] is not None:
         item["reasoning"].append(
             f"order q ≈ {rates['order']:.3g} ({rates['order_class']})"
             + (f"; theory for {solver}: {known[0]}" if known else "")
         )
     return out
+
+
+# A multiplicity above this is not claimed (the rate (m − 1)/m is then within 10% of 1).
+MAX_MULTIPLICITY = 10.0
+
+
+def _multiplicity(item: dict[str, Any], solver: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Whether a Newton-type solver's linear convergence is evidence of a multiple root.
+
+    Only when theory and conditioning both support it: every step solved with the exact J_g
+    (Newton; not a Broyden or secant model, not an inexact Krylov solve), J_g is near singular at
+    the solution, the rate c gives m = 1/(1 − c) ≤ MAX_MULTIPLICITY, and ‖g‖ falls like the error
+    to the power m (log(residual rate)/log(step rate) within 25% of m), as it does at a root of
+    multiplicity m.
+    """
+    from deqcli.diagnostics import dynamics as dyn
+
+    rates = item["rates"]
+    rate = rates["step_rate"]
+    exponent = rates.get("residual_to_step_exponent")
+    eb = item.get("error_bound") or {}
+    m = 1.0 / (1.0 - rate) if rate is not None and 0 < rate < 1 else None
+    head = f"{solver} converged only linearly (q = {rates['order']:.3g}, rate {dyn.near_one(rate)})"
+    if not dyn.exact_jacobian_steps(solver, options):
+        why = (
+            f"{head}, but {solver} does not solve with the exact J_g every step (a secant or Broyden model, or "
+            "an inexact solve), so linear convergence is no evidence of a multiple root"
+        )
+    elif not eb.get("near_singular"):
+        why = (
+            f"{head}, but J_g is not near singular at the solution"
+            + (
+                f" (σ_min {eb['sigma_min']:.3g}, cond {eb['cond']:.3g})"
+                if "sigma_min" in eb
+                else ""
+            )
+            + ": not the signature of a multiple root"
+        )
+    elif m is None or m > MAX_MULTIPLICITY or exponent is None or abs(exponent - m) > 0.25 * m:
+        why = (
+            f"{head} where J_g is near singular, but ‖g‖ does not fall like error^m for m = 1/(1 − rate)"
+            + (f" (exponent {exponent:.3g})" if exponent is not None else "")
+            + ": no multiplicity is claimed"
+        )
+    else:
+        return {
+            "multiplicity": m,
+            "multiplicity_evidence": (
+                f"{head} with exact Jacobians, J_g near singular at the solution (σ_min {eb['sigma_min']:.3g}) and "
+                f"‖g‖ ∝ error^{exponent:.3g}: a root of multiplicity ≈ {m:.2g} (Newton's rate there is (m − 1)/m)"
+            ),
+        }
+    return {"multiplicity": None, "multiplicity_evidence": why}
 
 
 def _banach(

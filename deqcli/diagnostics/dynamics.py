@@ -1,5 +1,7 @@
-"""Trajectory classification per sample: converged (with rate and order), diverged, oscillating with
-period p, stalled, slow, chaotic — from the residual and step histories and the kept iterates.
+"""Trajectory classification per sample: converged (with rate and order), diverged (the residual,
+or the iterates escaping while ‖g‖ stays bounded), growing, precision floor, oscillating with
+period p, slow, stalled (no progress, or ‖g‖ levelling off at a nonzero value), chaotic — from the
+residual and step histories and the kept iterates.
 
 Pure arithmetic on the recorded history (numpy on a few dozen iterates); no evaluations of the map.
 Every threshold comes from ``DiagnosticOptions`` and is documented in docs/diagnostics.md.
@@ -7,10 +9,11 @@ Every threshold comes from ``DiagnosticOptions`` and is documented in docs/diagn
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,14 +30,17 @@ STALLED = "stalled"
 SLOW = "slow"
 GROWING = "growing"
 CHAOTIC = "chaotic"
+PRECISION_FLOOR = "precision_floor"
 TIMEOUT = "timeout"
 UNDETERMINED = "undetermined"
 
 # The Status a driver MAX_ITER/TIMEOUT sample is refined to, per classification (others keep theirs).
+# At the precision floor no further iteration can help, which is what "stalled" says.
 REFINED_STATUS = {
     OSCILLATING: Status.OSCILLATING,
     STALLED: Status.STALLED,
     DIVERGED: Status.DIVERGED,
+    PRECISION_FLOOR: Status.STALLED,
 }
 
 # What theory says about each solver family's local convergence, matched by substring of the name
@@ -44,6 +50,16 @@ THEORY: list[tuple[str, str, str]] = [
     ("broyden", "superlinear", "Broyden's method converges superlinearly near a simple root"),
     ("hybr", "superlinear", "Powell's hybrid method converges superlinearly near a simple root"),
     ("trust", "quadratic", "trust-region Newton converges quadratically near a simple root"),
+    (
+        "scipy:lm",
+        "quadratic",
+        "Levenberg–Marquardt with exact Jacobians converges quadratically near a simple zero-residual root",
+    ),
+    (
+        "levenberg",
+        "quadratic",
+        "Levenberg–Marquardt with exact Jacobians converges quadratically near a simple zero-residual root",
+    ),
     ("newton", "quadratic", "Newton's method converges quadratically near a simple root"),
     ("anderson", "linear", "Anderson acceleration converges linearly, faster than plain iteration"),
     (
@@ -72,6 +88,31 @@ def newton_like(solver: str) -> bool:
     return any(key in name for key in NEWTON_LIKE)
 
 
+def exact_jacobian_steps(solver: str, options: dict[str, Any]) -> bool:
+    """True when every step solves with the exact J_g at the current iterate (Newton's theory holds).
+
+    Quasi-Newton models (Broyden updates, secant methods, MINPACK's hybrid), inexact Krylov solves
+    and solvers this table does not know are False: their linear convergence says nothing about the
+    root's multiplicity.
+    """
+    name = solver.lower()
+    if "broyden" in name or "krylov" in name or "hybr" in name or "anderson" in name:
+        return False
+    if options.get("update", "exact") != "exact":  # a trust region on a Broyden-updated model
+        return False
+    known = theory_for(solver)
+    return known is not None and known[0] == "quadratic"
+
+
+def near_one(x: float) -> str:
+    """Rates and radii: 3 significant digits, or 6 within 1% of 1 (where 0.9999 ≠ 1 matters)."""
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return str(x)
+    if abs(x) < 1e-12:
+        return "0"  # a rate at rounding level: exact convergence in one step
+    return f"{x:.6g}" if abs(x - 1) < 0.01 else f"{x:.3g}"
+
+
 @dataclass
 class Trace:
     """One sample's recorded history, cut at the iteration where it stopped."""
@@ -87,6 +128,14 @@ class Trace:
     atol: float
     eps: float  # machine epsilon of the solve's dtype
     z0_norm: float
+    rows: list[int] = field(default_factory=list)  # iteration number of each residual entry
+    f0_norm: float = math.nan  # ‖f(z0)‖
+
+    @property
+    def problem_scale(self) -> float:
+        """max(1, ‖z0‖, ‖f(z0)‖): the problem's own scale, fixed by its start (not by where the
+        iterates wandered), for scale-aware tests of points and residuals."""
+        return max(1.0, *(v for v in (self.z0_norm, self.f0_norm) if math.isfinite(v)))
 
     @property
     def last(self) -> np.ndarray:
@@ -96,8 +145,16 @@ class Trace:
     @property
     def scale(self) -> float:
         """max(1, ‖z_k‖): the scale that relative tests use."""
-        norm = float(np.linalg.norm(self.last))
+        norm = float(safe_norms(self.last[None])[0])
         return max(1.0, norm) if math.isfinite(norm) else 1.0
+
+
+def safe_norms(X: np.ndarray) -> np.ndarray:
+    """Row norms without overflow: ‖x‖ = m·‖x/m‖ with m = max|xᵢ| (‖(1e200, 1e200)‖ is finite)."""
+    m = np.max(np.abs(X), axis=1)
+    safe = np.where(m > 0, m, 1.0)
+    with np.errstate(invalid="ignore"):
+        return np.where(m > 0, safe * np.linalg.norm(X / safe[:, None], axis=1), 0.0)
 
 
 def noise_floor(tr: Trace, opts: DiagnosticOptions) -> float:
@@ -126,7 +183,9 @@ def traces(result: SolveResult, z0_norms: list[float] | None = None) -> list[Tra
             iterates, first = tail[-1:, b], k
         else:
             iterates, first = tail[: last + 1, b], k - last
-        _, residuals, steps = result.sample_history(b)
+        rows, residuals, steps = result.sample_history(b)
+        r0 = result.residual_history[0][b]
+        rel0 = result.relative_history[0][b] if result.relative_history else math.nan
         out.append(
             Trace(
                 index=b,
@@ -142,6 +201,8 @@ def traces(result: SolveResult, z0_norms: list[float] | None = None) -> list[Tra
                 z0_norm=z0_norms[b]
                 if z0_norms is not None
                 else (float(np.linalg.norm(tail[0, b])) if first == 0 else math.nan),
+                rows=rows,
+                f0_norm=r0 / rel0 if rel0 and math.isfinite(rel0) and rel0 > 0 else math.nan,
             )
         )
     return out
@@ -257,12 +318,12 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
         )
         if growth:
             reasoning.append(
-                f"over the last iterations ‖g‖ grew ×{growth['rate']:.4g} per iteration"
+                f"over the last iterations ‖g‖ grew ×{near_one(growth['rate'])} per iteration"
             )
         return _result(
             DIVERGED,
             f"residual grew by ×{factor:.3g} (beyond run.divergence_factor)"
-            + (f", ×{growth['rate']:.3g} per iteration" if growth else ""),
+            + (f", ×{near_one(growth['rate'])} per iteration" if growth else ""),
             {"growth_factor": factor, "growth_rate": growth["rate"] if growth else None},
             reasoning,
         )
@@ -274,54 +335,39 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
             CONVERGED, f"‖g‖ {rk:.3g} met the tolerance in {k} iterations", {}, reasoning
         )
 
-    # MAX_ITER, TIMEOUT (or a status some future driver already refined): read the evidence.
+    # MAX_ITER, TIMEOUT, STALLED (a solver that gave up): read the evidence.
+    overflow = _iterate_overflow(tr, reasoning)
+    if overflow is not None:
+        return overflow
     if k < opts.min_iterations:
         reasoning.append(
             f"only {k} iterations (< min_iterations = {opts.min_iterations}): too little evidence"
         )
         return _result(UNDETERMINED, f"only {k} iterations: too few to classify", {}, reasoning)
 
+    progress = _progress(tr, opts)
     if growth and growth["steady"] and growth["rate"] >= opts.growth_rate:
-        factor = rk / max(r[0], tr.atol)
-        z_growth = _iterate_growth(tr)
-        reasoning.append(
-            f"growth test: the largest ‖g‖ grew ×{growth['rate']:.4g} per iteration between the last two windows of {growth['ratios_used']} "
-            f"(≥ growth_rate = {opts.growth_rate:g}); ‖g‖/max(‖g(z0)‖, atol) = {factor:.3g}"
-        )
-        evidence = {
-            "growth_rate": growth["rate"],
-            "growth_factor": factor,
-            "iterate_growth": z_growth,
-        }
-        if factor >= opts.divergence_growth or (
-            z_growth is not None and z_growth >= opts.divergence_growth
-        ):
-            which = "residual" if factor >= opts.divergence_growth else "iterate"
-            reasoning.append(
-                f"the {which} is beyond divergence_growth = {opts.divergence_growth:g} × its start: diverged"
-            )
-            return _result(
-                DIVERGED,
-                f"{which} grew ×{max(factor, z_growth or 0):.3g}, still ×{growth['rate']:.3g} per iteration",
-                evidence,
-                reasoning,
-            )
-        reasoning.append(
-            f"not yet beyond divergence_growth = {opts.divergence_growth:g}: growing, not (yet) diverged"
-        )
-        return _result(
-            GROWING, f"residual growing ×{growth['rate']:.3g} per iteration", evidence, reasoning
-        )
+        return _growing(tr, opts, growth, reasoning)
     if growth:
         reasoning.append(
-            f"growth test: the largest ‖g‖ changed ×{growth['rate']:.4g} per iteration between windows"
+            f"growth test: the largest ‖g‖ changed ×{near_one(growth['rate'])} per iteration between windows"
             + (
                 f" (< growth_rate = {opts.growth_rate:g})"
                 if growth["rate"] < opts.growth_rate
-                else " but not steadily (no new record, or not over three windows)"
+                else " but not steadily (the largest and smallest ‖g‖ do not both rise in proportion, "
+                "with a record in each window, over three windows and half the run, or ‖g‖ is below its start)"
             )
             + ": not growing"
         )
+
+    escape = _escape(tr, opts, progress, reasoning)
+    if escape is not None:
+        return escape
+    # After the escape test: the floor is ε at the iterate's scale, meaningless for an iterate
+    # that ran off to infinity.
+    floor = _precision_floor(tr, opts, progress, reasoning)
+    if floor is not None:
+        return floor
 
     cycle = find_cycle(tr, opts, max_period, reasoning)
     if cycle is not None:
@@ -334,34 +380,14 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
             reasoning,
         )
 
-    progress = _progress(tr, opts)
     reasoning.append(progress["text"])
-    rate = progress["rate"]
-    earlier = progress["earlier_rate"]
-    if progress["converging"]:
-        more = predicted_iterations(rk, tr.threshold, rate)
-        need = None if more is None else k + more
-        evidence = {
-            "rate": rate,
-            "earlier_rate": earlier,
-            "iterations_needed": need,
-            "additional_iterations": more,
-            "sublinear": earlier is not None and rate > earlier + 0.5 * (1 - earlier),
-        }
-        reasoning.append(
-            f"slow test: ‖g‖ decreasing steadily at ×{rate:.6g} per iteration; reaching {tr.threshold:.3g} "
-            f"from {rk:.3g} needs about {_count(need)} iterations in all"
-        )
-        if evidence["sublinear"]:
-            reasoning.append(
-                f"the rate rose from {earlier:.6g} to {rate:.6g}: convergence is slowing (sublinear); "
-                "the prediction is optimistic"
-            )
-        tail = "the budget ran out" if tr.status is Status.MAX_ITER else "time ran out"
+    evidence = {k2: progress[k2] for k2 in _PROGRESS_KEYS}
+    if progress["levels_off"]:
         return _result(
-            SLOW,
-            f"converging at rate {rate:.6g}, {tail}; about {_count(need)} iterations needed",
-            evidence,
+            STALLED,
+            f"‖g‖ levels off at ≈ {progress['level']:.3g}, above the tolerance {tr.threshold:.3g}: "
+            "stalled at a nonzero level",
+            {**evidence, "nonzero_level": True},
             reasoning,
         )
     if not progress["progress"] and (progress["settled"] or progress["stuck"]):
@@ -372,16 +398,21 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
         )
         if progress["stuck"]:
             why += ("; " if why else "") + "the iterate stopped moving"
-        return _result(STALLED, why, {k2: progress[k2] for k2 in _PROGRESS_KEYS}, reasoning)
+        return _result(STALLED, why, {**evidence, "nonzero_level": progress["flat"]}, reasoning)
+    if progress["converging"]:
+        return _slow(tr, progress, reasoning)
+    if progress["hovering"]:
+        evidence["hovering"] = True  # a nonzero minimum of ‖g‖, if the Jacobian confirms one
     if _bounded(tr):
         reasoning.append(
-            f"bounded (‖z‖ ≤ {float(np.max(np.linalg.norm(tr.iterates, axis=1))):.3g} over the kept "
-            f"iterates), no period ≤ {max_period}, not converging: chaotic or quasi-periodic"
+            f"bounded: ‖z‖ ≤ {float(np.max(np.linalg.norm(tr.iterates, axis=1))):.3g} over the kept "
+            f"iterates and ‖g‖ shows no steady growth; no period ≤ {max_period}, not converging: "
+            "chaotic or quasi-periodic"
         )
         return _result(
             CHAOTIC,
             f"bounded, aperiodic (no period ≤ {max_period}), not converging",
-            {k2: progress[k2] for k2 in _PROGRESS_KEYS},
+            evidence,
             reasoning,
         )
     return _result(UNDETERMINED, "the evidence fits no class", {}, reasoning)
@@ -393,7 +424,9 @@ _PROGRESS_KEYS = (
     "best_recent",
     "relative_variation",
     "median_step",
+    "relative_step",
     "spread",
+    "level",
 )
 
 
@@ -418,27 +451,175 @@ def predicted_iterations(current: float, target: float, rate: float) -> int | No
     return math.ceil(math.log(target / current) / math.log(rate))
 
 
+def _slow(tr: Trace, progress: dict[str, Any], reasoning: list[str]) -> dict[str, Any]:
+    rk, k = tr.residuals[-1], tr.iterations
+    rate, earlier = progress["rate"], progress["earlier_rate"]
+    more = predicted_iterations(rk, tr.threshold, rate)
+    need = None if more is None else k + more
+    # Sublinear: over [k/4, k/2] and [k/2, k] a geometric decay keeps its per-iteration rate, a
+    # power law t^(−p) halves log(rate) (twice the iterations for the same factor 2^(−p)).
+    pairs = _finite_pairs(tr)
+    early, late = _rate_between(pairs, k / 4, k / 2), _rate_between(pairs, k / 2, k)
+    sublinear = (
+        early is not None
+        and late is not None
+        and 0 < early < 1
+        and 0 < late < 1
+        and math.log(late) / math.log(early) <= 0.75
+    )
+    evidence = {
+        "rate": rate,
+        "earlier_rate": earlier,
+        "early_rate": early,
+        "late_rate": late,
+        "iterations_needed": need,
+        "additional_iterations": more,
+        "sublinear": sublinear,
+        "level": progress["level"],
+    }
+    reasoning.append(
+        f"slow test: ‖g‖ decreasing steadily at ×{rate:.6g} per iteration towards 0 (it does not level "
+        f"off); reaching {tr.threshold:.3g} from {rk:.3g} needs about {_count(need)} iterations in all"
+    )
+    if sublinear:
+        reasoning.append(
+            f"the rate per iteration rose from {early:.6g} over iterations k/4..k/2 to {late:.6g} over k/2..k: "
+            "convergence is slowing (sublinear, like a power of t); the prediction is optimistic"
+        )
+    budget = "the budget ran out" if tr.status is Status.MAX_ITER else "the run stopped"
+    if tr.status is Status.TIMEOUT:
+        budget = "time ran out"
+    return _result(
+        SLOW,
+        f"converging at rate {rate:.6g}, {budget}; about {_count(need)} iterations needed",
+        evidence,
+        reasoning,
+    )
+
+
+def _growing(
+    tr: Trace, opts: DiagnosticOptions, growth: dict[str, Any], reasoning: list[str]
+) -> dict[str, Any]:
+    """Steady growth of ‖g‖: diverged once far beyond the start, growing before that."""
+    r = tr.residuals
+    rk = r[-1]
+    factor = rk / max(r[0], tr.atol)
+    z_growth = _iterate_growth(tr)
+    reasoning.append(
+        f"growth test: over the last {growth['rising_windows']} windows of {growth['ratios_used']} iterations the "
+        f"largest and the smallest ‖g‖ both rose in proportion, each largest a record; ×{near_one(growth['rate'])} per iteration "
+        f"(≥ growth_rate = {opts.growth_rate:g}); ‖g‖/max(‖g(z0)‖, atol) = {factor:.3g}"
+    )
+    evidence = {"growth_rate": growth["rate"], "growth_factor": factor, "iterate_growth": z_growth}
+    if factor >= opts.divergence_growth or (
+        z_growth is not None and z_growth >= opts.divergence_growth
+    ):
+        which = "residual" if factor >= opts.divergence_growth else "iterate"
+        reasoning.append(
+            f"the {which} is beyond divergence_growth = {opts.divergence_growth:g} × its start: diverged"
+        )
+        return _result(
+            DIVERGED,
+            f"{which} grew ×{max(factor, z_growth or 0):.3g}, still ×{near_one(growth['rate'])} per iteration",
+            evidence,
+            reasoning,
+        )
+    reasoning.append(
+        f"not yet beyond divergence_growth = {opts.divergence_growth:g}: growing, not (yet) diverged"
+    )
+    return _result(
+        GROWING,
+        f"residual growing ×{near_one(growth['rate'])} per iteration (×{factor:.3g} so far)",
+        evidence,
+        reasoning,
+    )
+
+
 def _growth(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any] | None:
-    """Per-iteration growth of the residual's running size: (M₁/M₂)^(1/W) where M₁, M₂, M₃ are the
-    largest ‖g‖ in the last three windows of W = min(rate_window, k/2) iterations (newest first), on
-    the finite part of the history.
+    """Per-iteration growth of the residual's running size: (M₁/M₂)^(1/W) where M₁, M₂, … are the
+    largest ‖g‖ in consecutive windows of W = min(rate_window, k/3) iterations, newest first, on the
+    finite part of the history.
 
     Window maxima make the rate blind to periodic residuals. ``steady`` asks for growth that a
-    bounded (e.g. chaotic) orbit does not show: M₁ > M₂ (> M₃ when there are three windows) and M₁
-    a new record over the whole history.
+    bounded (chaotic, quasi-periodic) orbit does not show: the largest *and* the smallest ‖g‖ rise
+    from window to window over at least three windows and over the newest half of the run, by
+    factors whose logarithms agree within a factor 3 (growth scales the whole oscillation), each newer window's maximum a record over everything before it, and ‖g‖ above
+    its start. (A bounded orbit's window extremes can rise for a few windows by chance, but not
+    with a record in each, not in proportion, and never for half of a long run.)
     """
-    r = [v for v in tr.residuals if math.isfinite(v)]
-    k = len(r) - 1
-    W = min(opts.rate_window, k // 2)
+    pairs = _finite_pairs(tr)
+    if len(pairs) < 4:
+        return None
+    first, k = pairs[0][0], pairs[-1][0]
+    W = min(opts.rate_window, (k - first) // 3)
     if W < 1:
         return None
-    m1, m2 = max(r[k - W + 1 :]), max(r[k - 2 * W + 1 : k - W + 1])
-    if m2 <= 0 or m1 <= 0:
+    windows = []  # newest first, by iteration number (a long run's thinned middle has fewer rows)
+    for i in range((k - first) // W):
+        w = _between(pairs, k - (i + 1) * W, k - i * W)
+        if not w:
+            break
+        windows.append(w)
+    count = len(windows)
+    if count < 2:
         return None
-    steady = m1 > m2 and m1 >= max(r[: k - W + 1])
-    if k >= 3 * W:
-        steady = steady and m2 > max(r[k - 3 * W + 1 : k - 2 * W + 1])
-    return {"rate": (m1 / m2) ** (1.0 / W), "ratios_used": W, "steady": steady}
+    tops = [max(w) for w in windows]
+    lows = [min(w) for w in windows]
+    if tops[1] <= 0 or tops[0] <= 0:
+        return None
+    # Running maxima of everything before each window: a growing sequence sets a record in each.
+    before = [
+        max((v for t, v in pairs if t <= k - (i + 1) * W), default=-math.inf) for i in range(count)
+    ]
+    rising = 0
+    while (
+        rising + 1 < count
+        and tops[rising] > before[rising]
+        and tops[rising] > tops[rising + 1]
+        and lows[rising] > lows[rising + 1]
+    ):
+        rising += 1
+    r = [v for _, v in pairs]
+    # Growth scales the whole oscillation: the smallest ‖g‖ per window grows like the largest.
+    # A bounded orbit whose minima climb from rounding level (0.001 → 0.07) while its maxima
+    # creep (0.64 → 0.68) is not growing.
+    rate = (tops[0] / tops[1]) ** (1.0 / W)
+    steady = (
+        rising + 1 >= max(3, (count + 1) // 2)
+        and proportional(tops[0], tops[rising], lows[0], lows[rising])
+        # ‖g‖ is above its start by at least what the rate gives over half the rising windows.
+        and r[-1] >= max(r[0], tr.atol) * rate ** (rising * W / 2)
+    )
+    return {
+        "rate": rate,
+        "ratios_used": W,
+        "rising_windows": rising + 1,
+        "steady": steady,
+    }
+
+
+def _finite_pairs(tr: Trace) -> list[tuple[int, float]]:
+    """(iteration, ‖g‖) for every recorded row with a finite residual."""
+    return [(t, v) for t, v in zip(tr.rows, tr.residuals, strict=False) if math.isfinite(v)]
+
+
+def _between(pairs: list[tuple[int, float]], lo: float, hi: float) -> list[float]:
+    """The values recorded at iterations t with lo < t ≤ hi."""
+    return [v for t, v in pairs if lo < t <= hi]
+
+
+def _at(pairs: list[tuple[int, float]], t: float) -> tuple[int, float] | None:
+    """The last recorded (iteration, value) at or before iteration t."""
+    i = bisect.bisect_right([p[0] for p in pairs], t) - 1
+    return pairs[i] if i >= 0 else None
+
+
+def _rate_between(pairs: list[tuple[int, float]], lo: float, hi: float) -> float | None:
+    """(‖g‖ at hi / ‖g‖ at lo)^(1/iterations between them): the mean linear rate over [lo, hi]."""
+    a, b = _at(pairs, lo), _at(pairs, hi)
+    if a is None or b is None or b[0] <= a[0] or a[1] <= 0 or b[1] <= 0:
+        return None
+    return (b[1] / a[1]) ** (1.0 / (b[0] - a[0]))
 
 
 def _iterate_growth(tr: Trace) -> float | None:
@@ -446,6 +627,162 @@ def _iterate_growth(tr: Trace) -> float | None:
         return None
     last = float(np.linalg.norm(tr.last))
     return last / max(1.0, tr.z0_norm) if math.isfinite(last) else None
+
+
+def _iterate_overflow(tr: Trace, reasoning: list[str]) -> dict[str, Any] | None:
+    """The iterate overflowed (inf/NaN) while ‖g‖ stayed finite: a saturating residual (arctan,
+    sigmoid, tanh) lets the driver's residual checks pass while z runs off to infinity."""
+    rk = tr.residuals[-1]
+    if bool(np.all(np.isfinite(tr.last))) or not math.isfinite(rk):
+        return None
+    finite = [v for v in tr.residuals if math.isfinite(v)]
+    top = max(finite, default=rk)
+    reasoning.append(
+        f"at iteration {tr.iterations} the iterate is not finite while ‖g‖ = {rk:.3g} is (‖g‖ ≤ {top:.3g} "
+        "throughout): the residual saturates while z runs off to infinity"
+    )
+    return _result(
+        DIVERGED,
+        f"the iterates escaped to infinity (z overflowed) while ‖g‖ stayed bounded (≤ {top:.3g})",
+        {"escaping": True, "iterate_norm": math.inf, "residual_max": top, "residual_last": rk},
+        reasoning,
+    )
+
+
+def _escape(
+    tr: Trace, opts: DiagnosticOptions, progress: dict[str, Any], reasoning: list[str]
+) -> dict[str, Any] | None:
+    """Iterates running off to infinity while ‖g‖ stays bounded (it does not head to zero).
+
+    Evidence: ‖z‖ has reached escape_growth × the problem's scale S = max(1, ‖z0‖, ‖f(z0)‖) and
+    either rises steadily over the kept iterates (the mean norm of each third of them rises, every
+    norm of the last third exceeds every norm of the first, the newest is the largest) or lies
+    beyond S/ε, numerically at infinity; meanwhile ‖g‖ is not falling steadily towards zero (it
+    levels off, or makes no steady progress) and, over the kept iterates, its largest value in
+    the newest third is at most twice that of the oldest third (‖g‖ bounded; a growing ‖g‖ is the
+    growth test's). A slow convergence towards a distant fixed point has ‖g‖ falling steadily
+    towards zero instead.
+    """
+    X = tr.iterates
+    T = X.shape[0]
+    if T < 6 or not bool(np.all(np.isfinite(X))):
+        return None
+    if progress["converging"] and not progress["levels_off"]:
+        return None  # ‖g‖ heads to zero: a slow approach, not an escape
+    norms = safe_norms(X)
+    third = T // 3
+    first, middle, last = norms[:third], norms[third : T - third], norms[T - third :]
+    coherent = (
+        float(first.max()) < float(last.min())
+        and float(first.mean()) < float(middle.mean()) < float(last.mean())
+        and float(norms[-1]) >= float(norms.max())
+    )
+    # ‖g‖ bounded over the kept window: it did not grow with the iterates.
+    kept_r = np.asarray(tr.residuals[-T:], dtype=float)
+    if not np.all(np.isfinite(kept_r)) or kept_r[-third:].max() > 2 * kept_r[:third].max():
+        return None
+    growth = float(norms[-1]) / tr.problem_scale
+    # Beyond S/ε a step of the problem's own size no longer changes z: numerically at infinity
+    # (a saturated residual's Jacobian underflows there and the iterate stops moving).
+    at_infinity = growth >= 1.0 / tr.eps
+    if not (coherent or at_infinity) or growth < opts.escape_growth:
+        return None
+    finite = [v for v in tr.residuals if math.isfinite(v)]
+    low, top = min(finite), max(finite)
+    steps = [v for v in tr.steps[-(T - 1) :] if math.isfinite(v)]
+    speed = statistics.median(steps) if steps else math.nan
+    how = (
+        f"rose steadily over the last {T} kept iterates"
+        if coherent
+        else f"reached a point beyond S/ε = {tr.problem_scale / tr.eps:.3g}, where a step of the problem's own "
+        "size no longer changes z,"
+    )
+    reasoning.append(
+        f"escape test: ‖z‖ {how} to {norms[-1]:.3g} = {growth:.3g} × the problem's scale S = max(1, ‖z0‖, "
+        f"‖f(z0)‖) = {tr.problem_scale:.3g} (≥ escape_growth = {opts.escape_growth:g}), median step {speed:.3g}, "
+        f"while ‖g‖ stayed within [{low:.3g}, {top:.3g}] and does not head to zero: the iterates run off to infinity"
+    )
+    return _result(
+        DIVERGED,
+        f"the iterates escape to infinity (‖z‖ {norms[-1]:.3g}, ×{growth:.3g} the problem's scale) while ‖g‖ "
+        f"stays bounded in [{low:.3g}, {top:.3g}]",
+        {
+            "escaping": True,
+            "iterate_norm": float(norms[-1]),
+            "iterate_growth": growth,
+            "problem_scale": tr.problem_scale,
+            "median_step": speed,
+            "residual_min": low,
+            "residual_max": top,
+            "level": progress["level"],
+        },
+        reasoning,
+    )
+
+
+DTYPE_BY_EPS = {2.220446049250313e-16: "float64", 1.1920928955078125e-07: "float32"}
+
+
+def dtype_name(eps: float) -> str:
+    """float64/float32 from the machine epsilon (other dtypes by their ε)."""
+    return DTYPE_BY_EPS.get(eps, f"a dtype with ε = {eps:.3g}")
+
+
+def _precision_floor(
+    tr: Trace, opts: DiagnosticOptions, progress: dict[str, Any], reasoning: list[str]
+) -> dict[str, Any] | None:
+    """The tolerance lies below what the dtype can resolve at the iterate's scale, and ‖g‖ has
+    reached that floor: rounding, not a missing fixed point, stops the run.
+
+    The floor is the noise floor noise_factor·ε·max(1, ‖z‖) (evaluating g = z − f(z) at ‖z‖ loses
+    about ε‖z‖ to rounding, more through f). It applies when the tolerance is below it, the best
+    ‖g‖ of the last stall_window iterations is at or below it, and ‖g‖ is not falling steadily
+    towards zero (it levels off, or makes no steady progress).
+    """
+    floor = noise_floor(tr, opts)
+    best = progress["best_recent"]
+    heading_to_zero = progress["converging"] and not progress["levels_off"]
+    if not (tr.threshold < floor and best <= floor) or heading_to_zero:
+        return None
+    r = [v for v in tr.residuals if math.isfinite(v)]
+    recent = r[-progress["window"] :]
+    # A tolerance the run met: twice the typical recent ‖g‖, rounded up to one significant figure.
+    reachable = _round_up(2.0 * statistics.median(recent))
+    first = next((t for t, v in zip(tr.rows, tr.residuals, strict=False) if v <= reachable), None)
+    name = dtype_name(tr.eps)
+    scale = tr.scale
+    reasoning.append(
+        f"precision test: the tolerance {tr.threshold:.3g} is below the noise floor noise_factor·ε·max(1, ‖z‖) = "
+        f"{opts.noise_factor:g}·{tr.eps:.3g}·{scale:.3g} = {floor:.3g} of {name} at this scale, and ‖g‖ reached "
+        f"it (best {best:.3g} in the last {progress['window']} iterations) without falling further steadily"
+    )
+    evidence = {
+        "floor": floor,
+        "eps": tr.eps,
+        "dtype": name,
+        "scale": scale,
+        "best_residual": best,
+        "threshold": tr.threshold,
+        "reachable_tolerance": reachable,
+        "reached_at": first,
+        "float64_floor": opts.noise_factor * float(np.finfo(np.float64).eps) * scale,
+    }
+    evidence["resolution"] = tr.eps * scale
+    return _result(
+        PRECISION_FLOOR,
+        f"precision floor reached: {name} resolves z only to about ε‖z‖ = {tr.eps * scale:.3g} at ‖z‖ ≈ "
+        f"{scale:.3g}; ‖g‖ stays near {statistics.median(recent):.3g}, above the tolerance {tr.threshold:.3g}",
+        evidence,
+        reasoning,
+    )
+
+
+def _round_up(x: float) -> float:
+    """x rounded up to one significant figure (6.1e-4 → 7e-4)."""
+    if not x > 0 or not math.isfinite(x):
+        return x
+    exp = math.floor(math.log10(x))
+    return math.ceil(x / 10**exp) * 10**exp
 
 
 def _nonfinite(tr: Trace, growth: dict[str, Any] | None, reasoning: list[str]) -> dict[str, Any]:
@@ -557,21 +894,30 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
       chaotic orbit's window extremes do not keep falling);
     - ``stuck``: the median step is below stall_step_rtol·max(1, ‖z‖);
     - ``settled``: ‖g‖ varied by at most stall_flat_rtol and the kept iterates of the window lie
-      within stall_spread_rtol·max(1, ‖z‖) of their mean (a rotation keeps ‖g‖ flat but moves).
+      within stall_spread_rtol·max(1, ‖z‖) of their mean (a rotation keeps ‖g‖ flat but moves);
+    - ``level``: where ‖g‖ is heading, by Aitken's Δ² extrapolation of ‖g‖ at iterations k/4, k/2
+      and k (log-spaced, so a power-law decay towards zero extrapolates to about zero, while a
+      decay towards a nonzero value extrapolates to that value); ``levels_off`` when it is at least
+      level_fraction × ‖g_k‖ (or ‖g‖ has settled): ‖g‖ is not heading to zero.
+
+    Positions count from the end of the history: a long run's thinned middle has fewer rows
+    than iterations, while the recent window is always exact.
     """
     r = tr.residuals
-    k = tr.iterations
+    pairs = _finite_pairs(tr)
+    k = tr.rows[-1] if tr.rows else tr.iterations
     W = min(opts.stall_window, k)
-    before = [v for v in r[: k - W + 1] if math.isfinite(v)]
-    recent = [v for v in r[k - W + 1 :] if math.isfinite(v)]
+    before = [v for t, v in pairs if t <= k - W]
+    recent = _between(pairs, k - W, k)
     best_before = min(before) if before else math.inf
     best_recent = min(recent) if recent else math.inf
     progress = best_recent < (1 - opts.stall_decrease) * best_before
-    window = [v for v in r[k - W :] if math.isfinite(v)]
+    window = _between(pairs, k - W - 1, k)  # the W + 1 values that span W iterations
     top = max(window) if window else math.nan
     variation = (top - min(window)) / top if window and top > 0 else math.nan
     flat = math.isfinite(variation) and variation <= opts.stall_flat_rtol
-    steps = [v for v in tr.steps[-W:] if math.isfinite(v)]
+    step_pairs = zip(tr.rows[1:], tr.steps, strict=False)
+    steps = [v for t, v in step_pairs if t > k - W and math.isfinite(v)]
     median_step = statistics.median(steps) if steps else math.nan
     stuck = math.isfinite(median_step) and median_step <= opts.stall_step_rtol * tr.scale
     X = tr.iterates[-(W + 1) :]
@@ -581,11 +927,35 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
         else math.inf
     )
     settled = flat and spread <= opts.stall_spread_rtol * tr.scale
-    rate = _window_rate(r, k, W)
-    earlier = _window_rate(r, k - W, W) if k - W >= W else None
-    envelope = _envelope_falls(r, k, min(opts.stall_window, k // 2))
+    # No progress while ‖g‖ stays in a narrow band: a solver circling a minimum of ‖g‖ (or a
+    # rotation, whose ‖g‖ is flat too — the diagnostics tell them apart at the Jacobian).
+    hovering = (
+        not progress
+        and math.isfinite(variation)
+        and variation <= opts.stall_band
+        and best_recent > tr.threshold
+    )
+    rate = _rate_between(pairs, k - W, k) if math.isfinite(r[-1]) else None
+    earlier = _rate_between(pairs, k - 2 * W, k - W) if k - W >= W else None
+    envelope = _envelope_falls(pairs, k, min(opts.stall_window, k // 3))
     converging = rate is not None and rate < 1 and (earlier is None or earlier < 1) and envelope
-    if converging:
+    level = _level(tr, opts)
+    rk = r[-1]
+    levels_off = (
+        math.isfinite(rk)
+        and rk > tr.threshold
+        and (settled or (converging and level is not None and level >= opts.level_fraction * rk))
+    )
+    if settled and level is None:
+        level = rk  # settled: ‖g‖ is where it stays
+    if levels_off:
+        text = (
+            f"level test: ‖g‖ is heading to ≈ {level:.3g}, not to zero "
+            f"(Aitken's Δ² on ‖g‖ at iterations k/4, k/2, k = {tr.iterations}"
+            + (f"; ‖g‖ varied by {variation:.3g} over the last {W}" if flat else "")
+            + f"); median step {median_step:.3g} = {median_step / tr.scale:.3g} × max(1, ‖z‖)"
+        )
+    elif converging:
         text = (
             f"progress test: ‖g‖ falls steadily (×{rate:.6g} per iteration over the last {W}; the largest "
             "and smallest ‖g‖ of consecutive windows both fall)"
@@ -608,11 +978,15 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
         "flat": flat,
         "stuck": stuck,
         "settled": settled,
+        "levels_off": levels_off,
+        "hovering": hovering,
+        "level": level,
         "window": W,
         "best_before": best_before,
         "best_recent": best_recent,
         "relative_variation": variation,
         "median_step": median_step,
+        "relative_step": median_step / tr.scale if math.isfinite(median_step) else math.nan,
         "spread": spread,
         "rate": rate,
         "earlier_rate": earlier,
@@ -620,27 +994,54 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
     }
 
 
-def _envelope_falls(r: list[float], k: int, W: int) -> bool:
-    """Largest and smallest ‖g‖ of the last three (or two) windows of W iterations both strictly fall."""
+def _level(tr: Trace, opts: DiagnosticOptions) -> float | None:
+    """Aitken's Δ² limit of ‖g‖ from its values at iterations ≈ k/4, k/2, k; None when ‖g‖ is not
+    decreasing and decelerating there (no limit to extrapolate)."""
+    rows, r = tr.rows, tr.residuals
+    k = rows[-1] if rows else 0
+    if k < 8 or len(rows) != len(r):
+        return None
+
+    def at(t: int) -> float:
+        return r[min(bisect.bisect_left(rows, t), len(r) - 1)]
+
+    a, b, c = at(k // 4), at(k // 2), r[-1]
+    if not all(math.isfinite(v) and v > 0 for v in (a, b, c)):
+        return None
+    d1, d2 = b - a, c - b
+    if not (d1 < 0 and d2 < 0) or a - c <= opts.stall_flat_rtol * a:
+        return None  # not a real decrease over the run
+    q = d2 / d1
+    if not 0 < q < 1:
+        return None  # the decrease is not slowing down (geometric decay towards zero, say)
+    return c + d2 * q / (1 - q)
+
+
+def _envelope_falls(pairs: list[tuple[int, float]], k: int, W: int) -> bool:
+    """Largest and smallest ‖g‖ of the last three (or two) windows of W iterations both strictly
+    fall, in proportion (a chaotic orbit's window minima can fall to near zero by chance while its
+    maxima barely move; a converging sequence scales down as a whole)."""
     if W < 2:
         return True  # too short to see an envelope: the window rates alone decide
     count = 3 if k + 1 >= 3 * W else 2
-    windows = [r[k + 1 - (i + 1) * W : k + 1 - i * W] for i in range(count)]  # newest first
-    if any(not all(math.isfinite(v) for v in w) for w in windows):
+    windows = [_between(pairs, k - (i + 1) * W, k - i * W) for i in range(count)]  # newest first
+    if any(not w for w in windows):
         return False
     tops = [max(w) for w in windows]
     lows = [min(w) for w in windows]
-    return all(tops[i] < tops[i + 1] and lows[i] < lows[i + 1] for i in range(count - 1))
+    falling = all(tops[i] < tops[i + 1] and lows[i] < lows[i + 1] for i in range(count - 1))
+    return falling and proportional(tops[-1], tops[0], lows[-1], lows[0])
 
 
-def _window_rate(r: list[float], end: int, W: int) -> float | None:
-    """(r_end / r_{end−W})^{1/W}: the mean linear rate over a window of the residual history."""
-    if W <= 0 or end - W < 0:
-        return None
-    a, b = r[end - W], r[end]
-    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
-        return None
-    return (b / a) ** (1.0 / W)
+def proportional(top_new: float, top_old: float, low_new: float, low_old: float) -> bool:
+    """The window maxima and minima changed by factors whose logarithms agree within a factor 3:
+    the whole sequence scaled (growth or decay, geometric or polynomial), rather than a bounded
+    orbit whose extremes drift independently. Each pair is (newer, older) for growth, (older,
+    newer) for decay."""
+    if min(top_new, top_old, low_new, low_old) <= 0:
+        return False
+    a, b = math.log(top_new / top_old), math.log(low_new / low_old)
+    return a > 0 and b > 0 and min(a, b) >= max(a, b) / 3
 
 
 def _bounded(tr: Trace) -> bool:

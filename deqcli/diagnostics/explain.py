@@ -146,9 +146,40 @@ def panel_rows(diag: dict[str, Any], sample: int) -> list[tuple[str, str]]:
     pre = s.get("precheck") or {}
     if pre.get("secant"):
         rows.append(("precheck", pre["secant"]["verdict"]))
-    for remedy in s.get("remedies", []):
-        rows.append(("remedy", remedy))
+    bound = error_line(s.get("error_bound"))
+    if bound:
+        rows.append(("error", bound))
+    for label, text in remedy_rows(s):
+        rows.append((label, text))
     return rows
+
+
+# Panel labels of the remedy entries by kind: verified remedies are the remedies proper (their
+# text keeps "tried: …", the fact that makes them remedies); the others drop the prefix their
+# label repeats.
+REMEDY_LABELS = {"verified": "remedy", "tried": "tried", "note": "note", "suggestion": "suggestion"}
+
+
+def remedy_rows(sample: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) for the sample's remedies in their order: verified first, then the measured
+    notes, the trials that did not work and the suggestions."""
+    entries = sample.get("advice")
+    if entries is None:  # diagnostics without trials' entries: plain strings
+        return [("remedy", text) for text in sample.get("remedies", [])]
+    return [
+        (
+            REMEDY_LABELS.get(e["kind"], e["kind"]),
+            e["text"] if e["kind"] == "verified" else e.get("short", e["text"]),
+        )
+        for e in entries
+    ]
+
+
+def error_line(bound: dict[str, Any] | None) -> str | None:
+    """The forward-error estimate ‖z − z*‖ ≲ ‖g‖/σ_min(J_g), with its near-singular warning."""
+    if not bound:
+        return None
+    return bound.get("statement")
 
 
 def explain_sections(diag: dict[str, Any], sample: int) -> list[tuple[str, list[str]]]:
@@ -300,11 +331,46 @@ def explain_sections(diag: dict[str, Any], sample: int) -> list[tuple[str, list[
     newton = newton_line(s.get("newton"))
     if newton:
         sections.append(("Conditioning of J_g (Newton-type solver)", [newton + "."]))
-    remedies = s.get("remedies") or []
+    bound = s.get("error_bound")
+    if bound:
+        lines = [bound["statement"] + "."]
+        if "sigma_min" in bound:
+            lines.append(
+                "To first order z − z* ≈ J_g⁻¹g(z), so ‖z − z*‖ ≲ ‖g‖/σ_min(J_g) whichever solver found z; at a "
+                "root of multiplicity m the true error is about m times this estimate."
+            )
+        sections.append(("Error bound", lines))
+    record = diag.get("trials") or {}
+    trials = [t for t in record.get("runs", []) if _concerns(t, sample)]
+    if trials:
+        why = {e["trial"]: e.get("why") for e in s.get("advice") or [] if "trial" in e}
+        budget = (record.get("budget") or {}).get("evaluations", "–")
+        lines = []
+        for t in trials:
+            start = "z0" if t.get("start") == "z0" else "the last iterate"
+            head = f"{t['label']} (on {t.get('scope')}, from {start}"
+            head += f"; tried because {why[t['index']]})" if why.get(t["index"]) else ")"
+            if t.get("outcome") == "not run":
+                lines.append(f"{head}: not run — {t.get('reason')}.")
+                continue
+            cost = (t.get("evaluations") or {}).get("cost", "–")
+            outcome = t["text"].split(" → ", 1)[-1]
+            lines.append(f"{head}: {outcome}; {cost} of a budget of {budget} evaluations.")
+        sections.append(("Remedies tried (each run within a budget, on this problem)", lines))
+    rows = remedy_rows(s)
     sections.append(
-        ("What to do", [r + "." for r in remedies] or ["Nothing: this sample is fine."])
+        (
+            "What to do",
+            [f"{'' if label == 'remedy' else label + ': '}{text}." for label, text in rows]
+            or ["Nothing: this sample is fine."],
+        )
     )
     return sections
+
+
+def _concerns(trial: dict[str, Any], sample: int) -> bool:
+    """A trial run on this sample, or on the whole batch."""
+    return trial.get("scope") == "batch" or trial.get("sample") == sample
 
 
 def summary_line(diag: dict[str, Any]) -> str:

@@ -28,7 +28,8 @@ class DiagnosticOptions:
     locate_max_iter: int = 25
     """Newton iterations spent locating the fixed point of a sample that did not converge (small n)."""
     locate_rtol: float = 1e-9
-    """A located point counts as a fixed point when ‖g‖ ≤ max(atol, locate_rtol·max(1, ‖z‖))."""
+    """A located point counts as a fixed point when ‖g‖ ≤ max(the run's tolerance, locate_rtol·S),
+    S = max(1, ‖z0‖, ‖f(z0)‖) the problem's own scale (not the located point's norm)."""
     cond_points: int = 8
     """Newton-type solvers: the residual Jacobian's condition number at up to this many kept iterates."""
     cond_warn: float = 1e8
@@ -59,8 +60,9 @@ class DiagnosticOptions:
     # -- trajectory classification --------------------------------------------------------------
     min_iterations: int = 4
     """Fewer iterations than this leave a sample unclassified (too little evidence)."""
-    growth_rate: float = 1.001
-    """A residual growing by at least this factor per iteration (over rate_window) is growing…"""
+    growth_rate: float = 1.0001
+    """A residual growing steadily by at least this factor per iteration is growing (any steady
+    growth above rounding: an outward spiral with ρ = 1.0005 grows)…"""
     divergence_growth: float = 1e3
     """…and diverged once it is also this many times above max(‖g(z0)‖, atol) (or the iterate grew so)."""
     max_period: int = 8
@@ -85,7 +87,30 @@ class DiagnosticOptions:
     """A flat ‖g‖ counts as settled only while the window's iterates stay within this fraction of
     max(1, ‖z‖) of their mean (a rotation keeps ‖g‖ flat but moves: that is not a stall)."""
     stationary_rtol: float = 1e-6
-    """‖J_gᵀ g‖ ≤ this·‖J_g‖₂‖g‖ marks a stationary point of ½‖g‖² (a local minimum, not a root)."""
+    """‖J_gᵀ g‖ ≤ this·max(‖J_g‖₂, ‖J_g(z0)‖₂)·‖g‖ marks a stationary point of ½‖g‖² (a local
+    minimum of ‖g‖, not a root)."""
+    stall_band: float = 0.01
+    """‖g‖ hovering within this fraction of its window's largest value without progress may circle a
+    nonzero local minimum of ‖g‖ (confirmed by locating that minimum)."""
+    level_fraction: float = 0.5
+    """‖g‖ levels off (is not heading to zero) when its extrapolated limit is at least this fraction
+    of the last ‖g‖."""
+    escape_growth: float = 10.0
+    """Iterates whose norm rose steadily to this many times the problem's scale max(1, ‖z0‖,
+    ‖f(z0)‖), while ‖g‖ does not head to zero, are escaping to infinity (diverged)."""
+
+    # -- remedy trials --------------------------------------------------------------------------
+    trials: bool = True
+    """Run the candidate remedies of a failed or slow run (``--no-try`` turns this off)."""
+    try_budget: int | None = None
+    """Evaluations each trial may spend (f-evaluations, with a dense Jacobian counted as n and a
+    JVP/VJP as one); None: the run's own evaluations of the sample tried, at least try_min_budget."""
+    try_min_budget: int = 100
+    """The smallest default budget, so that runs stopped after a few steps still get a fair trial."""
+    try_time: float = 2.0
+    """Seconds all the trials of one solve may take together."""
+    try_max: int = 4
+    """At most this many candidate remedies are tried (the rest stay suggestions)."""
 
     # -- precheck -------------------------------------------------------------------------------
     precheck_pairs: int = 32

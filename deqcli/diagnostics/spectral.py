@@ -11,7 +11,6 @@ both are estimates, reported with their product counts.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -39,13 +38,8 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def subset(problem: Problem, rows: list[int]) -> Problem:
-    """The problem restricted to some samples (batched parameters sliced alike); uncounted use only."""
-    index = torch.tensor(rows, dtype=torch.long, device=problem.device)
-    params = {
-        k: v.index_select(0, index) if k in problem.batched_params else v
-        for k, v in problem.params.items()
-    }
-    return dataclasses.replace(problem, z0=problem.z0.index_select(0, index), params=params)
+    """The problem restricted to some samples, per-sample inputs with them (``Problem.subset``)."""
+    return problem.subset(rows)
 
 
 def dense_fits(problem: Problem, opts: DiagnosticOptions, batch: int | None = None) -> bool:
@@ -328,24 +322,57 @@ def _matrix_free(
     return out
 
 
+# -- σ_min(J_g) for the forward-error estimate --------------------------------------------------
+
+NOT_ESTIMATED = "not estimated (n too large for the dense SVD)"
+
+
+def residual_sigma(
+    problem: Problem, z: torch.Tensor, opts: DiagnosticOptions
+) -> list[dict[str, Any]]:
+    """σ_min, σ_max and cond of the residual Jacobian J_g = I − J at each row of z, uncounted.
+
+    Exact (dense SVD) while the dense analysis fits (``dense_max_dim``, ``dense_max_elements``);
+    above that ``{"method": "not estimated", "reason": ...}`` — the one place a matrix-free σ_min
+    estimate will go. Rows whose point or Jacobian is not finite get ``{"error": ...}``.
+    """
+    if not dense_fits(problem, opts, batch=z.shape[0]):
+        return [{"method": "not estimated", "reason": NOT_ESTIMATED} for _ in range(z.shape[0])]
+    safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    jac = jacobian_f(problem, safe).to("cpu", torch.float64).numpy()
+    eye = np.eye(z.shape[1])
+    out: list[dict[str, Any]] = []
+    for b in range(z.shape[0]):
+        if not (np.all(np.isfinite(jac[b])) and bool(torch.isfinite(z[b]).all())):
+            out.append({"error": "the Jacobian is not finite here"})
+            continue
+        out.append(
+            {"method": "dense", **_conditioning(np.linalg.svd(eye - jac[b], compute_uv=False))}
+        )
+    return out
+
+
 # -- locating a fixed point, cycles, conditioning along the iterates ----------------------------
 
 
 def locate_fixed_points(
-    problem: Problem, starts: torch.Tensor, atol: float, opts: DiagnosticOptions
+    problem: Problem, starts: torch.Tensor, tol: torch.Tensor, opts: DiagnosticOptions
 ) -> tuple[torch.Tensor, list[bool], list[float]]:
     """Newton's method on g from each row of ``starts`` (dense J_g, backtracking), uncounted.
 
-    Returns the points, whether each is a fixed point (‖g‖ ≤ max(atol, locate_rtol·max(1, ‖z‖))),
-    and the residual there. Used to analyse the fixed point that a failed iteration missed.
+    Returns the points, whether each is a fixed point (‖g‖ ≤ ``tol``, one tolerance per row, fixed
+    by the caller from the problem's own scale — never from the located point's norm, which may
+    have run off to 1e21), and the residual there. Used to analyse the fixed point that a failed
+    iteration missed.
     """
     usable = torch.isfinite(starts).all(dim=1, keepdim=True)
     z = torch.where(usable, starts, problem.z0).detach().clone()
     n = z.shape[1]
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    tol = tol.to(z.device, z.dtype)
 
     def tolerance(x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp_min(opts.locate_rtol * row_norms(x).clamp_min(1.0), atol)
+        return tol
 
     g = problem.raw_g(z).detach()
     # Rows whose line search fails are given up on (e.g. a local minimum of ‖g‖ with no root).
@@ -377,6 +404,61 @@ def locate_fixed_points(
     res = row_norms(g)
     ok = (torch.isfinite(res) & (res <= tolerance(z))).tolist()
     return z, ok, res.tolist()
+
+
+def locate_minima(
+    problem: Problem, starts: torch.Tensor, opts: DiagnosticOptions
+) -> tuple[torch.Tensor, list[float], list[float]]:
+    """Damped Newton's method on φ = ½‖g‖² from each row of ``starts`` (exact Hessian by autograd,
+    dense), uncounted.
+
+    Returns the points, the stationarity ratio ``stationarity`` reports there and ‖g‖ there. Used
+    to confirm that a sample hovering at a nonzero ‖g‖ circles a local minimum of ‖g‖ (where
+    J_gᵀg = 0 but g ≠ 0), not a root. The exact Hessian JᵀJ + Σ gᵢ∇²gᵢ matters: at a nonzero
+    minimum the Gauss–Newton part alone can be singular, and then converges only slowly.
+    """
+    z = starts.detach().clone()
+    n = z.shape[1]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    mu = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+    phi = 0.5 * row_norms(problem.raw_g(z).detach()) ** 2
+    for _ in range(opts.locate_max_iter):
+        grad, hess = _phi_derivatives(problem, z)
+        if not bool(torch.isfinite(hess).all()):
+            break
+        scale = hess.diagonal(dim1=1, dim2=2).abs().mean(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        step = (
+            -torch.linalg.lstsq(
+                (hess + (mu * scale)[:, None, None] * eye).cpu(), grad.cpu()[..., None]
+            )
+            .solution[..., 0]
+            .to(z.device)
+        )
+        z_new = z + step
+        phi_new = 0.5 * row_norms(problem.raw_g(z_new).detach()) ** 2
+        better = phi_new < phi
+        z = torch.where(better[:, None], z_new, z)
+        phi = torch.where(better, phi_new, phi)
+        mu = torch.where(better, mu / 10, torch.clamp_min(mu * 10, 1e-8)).clamp_max(1e12)
+    return z, stationarity(problem, z, opts), torch.sqrt(2 * phi).tolist()
+
+
+def _phi_derivatives(problem: Problem, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇φ and ∇²φ of φ = ½‖g‖² at each row of z: (B, n) and (B, n, n), by double backward."""
+    batch, n = z.shape
+    with torch.enable_grad():
+        x = z.detach().requires_grad_(True)
+        g = problem.raw_g(x)
+        phi = 0.5 * (g * g).sum()  # rows are independent: the gradient of the sum is per row
+        grad = _grad(phi, x, create_graph=True)
+        if grad is None:
+            zero = torch.zeros_like(z)
+            return zero, torch.zeros(batch, n, n, dtype=z.dtype, device=z.device)
+        rows = []
+        for i in range(n):
+            h = _grad(grad[:, i].sum(), x) if grad.requires_grad else None
+            rows.append(torch.zeros_like(z) if h is None else h.detach())
+    return grad.detach(), torch.stack(rows, dim=1)
 
 
 def cycle_multipliers(problem: Problem, cycles: list[torch.Tensor]) -> list[float]:
@@ -420,12 +502,16 @@ def residual_conditioning(
 
 
 def stationarity(problem: Problem, z: torch.Tensor, opts: DiagnosticOptions) -> list[float]:
-    """‖J_gᵀ g‖ / (‖J_g‖₂ ‖g‖) per row: near 0 at a stationary point of ½‖g‖² that is not a root."""
+    """‖J_gᵀ g‖ / (S ‖g‖) per row, S = max(‖J_g(z)‖₂, ‖J_g(z0)‖₂): near 0 at a stationary point of
+    ½‖g‖² that is not a root. The reference ‖J_g(z0)‖₂ keeps the ratio meaningful where J_g
+    itself vanishes (in one dimension ‖J_gᵀg‖/(‖J_g‖‖g‖) is 1 wherever J_g ≠ 0)."""
     safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
     lin = Linearised(problem.raw_g, safe)
     g = lin.value
     grad = lin.vjp(g)
-    norm_g, _ = power_norm(lin, min(opts.power_iterations, 20), opts.seed)
-    denom = norm_g * row_norms(g)
+    steps = min(opts.power_iterations, 20)
+    norm_g, _ = power_norm(lin, steps, opts.seed)
+    norm_start, _ = power_norm(Linearised(problem.raw_g, problem.z0), steps, opts.seed)
+    denom = torch.maximum(norm_g, norm_start) * row_norms(g)
     ratio = row_norms(grad) / denom.clamp_min(torch.finfo(z.dtype).tiny)
     return [float(r) for r in ratio.detach().cpu()]

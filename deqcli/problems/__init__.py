@@ -16,6 +16,7 @@ KINDS = {
     "expression": "a scalar or vector map or residual written as text",
     "gradient_descent": "w ← w − lr·∇L(w) with the loss written as text",
     "python": "a map from your own Python code (runs that code)",
+    "module": "an nn.Module f(z, x) from your code and checkpoint (runs that code)",
 }
 
 
@@ -26,7 +27,7 @@ def build_problem(cfg: Config, device: torch.device, dtype: torch.dtype) -> Prob
     """
     from deqcli.consent import require
     from deqcli.limits import Limits
-    from deqcli.problems import expression, python_callable, tanh_layer
+    from deqcli.problems import expression, module, python_callable, tanh_layer
     from deqcli.problems.arrays import ArrayBuilder
 
     # Before anything else, and before any import of the target: code runs only with consent.
@@ -46,4 +47,6 @@ def build_problem(cfg: Config, device: torch.device, dtype: torch.dtype) -> Prob
         return expression.build(cfg, arrays)
     if kind == "gradient_descent":
         return expression.build_gradient_descent(cfg, arrays)
+    if kind == "module":
+        return module.build(cfg, arrays)
     return python_callable.build(cfg, device, dtype)

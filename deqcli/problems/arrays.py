@@ -7,13 +7,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from deqcli.config import FileArray, RandomArray
+from deqcli.config import ARRAY_FILE_SUFFIXES, FileArray, RandomArray
 from deqcli.errors import ConfigError
 from deqcli.expr import parse_expression
 from deqcli.limits import Limits
+from deqcli.problems import checkpoints
+
+# Integer and boolean arrays are read as numbers too (labels, masks); anything else is refused.
+_NUMERIC_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
 class ArrayBuilder:
@@ -44,11 +47,18 @@ class ArrayBuilder:
     ) -> torch.Tensor:
         """The tensor for ``spec`` at config key ``key``; ``shape`` is required for random arrays."""
         if isinstance(spec, FileArray):
-            value = self._load(spec.file, key)
+            value = self._load(spec, key)
         elif isinstance(spec, RandomArray):
+            if spec.shape is not None:
+                if shape is not None and tuple(spec.shape) != tuple(shape):
+                    raise ConfigError(
+                        f"{key}.shape", f"must be {list(shape)} here, or left out, got {spec.shape}"
+                    )
+                shape = tuple(spec.shape)
             if shape is None:
                 raise ConfigError(
-                    key, "a random array needs a known shape here; give a list or a file"
+                    key,
+                    "a random array needs a known shape here; give shape: [...], a list or a file",
                 )
             numel_ok(shape, key)
             value = self._random(spec, key, shape)
@@ -67,36 +77,12 @@ class ArrayBuilder:
         out = expr.evaluate(env, dtype=self.dtype, device=self.device)
         return torch.as_tensor(out, dtype=self.dtype, device=self.device)
 
-    def _load(self, name: str, key: str) -> torch.Tensor:
-        path = Path(name)
-        if not path.is_absolute():
-            path = self.base_dir / path
-        if not path.exists():
-            raise ConfigError(key, f"file '{name}' does not exist (looked in {path.parent})")
-        try:
-            if path.suffix.lower() == ".npy":
-                data: Any = np.load(path, allow_pickle=False)
-            else:
-                data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any reader failure is the user's file, not our bug
-            raise ConfigError(key, f"cannot read '{name}': {exc}".splitlines()[0]) from None
-        if not isinstance(data, (np.ndarray, torch.Tensor)):
-            raise ConfigError(
-                key, f"'{name}' must hold a single array/tensor, got {type(data).__name__}"
-            )
-        complex_values = (
-            data.is_complex() if isinstance(data, torch.Tensor) else np.iscomplexobj(data)
-        )
-        if complex_values:
-            raise ConfigError(key, f"'{name}' holds complex numbers; deq works with real arrays")
-        try:
-            return torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data).to(
-                device=self.device, dtype=self.dtype
-            )
-        except (TypeError, RuntimeError) as exc:
-            raise ConfigError(
-                key, f"'{name}' is not a numeric array: {exc}".splitlines()[0]
-            ) from None
+    def _load(self, spec: FileArray, key: str) -> torch.Tensor:
+        path = checkpoints.locate(spec.file, self.base_dir, key, ARRAY_FILE_SUFFIXES)
+        data = checkpoints.array(path, spec.file, key, spec.key)
+        if not (data.is_floating_point() or data.dtype in _NUMERIC_INTS):
+            raise ConfigError(key, f"'{spec.file}' is not a numeric array (dtype {data.dtype})")
+        return data.to(device=self.device, dtype=self.dtype)
 
     def _random(self, spec: RandomArray, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         seed = spec.seed if spec.seed is not None else self.seed_for(key)

@@ -5,12 +5,16 @@ Every evaluation a solver (ours or a peer's) makes goes through ``Problem.f``, `
 counts in a result are comparable across solvers.
 
 Contract for ``func``: it maps a ``(batch, n)`` tensor and the parameter dict to a ``(batch, n)`` tensor,
-row by row (row b of the output depends only on row b of the input). The Jacobian helpers rely on it.
+row by row (row b of the output depends only on row b of the input and on row b of every per-sample
+parameter). The Jacobian helpers rely on it. A problem whose state has another shape (an image
+``(C, H, W)``, a sequence ``(T, d)``) flattens it at this edge: ``state_shape`` records one sample's
+shape, so results can give z* back in it, while solvers only ever see ``(batch, n)`` rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -46,27 +50,46 @@ class Structure:
 
 
 class Counter:
-    """Per-sample counters of map evaluations, Jacobians, JVPs and VJPs."""
+    """Per-sample counters of map evaluations, Jacobians, JVPs and VJPs.
+
+    A batched evaluation counts for the samples still running: the driver sets ``running`` before
+    each step, so a sample that stopped at iteration k shows the evaluations of its k iterations,
+    the same as if it had been solved alone (a per-sample peer's count). Before the first step
+    (the start's evaluation) every sample counts.
+    """
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
         self.reset()
 
     def reset(self) -> None:
-        """Zero every counter (a new solve starts)."""
+        """Zero every counter and count every sample again (a new solve starts)."""
         self.nfev = [0] * self.batch
         self.njev = [0] * self.batch
         self.jvp = [0] * self.batch
         self.vjp = [0] * self.batch
+        self._running: list[bool] | None = None
+
+    @property
+    def running(self) -> list[bool] | None:
+        """Which samples a batched evaluation counts for now (None: all of them)."""
+        return self._running
+
+    @running.setter
+    def running(self, mask: torch.Tensor | Sequence[bool] | None) -> None:
+        # Read once per iteration here, so counting itself never waits on the device.
+        self._running = None if mask is None else [bool(v) for v in _host_list(mask)]
 
     def bump(self, kind: str, rows: int | None = None, times: int = 1) -> None:
-        """Count one batched evaluation of ``kind``; ``rows`` restricts it to one sample."""
+        """Count one batched evaluation of ``kind`` for every running sample; ``rows`` names one."""
         counts = getattr(self, kind)
-        if rows is None:
-            for b in range(self.batch):
-                counts[b] += times
-        else:
+        if rows is not None:
             counts[rows] += times
+            return
+        running = self._running
+        for b in range(self.batch):
+            if running is None or running[b]:
+                counts[b] += times
 
     def snapshot(self) -> Counts:
         """An immutable copy for a SolveResult."""
@@ -89,11 +112,16 @@ class Problem:
     structure: Structure = field(default_factory=Structure)
     description: str = ""
     batched_params: frozenset[str] = frozenset()
+    state_shape: tuple[int, ...] | None = None
     counter: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         if self.z0.dim() != 2:
             raise ValueError(f"z0 must be (batch, n), got shape {tuple(self.z0.shape)}")
+        if self.state_shape is not None and math.prod(self.state_shape) != self.z0.shape[1]:
+            raise ValueError(
+                f"state_shape {self.state_shape} does not hold the {self.z0.shape[1]} entries of a row"
+            )
         self.counter = Counter(self.z0.shape[0])
 
     # -- shape and placement -------------------------------------------------------------
@@ -106,6 +134,15 @@ class Problem:
     def dim(self) -> int:
         """Dimension n of one sample's unknown."""
         return self.z0.shape[1]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's state (``(n,)`` unless the problem flattens another shape)."""
+        return self.state_shape if self.state_shape is not None else (self.dim,)
+
+    def unflatten(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, n) rows as states: (batch, *sample_shape)."""
+        return z.reshape(z.shape[0], *self.sample_shape)
 
     @property
     def device(self) -> torch.device:
@@ -186,13 +223,23 @@ class Problem:
             )
 
     # -- variants ------------------------------------------------------------------------
-    def select(self, index: int) -> Problem:
-        """Sample ``index`` as a problem of batch 1 with its own counter (for per-sample peers)."""
+    def subset(self, rows: Sequence[int] | torch.Tensor) -> Problem:
+        """Some samples as a problem of their own, with a fresh counter.
+
+        The one way to take rows of a problem: every per-sample tensor (inputs x of any shape
+        (batch, ...), per-sample parameters) is sliced with the same rows, so the subset's map on
+        its rows equals the whole problem's map on those rows.
+        """
+        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(self.device)
         params = {
-            k: v[index : index + 1] if k in self.batched_params else v
+            k: v.index_select(0, index.to(v.device)) if k in self.batched_params else v
             for k, v in self.params.items()
         }
-        return replace(self, z0=self.z0[index : index + 1].clone(), params=params)
+        return replace(self, z0=self.z0.index_select(0, index), params=params)
+
+    def select(self, index: int) -> Problem:
+        """Sample ``index`` as a problem of batch 1 with its own counter (for per-sample peers)."""
+        return self.subset([index])
 
     def with_params(self, **overrides: torch.Tensor) -> Problem:
         """A copy with some parameters replaced (sensitivity, sweeps)."""
@@ -201,6 +248,10 @@ class Problem:
     def with_start(self, z0: torch.Tensor) -> Problem:
         """A copy that starts from ``z0`` (warm starts)."""
         return replace(self, z0=z0)
+
+
+def _host_list(mask: torch.Tensor | Sequence[bool]) -> list[bool]:
+    return mask.tolist() if isinstance(mask, torch.Tensor) else list(mask)
 
 
 def _reverse(

@@ -2,9 +2,11 @@
 
 This imports and runs that code, with the user's permissions. The factory is called with the
 config's ``args`` (plus ``device`` and ``dtype`` if its signature accepts them) and returns
-``(map, z0)`` or ``{"map": map, "z0": z0}``. The map takes a (batch, n) tensor to a (batch, n) tensor
-row by row; it may be a plain function or a ``torch.nn.Module`` (whose parameters become the
-problem's named parameters, so sensitivities work).
+``(map, z0)``, ``(map, z0, inputs)`` or ``{"map": map, "z0": z0, "inputs": x}``. The map takes z
+(batch, *state shape) — and the inputs x (batch, ...) when there are any, as ``map(z, x)`` — and
+returns z's shape, row by row; it may be a plain function or a ``torch.nn.Module`` (whose
+parameters become the problem's named parameters, so sensitivities work). The wrapping itself is
+``problems.model.from_map``, shared with ``kind: module`` and the Python API.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 from deqcli.config import NUMBER, Config, PythonSpec
 from deqcli.consent import UserCodeError, mark_user_code, running_user_code
 from deqcli.errors import ConfigError
-from deqcli.problems.arrays import as_batch
 from deqcli.problems.base import Problem
+from deqcli.problems.model import from_map
 
 
 def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
@@ -46,9 +48,9 @@ def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
         try:
             with running_user_code(target):
                 spec.loader.exec_module(module)
+        except UserCodeError:
+            raise
         except Exception as exc:  # the user's module failed to import: report it as their input
-            if isinstance(exc, UserCodeError):
-                raise
             raise ConfigError(
                 key, f"importing '{where}' failed: {type(exc).__name__}: {exc}"
             ) from None
@@ -70,85 +72,60 @@ def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
     return factory
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
-    """Call the user's factory and wrap its map as a Problem."""
-    spec = cfg.problem
-    if not isinstance(spec, PythonSpec):
-        raise TypeError("python_callable.build needs a PythonSpec")
-    factory = load_factory(spec.target, cfg.base_dir)
+def call_factory(
+    factory: Callable[..., Any],
+    args: Mapping[str, Any],
+    target: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Any:
+    """Call the user's factory with the config's ``args`` (and ``device``/``dtype`` if it takes them)."""
     # YAML 1.1 reads 1e-3 as a string; args are meant as numbers when they look like numbers.
-    kwargs = {k: _number_or_text(v) for k, v in spec.args.items()}
-    accepted = inspect.signature(factory).parameters
+    kwargs = {k: _number_or_text(v) for k, v in args.items()}
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions have no signature
+        accepted = {}
     for name, value in (("device", device), ("dtype", dtype)):
         if name in accepted and name not in kwargs:
             kwargs[name] = value
     try:
-        with running_user_code(spec.target):
-            made = factory(**kwargs)
+        with running_user_code(target):
+            return factory(**kwargs)
     except UserCodeError:
         raise
     except Exception as exc:  # the user's factory failed: report it as their input, in one line
         raise ConfigError(
-            "problem.args", f"calling {spec.target} failed: {type(exc).__name__}: {exc}"
+            "problem.args", f"calling {target} failed: {type(exc).__name__}: {exc}".splitlines()[0]
         ) from None
-    fmap, z0 = _unpack(made, spec.target)
-    z0_t = _start(z0, spec.target, device, dtype)
-    z0_t = as_batch(
-        z0_t,
-        "problem.target",
-        z0_t.shape[0] if z0_t.dim() == 2 else 1,
-        z0_t.shape[-1] if z0_t.dim() else 1,
-    )
 
-    params: dict[str, torch.Tensor] = {}
+
+def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
+    """Call the user's factory and wrap its map (and inputs, if it returns them) as a Problem."""
+    spec = cfg.problem
+    if not isinstance(spec, PythonSpec):
+        raise TypeError("python_callable.build needs a PythonSpec")
+    factory = load_factory(spec.target, cfg.base_dir)
+    made = call_factory(factory, spec.args, spec.target, device, dtype)
+    fmap, z0, inputs = _unpack(made, spec.target)
     if isinstance(fmap, torch.nn.Module):
-        module = fmap.to(device=device, dtype=dtype)
-        params = {name: p.detach() for name, p in module.named_parameters()}
-
-        def func(z: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            with running_user_code(spec.target):
-                return torch.func.functional_call(module, dict(p), (z,))
-    else:
-
-        def func(z: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            with running_user_code(spec.target):
-                return fmap(z)
-
-    _probe(func, z0_t, params, spec.target)
-    return Problem(
+        fmap = fmap.to(device=device, dtype=dtype)
+    z0_t = _real_start(_as_tensor(z0, "z0", spec.target), spec.target).to(
+        device=device, dtype=dtype
+    )
+    x = None if inputs is None else _as_tensor(inputs, "inputs", spec.target).to(device=device)
+    if x is not None and x.is_floating_point():
+        x = x.to(dtype=dtype)
+    return from_map(
+        fmap,
+        z0_t,
+        x,
         name=cfg.problem_name,
         kind="python",
+        what=f"the map from {spec.target}",
         form=spec.form,
-        func=func,
-        z0=z0_t,
-        params=params,
         description=f"{spec.form} from {spec.target}",
     )
-
-
-def _start(z0: Any, target: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The factory's z0 as a real tensor on the device: numbers only, not empty, finite."""
-    key = "problem.target"
-    try:
-        tensor = torch.as_tensor(z0)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(
-            key,
-            f"{target} must return a start z0 of numbers, got {type(z0).__name__}: "
-            + str(exc).splitlines()[0],
-        ) from None
-    if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise ConfigError(
-            key, f"the start z0 from {target} must be real numbers, got {tensor.dtype}"
-        )
-    if tensor.numel() == 0:
-        raise ConfigError(key, f"the start z0 from {target} is empty; give it at least one number")
-    if tensor.dim() > 2:
-        raise ConfigError(
-            key,
-            f"the start z0 from {target} must be a vector or (batch, n), got shape {tuple(tensor.shape)}",
-        )
-    return tensor.to(device=device, dtype=dtype)
 
 
 def _number_or_text(value: Any) -> Any:
@@ -157,45 +134,40 @@ def _number_or_text(value: Any) -> Any:
     return value
 
 
-def _unpack(made: Any, target: str) -> tuple[Callable[..., Any], Any]:
+def _as_tensor(value: Any, what: str, target: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            "problem.target", f"the {what} from {target} is not a tensor: {exc}".splitlines()[0]
+        ) from None
+
+
+def _real_start(z0: torch.Tensor, target: str) -> torch.Tensor:
+    """The factory's z0 must be real numbers, and at least one of them."""
+    key = "problem.target"
+    if z0.is_complex() or z0.dtype == torch.bool:
+        raise ConfigError(key, f"the start z0 from {target} must be real numbers, got {z0.dtype}")
+    if z0.numel() == 0:
+        raise ConfigError(key, f"the start z0 from {target} is empty; give it at least one number")
+    return z0
+
+
+def _unpack(made: Any, target: str) -> tuple[Callable[..., Any], Any, Any]:
+    """(map, z0, inputs) from what the factory returned (inputs None when it gave none)."""
+    inputs = None
     if isinstance(made, Mapping):
         fmap = made.get("map", made.get("f"))
         z0 = made.get("z0")
-    elif isinstance(made, tuple) and len(made) == 2:
-        fmap, z0 = made
+        inputs = made.get("inputs", made.get("x"))
+    elif isinstance(made, tuple) and len(made) in (2, 3):
+        fmap, z0, *rest = made
+        inputs = rest[0] if rest else None
     else:
         raise ConfigError(
-            "problem.target", f"{target} must return (map, z0) or {{'map': ..., 'z0': ...}}"
+            "problem.target",
+            f"{target} must return (map, z0), (map, z0, inputs) or {{'map': ..., 'z0': ..., 'inputs': ...}}",
         )
     if not callable(fmap) or z0 is None:
         raise ConfigError("problem.target", f"{target} must return a callable map and a start z0")
-    return fmap, z0
-
-
-def _probe(
-    func: Callable[..., torch.Tensor],
-    z0: torch.Tensor,
-    params: Mapping[str, torch.Tensor],
-    target: str,
-) -> None:
-    key = "problem.target"
-    try:
-        with torch.no_grad():
-            out = func(z0, params)
-    except UserCodeError:
-        raise
-    except Exception as exc:  # the user's map failed on its own start: bad input, not our bug
-        raise ConfigError(
-            key, f"the map from {target} failed at z0: {type(exc).__name__}: {exc}"
-        ) from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(z0.shape):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(
-            key, f"the map must return a tensor of shape {tuple(z0.shape)}, got {shape}"
-        )
-    if not out.is_floating_point():  # complex, integer or boolean values cannot be iterated
-        raise ConfigError(
-            key, f"the map from {target} must return real floating-point values, got {out.dtype}"
-        )
-    if not bool(torch.isfinite(out).all()):
-        raise ConfigError(key, f"the map from {target} is not finite at z0; choose another start")
+    return fmap, z0, inputs

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from deqcli.config import Config, TanhLayerSpec
+from deqcli.config import Config, RandomArray, TanhLayerSpec
 from deqcli.errors import ConfigError
 from deqcli.problems.arrays import ArrayBuilder, as_batch
 from deqcli.problems.base import Problem, Structure
@@ -23,7 +23,8 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
     spec = cfg.problem
     if not isinstance(spec, TanhLayerSpec):
         raise TypeError("tanh_layer.build needs a TanhLayerSpec")
-    n, m, batch = spec.dim, spec.input_dim or spec.dim, spec.batch
+    n, m = spec.dim, spec.input_dim or spec.dim
+    batch = _batch(spec, arrays, m)
     env: dict[str, object] = {"n": n, "m": m, "batch": batch}
     W = _shaped(arrays.build(spec.W, "problem.W", shape=(n, n), env=env), "problem.W", (n, n))
     env["W"] = W
@@ -74,6 +75,14 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
         description=f"z = tanh({formula}), n={n}, batch={batch}, ‖W‖₂={norm:.4g}",
         batched_params=frozenset({"x"}),
     )
+
+
+def _batch(spec: TanhLayerSpec, arrays: ArrayBuilder, m: int) -> int:
+    """``batch`` as given, else the rows of a given (batch, m) x, else 1."""
+    if spec.batch is not None or isinstance(spec.x, (RandomArray, str)):
+        return spec.batch or 1
+    x = arrays.build(spec.x, "problem.x")
+    return x.shape[0] if x.dim() == 2 and x.shape[1] == m else 1
 
 
 def _shaped(value: torch.Tensor, key: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -276,6 +276,15 @@ def render_sweep(sweep: SweepResult, console: Console) -> None:
     state = "interrupted" if sweep.interrupted else "complete" if done == sweep.total else "partial"
     extra = f", {sweep.resumed} read back from the results file" if sweep.resumed else ""
     head.add_row("points", f"{done}/{sweep.total} ({state}{extra}), {fmt_time(sweep.wall_time)}")
+    where = sweep.execution
+    if where.get("backend") == "dask":
+        workers = where.get("workers")
+        threads = where.get("threads_per_worker", 1)
+        head.add_row(
+            "ran on",
+            f"Dask ({where.get('cluster')}), {workers if workers is not None else '?'} workers, "
+            f"{threads} torch thread{'' if threads == 1 else 's'} each",
+        )
     if sweep.warm_start:
         head.add_row("starts", "warm: each point from its converged neighbour's solution")
     if sweep.results_path:

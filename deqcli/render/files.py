@@ -23,7 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from deqcli import interrupt
 from deqcli.errors import UsageError
@@ -84,7 +84,13 @@ def _shown_parent(target: Path) -> Path:
 
 
 def write_text(target: Path, text: str) -> None:
-    """Write ``text`` to ``target``: atomically for regular files, in place for FIFOs and devices."""
+    """Write ``text`` to ``target`` (see ``write_atomic``)."""
+    write_atomic(target, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_atomic(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on the file behind ``target``: a temporary file beside a regular file (or a
+    new one), renamed over it; a FIFO or a device is written in place."""
     try:
         mode = os.stat(target).st_mode  # through symlinks
     except FileNotFoundError:
@@ -93,16 +99,16 @@ def write_text(target: Path, text: str) -> None:
         # A FIFO, a terminal, /dev/stdout: replacing it by a regular file would break the
         # reader at the other end (or the device node itself). Write into it, by the name given
         # (/dev/stdout resolves to a /proc entry that cannot be opened by its resolved name).
-        with open(target, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(target, "wb") as fh:
+            write(fh)
         return
     real = Path(os.path.realpath(target))  # a symlink's target is what gets replaced
     keep = stat.S_IMODE(mode) if mode is not None else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{real.name[:200]}.", dir=real.parent)
     _temporaries.add(tmp)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fchmod(fh.fileno(), keep)
         os.replace(tmp, real)
@@ -125,6 +131,41 @@ def _remove_temporaries() -> None:
 
 
 interrupt.at_hard_exit(_remove_temporaries)
+
+
+# The formats ``deq solve --save`` writes z* in, by suffix.
+SOLUTION_FORMATS = {".pt": "torch.save", ".npy": "numpy.save", ".npz": "numpy.savez"}
+
+
+def check_solution_path(path: str, *, protected: list[Path]) -> Path:
+    """Validate ``--save PATH`` before solving: a known suffix, and none of the user's inputs."""
+    target = check_output_path(path, protected=protected, flag="--save")
+    if target is None or target.suffix not in SOLUTION_FORMATS:
+        raise UsageError(
+            f"--save: '{path}' must end in .pt, .npy or .npz (z* is written as a file)"
+        )
+    return target
+
+
+def save_solution(z: Any, converged: list[bool], target: Path) -> None:
+    """Write z* (batch, *state shape) to ``target``: a tensor (.pt), an array (.npy), or arrays
+    ``z`` and ``converged`` (one flag per sample) in a .npz archive. A write that fails is an
+    OutputError naming the file (the JSON result, if asked for, still has z*)."""
+    import numpy as np
+    import torch
+
+    z = z.detach().cpu()
+    try:
+        if target.suffix == ".pt":
+            write_atomic(target, lambda fh: torch.save(z.clone(), fh))
+        elif target.suffix == ".npy":
+            write_atomic(target, lambda fh: np.save(fh, z.numpy()))
+        else:
+            write_atomic(
+                target, lambda fh: np.savez(fh, z=z.numpy(), converged=np.array(converged))
+            )
+    except OSError as exc:
+        raise OutputError(f"--save: cannot write '{target}' ({exc.strerror or exc})") from None
 
 
 def emit_text(text: str, target: Path | None, *, flag: str = "output") -> None:

@@ -26,6 +26,11 @@ STATUS_STYLE = {
 # Batches up to this size list every sample; larger ones list only the worst.
 LIST_ALL_SAMPLES = 8
 WORST_SHOWN = 5
+# z* is printed in full up to this many entries per sample and this many samples.
+SOLUTION_ENTRIES = 8
+SOLUTION_SAMPLES = 4
+# Otherwise the norm of the worst sample's z* and its first entries.
+SOLUTION_FIRST = 4
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -118,6 +123,8 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
             ("  worst sample" if result.batch > 1 else "", "dim"),
         ),
     )
+    for label, text in solution_rows(result):
+        head.add_row(label, text)
     head.add_row("wall time", fmt_time(result.wall_time))
     parts: list[Any] = [head]
     worst = worst_sample(result)
@@ -146,6 +153,48 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     )
     if result.diagnostics and result.diagnostics.get("samples"):
         render_diagnostics(result, console)
+
+
+def solution_rows(result: SolveResult) -> list[tuple[str, str]]:
+    """z* in the state's shape: every entry for small problems, else its norm and first entries.
+
+    In full when each sample has at most SOLUTION_ENTRIES entries and there are at most
+    SOLUTION_SAMPLES samples; otherwise for the worst sample (``--json`` and ``--save`` have all).
+    """
+    z = result.z_star.detach().cpu()
+    per = z[0].numel() if z.shape[0] else 0
+    if per <= SOLUTION_ENTRIES and result.batch <= SOLUTION_SAMPLES:
+        if result.batch == 1:
+            return [("solution", f"z* = {_entries(z[0].tolist())}")]
+        return [
+            ("solution" if b == 0 else "", f"z*[{b}] = {_entries(z[b].tolist())}")
+            for b in range(result.batch)
+        ]
+    b = worst_sample(result)
+    flat = z[b].reshape(-1)
+    first = ", ".join(_number(float(v), 6) for v in flat[:SOLUTION_FIRST])
+    first += ", …" if flat.numel() > SOLUTION_FIRST else ""
+    shape = "×".join(str(d) for d in z.shape[1:])
+    which = "" if result.batch == 1 else f" (sample {b}, the worst)"
+    norm = float(flat.norm())
+    return [
+        (
+            "solution",
+            f"‖z*‖ {fmt(norm)}{which}, z* of shape {shape}: [{first}]  "
+            "[dim]--json or --save for all[/dim]",
+        )
+    ]
+
+
+def _entries(value: Any) -> str:
+    """A (nested) list of numbers, each to 12 significant digits."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_entries(v) for v in value) + "]"
+    return _number(float(value))
+
+
+def _number(v: float, digits: int = 12) -> str:
+    return f"{v:.{digits}g}" if math.isfinite(v) else fmt(v)
 
 
 def _samples_table(result: SolveResult) -> Table:
@@ -191,6 +240,10 @@ CLASS_STYLE = {
 }
 
 
+# Verified remedies stand out; remedies that failed their trial and untried suggestions do not.
+ROW_STYLE = {"remedy": "cyan", "tried": "dim", "suggestion": "dim", "error": ""}
+
+
 def render_diagnostics(result: SolveResult, console: Console) -> None:
     """The diagnostics panel: certificate, spectrum, rates, classification and remedies.
 
@@ -210,8 +263,8 @@ def render_diagnostics(result: SolveResult, console: Console) -> None:
         style = ""
         if label == "outcome":
             style = CLASS_STYLE.get(text.split(" ", 1)[0], "yellow")
-        elif label == "remedy":
-            style = "cyan"
+        else:
+            style = ROW_STYLE.get(label, "")
         grid.add_row("→ remedy" if label == "remedy" else label, Text(text, style=style))
     console.print(Panel(grid, title="diagnostics", title_align="left", border_style="dim"))
 

@@ -273,6 +273,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             if n_active == 0:
                 break
         z_prev, g_prev = state.z, state.g
+        problem.counter.running = active  # a stopped sample's evaluations no longer count
         try:
             state = solver.step(problem, state)
         except deadline.DeadlineExceeded:

@@ -5,22 +5,29 @@ autodiff ``jacobian``: the same exact Jacobian our ``trust-region`` and ``newton
 n finite-difference evaluations). The counts of each sample are added to that sample's row of the
 problem's counter.
 
-What counts as one iteration in the replay:
+What counts as one iteration in the replay (an accepted iterate, never a rejected trial point):
 
-- ``krylov``, ``anderson``, ``df-sane``: one call of scipy's iteration callback (an accepted
-  iterate);
-- ``hybr``, ``lm`` (MINPACK has no callback): one evaluation of the residual at a point the method
-  chose, accepted or not.
+- ``krylov``, ``anderson``, ``df-sane``: one call of scipy's iteration callback;
+- ``hybr``, ``lm`` (MINPACK has no callback): one evaluation at a point whose ‖g‖ is below every
+  earlier one. MINPACK accepts a step only when it lowers ‖g‖, so a trial point it rejects (its
+  residual did not fall) is counted as an evaluation but is not an iterate; a huge residual at a
+  rejected trial no longer reads as divergence. (MINPACK may also decline a decrease smaller than
+  10⁻⁴ of the predicted one; the replay then counts that point, the best one seen so far.)
 
-Tolerances: the run stops as soon as a recorded point meets the shared rule
-‖g‖ ≤ atol + rtol·‖g(z0)‖ (2-norm). scipy's own criteria are set so they cannot fire first where
-they measure the same thing (``krylov``/``anderson``: fatol = atol in the 2-norm; ``df-sane``:
-fatol = atol, ftol = rtol) and to about machine precision where they measure something else
-(``hybr``/``lm`` only have step-size tests). The budget is max_iter iterations as defined above.
+Tolerances: the run stops as soon as an iterate meets the shared rule (``ConvergenceTest``, 2-norm).
+scipy's own criteria are set so they cannot fire first where they measure the same thing
+(``krylov``/``anderson``: fatol = atol in the 2-norm; ``df-sane``: fatol = atol, ftol = rtol) and to
+about machine precision where they measure something else (``hybr``/``lm`` only have step-size
+tests). The budget is max_iter iterations as defined above; ``hybr``/``lm`` also stop after
+``MINPACK_EVALUATIONS_PER_ITERATION``·(max_iter + 1) evaluations, rejected trials included.
+
+Arrays handed to scipy are copies, and so are the arrays scipy hands back: MINPACK and scipy's
+nonlin reuse their work arrays in place, which would otherwise rewrite the recorded history.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -46,6 +53,8 @@ if TYPE_CHECKING:
 # Step tolerance for hybr/lm: about machine precision, so only the shared rule (or a genuine
 # failure to progress) ends their run.
 _MINPACK_XTOL = 1e-15
+# hybr/lm evaluate rejected trial points too: their evaluation budget per allowed iteration.
+MINPACK_EVALUATIONS_PER_ITERATION = 10
 # MINPACK counts evaluations in a C int; a larger budget would overflow it.
 _C_INT_MAX = 2**31 - 1
 
@@ -109,14 +118,20 @@ class ScipyRoot(PeerSolver):
             if len(z_rows) > 1 and (met or len(z_rows) > stop.max_iter):
                 raise PeerStop
 
+        best = [math.inf]  # the smallest ‖g‖ recorded so far (hybr/lm acceptance)
+
         def fun(x: np.ndarray) -> np.ndarray:
             z = as_tensor(x)
             g = sample.g(z)[0]
+            norm = float(torch.linalg.vector_norm(g))
             if not z_rows:
+                best[0] = norm
                 keep(z[0], g)  # scipy evaluates the start first: that is the replay's start
-            elif not self.uses_callback:
-                keep(z[0], g)
-            return g.detach().cpu().to(torch.float64).numpy()
+            elif not self.uses_callback and norm < best[0]:
+                best[0] = norm
+                keep(z[0], g)  # an accepted MINPACK step; rejected trials are not iterates
+            # A copy: scipy may overwrite the returned array, and g is kept in the recording.
+            return g.detach().cpu().to(torch.float64).numpy().copy()
 
         def callback(x: np.ndarray, fx: np.ndarray) -> None:
             if len(z_rows) == 1 and np.array_equal(x, x0):
@@ -126,7 +141,7 @@ class ScipyRoot(PeerSolver):
 
         def jac(x: np.ndarray) -> np.ndarray:
             _, j = sample.jacobian(as_tensor(x))
-            return j[0].detach().cpu().to(torch.float64).numpy()
+            return j[0].detach().cpu().to(torch.float64).numpy().copy()
 
         kwargs: dict[str, Any] = {"method": self.method, "options": self.scipy_options(stop)}
         if self.uses_callback:
@@ -172,10 +187,49 @@ class ScipyHybr(ScipyRoot):
     method: ClassVar[str] = "hybr"
     uses_callback: ClassVar[bool] = False
     uses_jacobian: ClassVar[bool] = True
+    factor: float = 100.0
+    """Initial step bound: factor·‖diag·z0‖ (or factor itself when that is zero); MINPACK's default."""
+    diag: list[float] | None = None
+    """Positive per-unknown scales (fixed for the run); None: MINPACK scales by the Jacobian's
+    column norms and updates them."""
+
+    def check(self) -> None:
+        """factor must be positive; diag, when given, a list of positive numbers."""
+        super().check()
+        if not self.factor > 0:
+            raise ValueError(
+                f"factor: must be > 0 (MINPACK suggests 0.1 to 100), got {self.factor}"
+            )
+        if self.diag is not None:
+            values = self.diag if isinstance(self.diag, list) else [self.diag]
+            if not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values
+            ):
+                raise ValueError(f"diag: must be a list of positive numbers, got {self.diag!r}")
+            self.diag = [float(v) for v in values]
+
+    def record(self, problem: Problem, z0: torch.Tensor, stop: StopRule) -> Recording:
+        """Check diag's length against the problem, then run as every scipy peer does."""
+        if self.diag is not None and len(self.diag) != problem.dim:
+            from deqcli.errors import UsageError
+
+            raise UsageError(
+                f"solver.diag: needs one positive scale per unknown ({problem.dim}), got {len(self.diag)}"
+            )
+        return super().record(problem, z0, stop)
 
     def scipy_options(self, stop: StopRule) -> dict[str, Any]:
-        """Step tolerance at machine precision; the budget in evaluations."""
-        return {"xtol": _MINPACK_XTOL, "maxfev": min(stop.max_iter + 1, _C_INT_MAX)}
+        """Step tolerance at machine precision; the budget in evaluations; the scaling options."""
+        options: dict[str, Any] = {
+            "xtol": _MINPACK_XTOL,
+            "maxfev": min(MINPACK_EVALUATIONS_PER_ITERATION * (stop.max_iter + 1), _C_INT_MAX),
+            "factor": self.factor,
+        }
+        if self.diag is not None:
+            import numpy as np
+
+            options["diag"] = np.asarray(self.diag, dtype=np.float64)
+        return options
 
 
 @dataclass
@@ -189,12 +243,13 @@ class ScipyLm(ScipyRoot):
     uses_jacobian: ClassVar[bool] = True
 
     def scipy_options(self, stop: StopRule) -> dict[str, Any]:
-        """Step and reduction tolerances at machine precision; the budget in evaluations."""
+        """Step and reduction tolerances at machine precision; the budget in evaluations
+        (``maxiter`` is lmder's maxfev)."""
         return {
             "xtol": _MINPACK_XTOL,
             "ftol": _MINPACK_XTOL,
             "gtol": 0.0,
-            "maxiter": min(stop.max_iter + 1, _C_INT_MAX),
+            "maxiter": min(MINPACK_EVALUATIONS_PER_ITERATION * (stop.max_iter + 1), _C_INT_MAX),
         }
 
 

@@ -1,0 +1,204 @@
+"""Scale-out benchmark: a 2-D sweep and a compare-solvers suite, in-process against Dask workers.
+
+Workloads (the same ones ``deq sweep`` and ``deq compare-solvers`` run):
+
+    sweep     a DEQ layer z = tanh(W z + x) (configs/tanh_layer.yaml: n = 64, batch 8) over
+              ‖W‖₂ = 0.5 … 1.3 (20 values) × the input scale 0.2 … 2 (15 values): 300 points,
+              each solved and diagnosed (classification, ρ(J) at the fixed point)
+    compare   configs/suite (5 problems) × deq's own solvers, 1 warm-up and 3 timed repeats
+
+Each workload runs in this process first, then on the Dask cluster. Both sides are warmed up first
+by one untimed small round of both workloads (imports, lazy initialisation, the first call of every
+solver and diagnostic in every process); that and the cluster's start are timed apart and not
+counted in the speed-up: a long sweep pays them once. Speed-up = in-process time / Dask time;
+efficiency = speed-up / workers. This process runs torch with one thread, like each worker
+(``--threads`` to change it). The CPU seconds each side used (this process; the sum over the
+workers) show what the wall times rest on: on a busy machine the workers get less CPU per second
+than the cores could give. The results are checked to be identical up to timing fields.
+
+    python bench/scale.py                      # 2 local worker processes (--workers 2)
+    python bench/scale.py --workers 8
+    python bench/scale.py --scheduler tcp://10.0.0.5:8786   # an existing Dask cluster
+    python bench/scale.py --quick              # a smaller grid and one repeat, for development
+
+Run it on an otherwise idle machine: other load on the cores skews both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deqcli.analyses.compare import compare, resolve_solvers  # noqa: E402
+from deqcli.analyses.sweep import SweepBase, make_axes, run_sweep  # noqa: E402
+from deqcli.execution import ExecutionSettings, Executor, InProcess, untimed  # noqa: E402
+
+SWEEP_CONFIG = ROOT / "configs" / "tanh_layer.yaml"
+SWEEP_OVERRIDES: list[str] = []
+SWEEP_GRID = ["problem.W.spectral_norm=0.5:1.3:20", "problem.x.scale=0.2:2:15"]
+QUICK_GRID = ["problem.W.spectral_norm=0.5:1.3:8", "problem.x.scale=0.2:2:4"]
+SUITE = ROOT / "configs" / "suite"
+TARGET_SPEEDUP = 1.7  # on 2 workers over 2 cores
+
+
+@dataclass
+class Measured:
+    """One workload on one side: wall seconds, CPU seconds used for it, and its document."""
+
+    wall: float
+    cpu: float
+    doc: dict[str, Any]
+
+
+def cpu_seconds(client: Any) -> float:
+    """CPU seconds used so far: this process, or the sum over the workers of a Dask client."""
+    if client is None:
+        return time.process_time()
+    return sum(client.run(time.process_time).values())
+
+
+def measure(run: Callable[[], dict[str, Any]], client: Any = None) -> Measured:
+    """Run a workload; its wall time and the CPU time it took where the tasks ran."""
+    cpu = cpu_seconds(client)
+    started = time.perf_counter()
+    doc = run()
+    wall = time.perf_counter() - started
+    return Measured(wall, cpu_seconds(client) - cpu, doc)
+
+
+def sweep_on(executor: Executor, params: list[str]) -> dict[str, Any]:
+    """The 2-D sweep's document, solved on ``executor``."""
+    base = SweepBase.from_path(SWEEP_CONFIG, SWEEP_OVERRIDES)
+    return run_sweep(base, make_axes(base, params), executor=executor).to_dict()
+
+
+def compare_on(executor: Executor, repeat: int) -> dict[str, Any]:
+    """The compare suite's document, solved on ``executor``."""
+    files = sorted(SUITE.glob("*.yaml"))
+    solvers = resolve_solvers(None, include_peers=False)
+    return compare(files, solvers, repeat=repeat, warmup=1, executor=executor)
+
+
+def warm_up(executor: Executor) -> None:
+    """One untimed small round of both workloads, so every process has run every code path."""
+    sweep_on(executor, QUICK_GRID)
+    compare_on(executor, 1)
+
+
+def main() -> None:
+    """Run both workloads here and on Dask; print times, speed-up and efficiency."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, help="local worker processes (2)")
+    where.add_argument("--scheduler", default=None, help="an existing Dask scheduler's address")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid, one repeat")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in this process (workers have 1)"
+    )
+    args = parser.parse_args()
+    import torch
+
+    # The same thread count on both sides, so the speed-up measures processes working side by
+    # side, not torch's intra-op threads (which, on small problems and busy cores, mostly spin).
+    torch.set_num_threads(args.threads)
+    workers = None if args.scheduler else (args.workers or 2)
+    settings = ExecutionSettings(workers=workers, scheduler=args.scheduler)
+    grid = QUICK_GRID if args.quick else SWEEP_GRID
+    repeat = 1 if args.quick else 3
+
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    # Warm this process up (imports, first calls of every solver) as the workers will be.
+    warm_up(InProcess())
+    load_before = os.getloadavg()[0]
+    here = {
+        "sweep": measure(lambda: sweep_on(InProcess(), grid)),
+        "compare": measure(lambda: compare_on(InProcess(), repeat)),
+    }
+    with DaskExecutor(settings) as executor:
+        started = time.perf_counter()
+        client = executor._start()
+        warm_up(executor)
+        startup = time.perf_counter() - started
+        workers = len(client.scheduler_info()["workers"])
+        there = {
+            "sweep": measure(lambda: sweep_on(executor, grid), client),
+            "compare": measure(lambda: compare_on(executor, repeat), client),
+        }
+        where_run = executor.describe()
+    load_after = os.getloadavg()[0]
+
+    tasks = {
+        "sweep": here["sweep"].doc["points_total"],
+        "compare": len(here["compare"].doc["problems"])
+        * len(here["compare"].doc["settings"]["solvers"]),
+    }
+    print(
+        f"{workers} Dask workers ({where_run.get('cluster')}), {os.cpu_count()} cores here, "
+        f"load average {load_before:.1f} → {load_after:.1f}; cluster start and warm-up "
+        f"{startup:.1f} s (not counted)"
+    )
+    print(f"{'workload':9} {'tasks':>5} {'in-process':>17} {'dask':>17} {'speed-up':>9} "
+          f"{'efficiency':>10}  same")  # fmt: skip
+    print(f"{'':9} {'':>5} {'wall':>8} {'cpu':>8} {'wall':>8} {'cpu':>8}")
+    figures = []
+    for name in ("sweep", "compare"):
+        a, b = here[name], there[name]
+        same = untimed(a.doc) == untimed(b.doc)
+        speedup = a.wall / b.wall
+        figures.append(
+            {
+                "workload": name,
+                "tasks": tasks[name],
+                "in_process": {"wall_s": a.wall, "cpu_s": a.cpu},
+                "dask": {"wall_s": b.wall, "worker_cpu_s": b.cpu},
+                "speedup": speedup,
+                "efficiency": speedup / workers,
+                "identical": same,
+            }
+        )
+        print(
+            f"{name:9} {tasks[name]:5d} {a.wall:7.2f}s {a.cpu:7.2f}s {b.wall:7.2f}s {b.cpu:7.2f}s "
+            f"{speedup:8.2f}× {speedup / workers:9.0%}  {'yes' if same else 'NO'}"
+        )
+    if workers == 2:
+        best = min(f["speedup"] for f in figures)
+        verdict = "meets" if best >= TARGET_SPEEDUP else "misses"
+        print(f"target ≥ {TARGET_SPEEDUP}× on 2 workers: {verdict} it (lowest {best:.2f}×)")
+    busy = max(load_before, load_after) > (os.cpu_count() or 1)
+    if busy:
+        print(
+            "the machine was busy (load above its core count): the speed-up measures how much "
+            "CPU the other load left us; compare the CPU columns, and rerun on idle cores"
+        )
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "workers": workers,
+                    "startup_s": startup,
+                    "load_average": [load_before, load_after],
+                    "execution": where_run,
+                    "rows": figures,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    if not all(f["identical"] for f in figures):
+        sys.exit("the Dask results differ from the in-process ones beyond timing fields")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Where the tasks of a sweep or a comparison run: in this process (the default) or on Dask.
+
+An analysis cuts its work into ``Task`` objects, pure functions of a config's text, parameter
+values and options that return JSON-ready dicts, and hands them to an ``Executor``, which yields
+``(key, result)`` pairs in the order the tasks finish. ``InProcess`` runs them one after the other
+here, in the order given. ``deqcli.execution.dask_executor.DaskExecutor`` sends them to a Dask
+cluster: a local one (``--workers N``), an existing scheduler (``--scheduler ADDRESS``) or a
+Slurm/PBS/… cluster from a small YAML file (``--cluster FILE``, see ``deqcli.execution.cluster``).
+
+Dask is an optional extra and is imported only when one of those flags asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deqcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from deqcli.execution.cluster import ClusterSpec
+    from deqcli.execution.files import Blob
+
+INSTALL = "pip install 'deqcli[distributed]'"
+# Fields of the sweep and comparison documents that measure time or say where the work ran: the
+# only ones that differ between two runs of the same work, here or on any cluster.
+TIMING_FIELDS = frozenset(
+    {
+        "wall_time",
+        "time",
+        "time_history",
+        "relative_time",
+        "rank",
+        "fastest",
+        "wins",
+        "geomean_relative_time",
+        "created",
+        "environment",
+        "execution",
+    }
+)
+
+
+def untimed(doc: Any) -> Any:
+    """A JSON document without its timing fields (see TIMING_FIELDS), at every depth."""
+    if isinstance(doc, dict):
+        return {k: untimed(v) for k, v in doc.items() if k not in TIMING_FIELDS}
+    if isinstance(doc, list):
+        return [untimed(v) for v in doc]
+    return doc
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: ``fn(*args, **kwargs)``, returning a JSON-ready dict.
+
+    ``after`` is the key of an earlier task of the same batch whose result the function receives
+    as the keyword ``previous`` (a warm start from a neighbouring point).
+    """
+
+    key: Hashable
+    fn: Callable[..., dict[str, Any]]
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    after: Hashable | None = None
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """A task that could not finish for a reason outside it (its worker died too often)."""
+
+    message: str
+
+
+class Executor:
+    """Runs batches of tasks. ``remote``: tasks run in other processes, and files travel with them.
+
+    Used as a context manager: leaving the block stops whatever the executor started (a Dask
+    cluster starts on the first ``run``, once every input has been checked).
+    """
+
+    remote = False
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Where the tasks ran, for the documents (``backend``, workers, threads)."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        tasks: Sequence[Task],
+        *,
+        files: Mapping[str, Blob] | None = None,
+        exclusive: bool = False,
+    ) -> Iterator[tuple[Hashable, dict[str, Any] | TaskFailed]]:
+        """Run ``tasks`` and yield ``(key, result)`` as each one finishes.
+
+        ``files`` (by digest) must reach every worker before the tasks read them. ``exclusive``
+        tasks are timed: a worker process runs one of them at a time.
+        """
+        raise NotImplementedError
+
+
+class InProcess(Executor):
+    """Every task here, one after the other, in the order given (``files`` are read in place)."""
+
+    def describe(self) -> dict[str, Any]:
+        """The run's place: this process."""
+        return {"backend": "in-process"}
+
+    def run(
+        self,
+        tasks: Sequence[Task],
+        *,
+        files: Mapping[str, Blob] | None = None,
+        exclusive: bool = False,
+    ) -> Iterator[tuple[Hashable, dict[str, Any] | TaskFailed]]:
+        """Run each task in turn; a result is kept only until the task waiting for it has run."""
+        waiting = Counter(task.after for task in tasks if task.after is not None)
+        kept: dict[Hashable, dict[str, Any]] = {}
+        for task in tasks:
+            kwargs = dict(task.kwargs)
+            if task.after is not None:
+                if task.after not in kept:
+                    raise ValueError(f"task {task.key!r} runs after {task.after!r}, not before it")
+                kwargs["previous"] = kept[task.after]
+                waiting[task.after] -= 1
+                if not waiting[task.after]:
+                    del kept[task.after]
+            result = task.fn(*task.args, **kwargs)
+            if waiting.get(task.key):
+                kept[task.key] = result
+            yield task.key, result
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """The execution flags: ``--workers N``, ``--scheduler ADDRESS`` or ``--cluster FILE`` (one)."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    cluster: Path | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """True when the tasks go to Dask."""
+        return self.workers is not None or self.scheduler is not None or self.cluster is not None
+
+    def check(self) -> ClusterSpec | None:
+        """Reject conflicting or bad flags and a missing Dask, before anything runs; returns the
+        validated cluster file (with --cluster)."""
+        given = [
+            flag
+            for flag, value in (
+                ("--workers", self.workers),
+                ("--scheduler", self.scheduler),
+                ("--cluster", self.cluster),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise UsageError(f"{' and '.join(given)} exclude each other; give one of them")
+        if not given:
+            return None
+        flag = given[0]
+        if self.workers is not None and self.workers < 1:
+            raise UsageError(f"--workers: give 1 or more worker processes, got {self.workers}")
+        if self.scheduler is not None and not self.scheduler.strip():
+            raise UsageError("--scheduler: give the scheduler's address, e.g. tcp://host:8786")
+        spec = None
+        if self.cluster is not None:
+            from deqcli.execution.cluster import load_cluster
+
+            spec = load_cluster(self.cluster)
+        needed = ("dask", "distributed") + (("dask_jobqueue",) if spec is not None else ())
+        missing = [name for name in needed if not _importable(name)]
+        if missing:
+            what = "dask-jobqueue" if missing == ["dask_jobqueue"] else "Dask"
+            raise UsageError(
+                f"{flag} needs {what}, which is not installed; install it with: {INSTALL}"
+            )
+        return spec
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def open_executor(settings: ExecutionSettings | None = None) -> Executor:
+    """The executor the settings ask for (in-process without flags); use it as a context manager,
+    which starts and stops the Dask client and cluster."""
+    if settings is None or not settings.distributed:
+        return InProcess()
+    spec = settings.check()
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    return DaskExecutor(settings, spec)
+
+
+__all__ = [
+    "INSTALL",
+    "TIMING_FIELDS",
+    "ExecutionSettings",
+    "Executor",
+    "InProcess",
+    "Task",
+    "TaskFailed",
+    "open_executor",
+    "untimed",
+]

@@ -1,0 +1,347 @@
+"""Tasks on a Dask cluster: a local one, an existing scheduler, or a batch system via dask-jobqueue.
+
+Imported only when ``--workers``, ``--scheduler`` or ``--cluster`` asks for it (Dask is an optional
+extra). What it does on top of Dask:
+
+* threads: each worker process runs its tasks with ``threads`` torch/BLAS threads (default 1,
+  see ``_PinThreads``); a local cluster (``--workers N``) has one task thread per worker, so N
+  tasks run at a time on N processes and they do not oversubscribe the cores;
+* timed tasks (``exclusive``) take a per-process lock, so a worker process never times two solves
+  at once even where its owner gave it several threads;
+* files: the bytes of the files the configs name travel once to each worker as a worker plugin
+  (Dask also runs it on workers that join later or restart) and land in the worker's content-
+  addressed file store (``deqcli.execution.files``); no shared filesystem is needed;
+* results come back in the order tasks finish; a task whose worker died is run again elsewhere by
+  Dask (up to ``distributed.scheduler.allowed-failures`` times, then it is a ``TaskFailed``);
+  on Ctrl-C the results that have already arrived are handed back before the interrupt goes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distributed import Client, KilledWorker, LocalCluster, as_completed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from deqcli.errors import ConfigError, UsageError
+from deqcli.execution import ExecutionSettings, Executor, Task, TaskFailed
+from deqcli.execution.files import Blob, digest, store
+
+if TYPE_CHECKING:
+    from deqcli.execution.cluster import ClusterSpec
+
+# Seconds to wait for --scheduler to answer before saying it cannot be reached.
+CONNECT_TIMEOUT = 20
+# The environment variables that size the thread pools of OpenMP, MKL and OpenBLAS.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+# Dask settings of the workers of a local cluster (--workers N).
+LOCAL_WORKER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.gil.enabled": False,
+}
+
+# In a worker process: one timed task at a time, and the thread count its plugin asked for.
+_EXCLUSIVE = threading.Lock()
+_threads: int | None = None
+
+
+def _pin() -> None:
+    """Apply the worker's thread count in the calling task thread."""
+    if _threads is None:
+        return
+    import torch
+
+    if torch.get_num_threads() != _threads:
+        torch.set_num_threads(_threads)
+
+
+def _version() -> str:
+    """The deqcli version of the process this runs in (a worker)."""
+    import deqcli
+
+    return deqcli.__version__
+
+
+def _call(
+    fn: Callable[..., dict[str, Any]],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    previous: dict[str, Any] | None,
+    exclusive: bool,
+) -> dict[str, Any]:
+    """What runs on the worker: the task's function, with the result it waited for, pinned."""
+    _pin()
+    call = dict(kwargs)
+    if previous is not None:
+        call["previous"] = previous
+    if not exclusive:
+        return fn(*args, **call)
+    with _EXCLUSIVE:
+        return fn(*args, **call)
+
+
+class _PinThreads(WorkerPlugin):
+    """Sets the torch/BLAS thread count of every worker process (and of those that join later)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def setup(self, worker: Any) -> None:
+        """Pin torch and the BLAS libraries to ``threads`` threads in this worker process."""
+        global _threads
+        _threads = self.threads
+        for name in THREAD_VARIABLES:  # for processes the task may start
+            os.environ[name] = str(self.threads)
+        import torch
+
+        torch.set_num_threads(self.threads)
+        try:  # numpy's BLAS (the scipy peers) is sized at import: threadpoolctl resizes it
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return
+        threadpool_limits(self.threads)
+
+
+class _ShipFiles(WorkerPlugin):
+    """Writes the shipped files into the store of every worker (and of those that join later)."""
+
+    def __init__(self, blobs: Mapping[str, Blob]) -> None:
+        self.blobs = dict(blobs)
+
+    def setup(self, worker: Any) -> None:
+        """Store the files on this worker's machine."""
+        store(self.blobs)
+
+
+class DaskExecutor(Executor):
+    """A Dask client and, for --workers and --cluster, the cluster it started (closed on exit)."""
+
+    remote = True
+
+    def __init__(self, settings: ExecutionSettings, spec: ClusterSpec | None = None) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.threads = spec.threads if spec is not None else 1
+        self.client: Any = None
+        self.cluster: Any = None
+
+    def _start(self) -> Any:
+        """The client, connected on first use: every input is checked before a cluster starts."""
+        if self.client is not None:
+            return self.client
+        settings = self.settings
+        try:
+            if settings.workers is not None:
+                import dask
+
+                # Our own workers do not sample their task threads for Dask's profiler or GIL
+                # monitor: both take CPU from the solves, and nothing here reads them.
+                with dask.config.set(LOCAL_WORKER_CONFIG):
+                    self.cluster = LocalCluster(
+                        n_workers=settings.workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        # No dashboard: its HTTP server still listens, on a free port.
+                        dashboard_address=":0",
+                        scheduler_kwargs={"dashboard": False},
+                        silence_logs=logging.ERROR,
+                        env=_local_env(),
+                    )
+                self.client = Client(self.cluster)
+            elif self.spec is not None:
+                _can_submit(self.spec)
+                self.cluster = _jobqueue(self.spec, settings.cluster or Path("cluster"))
+                self.cluster.scale(n=self.spec.workers)
+                self.client = Client(self.cluster)
+            else:
+                self.client = Client(settings.scheduler, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            self.__exit__(None, None, None)
+            where = f"--scheduler: cannot reach {settings.scheduler}"
+            if settings.scheduler is None:
+                where = "cannot start the Dask cluster"
+            raise UsageError(f"{where}: {_one_line(exc)}") from None
+        self.client.register_plugin(_PinThreads(self.threads), name="deq-threads")
+        self._check_versions()
+        return self.client
+
+    def _check_versions(self) -> None:
+        """The workers must run the client's deqcli: another version may solve differently."""
+        import deqcli
+
+        where = "--scheduler" if self.settings.scheduler is not None else "the Dask workers"
+        try:
+            found = self.client.run(_version)
+        except Exception as exc:  # a worker that cannot even load deqcli, whatever the reason
+            raise UsageError(
+                f"{where}: the workers cannot run deqcli ({type(exc).__name__}: {_one_line(exc)}); "
+                f"install deqcli {deqcli.__version__} where they run"
+            ) from None
+        other = sorted({v for v in found.values() if v != deqcli.__version__})
+        if other:
+            raise UsageError(
+                f"{where}: the workers run deqcli {', '.join(other)}, this is "
+                f"{deqcli.__version__}; install the same version on both sides"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    def describe(self) -> dict[str, Any]:
+        """Which cluster ran the tasks, with how many workers and threads."""
+        out: dict[str, Any] = {"backend": "dask"}
+        if self.settings.workers is not None:
+            out.update(cluster="local", workers=self.settings.workers)
+        elif self.spec is not None:
+            out.update(cluster=self.spec.kind, workers=self.spec.workers)
+        else:
+            out.update(cluster="scheduler", scheduler=self.settings.scheduler)
+            if self.client is not None:
+                out["workers"] = len(self.client.scheduler_info()["workers"])
+        out["threads_per_worker"] = self.threads
+        return out
+
+    def run(
+        self,
+        tasks: Sequence[Task],
+        *,
+        files: Mapping[str, Blob] | None = None,
+        exclusive: bool = False,
+    ) -> Iterator[tuple[Hashable, dict[str, Any] | TaskFailed]]:
+        """Submit every task at once (a task waits on the future of the one it runs after) and yield
+        results as they arrive."""
+        client = self._start()
+        shipped = None
+        if files:
+            shipped = f"deq-files-{digest(''.join(sorted(files)).encode())[:16]}"
+            client.register_plugin(_ShipFiles(files), name=shipped)
+        prefix = f"deq-{uuid.uuid4().hex[:12]}"
+        futures: dict[Hashable, Any] = {}
+        keys: dict[str, Hashable] = {}
+        for n, task in enumerate(tasks):
+            previous = futures.get(task.after) if task.after is not None else None
+            if task.after is not None and previous is None:
+                raise ValueError(f"task {task.key!r} runs after {task.after!r}, not before it")
+            future = client.submit(
+                _call,
+                task.fn,
+                task.args,
+                dict(task.kwargs),
+                previous,
+                exclusive,
+                key=f"{prefix}-{n}",
+                pure=False,
+            )
+            futures[task.key] = future
+            keys[future.key] = task.key
+        # Results are fetched in the background as tasks finish, so handing them on never waits on
+        # the cluster, and an interrupt finds every result that has arrived already in the queue.
+        pending = as_completed(list(futures.values()), with_results=True, raise_errors=False)
+        # The scheduler keeps a result as long as a task waiting for it needs it; the client lets
+        # each go as soon as it has been handed on.
+        futures.clear()
+        try:
+            for future, result in pending:
+                yield keys.pop(future.key), _outcome(future, result)
+                future.release()
+        except KeyboardInterrupt:
+            # Whatever has arrived is handed back before the interrupt goes on: nothing that a
+            # worker completed and sent is lost.
+            for future, result in list(pending.queue.queue):
+                if future.key in keys:
+                    yield keys.pop(future.key), _outcome(future, result)
+            raise
+        finally:
+            remaining = [future for future, _ in pending.queue.queue] + list(pending.futures)
+            if remaining:
+                client.cancel(remaining)
+            if shipped is not None:
+                client.unregister_worker_plugin(shipped)
+
+
+def _outcome(future: Any, result: Any) -> dict[str, Any] | TaskFailed:
+    """A finished task's result; its error raised here, except a worker that kept dying."""
+    if future.status == "cancelled":  # by the cluster (a scheduler that restarted, say), not by us
+        return TaskFailed("the cluster cancelled this task before it finished")
+    if future.status != "error":
+        return result
+    _kind, exc, traceback = result
+    if isinstance(exc, KilledWorker):
+        return TaskFailed(
+            f"the worker running this task died every time it was tried (out of memory, or a "
+            f"crash in native code): {_one_line(exc)}"
+        )
+    raise exc.with_traceback(traceback)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _local_env() -> dict[str, str]:
+    """Worker processes of a local cluster import deqcli from where this process did."""
+    import deqcli
+
+    root = str(Path(deqcli.__file__).resolve().parent.parent)
+    env = {name: "1" for name in THREAD_VARIABLES}
+    if "site-packages" in root or "dist-packages" in root:
+        return env
+    paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _can_submit(spec: ClusterSpec) -> None:
+    """Jobs are submitted with the batch system's command; without it they would never start and
+    the tasks would wait for workers forever."""
+    import dask_jobqueue
+
+    from deqcli.execution.cluster import CLASSES
+
+    command = getattr(dask_jobqueue, CLASSES[spec.kind]).job_cls.submit_command
+    if command and shutil.which(command) is None:
+        raise UsageError(
+            f"--cluster: {spec.kind} jobs are submitted with '{command}', which is not on this "
+            "machine's PATH; run deq where jobs can be submitted (a login node)"
+        )
+
+
+def _jobqueue(spec: ClusterSpec, path: Path) -> Any:
+    """Start the dask-jobqueue cluster the file describes (no jobs yet: scale() submits them)."""
+    import dask_jobqueue
+
+    from deqcli.execution.cluster import CLASSES
+
+    cls = getattr(dask_jobqueue, CLASSES[spec.kind])
+    accepted = set()
+    for owner in (cls, cls.job_cls, dask_jobqueue.core.Job):
+        accepted |= set(inspect.signature(owner.__init__).parameters) - {"self", "kwargs"}
+    # The dashboard on a free port unless the file says otherwise (8787 is often taken).
+    keywords = {"scheduler_options": {"dashboard_address": ":0"}, **spec.keywords()}
+    for key in keywords:
+        if key not in accepted:
+            where = key if key in type(spec).model_fields else f"options.{key}"
+            raise ConfigError(
+                f"{path}: {where}", f"{cls.__name__} takes no '{key}'; see the dask-jobqueue docs"
+            )
+    try:
+        return cls(**keywords)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(path), f"{cls.__name__} refused it: {_one_line(exc)}") from None
+
+
+__all__ = ["DaskExecutor"]

@@ -1,0 +1,426 @@
+"""Sweeps and comparisons on a Dask cluster: the same results as in-process, files shipped to the
+workers by content, consent carried by each task, a worker that dies mid-sweep, resume.
+
+The tests marked ``distributed`` share one local cluster of two worker processes (started once for
+this module) and reach it with ``--scheduler``; deselect them with ``-m 'not distributed'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deqcli.analyses.sweep import PointOptions, SweepBase, make_axes, point_task, run_sweep
+from deqcli.execution import ExecutionSettings, Executor, InProcess, Task, TaskFailed, untimed
+from deqcli.execution.source import ship
+from tests.conftest import CONFIGS, ROOT
+
+DOTTIE = 0.7390851332151607
+LINEAR = CONFIGS / "linear_scalar.yaml"  # z = a z + 2: z* = 2 / (1 − a)
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address of a local cluster of two single-threaded worker processes, warmed up."""
+    pytest.importorskip("distributed")
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    # The workers keep shipped files in a store of this test run (they read the variable at start).
+    store = tmp_path_factory.mktemp("store")
+    before = os.environ.get("DEQ_FILE_STORE")
+    os.environ["DEQ_FILE_STORE"] = str(store)
+    try:
+        with DaskExecutor(ExecutionSettings(workers=2)) as executor:
+            client = executor._start()
+            # Import torch and deqcli in both workers now, not in the first test that uses them.
+            client.run(__import__, "deqcli.api")
+            yield client.scheduler.address
+    finally:
+        if before is None:
+            os.environ.pop("DEQ_FILE_STORE", None)
+        else:
+            os.environ["DEQ_FILE_STORE"] = before
+
+
+# -- without Dask ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["sweep", "compare-solvers"])
+def test_without_dask_the_flags_give_the_install_command(cli, monkeypatch, command: str) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails
+    args = ["--param", "a=0.5:0.6:2"] if command == "sweep" else ["--solvers", "newton"]
+    run = cli(command, LINEAR, *args, "--workers", "2")
+    assert run.exit_code == 2 and run.stdout == ""
+    assert run.stderr.strip() == (
+        "error: --workers needs Dask, which is not installed; install it with: "
+        "pip install 'deqcli[distributed]'"
+    )
+
+
+def test_execution_flags_are_checked_before_anything_runs(cli, tmp_path: Path) -> None:
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--workers", "0")
+    assert run.exit_code == 2 and "--workers: give 1 or more" in run.stderr
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--workers", "2", "--scheduler", "tcp://x:1")
+    assert run.exit_code == 2 and "--workers and --scheduler exclude each other" in run.stderr
+    run = cli("compare-solvers", LINEAR, "--cluster", tmp_path / "none.yaml")
+    assert run.exit_code == 2 and "--cluster: " in run.stderr and "not a file" in run.stderr
+    bad = tmp_path / "slurm.yaml"
+    bad.write_text("kind: slurm\nworkers: 4\ncores: 2\nmemory: 4GB\nqueu: short\n")
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--cluster", bad)
+    assert run.exit_code == 2
+    assert f"{bad}: queu (line 5): unknown key; did you mean 'queue'?" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_in_process_runs_never_import_dask() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from typer.testing import CliRunner
+        from deqcli.cli import app
+        run = CliRunner().invoke(app, ["sweep", "configs/linear_scalar.yaml", "--param",
+                                       "a=0.1:0.5:3", "-q"])
+        assert run.exit_code == 0, run.output
+        print(sorted(m for m in ("dask", "distributed") if m in sys.modules))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_in_process_tasks_run_in_order_and_chain_results() -> None:
+    def add(x: int, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"sum": x + (previous["sum"] if previous else 0)}
+
+    tasks = [Task(0, add, (1,)), Task(1, add, (2,), after=0), Task(2, add, (3,), after=1)]
+    assert list(InProcess().run(tasks)) == [(0, {"sum": 1}), (1, {"sum": 3}), (2, {"sum": 6})]
+    with pytest.raises(ValueError, match="runs after 5, not before it"):
+        list(InProcess().run([Task(0, add, (1,), after=5)]))
+
+
+def test_the_task_carries_the_clients_consent_not_the_workers(monkeypatch) -> None:
+    base = SweepBase.from_path(CONFIGS / "python_map.yaml")
+    # The worker's environment would allow the code; the client did not, so the task refuses.
+    monkeypatch.setenv("DEQ_TRUST_CODE", "1")
+    refused = point_task(base, (0,), {"problem.args.c": 0.25}, PointOptions(), False)
+    assert refused["status"] == "error" and "--trust-code" in refused["error"]
+    monkeypatch.delenv("DEQ_TRUST_CODE")
+    allowed = point_task(base, (0,), {"problem.args.c": 0.25}, PointOptions(), True)
+    assert allowed["status"] == "converged" and allowed["index"] == [0]
+
+
+def test_a_sweep_asks_for_consent_up_front(cli, monkeypatch) -> None:
+    monkeypatch.delenv("DEQ_TRUST_CODE", raising=False)
+    run = cli("sweep", CONFIGS / "python_map.yaml", "--param", "n=2,4", "--json", "-")
+    assert run.exit_code == 2 and "--trust-code" in run.stderr and run.stdout == ""
+
+
+class _LosesOnePoint(Executor):
+    """Runs tasks here, except that the task with key ``lost`` fails as a dead worker's would."""
+
+    def __init__(self, lost: tuple[int, ...]) -> None:
+        self.lost = lost
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "test"}
+
+    def run(self, tasks, *, files=None, exclusive=False):  # type: ignore[no-untyped-def]
+        for key, result in InProcess().run(tasks):
+            yield key, TaskFailed("the worker died") if key == self.lost else result
+
+
+def test_a_point_whose_task_failed_is_an_error_point() -> None:
+    base = SweepBase.from_path(LINEAR)
+    sweep = run_sweep(base, make_axes(base, ["a=0.1:0.5:3"]), executor=_LosesOnePoint((1,)))
+    assert [p["status"] for p in sweep.points] == ["converged", "error", "converged"]
+    assert sweep.points[1] == {
+        "index": [1],
+        "assignment": {"problem.params.a": 0.3},
+        "status": "error",
+        "error": "the worker died",
+    }
+    assert not sweep.ok and sweep.execution == {"backend": "test"}
+
+
+# -- on a local cluster of two workers -------------------------------------------------------------------
+
+
+def _dottie_map(folder: Path) -> Path:
+    """A Python map z = a·cos(z) whose first call in a worker process kills that process."""
+    module = folder / "dying_cosine.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            import os
+            import torch
+
+            def make(a=1.0, marker="", client=0):
+                if os.getpid() != int(client):
+                    try:
+                        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    except FileExistsError:
+                        pass
+                    else:  # the first task to get here, anywhere, takes its worker down
+                        os.close(fd)
+                        os._exit(1)
+                return (lambda z: a * torch.cos(z)), torch.zeros(1, 1)
+            """
+        )
+    )
+    config = folder / "dying.yaml"
+    config.write_text(
+        "problem:\n  kind: python\n  target: dying_cosine.py:make\n"
+        f"  args: {{a: 1.0, marker: '{folder / 'died'}', client: {os.getpid()}}}\n"
+        "solver: newton\nrun: {atol: 1.0e-12}\n"
+    )
+    return config
+
+
+@pytest.mark.distributed
+def test_sweep_on_workers_matches_in_process(cli, scheduler: str, tmp_path: Path) -> None:
+    config = CONFIGS / "logistic_sweep.yaml"
+    args = ["--param", "r=2.6:3.4:5", "--param", "initial=0.2,0.4,0.6", "--warm-start"]
+    here = cli("sweep", config, *args, "--json", tmp_path / "here.json", "-q")
+    there = cli("sweep", config, *args, "--json", tmp_path / "there.json", "--scheduler", scheduler)
+    assert here.exit_code == there.exit_code == 0, there.stderr
+    assert "ran on   Dask (scheduler), 2 workers, 1 torch thread each" in there.stdout
+    a = json.loads((tmp_path / "here.json").read_text())
+    b = json.loads((tmp_path / "there.json").read_text())
+    assert b["execution"] == {
+        "backend": "dask",
+        "cluster": "scheduler",
+        "scheduler": scheduler,
+        "workers": 2,
+        "threads_per_worker": 1,
+    }
+    assert untimed(a) == untimed(b) and b["points_done"] == 15
+    for point in b["points"]:
+        r = point["assignment"]["problem.params.r"]
+        if r < 3:  # below r = 3 the fixed point 1 − 1/r attracts
+            assert point["converged"] and point["value"] == pytest.approx(1 - 1 / r, abs=1e-8)
+        # Warm starts chain along the last axis: every point after the first of its row has one.
+        assert point["warm_start"] == (point["index"][1] > 0 and point["converged"])
+
+
+@pytest.mark.distributed
+def test_compare_on_workers_matches_in_process(cli, scheduler: str, tmp_path: Path) -> None:
+    configs = [CONFIGS / "suite" / "dottie.yaml", CONFIGS / "suite" / "oscillating.yaml"]
+    args = ["--solvers", "newton,fixed_point,anderson", "--repeat", "2", "--warmup", "1"]
+    here = cli("compare-solvers", *configs, *args, "--json", tmp_path / "here.json", "-q")
+    there = cli("compare-solvers", *configs, *args, "--json", tmp_path / "there.json", "-q",
+                "--scheduler", scheduler)  # fmt: skip
+    assert here.exit_code == there.exit_code == 0, there.stderr
+    a = json.loads((tmp_path / "here.json").read_text())
+    b = json.loads((tmp_path / "there.json").read_text())
+    assert b["environment"]["execution"]["backend"] == "dask"
+    assert untimed(a) == untimed(b)
+    dottie = {row["solver"]: row for row in b["problems"][0]["solvers"]}
+    solution = dottie["newton"]["result"]["samples"][0]["solution"][0]
+    assert dottie["newton"]["converged"] and solution == pytest.approx(DOTTIE, abs=1e-12)
+    for row in dottie.values():
+        assert len(row["time"]["runs"]) == 2  # both timed repeats came back
+    # The logistic map at r = 3.2: the naive iteration settles on the 2-cycle, Newton finds z*.
+    cycle = {row["solver"]: row for row in b["problems"][1]["solvers"]}
+    assert cycle["fixed_point"]["status"] == "oscillating" and cycle["fixed_point"]["period"] == 2
+    assert cycle["newton"]["converged"]
+
+
+def _threads_here() -> dict[str, Any]:
+    import torch
+
+    return {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+@pytest.mark.distributed
+def test_worker_tasks_run_with_one_torch_thread(scheduler: str) -> None:
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    with DaskExecutor(ExecutionSettings(scheduler=scheduler)) as executor:
+        seen = dict(executor.run([Task(k, _threads_here) for k in range(4)], exclusive=True))
+    assert all(threads == {"torch": 1, "omp": "1"} for threads in seen.values())
+
+
+@pytest.mark.distributed
+def test_workers_read_shipped_copies_of_the_configs_files(scheduler: str, tmp_path: Path) -> None:
+    from deqcli.execution.dask_executor import DaskExecutor
+    from deqcli.execution.files import stored_path
+
+    # z = A z + b with the matrix and vector in .npy files: z* = (I − A)⁻¹ b exactly.
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    A = np.array([[0.5, 0.1], [0.0, 0.25]])
+    b = np.array([1.0, 3.0])
+    np.save(folder / "data" / "A.npy", A)
+    np.save(folder / "b.npy", b)
+    config = folder / "linear.yaml"
+    config.write_text(
+        "problem:\n  kind: expression\n  fixed_point: A @ z + c * b\n  dim: 2\n"
+        "  params: {A: {file: data/A.npy}, b: {file: b.npy}, c: 1.0}\n"
+        "solver: newton\nrun: {atol: 1.0e-12}\n"
+    )
+    base = SweepBase.from_path(config)
+    axes = make_axes(base, ["c=1.0,2.0"])
+    source, blobs = ship(base, [base.config({"problem.params.c": 1.0})])
+    assert sorted(name for name, _ in source.files) == ["b.npy", "data/A.npy"]
+    # The client's folder is gone: the workers can only read what was shipped.
+    for path in (folder / "data" / "A.npy", folder / "b.npy", config):
+        path.unlink()
+    tasks = [
+        Task(idx, point_task, (source, idx, assignment, PointOptions(), False))
+        for idx, assignment in [((i,), {axes[0].key: c}) for i, c in enumerate(axes[0].values)]
+    ]
+    with DaskExecutor(ExecutionSettings(scheduler=scheduler)) as executor:
+        results = dict(executor.run(tasks, files=blobs))
+    for (i,), c in zip([(0,), (1,)], (1.0, 2.0), strict=True):
+        point = results[(i,)]
+        assert point["status"] == "converged", point.get("error")
+        expected = np.linalg.solve(np.eye(2) - A, c * b)
+        assert point["solution"][0] == pytest.approx(expected.tolist(), abs=1e-12)
+    stored = [stored_path(content, name) for name, content in source.files]
+    assert all(path.exists() for path in stored)  # this test run's store, shared with the workers
+
+
+@pytest.mark.distributed
+def test_a_worker_that_dies_mid_sweep_loses_no_point(cli, scheduler: str, tmp_path: Path) -> None:
+    config = _dottie_map(tmp_path)
+    args = ["--param", "a=0.5,1.0,1.5", "--trust-code", "--json", "-", "-q"]
+    run = cli("sweep", config, *args, "--scheduler", scheduler)
+    assert (tmp_path / "died").exists()  # a worker did die, in the middle of a task
+    assert run.exit_code == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert [p["status"] for p in doc["points"]] == ["converged"] * 3
+    # The task the dead worker held ran again elsewhere: z = a·cos(z), Dottie's number at a = 1.
+    assert doc["points"][1]["value"] == pytest.approx(DOTTIE, abs=1e-12)
+    assert doc["points"][0]["value"] == pytest.approx(0.45018361129487355, abs=1e-12)
+
+
+@pytest.mark.distributed
+def test_a_resumed_sweep_on_workers_runs_only_missing_points(scheduler: str, tmp_path: Path):
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    base = SweepBase.from_path(LINEAR)
+    axes = make_axes(base, ["a=0.1:0.7:7"])
+    path = tmp_path / "points.jsonl"
+
+    def stop_after_three(count: int, total: int, point: dict) -> None:
+        if count == 3:
+            raise KeyboardInterrupt
+
+    with DaskExecutor(ExecutionSettings(scheduler=scheduler)) as executor:
+        partial = run_sweep(base, axes, results=path, on_point=stop_after_three, executor=executor)
+    assert partial.interrupted and len(partial.points) == 3
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4  # the header and every point that arrived
+    # Mark the points already done: a resumed sweep must read them back, not solve them again.
+    kept = [json.loads(line) for line in lines[1:]]
+    path.write_text(
+        "\n".join([lines[0], *(json.dumps({**p, "wall_time": -1.0}) for p in kept)]) + "\n"
+    )
+    with DaskExecutor(ExecutionSettings(scheduler=scheduler)) as executor:
+        full = run_sweep(base, axes, results=path, resume=True, executor=executor)
+    assert not full.interrupted and full.resumed == 3 and len(full.points) == 7
+    assert sum(p["wall_time"] == -1.0 for p in full.points) == 3
+    assert len(path.read_text().splitlines()) == 8
+    for a, point in zip(axes[0].values, full.points, strict=True):
+        assert point["value"] == pytest.approx(2.0 / (1 - a), rel=1e-12)
+
+
+@pytest.mark.distributed
+def test_an_unreachable_scheduler_is_one_line(cli, monkeypatch) -> None:
+    from deqcli.execution import dask_executor
+
+    monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT", 1)
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", "tcp://127.0.0.1:9")
+    assert run.exit_code == 2
+    assert run.stderr.strip().startswith("error: --scheduler: cannot reach tcp://127.0.0.1:9: ")
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.distributed
+def test_a_slurm_cluster_file_becomes_the_job_script(tmp_path: Path) -> None:
+    pytest.importorskip("dask_jobqueue")
+    from deqcli.errors import ConfigError
+    from deqcli.execution.cluster import load_cluster
+    from deqcli.execution.dask_executor import _jobqueue
+
+    path = tmp_path / "slurm.yaml"
+    path.write_text(
+        "kind: slurm\nworkers: 8\ncores: 4\nmemory: 8GB\nwalltime: '00:30:00'\nqueue: short\n"
+        "job_script_prologue: ['source ~/venvs/deq/bin/activate']\n"
+    )
+    spec = load_cluster(path)
+    cluster = _jobqueue(spec, path)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for line in ("#SBATCH -p short", "#SBATCH -t 00:30:00", "source ~/venvs/deq/bin/activate"):
+        assert line in script
+    assert "--nworkers 4" in script and "--nthreads 1" in script  # one core per worker process
+    path.write_text("kind: slurm\nworkers: 8\ncores: 4\nmemory: 8GB\noptions: {no_such: 1}\n")
+    with pytest.raises(ConfigError, match=r"options\.no_such: SLURMCluster takes no 'no_such'"):
+        _jobqueue(load_cluster(path), path)
+
+
+@pytest.mark.distributed
+def test_a_cluster_file_needs_the_batch_systems_submit_command(cli, tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    path = tmp_path / "slurm.yaml"
+    path.write_text("kind: slurm\nworkers: 2\ncores: 1\nmemory: 1GB\n")
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--cluster", path)
+    assert run.exit_code == 2
+    assert "--cluster: slurm jobs are submitted with 'sbatch', which is not on this" in run.stderr
+
+
+@pytest.mark.distributed
+def test_ctrl_c_on_a_distributed_sweep_keeps_every_point_that_arrived(
+    scheduler: str, tmp_path: Path
+) -> None:
+    import signal
+
+    results = tmp_path / "points.jsonl"
+    # More points than can finish before the interrupt, which comes once a few have arrived.
+    command = [sys.executable, "-m", "deqcli", "sweep", str(LINEAR), "--param", "a=0:0.5:300",
+               "--results", str(results), "--scheduler", scheduler, "-q"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) > 6:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    lines = results.read_text().splitlines()
+    assert json.loads(lines[0])["kind"] == "deq-sweep"
+    points = [json.loads(line) for line in lines[1:]]  # every line whole
+    indices = [p["index"][0] for p in points]
+    assert 6 <= len(points) < 300 and len(set(indices)) == len(indices)
+    for point in points:
+        a = point["assignment"]["problem.params.a"]
+        assert point["value"] == pytest.approx(2.0 / (1 - a), rel=1e-12)
+
+
+@pytest.mark.distributed
+def test_workers_with_another_deqcli_version_are_refused(cli, scheduler: str, monkeypatch) -> None:
+    import deqcli
+
+    theirs = deqcli.__version__
+    monkeypatch.setattr(deqcli, "__version__", "0.0.1")  # this side only; the workers keep theirs
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", scheduler)
+    assert run.exit_code == 2
+    assert f"the workers run deqcli {theirs}, this is 0.0.1; install the same version" in run.stderr
