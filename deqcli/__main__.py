@@ -28,6 +28,8 @@ def main() -> None:
         # The outcome is decided: a press from now on (while the interpreter shuts down, when
         # Python would restore the default handler and die of the signal) changes nothing.
         interrupt.ignore()
+    if code == interrupt.EXIT_INTERRUPTED:
+        interrupt.leave()  # not through Python's shutdown, which may die of the signal itself
     sys.exit(code)
 
 

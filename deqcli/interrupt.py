@@ -15,12 +15,14 @@ comparison marked partial), print the line with ``announce()`` and exit with ``E
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
+from typing import NoReturn
 
 EXIT_INTERRUPTED = 130
 LINE = "interrupted"
@@ -41,6 +43,21 @@ def ignore() -> None:
     """Ignore SIGINT from now on (the exit code is decided; the process is shutting down)."""
     with contextlib.suppress(ValueError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def leave(code: int = EXIT_INTERRUPTED) -> NoReturn:
+    """End an interrupted run with ``code`` now: flush the streams, run the exit handlers, leave.
+
+    Python's own shutdown after a KeyboardInterrupt that was raised inside some of its C paths
+    (and then handled) ends the process by re-sending SIGINT to itself, so the exit code would be
+    the signal's instead of 130; leaving directly keeps it.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def checkpoint() -> None:

@@ -184,7 +184,10 @@ def test_an_exception_in_the_map_names_the_line_of_the_config_code(cli, tmp_path
     [
         ("(lambda z: (0.5 * z).to(torch.complex128), torch.zeros(1, 2))", "complex128"),
         ("(lambda z: z > 0, torch.zeros(1, 2))", "torch.bool"),
-        ("(lambda z: torch.cat([z, z], dim=1), torch.zeros(1, 2))", "returned (1, 4) for z of shape (1, 2)"),
+        (
+            "(lambda z: torch.cat([z, z], dim=1), torch.zeros(1, 2))",
+            "returned (1, 4) for z of shape (1, 2)",
+        ),
         ("(lambda z: z, 'abc')", "z0 from model.py:make is not a tensor"),
         ("(lambda z: z, torch.zeros(1, 0))", "is empty"),
         ("(lambda z: z, [1 + 2j])", "must be real numbers"),
@@ -268,17 +271,19 @@ def test_ctrl_c_during_a_solve_exits_130_with_one_line(tmp_path: Path, presses: 
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_during_start_up_exits_130_with_one_line() -> None:
-    # The press arrives while the command line is being imported (before typer, rich, torch).
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_start_up_exits_130_with_one_line(presses: int) -> None:
+    # The presses arrive while the command line is being imported (before typer, rich, torch).
     code = textwrap.dedent(
-        """
+        f"""
         import builtins, os, signal, sys
         sys.argv = ["deq", "solve", "configs/dottie.yaml"]
         real_import = builtins.__import__
         def importing(name, *args, **kwargs):
             if name == "deqcli.cli":
                 builtins.__import__ = real_import
-                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range({presses}):
+                    os.kill(os.getpid(), signal.SIGINT)
             return real_import(name, *args, **kwargs)
         builtins.__import__ = importing
         from deqcli.__main__ import main
