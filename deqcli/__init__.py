@@ -7,16 +7,22 @@ Importing the package does not import torch; solving does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deqcli.result import SolveResult, Status
+if TYPE_CHECKING:
+    from deqcli.result import SolveResult, Status
 
 __version__ = "0.1.0"
 __all__ = ["SolveResult", "Status", "__version__", "load_config", "load_problem", "nn", "solve"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `deq --help` and friends never pay for torch.
+    # Lazy so that `deq --help` and friends never pay for torch, and so that the entry point
+    # installs its Ctrl-C handler before anything of weight is imported.
+    if name in ("SolveResult", "Status"):
+        from deqcli import result
+
+        return getattr(result, name)
     if name in ("solve", "load_problem"):
         from deqcli import api
 

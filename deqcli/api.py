@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deqcli.config import Config, load_config
+from deqcli.deadline import bounded
+from deqcli.limits import Limits, check_solve
 
 if TYPE_CHECKING:
     from deqcli.diagnostics.settings import DiagnosticOptions
@@ -106,6 +108,7 @@ def solve_config(
         diagnostics=diagnostics,
         precheck=precheck,
         monitor=monitor,
+        limits=Limits.of(cfg.run),
     )
 
 
@@ -183,31 +186,44 @@ def _solve(
     diagnostics: bool | DiagnosticOptions,
     precheck: bool,
     monitor: Monitor | None = None,
+    limits: Limits | None = None,
 ) -> SolveResult:
     """The one path of both forms: precheck, the driver (with ``monitor``, every
-    ``stop.monitor_every`` iterations), notes, diagnostics, the state's shape."""
+    ``stop.monitor_every`` iterations), notes, diagnostics, the state's shape.
+
+    ``limits`` (run.max_memory, run.max_work; the defaults for a callable) bound the working set.
+    """
     from deqcli.solvers import make_solver
     from deqcli.solvers.base import run
 
     solver = make_solver(solver_name, options)
+    # Before anything runs: the solver's working set must fit run.max_memory.
+    check_solve(
+        problem.batch, problem.dim, problem.z0.element_size(), solver, stop, limits or Limits()
+    )
     diag_options = None if isinstance(diagnostics, bool) else diagnostics
     pre = None
+    cut: list[str] = []  # what run.timeout cut short before the solve
     if precheck:
         from deqcli.diagnostics import precheck as check_start
 
-        pre = check_start(problem, diag_options, solver=solver)
+        with bounded(stop.timeout, "the precheck", cut):
+            pre = check_start(problem, diag_options, solver=solver)
     result = run(problem, solver, stop, monitor=monitor)
     result.state_shape = list(problem.sample_shape)
-    result.notes.extend(tolerance_notes(stop, problem))
+    result.notes.extend(tolerance_notes(stop, problem) + cut)
+    # The diagnostics and the remedy trials each get run.timeout again, and end with a note.
     if diagnostics is not False or pre is not None:
         from deqcli.diagnostics import attach
 
-        attach(problem, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
+        with bounded(stop.timeout, "the diagnostics", result.notes):
+            attach(problem, result, diag_options, pre=pre, analyse_result=diagnostics is not False)
     if diagnostics is not False:
         from deqcli.analyses.remedies import try_remedies
 
         # The planned remedies, run within their budget (DiagnosticOptions.trials, --no-try).
-        try_remedies(problem, result, diag_options)
+        with bounded(stop.timeout, "the remedy trials", result.notes):
+            try_remedies(problem, result, diag_options)
     return result
 
 

@@ -1,6 +1,7 @@
 """YAML configuration → validated spec objects, ``--set`` overrides, and the JSON Schema.
 
-Loaded with ``yaml.safe_load`` only; validated strictly by pydantic (unknown keys, wrong types and
+Loaded with PyYAML's safe loader only, capped in size, depth and alias expansion
+(``deqcli.yaml_reader``); validated strictly by pydantic (unknown keys, wrong types and
 out-of-range values are errors that name the dotted key path and the YAML line). Expressions are
 parsed here too, so ``deq validate`` catches them without importing torch.
 """
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -32,6 +32,8 @@ from pydantic import (
 
 from deqcli.errors import ConfigError, DeqError
 from deqcli.expr import ExpressionError, parse_expression
+from deqcli.limits import DEFAULT_MAX_MEMORY, DEFAULT_MAX_WORK, parse_memory
+from deqcli.yaml_reader import INT_LIMIT, YamlSyntaxError, load_document, read_capped
 
 # -- array specifications ------------------------------------------------------------------
 
@@ -48,9 +50,18 @@ class FileArray(BaseModel):
     .safetensors file, or of a dict saved with torch.save (dotted for nested dicts).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     file: str
     key: str | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        # Checked here, as the build checks it, so that deq validate and deq solve accept the
+        # same files.
+        if Path(value).suffix not in ARRAY_FILE_SUFFIXES:
+            raise ValueError(f"'{value}' must be one of {', '.join(ARRAY_FILE_SUFFIXES)}")
+        return value
 
 
 class RandomArray(BaseModel):
@@ -62,7 +73,7 @@ class RandomArray(BaseModel):
     [lo, hi] in a random orthonormal basis.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     random: Literal["normal", "uniform", "orthogonal", "symmetric"]
     shape: list[Annotated[int, Field(gt=0)]] | None = Field(
         default=None, description="the array's shape, where the key does not imply one"
@@ -149,7 +160,7 @@ ArraySpec = Annotated[Any, BeforeValidator(_parse_array), WithJsonSchema(_ARRAY_
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TanhLayerSpec(_Spec):
@@ -343,6 +354,10 @@ class SolverSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+def _memory_size(value: Any) -> int:
+    return parse_memory(value)
+
+
 class RunSpec(_Spec):
     """Tolerances, budgets, device and precision."""
 
@@ -369,6 +384,26 @@ class RunSpec(_Spec):
         int,
         Field(ge=64, description="history rows kept before a long run's middle is thinned"),
     ] = 10_000
+    max_memory: Annotated[
+        int,
+        BeforeValidator(_memory_size),
+        WithJsonSchema(
+            {
+                "description": "most memory the problem's arrays, the solver's working set and "
+                "one evaluation of an expression may need: bytes, or a size such as 8GiB or "
+                "512MB (default 4GiB)",
+                "anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"type": "string"}],
+            }
+        ),
+    ] = DEFAULT_MAX_MEMORY
+    max_work: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="most operations one evaluation of an expression may take for the "
+            "whole batch (default 1e8)",
+        ),
+    ] = DEFAULT_MAX_WORK
 
     @field_validator("device")
     @classmethod
@@ -467,8 +502,9 @@ def read_config_text(path: str | Path) -> tuple[str, Path]:
     """
     if str(path) == "-":
         try:
-            return sys.stdin.read(), Path.cwd()
-        except (OSError, UnicodeDecodeError) as exc:
+            # The same cap as for files: a pipe that never ends is refused, not read into memory.
+            return read_capped(sys.stdin.buffer, "standard input"), Path.cwd()
+        except OSError as exc:
             raise ConfigError("", f"cannot read the config from standard input: {exc}") from None
     p = Path(path)
     if not p.exists():
@@ -476,9 +512,11 @@ def read_config_text(path: str | Path) -> tuple[str, Path]:
     if p.is_dir():
         raise ConfigError("", f"'{path}' is a directory, not a config file")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("", f"cannot read '{path}': {exc}") from None
+        # Capped: a FIFO, /dev/zero or a huge file is refused without filling the memory.
+        with p.open("rb") as fh:
+            text = read_capped(fh, f"'{path}'")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read '{path}': {exc.strerror or exc}") from None
     return text, p.resolve().parent
 
 
@@ -491,7 +529,8 @@ def parse_config(
     solver: str | None = None,
 ) -> Config:
     """Validate YAML text as a Config; errors name the key path and the YAML line."""
-    raw = load_yaml(text, source)
+    # Bounded in depth, aliases and integer range; the key lines come from the same pass.
+    raw, lines = load_document(text, source)
     if not isinstance(raw, dict):
         raise ConfigError("", f"{source}: expected a mapping with a 'problem' key at the top level")
     if solver is not None:
@@ -505,7 +544,6 @@ def parse_config(
         raw["solver"] = current if same else {"name": solver}
     for item in overrides or []:
         apply_override(raw, item)
-    lines = _key_lines(text)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -517,16 +555,17 @@ def parse_config(
 
 
 def load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` of a file's text; malformed YAML is a ConfigError naming line and column."""
+    """A YAML document's value, read safely (``deqcli.yaml_reader``: bounded in depth, aliases
+    and integers); malformed or refused YAML is a ConfigError naming the line."""
+    return load_document(text, source)[0]
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML document to its 1-based line number ({} if it is not YAML)."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if "'\\t'" in problem:
-            problem += " (a tab: YAML indents with spaces)"
-        raise ConfigError("", f"{source}: malformed YAML{where}: {problem}") from None
+        return load_document(text)[1]
+    except ConfigError:
+        return {}
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -558,36 +597,24 @@ NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 def _scalar(text: str) -> Any:
     """Parse a flag value as YAML, reading 1e-8 as a number (YAML 1.1 would keep it a string)."""
     if NUMBER.match(text.strip()):
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        if any(c in text for c in ".eE"):
+            return float(text)
+        digits = text.strip().lstrip("+-")
+        if len(digits) > 19 or not -INT_LIMIT <= int(digits) < INT_LIMIT:
+            shown = text if len(text) <= 24 else f"{text[:12]}… ({len(digits)} digits)"
+            raise ConfigError(
+                "--set",
+                f"integer {shown} is out of range (|n| < 2**63); write a large value as a float "
+                "such as 1.0e30",
+            )
+        return int(text)
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in the YAML document to its 1-based line number."""
-    lines: dict[tuple[str, ...], int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                sub = (*path, str(k.value))
-                lines[sub] = k.start_mark.line + 1
-                walk(v, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                sub = (*path, str(i))
-                lines[sub] = v.start_mark.line + 1
-                walk(v, sub)
-
-    if root is not None:
-        walk(root, ())
-    return lines
+        value, _ = load_document(text, "--set value")
+    except YamlSyntaxError:
+        return text  # not YAML: the text itself (validation says whether a string fits)
+    except ConfigError as exc:  # YAML, but refused for its shape (depth, aliases, range)
+        raise ConfigError("--set", exc.message) from None
+    return value
 
 
 def _line_for(
@@ -666,26 +693,46 @@ def _config_error(
 
 
 def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = None) -> None:
-    """Parse every expression in the config against the names it may use (no torch needed)."""
+    """Parse every expression in the config against the names it may use, and refuse problems
+    whose arrays or expressions exceed run.max_memory / run.max_work where the config fixes the
+    shapes (no torch needed; the build checks again with the actual shapes)."""
+    from deqcli.limits import Limits
+
     spec = cfg.problem
     lines = lines or {}
+    limits = Limits.of(cfg.run)
+    itemsize = 4 if cfg.run.dtype == "float32" else 8
 
-    def parse(text: str, path: tuple[str, ...], names: set[str]) -> None:
+    def parse(
+        text: str,
+        path: tuple[str, ...],
+        known: dict[str, Any],
+        *,
+        batch: int = 1,
+        factor: float = 1.0,
+    ) -> Any:
+        """Parse, check the cost of one evaluation, and return what is known of its value."""
         key = ".".join(path)
         try:
-            parse_expression(text, key=key, names=names)
+            expr = parse_expression(text, key=key, names=set(known))
+            cost = expr.cost(known)
+            limits.check_expression(expr, known, batch=batch, itemsize=itemsize, factor=factor)
         except ExpressionError as exc:
             detail = str(exc).removeprefix(f"{key}: ")
             raise ConfigError(key, detail, line=_line_for(path, lines)) from None
+        return cost.result
 
     if isinstance(spec, TanhLayerSpec):
-        names = {"n", "m", "batch"}
+        n, m, batch = spec.dim, spec.input_dim or spec.dim, _layer_batch(spec)
+        _check_layer_size(spec, limits, itemsize, lines)
+        known: dict[str, Any] = {"n": n, "m": m, "batch": batch}
+        shapes = {"W": (n, n), "U": (n, m), "b": (n,), "x": (batch, m), "initial": (batch, n)}
         for field in ("W", "U", "b", "x", "initial"):
             value = getattr(spec, field)
             if isinstance(value, str):
-                parse(value, ("problem", field), names)
+                parse(value, ("problem", field), known)
             if value is not None:
-                names.add(field)
+                known[field] = shapes[field]
         return
     if isinstance(spec, PythonSpec):
         return
@@ -694,13 +741,15 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
         for field in ("inputs", "initial"):
             value = getattr(spec, field)
             if isinstance(value, str):
-                parse(value, ("problem", field), set())
+                parse(value, ("problem", field), {})
         for name, value in spec.params.items():
             if isinstance(value, str):
-                parse(value, ("problem", "params", name), set())
+                parse(value, ("problem", "params", name), {})
         return
-    names = {"n"}
-    shared: set[str] = set()
+    dim = spec.dim or _static_dim(spec.initial)
+    known = {"n": dim}
+    shared: dict[str, Any] = {}
+    batch = spec.batch or _static_rows(spec.initial)
     for group in ("params", "batch_params"):
         for name, value in getattr(spec, group).items():
             if not name.isidentifier() or name.startswith("_"):
@@ -709,19 +758,90 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
                     "parameter names must be identifiers not starting with _",
                 )
             if isinstance(value, str):
-                parse(value, ("problem", group, name), names)
-            names.add(name)
+                result = parse(value, ("problem", group, name), known)
+            else:
+                result = _static_known(value)
+            if group == "batch_params" and isinstance(result, tuple) and result:
+                batch = batch or result[0]
+                result = result[1:]  # one sample's row, as the map sees it
+            known[name] = result
         if group == "params":
-            shared = set(names)
+            shared = dict(known)
+    batch = batch or 1
+    if dim is not None:
+        limits.check_bytes(
+            2.0 * batch * dim * itemsize,
+            f"a start of batch {batch} × n {dim} and its copies",
+            key="problem.dim" if spec.dim else "problem.initial",
+        )
     var = "w" if isinstance(spec, GradientDescentSpec) else "z"
     if isinstance(spec.initial, str):
         # The start is built before per-sample parameters are spread over the batch.
         parse(spec.initial, ("problem", "initial"), shared)
+    known[var] = (dim,) if dim is not None else None
     if isinstance(spec, GradientDescentSpec):
-        parse(spec.loss, ("problem", "loss"), names | {"w"})
+        # The map evaluates the loss and its gradient: about three evaluations' work.
+        parse(spec.loss, ("problem", "loss"), known, batch=batch, factor=3.0)
     else:
         field = "fixed_point" if spec.fixed_point is not None else "residual"
-        parse(getattr(spec, field), ("problem", field), names | {var})
+        parse(getattr(spec, field), ("problem", field), known, batch=batch)
+
+
+def _static_known(value: Any) -> Any:
+    """What the config itself fixes of an array spec: a number's value or a list's shape."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list):
+        try:
+            return _check_rectangular(value)
+        except ValueError:
+            return None
+    if isinstance(value, RandomArray) and value.shape is not None:
+        return tuple(value.shape)
+    return None
+
+
+def _static_dim(initial: Any) -> int | None:
+    """n as the build infers it from ``initial`` when ``dim`` is not given (None: unknown)."""
+    known = _static_known(initial)
+    if isinstance(known, tuple):
+        return known[-1] if known else 1
+    return 1 if known is not None else None
+
+
+def _static_rows(initial: Any) -> int | None:
+    known = _static_known(initial)
+    return known[0] if isinstance(known, tuple) and len(known) == 2 else None
+
+
+def _layer_batch(spec: TanhLayerSpec) -> int:
+    """The layer's batch as the build infers it: ``batch``, else the rows of a (batch, m) x."""
+    if spec.batch is not None:
+        return spec.batch
+    known = _static_known(spec.x)
+    m = spec.input_dim or spec.dim
+    return known[0] if isinstance(known, tuple) and len(known) == 2 and known[1] == m else 1
+
+
+def _check_layer_size(
+    spec: TanhLayerSpec, limits: Any, itemsize: int, lines: dict[tuple[str, ...], int]
+) -> None:
+    """The layer's arrays (W, U, b, x, the start), random draws made in float64, and the SVD
+    behind ‖W‖₂, against run.max_memory."""
+    n, m, batch = spec.dim, spec.input_dim or spec.dim, _layer_batch(spec)
+    sizes = {"W": n * n, "U": n * m if spec.U is not None else 0, "b": n, "x": batch * m}
+    sizes["initial"] = batch * n
+    need = sum(sizes.values()) * itemsize + 3 * n * n * 8
+    for field, count in sizes.items():
+        if isinstance(getattr(spec, field), RandomArray):
+            need += count * 8
+    key = "problem.dim" if n * n >= batch * max(n, m) else "problem.batch"
+    try:
+        limits.check_bytes(
+            need, f"dim {n}, input_dim {m}, batch {batch}: the layer's arrays", key=key
+        )
+    except ConfigError as exc:
+        raise ConfigError(key, exc.message, line=_line_for(tuple(key.split(".")), lines)) from None
 
 
 @dataclass(frozen=True)

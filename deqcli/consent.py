@@ -13,6 +13,7 @@ each task and runs under ``decided(trust)``, so a worker's own environment never
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -89,3 +90,45 @@ def notice(kind: str, target: str) -> str | None:
         return None
     state = "allowed here" if granted() else f"solving it needs consent: {HOW}"
     return f"runs Python code from {target} ({state})"
+
+
+# -- while the config's code runs -----------------------------------------------------------------
+
+# Files of code the user consented to run; tracebacks through them are the config's failures.
+_user_files: set[str] = set()
+
+
+class UserCodeError(UsageError):
+    """The config's own Python code failed (raised, or called sys.exit) while deq ran it."""
+
+
+def mark_user_code(filename: str | None) -> None:
+    """Remember a file of the config's code, so failures inside it are reported as its own."""
+    if filename:
+        _user_files.add(os.path.realpath(filename))
+
+
+def user_code_site(exc: BaseException) -> str | None:
+    """``file.py:line`` of the innermost frame of the config's code in ``exc``'s traceback, if any."""
+    site = None
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if os.path.realpath(code.co_filename) in _user_files:
+            site = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return site
+
+
+@contextmanager
+def running_user_code(target: str, *, key: str = "problem.target") -> Iterator[None]:
+    """Run the config's code with its prints sent to stderr (so ``--json -`` keeps stdout pure
+    JSON), and a ``sys.exit()`` inside it turned into one line of bad input."""
+    saved = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield
+    except SystemExit as exc:
+        raise UserCodeError(f"{key}: {target} called sys.exit({exc.code!r})") from None
+    finally:
+        sys.stdout = saved

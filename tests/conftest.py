@@ -36,6 +36,19 @@ def cli() -> Callable[..., Run]:
     return invoke
 
 
+def one_line_error(run: Run, *fragments: str, code: int = 2) -> str:
+    """Assert the run failed with exit ``code`` and exactly one 'error:' line on stderr holding
+    every fragment, no traceback and nothing on stdout; return the line."""
+    assert run.exit_code == code, (run.exit_code, run.stdout, run.stderr)
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture
 def write_config(tmp_path: Path) -> Callable[[str, str], Path]:
     """Write YAML text (dedented) to a file in a temporary folder and return its path."""

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from deqcli.cli import app
 from tests.conftest import CONFIGS, ROOT
+from tests.conftest import one_line_error as _one_line_error
 
 DOTTIE = 0.7390851332151607
 
@@ -151,16 +152,6 @@ def test_python_kind_runs_user_code(cli) -> None:
     for sample in doc["samples"]:
         z = np.array(sample["solution"])
         np.testing.assert_allclose(z, a * np.cos(z) + 0.25, atol=1e-11)
-
-
-def _one_line_error(run, *fragments: str) -> None:
-    assert run.exit_code == 2, (run.stdout, run.stderr)
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in run.stderr and run.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_bad_input_is_one_line_and_exit_two(cli, write_config) -> None:

@@ -35,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from deqcli import __version__
 from deqcli.consent import decided, granted, require_all
-from deqcli.errors import DeqError, UsageError
+from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.execution import Executor, Task, TaskFailed
 from deqcli.execution.source import ConfigSource, ship
+from deqcli.expr import ExpressionError
 from deqcli.render.report import fmt_time
 from deqcli.result import _num as json_number
 from deqcli.schemas import COMPARE_KIND, COMPARE_VERSION
+from deqcli.yaml_reader import MAX_DOCUMENT_BYTES, read_capped_file
 
 if TYPE_CHECKING:
     from deqcli.config import Config
@@ -55,6 +57,8 @@ DEFAULT_WARMUP = 1
 # Wall time is noisy (other load, frequency scaling, a different CI machine): only a large slowdown
 # against a baseline counts as a regression by default.
 DEFAULT_MAX_SLOWDOWN = 3.0
+# Timed runs beyond this add nothing to a median but can keep a CI job busy for hours.
+MAX_REPEAT = 1000
 # Solutions are kept in the JSON only up to this many numbers per solve, so that baselines of large
 # problems stay small files.
 MAX_SOLUTION_VALUES = 4096
@@ -120,10 +124,10 @@ def peer_available(family: str) -> bool:
 
 def check_settings(*, repeat: int, warmup: int, max_slowdown: float) -> None:
     """Reject impossible numeric flags before any solving starts."""
-    if repeat < 1:
-        raise UsageError(f"--repeat: must be at least 1, got {repeat}")
-    if warmup < 0:
-        raise UsageError(f"--warmup: must be 0 or more, got {warmup}")
+    if not 1 <= repeat <= MAX_REPEAT:
+        raise UsageError(f"--repeat: must be from 1 to {MAX_REPEAT}, got {repeat}")
+    if not 0 <= warmup <= MAX_REPEAT:
+        raise UsageError(f"--warmup: must be from 0 to {MAX_REPEAT}, got {warmup}")
     if not (math.isfinite(max_slowdown) and max_slowdown >= 1.0):
         raise UsageError(
             f"--max-slowdown: must be a number ≥ 1 (1 = no slowdown allowed), got {max_slowdown:g}"
@@ -165,8 +169,11 @@ def compare(
     across solvers; with a remote one each (config, solver) is a task.
 
     A solver that cannot handle a problem (unknown option, dense Jacobian too large, peer library
-    missing, an exception inside the solver) gets an ``error`` row with a one-line reason; the
-    comparison goes on. Problems that cannot be built are bad input and raise.
+    missing, an exception inside the solver) gets an ``error`` row with a one-line reason; so does
+    every solver of a problem that cannot be built; the comparison goes on. Configs that do not
+    validate, and configs that would run Python code without consent, are bad input and raise
+    before anything runs. A Ctrl-C keeps the problems finished so far: the document is marked
+    ``interrupted`` (and not ``complete``).
     """
     check_settings(repeat=repeat, warmup=warmup, max_slowdown=DEFAULT_MAX_SLOWDOWN)
     if not solvers:
@@ -176,15 +183,22 @@ def compare(
     require_all(cfg.problem for cfg in configs)
     taken: set[str] = set()
     names = [_unique(cfg, taken) for cfg in configs]
+    problems: list[dict[str, Any]] = []
+    interrupted = False
     if executor is not None and executor.remote:
-        problems = _compare_tasks(
+        problems, interrupted = _compare_tasks(
             paths, configs, names, solvers, overrides, repeat, warmup, progress, debug, executor
         )
     else:
-        problems = [
-            _compare_one(path, cfg, solvers, overrides, repeat, warmup, progress, debug, name)
-            for path, cfg, name in zip(paths, configs, names, strict=True)
-        ]
+        try:
+            for path, cfg, name in zip(paths, configs, names, strict=True):
+                problems.append(
+                    _compare_one(
+                        path, cfg, solvers, overrides, repeat, warmup, progress, debug, name
+                    )
+                )
+        except KeyboardInterrupt:
+            interrupted = True  # the problem in progress is dropped; the finished ones are kept
     environment = _environment()
     environment["execution"] = executor.describe() if executor else {"backend": "in-process"}
     doc: dict[str, Any] = {
@@ -200,6 +214,8 @@ def compare(
             "overrides": overrides,
         },
         "problems": problems,
+        "complete": not interrupted,
+        "interrupted": interrupted,
     }
     doc["summary"] = summarise(problems, solvers)
     return doc
@@ -230,7 +246,14 @@ def _compare_one(
     from deqcli import api
     from deqcli.config import load_config
 
-    problem = api.load_problem(cfg)
+    try:
+        problem = api.load_problem(cfg)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the config validated, but its problem cannot be built
+        if debug and not isinstance(exc, (DeqError, ExpressionError)):
+            raise
+        return _unbuilt(name, path, cfg, solvers, _failure(exc))
     attempt = _Attempts(
         problem, lambda solver: load_config(path, overrides, solver=solver), debug, progress, name
     )
@@ -240,7 +263,9 @@ def _compare_one(
     for _ in range(repeat):
         for solver in solvers:
             attempt.timed(solver)
-    rows = [_row(solver, attempt.runs(solver), problem, debug) for solver in solvers]
+    rows = [
+        _row(solver, attempt.runs(solver), problem, debug, cfg.run.timeout) for solver in solvers
+    ]
     return _problem_entry(name, path, cfg, _problem_facts(problem), rows)
 
 
@@ -295,12 +320,12 @@ class _Attempts:
             return api.solve(self._configs[solver], problem=self.problem, diagnostics=False)
         except KeyboardInterrupt:
             raise
-        except DeqError as exc:
-            slot.error = _one_line(str(exc))
+        except (DeqError, ExpressionError) as exc:
+            slot.error = _failure(exc)
         except Exception as exc:
             if self.debug:
                 raise
-            slot.error = _one_line(f"{type(exc).__name__}: {exc}")
+            slot.error = _failure(exc)
         return None
 
 
@@ -312,7 +337,11 @@ def compare_task(
     from deqcli import api
 
     with decided(trust):
-        problem = api.load_problem(source.config())
+        cfg = source.config()
+        try:
+            problem = api.load_problem(cfg)
+        except (DeqError, ExpressionError) as exc:  # an error row, as in-process
+            return {"facts": None, "row": _error_row(solver, _built_failure(_failure(exc)), None)}
         attempt = _Attempts(problem, lambda name: source.config(solver=name), debug)
         for _ in range(warmup):
             attempt(solver)
@@ -320,7 +349,7 @@ def compare_task(
             attempt.timed(solver)
         return {
             "facts": _problem_facts(problem),
-            "row": _row(solver, attempt.runs(solver), problem, debug),
+            "row": _row(solver, attempt.runs(solver), problem, debug, cfg.run.timeout),
         }
 
 
@@ -335,8 +364,9 @@ def _compare_tasks(
     progress: ProgressCallback | None,
     debug: bool,
     executor: Executor,
-) -> list[dict[str, Any]]:
-    """Every (config, solver) as a timed task on ``executor``; the problems' entries in order."""
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every (config, solver) as a timed task on ``executor``; the problems' entries in order, and
+    whether Ctrl-C stopped it (then only the problems whose every solver came back are kept)."""
     sources = []
     files = {}
     for path, cfg in zip(paths, configs, strict=True):
@@ -351,23 +381,30 @@ def _compare_tasks(
     ]
     rows: dict[Any, dict[str, Any]] = {}
     facts: dict[int, dict[str, Any]] = {}
-    for key, out in executor.run(tasks, files=files, exclusive=True):
-        i, solver = key  # type: ignore[misc]
-        if isinstance(out, TaskFailed):
-            rows[key] = _error_row(solver, out.message, None)
-        else:
-            facts.setdefault(i, out["facts"])
-            rows[key] = out["row"]
-        if progress is not None:
-            for _ in range(warmup + repeat):  # the bar counts solves
-                progress(f"{names[i]} · {solver}")
+    interrupted = False
+    try:
+        for key, out in executor.run(tasks, files=files, exclusive=True):
+            i, solver = key  # type: ignore[misc]
+            if isinstance(out, TaskFailed):
+                rows[key] = _error_row(solver, out.message, None)
+            else:
+                if out["facts"] is not None:
+                    facts.setdefault(i, out["facts"])
+                rows[key] = out["row"]
+            if progress is not None:
+                for _ in range(warmup + repeat):  # the bar counts solves
+                    progress(f"{names[i]} · {solver}")
+    except KeyboardInterrupt:
+        interrupted = True
     unknown = dict.fromkeys(("form", "description", "batch", "dim", "device"))
-    return [
+    entries = [
         _problem_entry(
             names[i], paths[i], configs[i], facts.get(i, unknown), [rows[(i, s)] for s in solvers]
         )
         for i in range(len(paths))
+        if all((i, s) in rows for s in solvers)
     ]
+    return entries, interrupted
 
 
 def _problem_facts(problem: Problem) -> dict[str, Any]:
@@ -405,6 +442,25 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _failure(exc: BaseException) -> str:
+    """One line for an error row: the message of our own errors, the type and message of others."""
+    if isinstance(exc, (DeqError, ExpressionError)):
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _built_failure(error: str) -> str:
+    return f"the problem could not be built: {error}"
+
+
+def _unbuilt(name: str, path: Path, cfg: Config, solvers: list[str], error: str) -> dict[str, Any]:
+    """A problem whose config validated but whose problem could not be built: an error row for
+    every solver, the reason in each."""
+    rows = [_error_row(solver, _built_failure(error), None) for solver in solvers]
+    facts = {"description": "", "batch": None, "dim": None, "device": cfg.run.device}
+    return _problem_entry(name, path, cfg, facts, rows)
+
+
 def _error_row(solver: str, message: str, samples: int | None) -> dict[str, Any]:
     """The row of a solver that has no measured solve (it failed, or its task could not run)."""
     from deqcli.solvers import SOLVERS
@@ -434,8 +490,15 @@ def _error_row(solver: str, message: str, samples: int | None) -> dict[str, Any]
     }
 
 
-def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dict[str, Any]:
-    """One solver's row: status, counts, residual and timing over the repeats."""
+def _row(
+    solver: str,
+    runs: _Runs,
+    problem: Problem,
+    debug: bool = False,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """One solver's row: status, counts, residual and timing over the repeats (the diagnostics
+    of the representative solve bounded by ``timeout``, run.timeout)."""
     row = _error_row(solver, runs.error or "", problem.batch)
     if runs.error is not None or not runs.results:
         return row
@@ -448,7 +511,7 @@ def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dic
     notes = list(rep.notes)
     if len(signature) > 1:
         notes.append("iterations or counts differed between repeats (nondeterministic solver)")
-    notes.extend(_attach_diagnostics(problem, rep, debug))
+    notes.extend(_attach_diagnostics(problem, rep, debug, timeout))
     status = rep.status
     counts = rep.counts.totals()
     period, reason = _diagnosis(rep)
@@ -477,22 +540,28 @@ def _row(solver: str, runs: _Runs, problem: Problem, debug: bool = False) -> dic
     return row
 
 
-def _attach_diagnostics(problem: Problem, result: SolveResult, debug: bool) -> list[str]:
+def _attach_diagnostics(
+    problem: Problem, result: SolveResult, debug: bool, timeout: float | None = None
+) -> list[str]:
     """The post-processing ``deq solve`` applies (status refinement, period, reason), in place.
 
-    A failure here must not hide the solve's own numbers: it becomes a note on the row.
+    A failure here must not hide the solve's own numbers: it becomes a note on the row; so does
+    running past ``timeout`` (run.timeout), as in ``deq solve``.
     """
+    from deqcli.deadline import bounded
     from deqcli.diagnostics import attach
 
+    notes: list[str] = []
     try:
-        attach(problem, result)
+        with bounded(timeout, "the diagnostics", notes):
+            attach(problem, result)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         if debug:
             raise
         return [_one_line(f"diagnostics failed: {type(exc).__name__}: {exc}")]
-    return []
+    return notes
 
 
 def _result_doc(result: SolveResult) -> dict[str, Any]:
@@ -671,8 +740,11 @@ def load_baseline(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise UsageError(f"--baseline: '{path}' is a directory; give the JSON file")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = read_capped_file(path, f"'{path}'", MAX_DOCUMENT_BYTES, "is it a baseline?")
+        doc = json.loads(text)
+    except ConfigError as exc:
+        raise UsageError(f"--baseline: {exc.message}") from None
+    except (RecursionError, json.JSONDecodeError) as exc:
         raise UsageError(
             f"--baseline: cannot read '{path}' as JSON: {_one_line(str(exc))}"
         ) from None

@@ -282,8 +282,10 @@ def gradcheck(
     rtol = options.rtol if options.rtol is not None else dflt["rtol"]
     if options.directions < 1:
         raise UsageError("--directions: must be at least 1")
-    if not eps > 0:
-        raise UsageError(f"--eps: must be positive, got {eps}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise UsageError(f"--eps: must be a positive, finite step, got {eps}")
+    if not (rtol > 0 and math.isfinite(rtol)):
+        raise UsageError(f"--grad-rtol: must be a positive, finite tolerance, got {rtol}")
 
     # Only the forward solution matters here; the convergence diagnostics would add nothing.
     result = api_solve(cfg, problem=problem, diagnostics=False)
@@ -400,22 +402,35 @@ def _chosen(problem: Problem, wanted: list[str] | None) -> list[str]:
 
 
 def _probe_loss(loss: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> None:
+    """Evaluate the loss once at z0: it must be a real number that depends on z."""
     try:
-        value = loss(z0)
+        with torch.enable_grad():
+            z = z0.detach().clone().requires_grad_(True)
+            value = loss(z)
     except ExpressionError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise UsageError(
             f"--loss: cannot be evaluated on the solution: {str(exc).splitlines()[0]}"
         ) from None
+    if not value.is_floating_point():
+        raise UsageError(
+            f"--loss: must be a real number; this one gives {str(value.dtype).removeprefix('torch.')} "
+            "values (a condition such as z > 0 has no gradient); e.g. sum(where(z > 0, z, 0))"
+        )
+    if not value.requires_grad:
+        raise UsageError(
+            "--loss: does not depend on z, so every gradient is zero; give a loss of the "
+            "solution such as sum(z**2)"
+        )
     if not bool(torch.isfinite(value)):
         raise UsageError("--loss: is not finite at the initial point; choose another loss")
 
 
 def _fd_atol(given: float | None, cfg: Config, z: torch.Tensor) -> float:
     if given is not None:
-        if not given > 0:
-            raise UsageError(f"--fd-atol: must be positive, got {given}")
+        if not (given > 0 and math.isfinite(given)):
+            raise UsageError(f"--fd-atol: must be a positive, finite tolerance, got {given}")
         return given
     # Tight, but not below what rounding lets a residual reach for a solution of this size.
     eps = torch.finfo(z.dtype).eps
@@ -503,7 +518,10 @@ def unrolled_gradient(
         for _ in range(steps):
             z = z - beta * problem.raw_g(z, params)
         value = loss(z)
-        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        if value.requires_grad:
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        else:  # no iterations (--unroll 0): z_T = z0 does not depend on the parameters
+            grads = (None,) * len(leaves)
     with torch.no_grad():
         residual = float(torch.linalg.vector_norm(problem.raw_g(z.detach()), dim=1).max())
     out = {

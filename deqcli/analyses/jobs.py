@@ -65,7 +65,7 @@ def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome
     from deqcli.api import load_problem
     from deqcli.api import solve as api_solve
     from deqcli.config import load_config
-    from deqcli.render.files import emit_json
+    from deqcli.render.files import Outputs, emit_json
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
     target = _output(request.json_path, request.config, "--json")
@@ -100,12 +100,17 @@ def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome
         monitor_every=request.monitor_every,
     )
     sens = attach_sensitivities(problem, result, request.sensitivity) if request.sensitivity else []
+    out = Outputs()
     if request.json_path is not None:
-        emit_json(result.to_dict(), target)
+        out.write("--json", lambda: emit_json(result.to_dict(), target))
     if saved is not None:
         from deqcli.render.files import save_solution
 
-        save_solution(result.z_star, [s.ok for s in result.sample_status], saved)
+        out.write(
+            "--save",
+            lambda: save_solution(result.z_star, [s.ok for s in result.sample_status], saved),
+        )
+    out.finish()
     return SolveOutcome(result, problem.description, sens)
 
 
@@ -159,18 +164,24 @@ class CompareOutcome:
         """Every problem was solved by some solver and nothing regressed."""
         return not self.doc["summary"]["unsolved"] and not self.regressions
 
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C stopped the comparison; the document holds the problems finished before it."""
+        return bool(self.doc.get("interrupted"))
+
 
 # A progress bar for this many solves, entered around the solving; it yields the per-solve callback.
 CompareProgress = Callable[[int], AbstractContextManager["ProgressCallback"]]
 
 
 def compare(request: CompareRequest, progress: CompareProgress | None = None) -> CompareOutcome:
-    """Check configs, solvers, settings and every output; solve; check the baseline; write the plots,
-    then --json, --save-baseline, --csv and --markdown, in that order."""
+    """Check configs, solvers, settings and every output; solve; check the baseline; write --json,
+    --save-baseline, --csv, --markdown and the plots, in that order (a failed one is kept
+    elsewhere and reported after the others were written)."""
     from deqcli.analyses import compare as analysis
     from deqcli.execution import open_executor
     from deqcli.render.compare import to_csv, to_markdown
-    from deqcli.render.files import check_output_path, emit_json, emit_text
+    from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
 
     files = analysis.expand_configs(request.configs)
     names = analysis.resolve_solvers(request.solvers, include_peers=request.all_solvers)
@@ -223,21 +234,25 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
             doc, stored, max_slowdown=request.max_slowdown, path=str(baseline)
         )
         doc["baseline"] = check.to_dict()
-    plots = []
-    if plot_target is not None:
-        from deqcli.render.plots import write_plots
-
-        plots = write_plots(doc, plot_target)
-
+    out = Outputs()
     if "--json" in targets or request.json_path == "-":
-        emit_json(doc, targets.get("--json"))
+        out.write("--json", lambda: emit_json(doc, targets.get("--json")))
     if saved is not None:
-        emit_json(doc, saved)
+        out.write("--save-baseline", lambda: emit_json(doc, saved, flag="--save-baseline"))
     for flag, text in (("--csv", request.csv_path), ("--markdown", request.markdown_path)):
         if text is None:
             continue
         rendered = to_csv(doc) if flag == "--csv" else to_markdown(doc)
-        emit_text(rendered, targets[flag])
+        out.write(
+            flag, lambda rendered=rendered, flag=flag: emit_text(rendered, targets[flag], flag=flag)
+        )
+    plots: list[Path] = []
+    if plot_target is not None:
+        # Last: a plot that cannot be drawn or saved must not cost the documents above.
+        from deqcli.render.plots import write_plots
+
+        plots = out.write("--plot", lambda: write_plots(doc, plot_target)) or []
+    out.finish()
     to_stdout = any(value == "-" for value in outputs.values())
     return CompareOutcome(doc, check, plots, to_stdout)
 
@@ -291,7 +306,7 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
     )
     from deqcli.consent import require_all
     from deqcli.execution import open_executor
-    from deqcli.render.files import check_output_path, emit_json, emit_text
+    from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
 
     config = request.config
     if sum(1 for t in (request.json_path, request.csv_path) if t == "-") > 1:
@@ -327,15 +342,17 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
             executor=executor,
         )
 
+    out = Outputs()
     if request.json_path is not None:
-        emit_json(done.to_dict(), json_target)
+        out.write("--json", lambda: emit_json(done.to_dict(), json_target))
     if request.csv_path is not None:
-        emit_text(to_csv(done), csv_target)
+        out.write("--csv", lambda: emit_text(to_csv(done), csv_target, flag="--csv"))
     written = None
     if plot_target is not None and done.points:
         from deqcli.render.sweep_plots import plot_sweep
 
-        written = plot_sweep(done, plot_target)
+        written = out.write("--plot", lambda: plot_sweep(done, plot_target))
+    out.finish()
     to_stdout = request.json_path == "-" or request.csv_path == "-"
     return SweepOutcome(done, written, to_stdout)
 

@@ -43,6 +43,7 @@ from deqcli.execution import Executor, InProcess, Task, TaskFailed
 from deqcli.execution.source import ConfigSource, ship, value_text
 from deqcli.expr import ExpressionError
 from deqcli.schemas import SWEEP_KIND, SWEEP_RESULTS_KIND, SWEEP_VERSION
+from deqcli.yaml_reader import MAX_DOCUMENT_BYTES, read_capped_file
 
 SWEEP_SCHEMA_VERSION = SWEEP_VERSION
 # What a --results file written before the document kinds were unified says of itself.
@@ -529,14 +530,15 @@ def read_results(path: Path, expected: dict[str, Any]) -> dict[tuple[int, ...], 
     """Points already in a results file (JSON lines), after checking it belongs to this sweep."""
     done: dict[tuple[int, ...], dict[str, Any]] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--results: cannot read '{path}': {exc}") from None
+        text = read_capped_file(path, f"'{path}'", MAX_DOCUMENT_BYTES, "is it a results file?")
+    except ConfigError as exc:
+        raise UsageError(f"--results: {exc.message}") from None
+    lines = text.splitlines()
     if not lines:
         return done
     try:
         head = json.loads(lines[0])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
         head = None
     if not isinstance(head, dict) or head.get("kind") not in (
         SWEEP_RESULTS_KIND,
@@ -557,7 +559,7 @@ def read_results(path: Path, expected: dict[str, Any]) -> dict[tuple[int, ...], 
     for line in lines[1:]:
         try:
             point = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue  # the line an interrupt cut short: that point runs again
         if isinstance(point, dict) and point.get("status") != "error" and "index" in point:
             done[tuple(point["index"])] = point

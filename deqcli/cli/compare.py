@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from deqcli.cli import EXIT_CONVERGED, EXIT_NOT_CONVERGED, stderr, stdout, user_errors
+from deqcli import interrupt
+from deqcli.cli import (
+    EXIT_CONVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_CONVERGED,
+    stderr,
+    stdout,
+    user_errors,
+)
 from deqcli.cli.options import (
     ClusterOpt,
     DebugOpt,
@@ -152,4 +160,11 @@ def compare_solvers(
             ),
         )
     report(outcome, stdout, stderr, quiet=quiet)
+    if outcome.interrupted:
+        done = len(outcome.doc["problems"])
+        interrupt.announce(
+            f"interrupted: the comparison is partial ({done} problem(s) finished; the files "
+            "written hold those, marked interrupted)"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_CONVERGED if outcome.ok else EXIT_NOT_CONVERGED)

@@ -43,7 +43,11 @@ def gradcheck(
     directions: Annotated[
         int,
         typer.Option(
-            "--directions", min=1, metavar="N", help="Random directions for finite differences."
+            "--directions",
+            min=1,
+            max=1000,
+            metavar="N",
+            help="Random directions for finite differences.",
         ),
     ] = 3,
     eps: Annotated[

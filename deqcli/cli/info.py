@@ -99,13 +99,10 @@ def schema(
         if file is None or file == "-":
             sys.stdout.write(text)
             return
-        from deqcli.render.files import check_output_path, write_text_atomic
+        from deqcli.render.files import check_output_path, emit_text
 
         target = check_output_path(file, protected=[], flag="--file")
-        if target is None:
-            sys.stdout.write(text)
-        else:
-            write_text_atomic(target, text)
+        emit_text(text, target, flag="--file")  # None: '-' means stdout
 
 
 def document_schema(name: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from deqcli import interrupt
 from deqcli.cli import (
     EXIT_CONVERGED,
     EXIT_INTERRUPTED,
@@ -128,8 +129,12 @@ def sweep(
             diagnostics=not no_diagnostics,
             execution=ExecutionSettings(workers, scheduler, cluster),
         )
-        outcome = jobs.sweep(request, progress=lambda: sweep_progress(stderr, enabled=not quiet))
+        outcome = jobs.sweep(
+            request,
+            progress=lambda: sweep_progress(stderr, enabled=not quiet and stderr.is_terminal),
+        )
     report_sweep(outcome, stdout, stderr, quiet=quiet)
     if outcome.sweep.interrupted:
+        interrupt.mark_announced()  # the report's line says how far it got and how to resume
         raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_CONVERGED if outcome.sweep.ok else EXIT_NOT_CONVERGED)

@@ -13,9 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from deqcli.config import Config, config_files, parse_config, read_config_text, relocate_files
+from deqcli.config import (
+    Config,
+    config_files,
+    load_yaml,
+    parse_config,
+    read_config_text,
+    relocate_files,
+)
 from deqcli.errors import ConfigError
 from deqcli.execution.files import Blob, digest, stored_path
 
@@ -58,8 +63,8 @@ class ConfigSource:
     def raw(self) -> dict[str, Any]:
         """The YAML mapping (for resolving short parameter names)."""
         try:
-            data = yaml.safe_load(self.text)
-        except yaml.YAMLError:
+            data = load_yaml(self.text, self.source)  # bounded: an alias bomb is refused
+        except ConfigError:
             data = None
         return data if isinstance(data, dict) else {}
 

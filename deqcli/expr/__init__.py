@@ -12,12 +12,14 @@ first time an expression is evaluated.  Because evaluation is plain torch code, 
 ``torch.func.vmap``, devices and dtypes work as they do for hand-written torch functions.
 
 The package, by role: ``errors`` (ExpressionError), ``functions`` (the function table and the runtime
-implementations), ``compiler`` (ast -> closures) and ``parser`` (``parse_expression`` and
-``Expression``). Import the public names from ``deqcli.expr``.
+implementations), ``compiler`` (ast -> closures), ``parser`` (``parse_expression`` and
+``Expression``) and ``cost`` (the shapes, work and memory of one evaluation, worked out before it
+runs). Import the public names from ``deqcli.expr``.
 """
 
 from __future__ import annotations
 
+from deqcli.expr.cost import Cost, format_bytes
 from deqcli.expr.errors import ExpressionError
 from deqcli.expr.functions import CONSTANTS, FUNCTION_SPECS, FUNCTIONS, MAX_ELEMENTS, FunctionSpec
 from deqcli.expr.parser import MAX_DEPTH, MAX_TEXT_LENGTH, Expression, parse_expression
@@ -29,8 +31,10 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_ELEMENTS",
     "MAX_TEXT_LENGTH",
+    "Cost",
     "Expression",
     "ExpressionError",
     "FunctionSpec",
+    "format_bytes",
     "parse_expression",
 ]

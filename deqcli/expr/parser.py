@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from deqcli.expr.compiler import Closure, _Compiler, _split_lines
+from deqcli.expr.cost import Cost, Known, estimate
 from deqcli.expr.errors import ExpressionError
 from deqcli.expr.functions import _Context, _first_line
 
@@ -62,18 +63,26 @@ def _bracket_depth(text: str) -> int:
 class Expression:
     """A parsed, validated expression, ready to evaluate with torch."""
 
-    __slots__ = ("_names", "_root", "key", "text")
+    __slots__ = ("_names", "_root", "_tree", "key", "text")
 
-    def __init__(self, text: str, key: str, names: frozenset[str], root: Closure) -> None:
+    def __init__(
+        self, text: str, key: str, names: frozenset[str], root: Closure, tree: ast.AST
+    ) -> None:
         self.text = text
         self.key = key
         self._names = names
         self._root = root
+        self._tree = tree
 
     @property
     def names(self) -> frozenset[str]:
         """Free variable names the expression uses (functions and constants excluded)."""
         return self._names
+
+    def cost(self, variables: Mapping[str, Known]) -> Cost:
+        """What one evaluation costs for one sample, from what is known of the variables: a
+        number's value, an array's shape, or None (see ``deqcli.expr.cost``); no torch needed."""
+        return estimate(self._tree, self.text.strip(), variables)
 
     def evaluate(
         self, env: Mapping[str, Any], *, dtype: torch.dtype, device: torch.device | str
@@ -229,4 +238,4 @@ def parse_expression(text: str, *, key: str, names: Iterable[str]) -> Expression
     if depth_error is not None:
         raise depth_error
     root = compiler.compile(tree.body)
-    return Expression(text, key, frozenset(compiler.used), root)
+    return Expression(text, key, frozenset(compiler.used), root, tree.body)

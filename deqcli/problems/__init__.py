@@ -26,6 +26,7 @@ def build_problem(cfg: Config, device: torch.device, dtype: torch.dtype) -> Prob
     A config that runs Python code is refused unless consent was given (``deqcli.consent``).
     """
     from deqcli.consent import require
+    from deqcli.limits import Limits
     from deqcli.problems import expression, module, python_callable, tanh_layer
     from deqcli.problems.arrays import ArrayBuilder
 
@@ -33,7 +34,11 @@ def build_problem(cfg: Config, device: torch.device, dtype: torch.dtype) -> Prob
     require(cfg.problem.kind, getattr(cfg.problem, "target", ""))
 
     arrays = ArrayBuilder(
-        device=device, dtype=dtype, base_dir=cfg.base_dir, seed_for=cfg.random_seed
+        device=device,
+        dtype=dtype,
+        base_dir=cfg.base_dir,
+        seed_for=cfg.random_seed,
+        limits=Limits.of(cfg.run),
     )
     kind = cfg.problem.kind
     if kind == "tanh_layer":

@@ -12,6 +12,7 @@ import torch
 from deqcli.config import ARRAY_FILE_SUFFIXES, FileArray, RandomArray
 from deqcli.errors import ConfigError
 from deqcli.expr import parse_expression
+from deqcli.limits import Limits
 from deqcli.problems import checkpoints
 
 # Integer and boolean arrays are read as numbers too (labels, masks); anything else is refused.
@@ -22,12 +23,19 @@ class ArrayBuilder:
     """Materialises array specs on one device and dtype, resolving files and seeds from the config."""
 
     def __init__(
-        self, *, device: torch.device, dtype: torch.dtype, base_dir: Path, seed_for: Any
+        self,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        base_dir: Path,
+        seed_for: Any,
+        limits: Limits | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype
         self.base_dir = base_dir
         self.seed_for = seed_for  # key -> int
+        self.limits = limits or Limits()  # an expression's cost is checked before it runs
 
     def build(
         self,
@@ -64,6 +72,8 @@ class ArrayBuilder:
 
     def _expression(self, text: str, key: str, env: Mapping[str, Any]) -> torch.Tensor:
         expr = parse_expression(text, key=key, names=set(env))
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.limits.check_expression(expr, env, itemsize=itemsize)
         out = expr.evaluate(env, dtype=self.dtype, device=self.device)
         return torch.as_tensor(out, dtype=self.dtype, device=self.device)
 

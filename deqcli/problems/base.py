@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch.func import jvp as _func_jvp
 
+from deqcli.deadline import checkpoint
 from deqcli.result import Counts
 
 Form = Literal["fixed_point", "residual"]
@@ -158,6 +159,7 @@ class Problem:
         self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """The fixed-point map without counting (for autodiff compositions)."""
+        checkpoint()  # run.timeout and a held Ctrl-C stop every evaluation, counted or not
         out = self.func(z, self.params if params is None else params)
         return out if self.form == "fixed_point" else z - out
 
@@ -165,6 +167,7 @@ class Problem:
         self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """The residual g(z) = z − f(z) without counting."""
+        checkpoint()
         out = self.func(z, self.params if params is None else params)
         return z - out if self.form == "fixed_point" else out
 

@@ -11,6 +11,7 @@ from torch.func import grad, vmap
 from deqcli.config import Config, ExpressionSpec, GradientDescentSpec
 from deqcli.errors import ConfigError
 from deqcli.expr import Expression, ExpressionError, parse_expression
+from deqcli.limits import Limits
 from deqcli.problems.arrays import ArrayBuilder, as_batch
 from deqcli.problems.base import Problem, Structure
 
@@ -60,6 +61,7 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
     text = spec.fixed_point if spec.fixed_point is not None else spec.residual
     key = f"problem.{form}"
     expr = parse_expression(text or "", key=key, names=set(env) | {"z"})
+    _check_cost(cfg, expr, env, sample, z0, "z")
     func = _vectorise(expr, "z", key, z0.shape[1], frozenset(sample))
     return _finish(cfg, "expression", form, func, z0, env, sample, f"{form}: {text}")
 
@@ -71,6 +73,8 @@ def build_gradient_descent(cfg: Config, arrays: ArrayBuilder) -> Problem:
         raise TypeError("build_gradient_descent needs a GradientDescentSpec")
     env, sample, z0 = build_params(spec, arrays)
     expr = parse_expression(spec.loss, key="problem.loss", names=set(env) | {"w"})
+    # The map evaluates the loss and differentiates it: about three evaluations' work.
+    _check_cost(cfg, expr, env, sample, z0, "w", factor=3.0)
     lr = spec.lr
     sample_names = frozenset(sample)
     shared_names = [k for k in env if k not in sample_names]
@@ -82,6 +86,12 @@ def build_gradient_descent(cfg: Config, arrays: ArrayBuilder) -> Problem:
         if value.numel() != 1:
             raise ExpressionError(
                 "problem.loss", f"the loss must be a scalar, got shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise ExpressionError(
+                "problem.loss",
+                f"the loss must be a real number; this one gives "
+                f"{str(value.dtype).removeprefix('torch.')} values (a condition has no gradient)",
             )
         return value.reshape(())
 
@@ -115,6 +125,25 @@ def build_gradient_descent(cfg: Config, arrays: ArrayBuilder) -> Problem:
         problem.structure.lipschitz_bound = bound
         problem.structure.lipschitz_reason = f"quadratic loss: L = max|1 − η λᵢ(H)| with λ(H) ∈ [{float(eig[0]):.4g}, {float(eig[-1]):.4g}]"
     return problem
+
+
+def _check_cost(
+    cfg: Config,
+    expr: Expression,
+    env: Mapping[str, Any],
+    sample: Mapping[str, torch.Tensor],
+    z0: torch.Tensor,
+    var: str,
+    *,
+    factor: float = 1.0,
+) -> None:
+    """Refuse a map whose evaluation over the batch exceeds run.max_work or run.max_memory, from
+    the actual shapes (one sample's view: z is (n,), a per-sample parameter one row)."""
+    known: dict[str, Any] = {k: (tuple(v.shape[1:]) if k in sample else v) for k, v in env.items()}
+    known[var] = (z0.shape[1],)
+    Limits.of(cfg.run).check_expression(
+        expr, known, batch=z0.shape[0], itemsize=z0.element_size(), factor=factor
+    )
 
 
 def _constant_hessian(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from deqcli.consent import UserCodeError, running_user_code, user_code_site
 from deqcli.errors import ConfigError
 from deqcli.problems.base import Form, Problem
 
@@ -121,14 +122,19 @@ class _Caller:
     ) -> Any:
         args = (z, x) if self.with_inputs else (z,)
         try:
-            if weights is not None and isinstance(self.fmap, torch.nn.Module):
-                return torch.func.functional_call(self.fmap, dict(weights), args)
-            return self.fmap(*args)
-        except ModelError:
+            # Its prints go to stderr (--json - keeps stdout pure JSON); a sys.exit() in it is
+            # one line of bad input.
+            with running_user_code(self.what, key=self.key):
+                if weights is not None and isinstance(self.fmap, torch.nn.Module):
+                    return torch.func.functional_call(self.fmap, dict(weights), args)
+                return self.fmap(*args)
+        except (ModelError, UserCodeError):
             raise
         except Exception as exc:  # the user's code failed: their input, reported in one line
+            site = user_code_site(exc)  # file.py:line in the config's own code, when it is there
+            where = f" (at {site})" if site else ""
             raise ModelError(
-                self.key, _one_line(f"{self.what} raised {type(exc).__name__}: {exc}")
+                self.key, _one_line(f"{self.what} raised {type(exc).__name__}: {exc}{where}")
             ) from exc
 
     def batched(
@@ -243,6 +249,10 @@ def _probe(
     """Evaluate once at z0 (finite, and rows independent of each other) before any solve."""
     with torch.no_grad():
         out = func(z0, params)
+        if not out.is_floating_point():  # complex, integer or boolean values cannot be iterated
+            raise ConfigError(
+                key, f"{what} must return real floating-point values, got {out.dtype}"
+            )
         if not bool(torch.isfinite(out).all()):
             raise ConfigError(key, f"{what} is not finite at z0; choose another start")
         if z0.shape[0] == 1:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from deqcli.config import NUMBER, Config, PythonSpec
+from deqcli.consent import UserCodeError, mark_user_code, running_user_code
 from deqcli.errors import ConfigError
 from deqcli.problems.base import Problem
 from deqcli.problems.model import from_map
@@ -43,17 +44,23 @@ def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
             raise ConfigError(key, f"cannot import '{where}'")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
+        mark_user_code(str(path))
         try:
-            spec.loader.exec_module(module)
+            with running_user_code(target):
+                spec.loader.exec_module(module)
+        except UserCodeError:
+            raise
         except Exception as exc:  # the user's module failed to import: report it as their input
             raise ConfigError(
                 key, f"importing '{where}' failed: {type(exc).__name__}: {exc}"
             ) from None
     else:
         try:
-            module = importlib.import_module(where)
+            with running_user_code(target):
+                module = importlib.import_module(where)
         except ImportError as exc:
             raise ConfigError(key, f"cannot import module '{where}': {exc}") from None
+        mark_user_code(getattr(module, "__file__", None))
     factory = getattr(module, attr, None)
     if not callable(factory):
         names = sorted(
@@ -83,7 +90,10 @@ def call_factory(
         if name in accepted and name not in kwargs:
             kwargs[name] = value
     try:
-        return factory(**kwargs)
+        with running_user_code(target):
+            return factory(**kwargs)
+    except UserCodeError:
+        raise
     except Exception as exc:  # the user's factory failed: report it as their input, in one line
         raise ConfigError(
             "problem.args", f"calling {target} failed: {type(exc).__name__}: {exc}".splitlines()[0]
@@ -100,7 +110,9 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
     fmap, z0, inputs = _unpack(made, spec.target)
     if isinstance(fmap, torch.nn.Module):
         fmap = fmap.to(device=device, dtype=dtype)
-    z0_t = _as_tensor(z0, "z0", spec.target).to(device=device, dtype=dtype)
+    z0_t = _real_start(_as_tensor(z0, "z0", spec.target), spec.target).to(
+        device=device, dtype=dtype
+    )
     x = None if inputs is None else _as_tensor(inputs, "inputs", spec.target).to(device=device)
     if x is not None and x.is_floating_point():
         x = x.to(dtype=dtype)
@@ -129,6 +141,16 @@ def _as_tensor(value: Any, what: str, target: str) -> torch.Tensor:
         raise ConfigError(
             "problem.target", f"the {what} from {target} is not a tensor: {exc}".splitlines()[0]
         ) from None
+
+
+def _real_start(z0: torch.Tensor, target: str) -> torch.Tensor:
+    """The factory's z0 must be real numbers, and at least one of them."""
+    key = "problem.target"
+    if z0.is_complex() or z0.dtype == torch.bool:
+        raise ConfigError(key, f"the start z0 from {target} must be real numbers, got {z0.dtype}")
+    if z0.numel() == 0:
+        raise ConfigError(key, f"the start z0 from {target} is empty; give it at least one number")
+    return z0
 
 
 def _unpack(made: Any, target: str) -> tuple[Callable[..., Any], Any, Any]:

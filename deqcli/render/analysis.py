@@ -78,11 +78,12 @@ def render_sensitivity(sens: Sensitivity, console: Console) -> None:
     rho = cond.spectral_radius[worst]
     if rho is not None:
         line += f", ρ(∂f/∂z) {rho:.4g}"
+    text = Text(line)
     if cond.method != "dense":
-        line += f"  [dim]({cond.method} estimate)[/dim]"
+        text.append(f"  ({cond.method} estimate)", style="dim")
     if batch > 1:
-        line += f"  [dim](sample {worst}, the worst)[/dim]"
-    head.add_row("conditioning", Text.from_markup(line))
+        text.append(f"  (sample {worst}, the worst)", style="dim")
+    head.add_row("conditioning", text)
     parts: list[Any] = [head, Text("")]
     per = n * max(1, math.prod(sens.shape))
     if per <= FULL_ENTRIES:
@@ -102,7 +103,7 @@ def render_sensitivity(sens: Sensitivity, console: Console) -> None:
     console.print(
         Panel(
             Group(*parts),
-            title=f"sensitivity dz*/d{sens.name}",
+            title=Text(f"sensitivity dz*/d{sens.name}"),  # a Panel reads markup in str titles
             title_align="left",
             border_style=border,
         )
@@ -267,7 +268,10 @@ def render_sweep(sweep: SweepResult, console: Console) -> None:
     head.add_row("config", sweep.source)
     for a in sweep.axes:
         span = f"{_v(a.values[0])} … {_v(a.values[-1])}" if len(a.values) > 1 else _v(a.values[0])
-        head.add_row("sweep", f"{a.name} = {span}, {len(a.values)} values  [dim]({a.key})[/dim]")
+        head.add_row(
+            "sweep",
+            Text.assemble(f"{a.name} = {span}, {len(a.values)} values", (f"  ({a.key})", "dim")),
+        )
     done = len(sweep.points)
     state = "interrupted" if sweep.interrupted else "complete" if done == sweep.total else "partial"
     extra = f", {sweep.resumed} read back from the results file" if sweep.resumed else ""
@@ -344,7 +348,7 @@ def report_sweep(outcome: SweepOutcome, out: Console, err: Console, *, quiet: bo
     stdout), and how to continue an interrupted sweep (on ``err``)."""
     sweep = outcome.sweep
     if outcome.plot is not None and not quiet:
-        err.print(f"[dim]plot written: {outcome.plot}[/dim]", highlight=False, soft_wrap=True)
+        err.print(Text(f"plot written: {outcome.plot}", style="dim"), soft_wrap=True)
     if not quiet and not outcome.to_stdout:
         render_sweep(sweep, out)
     if sweep.interrupted:
@@ -375,7 +379,7 @@ def sweep_progress(console: Console, *, enabled: bool) -> Iterator[PointCallback
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
     )
     with Progress(*columns, console=console, transient=True, disable=not enabled) as bar:
         task = bar.add_task("", total=None)

@@ -35,7 +35,7 @@ def status_label(row: dict[str, Any]) -> str:
     extra = []
     if row["period"]:
         extra.append(f"period {row['period']}")
-    if row["status"] != ERROR and row["samples"] > 1 and not row["converged"]:
+    if row["status"] != ERROR and (row["samples"] or 1) > 1 and not row["converged"]:
         extra.append(f"{row['converged_samples']}/{row['samples']} samples")
     return label + (f" ({', '.join(extra)})" if extra else "")
 
@@ -89,10 +89,8 @@ def _ordered(problem: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _heading(problem: dict[str, Any]) -> str:
     tol = f"atol {problem['atol']:g}" + (f", rtol {problem['rtol']:g}" if problem["rtol"] else "")
-    return (
-        f"batch {problem['batch']}, n {problem['dim']}, {problem['dtype']}, {problem['device']}; "
-        f"{tol}, max_iter {problem['max_iter']}"
-    )
+    size = f"batch {problem['batch']}, n {problem['dim']}, " if problem["batch"] is not None else ""
+    return f"{size}{problem['dtype']}, {problem['device']}; {tol}, max_iter {problem['max_iter']}"
 
 
 def _reasons(problem: dict[str, Any]) -> list[tuple[str, str]]:
@@ -384,19 +382,17 @@ def report(outcome: CompareOutcome, out: Console, err: Console, *, quiet: bool) 
         err.print(f"not solved by any solver: {unsolved}", highlight=False, soft_wrap=True)
     if not quiet:
         for path in outcome.plots:
-            err.print(f"[dim]plot written: {path}[/dim]", highlight=False, soft_wrap=True)
+            err.print(Text(f"plot written: {path}", style="dim"), soft_wrap=True)
     if check is None:
         return
     regressions = check.regressions
     for regression in regressions:
         err.print(
-            f"[bold red]regression:[/bold red] {regression.line()}",
-            highlight=False,
-            soft_wrap=True,
+            Text.assemble(("regression:", "bold red"), f" {regression.line()}"), soft_wrap=True
         )
     if not quiet:
         for note in check.notes:
-            err.print(f"[dim]baseline note: {note}[/dim]", highlight=False, soft_wrap=True)
+            err.print(Text(f"baseline note: {note}", style="dim"), soft_wrap=True)
     if regressions or not quiet:
         verdict = f"{len(regressions)} regression(s)" if regressions else "no regressions"
         err.print(
@@ -425,7 +421,7 @@ def progress_bar(console: Console, total: int, *, enabled: bool) -> Iterator[Pro
     )
 
     with Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

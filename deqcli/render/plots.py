@@ -34,8 +34,12 @@ def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
     """
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot: matplotlib is not installed; pip install 'deqcli[plot]'")
+    from deqcli.render.files import check_writable
+
     target = Path(path)
     if target.is_dir():
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise UsageError(f"--plot: directory '{path}' is not writable")
         return target
     if path.endswith(("/", os.sep)):
         if target.exists() or not target.parent.is_dir():
@@ -44,8 +48,7 @@ def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
         return target
     if target.suffix.lower() not in suffixes:
         raise UsageError(f"--plot: '{path}' must end in {wanted}")
-    if not target.parent.exists():
-        raise UsageError(f"--plot: directory '{target.parent}' does not exist")
+    check_writable(target, flag="--plot")
     return target
 
 

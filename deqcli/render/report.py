@@ -131,7 +131,7 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     head.add_column(style="dim")
     head.add_column()
     head.add_row(
-        "problem", f"{result.problem}" + (f"  [dim]{description}[/dim]" if description else "")
+        "problem", Text.assemble(result.problem, (f"  {description}" if description else "", "dim"))
     )
     opts = ", ".join(f"{k}={v}" for k, v in result.options.items())
     head.add_row("solver", f"{result.solver}" + (f" ({opts})" if opts else ""))
@@ -152,9 +152,11 @@ def render_result(result: SolveResult, console: Console, *, description: str = "
     finals = result.final_residuals()
     head.add_row(
         "residual",
-        f"{residual_name(result.form)} {fmt(max(finals))}  "
-        f"(relative {fmt(max(result.final_relative()))})"
-        + ("  [dim]worst sample[/dim]" if result.batch > 1 else ""),
+        Text.assemble(
+            f"{residual_name(result.form)} {fmt(max(finals))}  "
+            f"(relative {fmt(max(result.final_relative()))})",
+            ("  worst sample" if result.batch > 1 else "", "dim"),
+        ),
     )
     for label, text in solution_rows(result):
         head.add_row(label, text)

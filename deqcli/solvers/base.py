@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import time
 import types
 import typing
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
+from deqcli import deadline
 from deqcli.errors import UsageError
 from deqcli.result import SolveResult, Status
 from deqcli.solvers.convergence import DIVERGENCE_FACTOR, ConvergenceTest, Limits, StopMode
@@ -95,6 +97,9 @@ class Solver:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # True for solvers whose steps evaluate nothing (a peer's recorded run, replayed): the time
+    # limit was applied while recording, so the replay of what was recorded is never cut short.
+    replays: ClassVar[bool] = False
 
     def init(self, problem: Problem, z0: torch.Tensor) -> State:
         """Build the starting state from ``z0`` (evaluating the residual there)."""
@@ -181,12 +186,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise UsageError(f"{key}: must be an integer, got {value!r}")
         return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"{key}: must be a number, got {value!r}") from None
-        return float(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is None or isinstance(value, bool):
+            raise UsageError(f"{key}: must be a number, got {value!r}")
+        if not math.isfinite(number):
+            # inf or NaN would reach the JSON result, which must stay valid JSON.
+            raise UsageError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if hint is str:
         return str(value)
     return value
@@ -207,14 +216,28 @@ def run(
 
     ``monitor`` (optional) is called with an ``Iteration`` at the start, after every
     ``stop.monitor_every``-th iteration and once at the end (live progress, ``--monitor``).
+    ``stop.timeout`` is a deadline for every evaluation made during the run
+    (``deqcli.deadline``), so it also stops a step that evaluates many times, and a peer's loop.
     """
+    with deadline.armed(stop.timeout):
+        return _run(problem, solver, stop, monitor)
+
+
+def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | None) -> SolveResult:
     import torch
 
     problem.counter.reset()
     start = time.perf_counter()
     test = stop.test
     solver.setup(stop)
-    state = solver.init(problem, problem.z0)
+    limit = deadline.current()
+    try:
+        state = solver.init(problem, problem.z0)
+    except deadline.DeadlineExceeded:
+        # Past the deadline before the first iterate (a peer's whole run happens in init): the
+        # result is the start, evaluated once more so the report has its residual.
+        with deadline.suspended():
+            state = State(z=problem.z0, g=problem.g(problem.z0))
     res = _norms(state.g)
     f_norm = _norms(state.z - state.g)
     # Per-sample limits fixed for the run: the tolerance base and the divergence ceiling.
@@ -239,7 +262,7 @@ def run(
         if k >= stop.max_iter:
             _finish(status, iterations, Status.MAX_ITER, k)
             break
-        if stop.timeout is not None and time.perf_counter() - start > stop.timeout:
+        if limit is not None and not solver.replays and limit.expired():
             _finish(status, iterations, Status.TIMEOUT, k)
             break
         state.active = active
@@ -251,7 +274,14 @@ def run(
                 break
         z_prev, g_prev = state.z, state.g
         problem.counter.running = active  # a stopped sample's evaluations no longer count
-        state = solver.step(problem, state)
+        try:
+            state = solver.step(problem, state)
+        except deadline.DeadlineExceeded:
+            # The deadline passed inside the step (a line search, an inner solve): keep the
+            # last finished iterate.
+            state.z, state.g = z_prev, g_prev
+            _finish(status, iterations, Status.TIMEOUT, k)
+            break
         k += 1
         if n_active < problem.batch:
             # Converged or failed samples stop changing: restore their rows.

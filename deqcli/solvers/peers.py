@@ -19,7 +19,9 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from deqcli.deadline import DeadlineExceeded
 from deqcli.errors import PeerUnavailableError
+from deqcli.result import Status
 from deqcli.solvers.base import Solver, State, StopRule
 
 if TYPE_CHECKING:
@@ -32,6 +34,18 @@ if TYPE_CHECKING:
 
 class PeerStop(Exception):
     """Raised from inside a peer's function or callback to end its run early."""
+
+
+# What ends a peer's run early from inside its loop: our own stop, or run.timeout passing
+# during an evaluation (deqcli.deadline). The adapters catch both and keep what was recorded.
+EARLY_STOPS = (PeerStop, DeadlineExceeded)
+
+
+def stop_message(stop: Exception) -> str:
+    """The peer's message for a run ended early by ``stop``."""
+    if isinstance(stop, DeadlineExceeded):
+        return str(stop)
+    return "stopped by the shared stopping rule or iteration budget"
 
 
 INSTALL = {"torchdeq": "pip install 'deqcli[peers]'", "scipy": "pip install scipy"}
@@ -63,6 +77,7 @@ class ReplayState(State):
     lengths: torch.Tensor  # (B,) recorded steps per sample (shorter ones are padded)
     k: int = 0
     messages: list[str] = field(default_factory=list)
+    timed_out: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +89,7 @@ class Recording:
     gs: torch.Tensor
     lengths: list[int]
     messages: list[str]
+    timed_out: list[bool] = field(default_factory=list)  # run.timeout ended the sample's run
 
 
 @dataclass
@@ -81,6 +97,7 @@ class PeerSolver(Solver):
     """Base class of peer adapters: subclasses implement ``record``."""
 
     package: ClassVar[str] = ""
+    replays: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self._stop = StopRule()
@@ -109,6 +126,7 @@ class PeerSolver(Solver):
             gs=rec.gs,
             lengths=torch.tensor(rec.lengths, device=rec.zs.device),
             messages=rec.messages,
+            timed_out=rec.timed_out or [False] * len(rec.lengths),
         )
 
     def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
@@ -135,6 +153,10 @@ class PeerSolver(Solver):
         if not isinstance(state, ReplayState):
             return
         result.extra["peer"] = {"library": self.package, "messages": state.messages}
+        for b, cut in enumerate(state.timed_out):
+            if cut and result.sample_status[b] is Status.STALLED:
+                # The recording ended because run.timeout passed, not because the peer gave up.
+                result.sample_status[b] = Status.TIMEOUT
         failed = [b for b, s in enumerate(result.sample_status) if not s.ok]
         for b in failed[:3]:
             result.notes.append(f"{self.name}: sample {b}: {state.messages[b]}")

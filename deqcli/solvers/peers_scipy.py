@@ -32,7 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, SharedRule, pad_stack
+from deqcli import deadline
+from deqcli.solvers.peers import (
+    EARLY_STOPS,
+    PeerSolver,
+    PeerStop,
+    Recording,
+    SharedRule,
+    pad_stack,
+    stop_message,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,6 +55,8 @@ if TYPE_CHECKING:
 _MINPACK_XTOL = 1e-15
 # hybr/lm evaluate rejected trial points too: their evaluation budget per allowed iteration.
 MINPACK_EVALUATIONS_PER_ITERATION = 10
+# MINPACK counts evaluations in a C int; a larger budget would overflow it.
+_C_INT_MAX = 2**31 - 1
 
 
 @dataclass
@@ -66,16 +77,20 @@ class ScipyRoot(PeerSolver):
         zs: list[list[torch.Tensor]] = []
         gs: list[list[torch.Tensor]] = []
         messages: list[str] = []
+        timed_out: list[bool] = []
         for b in range(problem.batch):
             z_rows, g_rows, message = self._run_sample(problem, z0, b, stop)
             zs.append(z_rows)
             gs.append(g_rows)
             messages.append(message)
+            limit = deadline.current()
+            timed_out.append(limit is not None and limit.expired())
         return Recording(
             zs=pad_stack(zs),
             gs=pad_stack(gs),
             lengths=[len(z) - 1 for z in zs],
             messages=messages,
+            timed_out=timed_out,
         )
 
     def _run_sample(
@@ -136,12 +151,13 @@ class ScipyRoot(PeerSolver):
         try:
             sol = root(fun, x0, **kwargs)
             message = str(sol.message)
-        except PeerStop:
-            message = "stopped by the shared stopping rule or iteration budget"
+        except EARLY_STOPS as stop_:
+            message = stop_message(stop_)
         except (ValueError, np.linalg.LinAlgError, ArithmeticError) as exc:
             message = f"scipy raised {type(exc).__name__}: {exc}".splitlines()[0]
-        if not z_rows:  # the method failed before evaluating anything
-            g0 = sample.g(z0[b : b + 1])[0]
+        if not z_rows:  # the method failed (or the deadline passed) before evaluating anything
+            with deadline.suspended():
+                g0 = sample.g(z0[b : b + 1])[0]
             z_rows.append(z0[b])
             g_rows.append(g0)
         _merge_counts(problem, sample, b)
@@ -206,7 +222,7 @@ class ScipyHybr(ScipyRoot):
         """Step tolerance at machine precision; the budget in evaluations; the scaling options."""
         options: dict[str, Any] = {
             "xtol": _MINPACK_XTOL,
-            "maxfev": MINPACK_EVALUATIONS_PER_ITERATION * (stop.max_iter + 1),
+            "maxfev": min(MINPACK_EVALUATIONS_PER_ITERATION * (stop.max_iter + 1), _C_INT_MAX),
             "factor": self.factor,
         }
         if self.diag is not None:
@@ -233,7 +249,7 @@ class ScipyLm(ScipyRoot):
             "xtol": _MINPACK_XTOL,
             "ftol": _MINPACK_XTOL,
             "gtol": 0.0,
-            "maxiter": MINPACK_EVALUATIONS_PER_ITERATION * (stop.max_iter + 1),
+            "maxiter": min(MINPACK_EVALUATIONS_PER_ITERATION * (stop.max_iter + 1), _C_INT_MAX),
         }
 
 

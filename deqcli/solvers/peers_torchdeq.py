@@ -14,13 +14,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from deqcli.solvers.peers import PeerSolver, PeerStop, Recording, SharedRule, unavailable
+from deqcli import deadline
+from deqcli.solvers.peers import (
+    EARLY_STOPS,
+    PeerSolver,
+    PeerStop,
+    Recording,
+    SharedRule,
+    stop_message,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from deqcli.problems.base import Problem
     from deqcli.solvers.base import StopRule
+
+
+# torchdeq sizes some buffers by max_iter up front (broyden_solver's default memory is max_iter;
+# on its own convergence every solver pads its trace to max_iter entries), so the budget passed
+# to it is capped; our driver still stops the run at run.max_iter.
+TORCHDEQ_MAX_ITER = 100_000
+
+
+# broyden_solver's memory when none is given (torchdeq's own default, max_iter, could be 10⁹).
+DEFAULT_MEMORY_CAP = 1_000
+
+
+def passed_max_iter(max_iter: int) -> int:
+    """The iteration budget torchdeq is given for ``run.max_iter`` (capped, see above)."""
+    return min(max_iter + 1, TORCHDEQ_MAX_ITER)
 
 
 @dataclass
@@ -48,8 +72,14 @@ class TorchdeqSolver(PeerSolver):
         met = torch.zeros(problem.batch, dtype=torch.bool, device=z0.device)
         rule = SharedRule(stop)
 
+        own: list[BaseException] = []  # failures of our own evaluation, not of torchdeq
+
         def func(x: torch.Tensor) -> torch.Tensor:
-            fx = problem.f(x)
+            try:
+                fx = problem.f(x)
+            except BaseException as exc:
+                own.append(exc)
+                raise
             z = x.detach().clone()  # torchdeq may hand us a view of its own buffer
             g = z - fx.detach()
             zs.append(z)
@@ -67,21 +97,31 @@ class TorchdeqSolver(PeerSolver):
                 solve(
                     func,
                     z0,
-                    max_iter=stop.max_iter + 1,
+                    max_iter=passed_max_iter(stop.max_iter),
                     tol=stop.rtol if stop.stop_mode == "rel" else stop.atol,
                     stop_mode=stop.stop_mode,
                     **self.torchdeq_options(),
                 )
-        except PeerStop:
-            message = "stopped by the shared stopping rule or iteration budget"
-        if not zs:
-            raise RuntimeError(f"torchdeq {self.function} did not evaluate the map")
+        except EARLY_STOPS as stop_:
+            message = stop_message(stop_)
+        except (RuntimeError, ValueError, ArithmeticError) as exc:
+            if own and exc is own[-1]:
+                raise  # the map itself failed: that is the problem's error, not the peer's
+            # torchdeq failed inside its own loop (a singular system, say): keep what it visited.
+            message = f"torchdeq raised {type(exc).__name__}: {exc}".splitlines()[0]
+        if not zs:  # the deadline passed before torchdeq evaluated anything
+            with deadline.suspended():
+                zs.append(z0.detach().clone())
+                gs.append(problem.g(z0).detach())
         steps = len(zs) - 1
+        limit = deadline.current()
+        cut = limit is not None and limit.expired()
         return Recording(
             zs=torch.stack(zs, dim=1),
             gs=torch.stack(gs, dim=1),
             lengths=[steps] * problem.batch,
             messages=[message] * problem.batch,
+            timed_out=[cut] * problem.batch,
         )
 
 
@@ -109,7 +149,8 @@ class TorchdeqAnderson(TorchdeqSolver):
 
 @dataclass
 class TorchdeqBroyden(TorchdeqSolver):
-    """torchdeq.solver.broyden_solver; ``memory`` is its LBFGS_thres (None: max_iter)."""
+    """torchdeq.solver.broyden_solver; ``memory`` is its LBFGS_thres (None: max_iter + 1, at most
+    ``DEFAULT_MEMORY_CAP``, since torchdeq allocates that many update vectors up front)."""
 
     name: ClassVar[str] = "torchdeq:broyden"
     summary: ClassVar[str] = "torchdeq broyden_solver"
@@ -124,7 +165,10 @@ class TorchdeqBroyden(TorchdeqSolver):
 
     def torchdeq_options(self) -> dict[str, Any]:
         """No line search (torchdeq's default, which keeps one evaluation per iteration)."""
-        return {"LBFGS_thres": self.memory, "ls": False}
+        memory = self.memory
+        if memory is None:
+            memory = min(passed_max_iter(self._stop.max_iter), DEFAULT_MEMORY_CAP)
+        return {"LBFGS_thres": memory, "ls": False}
 
 
 @dataclass
