@@ -211,12 +211,13 @@ def test_anderson_restarts_only_the_samples_that_need_it() -> None:
 
 
 def test_anderson_memory_is_m_batch_n_and_capped_at_n() -> None:
+    # ΔF and the orthonormal factor Q of ΔG: 2·m·B·n numbers.
     solver = make_solver("anderson", {"m": 4})
     problem = _tanh(torch.float64)
     state = solver.init(problem, problem.z0)
-    assert tuple(state.diffs.shape) == (3, 2 * 4, 12)
+    assert tuple(state.df.shape) == tuple(state.q.shape) == (3, 4, 12)
     wide = make_solver("anderson", {"m": 50}).init(problem, problem.z0)
-    assert tuple(wide.diffs.shape) == (3, 2 * 12, 12)
+    assert tuple(wide.df.shape) == tuple(wide.q.shape) == (3, 12, 12)
 
 
 # -- batches ---------------------------------------------------------------------------------
@@ -306,17 +307,19 @@ def test_broyden_needs_no_derivatives_and_respects_its_memory() -> None:
     totals = result.counts.totals()
     assert result.status is Status.CONVERGED
     assert totals["njev"] == totals["jvp"] == totals["vjp"] == 0
-    state = solver.init(problem, problem.z0)
-    assert tuple(state.u.shape) == tuple(state.v.shape) == (1, 3, 100)
+    solver.init(problem, problem.z0)
+    # The inverse model's rank-one terms a, b: two rows of memory·n per sample.
+    model = solver.implementation().direction.model
+    assert tuple(model.terms.shape) == (1, 2, 3, 100)
 
 
 # -- auto ------------------------------------------------------------------------------------
 
 
 def test_auto_falls_back_where_plain_iteration_diverges() -> None:
-    # g(z) = z³ − 8 from z = 3: the naive map z − g(z) jumps to −16 and blows up; auto's first
-    # Anderson step (a plain step) grows the residual 216-fold, so it switches to Newton.
-    problem = scalar_problem("residual", lambda z: z**3 - 8, [3.0], torch.float64)
+    # The map f(z) = z − (z³ − 8) from z = 3 jumps to −16 and blows up; auto's first Anderson
+    # step (a plain step) grows the residual 216-fold, so it switches to Newton.
+    problem = scalar_problem("fixed_point", lambda z: z - (z**3 - 8), [3.0], torch.float64)
     naive = run(problem, make_solver("fixed_point"), StopRule(atol=1e-12, max_iter=100))
     assert naive.status in (Status.DIVERGED, Status.NONFINITE)
     result = run(problem, make_solver("auto"), StopRule(atol=1e-12, max_iter=100))
@@ -335,17 +338,29 @@ def test_auto_keeps_anderson_when_it_works() -> None:
     assert result.extra["auto"] == {"methods": ["anderson"], "switches": [], "reasons": []}
 
 
-def test_auto_ends_with_the_trust_region_where_nothing_can_succeed() -> None:
+def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:
+    # g(z) = z² + 1 has no real root: every local method stops at the minimum z = 0 of |g|, and
+    # Ψtc, the last resort, cannot find a root either. A residual problem skips anderson.
     problem = scalar_problem("residual", lambda z: z**2 + 1, [1.0], torch.float64)
     result = run(problem, make_solver("auto"), StopRule(atol=1e-12, max_iter=300))
-    assert result.status is Status.STALLED
-    assert result.extra["auto"]["methods"] == ["anderson", "newton", "trust-region"]
+    assert not result.status.ok
+    info = result.extra["auto"]
+    assert info["methods"][0] == "newton" and info["methods"][-1] == "ptc"
+    assert {"trust-region", "levenberg-marquardt"} <= set(info["methods"])
+    assert len(info["reasons"]) == len(info["methods"]) - 1
 
 
 def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
     solver = make_solver("auto", {"dense_max": 10})
-    assert solver.stages(_tanh(torch.float64)) == ["anderson", "newton-krylov"]
-    assert solver.stages(_dottie(torch.float64)) == ["anderson", "newton", "trust-region"]
+    assert solver.stage_names(_tanh(torch.float64)) == ["anderson", "newton-krylov", "ptc"]
+    assert solver.stage_names(_dottie(torch.float64)) == [
+        "anderson",
+        "newton",
+        "trust-region",
+        "levenberg-marquardt",
+        "ptc",
+    ]
+    assert solver.stage_names(_sqrt2(torch.float64))[0] == "newton"
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -359,7 +374,24 @@ def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
         ("broyden", {"memory": 0}, "solver.memory: must be ≥ 1"),
         ("newton-krylov", {"eta": 1.5}, "solver.eta: must lie in (0, 1)"),
         ("newton-krylov", {"forcing": "fixed"}, "solver.forcing: must be one of ew, constant"),
-        ("trust-region", {"radius": -1}, "solver.radius: must be > 0"),
+        ("trust-region", {"factor": -1}, "solver.factor: must be > 0"),
+        ("trust-region", {"scaling": "columns"}, "solver.scaling: must be one of jacobian, none"),
+        ("broyden", {"update": "worse"}, "solver.update: must be one of good, bad"),
+        (
+            "broyden",
+            {"globalisation": "levenberg-marquardt"},
+            "solver.globalisation: solver 'broyden' supports line-search, trust-region, none",
+        ),
+        (
+            "newton-krylov",
+            {"globalisation": "trust-region"},
+            "solver.globalisation: solver 'newton-krylov' supports line-search, none",
+        ),
+        ("newton", {"step_max": 0}, "solver.step_max: must be > 0"),
+        ("levenberg-marquardt", {"damping": 0}, "solver.damping: must be > 0"),
+        ("ptc", {"dt0": -1}, "solver.dt0: must be > 0"),
+        ("ptc", {"dt0": 1.0, "dt_max": 0.5}, "solver.dt_max: must be ≥ dt0"),
+        ("auto", {"stages": "newton,bisection"}, "solver.stages: unknown preset 'bisection'"),
         ("auto", {"progress": 2}, "solver.progress: must lie in (0, 1)"),
         ("anderson", {"depth": 3}, "solver.depth: unknown option for solver 'anderson'"),
     ],
