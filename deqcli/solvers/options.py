@@ -228,7 +228,7 @@ class Ptc(Solver):
     name: ClassVar[str] = "ptc"
     summary: ClassVar[str] = "pseudo-transient continuation (Ψtc): last resort far from a root"
     method: ClassVar[str] = "deqcli.solvers.ptc:PtcMethod"
-    dt0: float = 1e-2
+    dt0: float = 1.0
     dt_max: float = 1e12
     growth: float = 10.0
     linear: Literal["auto", "dense", "krylov"] = "auto"
