@@ -539,7 +539,8 @@ def test_broyden_bad_update_and_trust_region_need_no_jacobians() -> None:
 
 
 def test_broyden_terminates_on_a_linear_map_with_either_update() -> None:
-    # Gay's theorem: Broyden's method on an affine map terminates in at most 2n steps (n = 5).
+    # Gay's theorem: the good update on an affine map terminates in at most 2n steps (n = 5);
+    # the bad update does too on this map.
     for update in ("good", "bad"):
         solver = make_solver("broyden", {"update": update, "memory": 20, "globalisation": "none"})
         result = run(_linear(torch.float64), solver, StopRule(atol=1e-10, max_iter=50))
