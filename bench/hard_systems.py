@@ -63,7 +63,11 @@ class System:
 
     def problem(self, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> Problem:
         """The system as a residual-form problem of batch 1 started at scale·x0."""
-        z0 = scale * torch.tensor([self.x0], dtype=dtype)
+        return self.batch((scale,), dtype)
+
+    def batch(self, scales: tuple[float, ...], dtype: torch.dtype = torch.float64) -> Problem:
+        """One sample per scale, sample b started at scales[b]·x0."""
+        z0 = torch.tensor(scales, dtype=dtype)[:, None] * torch.tensor([self.x0], dtype=dtype)
         return Problem(
             name=self.name,
             kind="test",

@@ -9,7 +9,6 @@ import torch
 from scipy.optimize import root
 
 from bench.hard_systems import SYSTEMS, System
-from deqcli.problems.base import Problem
 from deqcli.result import SolveResult, Status
 from deqcli.solvers import make_solver
 from deqcli.solvers.base import StopRule, run
@@ -162,17 +161,6 @@ def test_trust_region_visits_the_points_hybrj_visits(system: str, scale: float, 
 # -- batches follow each sample's own path ---------------------------------------------------
 
 
-def _batch(system: System, scales: tuple[float, ...]) -> Problem:
-    z0 = torch.stack([system.problem(s).z0[0] for s in scales])
-    return Problem(
-        name=system.name,
-        kind="test",
-        form="residual",
-        func=lambda z, p, fn=system.residual: fn(z),
-        z0=z0,
-    )
-
-
 PATH_CASES = [
     (system, solver)
     for system in ("rosenbrock", "helical-valley")
@@ -186,7 +174,7 @@ def test_each_sample_of_a_batch_follows_the_path_it_follows_alone(system: str, s
     # residuals, stop and solution match its run alone (the first 60 iterations at most).
     scales = (1.0, 10.0, 100.0)
     stop = StopRule(atol=ATOL, max_iter=60)
-    together = run(_batch(BY_NAME[system], scales), make_solver(solver), stop)
+    together = run(BY_NAME[system].batch(scales), make_solver(solver), stop)
     for b, scale in enumerate(scales):
         alone = run(BY_NAME[system].problem(scale), make_solver(solver), stop)
         assert together.sample_status[b] is alone.sample_status[0]

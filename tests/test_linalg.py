@@ -115,7 +115,9 @@ def test_gmres_converges_on_an_ill_conditioned_system_where_halving_per_cycle_fa
     assert float(second.residual[0]) > 0.5 * float(first.residual[0])
     res = gmres(op, b, rtol=1e-8, restart=20, max_matvecs=5000)
     assert bool(res.converged[0]) and not bool(res.stagnated[0])
-    true = torch.linalg.vector_norm(b - (a @ res.x[..., None])[..., 0]) / torch.linalg.vector_norm(b)
+    true = torch.linalg.vector_norm(b - (a @ res.x[..., None])[..., 0]) / torch.linalg.vector_norm(
+        b
+    )
     assert float(true) <= 1e-8
 
 

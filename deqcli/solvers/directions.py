@@ -281,7 +281,35 @@ class Proposal:
     slope: torch.Tensor  # (B,), negative for a descent direction
 
 
-class NewtonDirection:
+class Direction:
+    """How a step direction is found: ``start`` once, then ``propose`` and ``learn`` each step."""
+
+    def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
+        """Allocate what the direction keeps per sample."""
+
+    def propose(
+        self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
+    ) -> Proposal:
+        """The direction and its slope for every sample (rows outside ``active`` are ignored)."""
+        raise NotImplementedError
+
+    def learn(
+        self,
+        z: torch.Tensor,
+        g: torch.Tensor,
+        step: torch.Tensor,
+        g_new: torch.Tensor,
+        accepted: torch.Tensor,
+        active: torch.Tensor,
+    ) -> None:
+        """Take in the last trial: ``step`` from z and g there (``accepted`` or not)."""
+
+    def stuck(self) -> torch.Tensor | None:
+        """Samples this direction gave up on, or None."""
+        return None
+
+
+class NewtonDirection(Direction):
     """d = −J_g⁻¹ g with a fresh autodiff Jacobian of every running sample, each iteration."""
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
@@ -297,19 +325,8 @@ class NewtonDirection:
         jd = torch.bmm(jac, d.unsqueeze(2)).squeeze(2)
         return Proposal(d, (g * jd).sum(dim=1))
 
-    def learn(
-        self,
-        z: torch.Tensor,
-        g: torch.Tensor,
-        step: torch.Tensor,
-        g_new: torch.Tensor,
-        accepted: torch.Tensor,
-        active: torch.Tensor,
-    ) -> None:
-        """Nothing to learn: the next Jacobian is exact again."""
 
-
-class BroydenDirection:
+class BroydenDirection(Direction):
     """d = −H g with H ≈ J_g⁻¹ = h0·I plus at most ``memory`` rank-one terms per sample.
 
     After a trial step s with residual change y (accepted or not: both carry information):
@@ -383,7 +400,7 @@ class BroydenDirection:
         return None if self.fails is None else self.fails >= 4
 
 
-class KrylovDirection:
+class KrylovDirection(Direction):
     """Inexact Newton: GMRES on J_g d = −g to ‖J_g d + g‖ ≤ η‖g‖, with JVPs only.
 
     Forcing (``ew``, Eisenstat–Walker choice 2): η_{k+1} = 0.9 (‖g_{k+1}‖/‖g_k‖)², safeguarded by

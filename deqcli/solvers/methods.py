@@ -22,6 +22,7 @@ import torch
 from deqcli.solvers.base import Method, State
 from deqcli.solvers.directions import (
     BroydenDirection,
+    Direction,
     JacobianModel,
     KrylovDirection,
     NewtonDirection,
@@ -57,6 +58,33 @@ def _column_norms(jac: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(jac, dim=1)
 
 
+def _initial_scaling(jac: torch.Tensor, scaling: str) -> torch.Tensor:
+    """MINPACK's mode 1: D = the column norms of J (a zero or non-finite norm counts as 1)."""
+    norms = _column_norms(jac)
+    if scaling == "none":
+        return torch.ones_like(norms)
+    return torch.where((norms == 0) | ~torch.isfinite(norms), torch.ones_like(norms), norms)
+
+
+def _refresh_rows(
+    problem: Problem, state: Any, scaling: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fresh Jacobians for the running samples flagged ``refresh``; D grows to their column norms.
+
+    Returns the mask of refreshed samples and their Jacobians (None when there were none).
+    """
+    fresh = _running(state) & state.refresh
+    if not bool(fresh.any()):
+        return fresh, None
+    jac = jacobian_rows(problem, state.z, fresh)
+    if scaling == "jacobian":
+        grown = torch.maximum(state.diag, _column_norms(jac))
+        state.diag = torch.where(fresh[:, None], grown, state.diag)
+    state.refresh = state.refresh & ~fresh
+    state.jacobians = state.jacobians + fresh.to(state.jacobians.dtype)
+    return fresh, jac
+
+
 # -- direction × line search ----------------------------------------------------------------------
 
 
@@ -80,9 +108,9 @@ class LineSearchMethod(Method):
 
     def __init__(self, options: Solver) -> None:
         super().__init__(options)
-        self.direction: Any = self.make_direction()
+        self.direction: Direction = self.make_direction()
 
-    def make_direction(self) -> Any:
+    def make_direction(self) -> Direction:
         """The direction this preset pairs with the line search."""
         raise NotImplementedError
 
@@ -128,8 +156,7 @@ class LineSearchMethod(Method):
 
     def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
         """Samples the direction gave up on (Broyden: its reset model failed too)."""
-        stuck = getattr(self.direction, "stuck", None)
-        mask = stuck() if stuck is not None else None
+        mask = self.direction.stuck()
         return None if mask is None else mask & active
 
 
@@ -245,7 +272,7 @@ class TrustRegionMethod(Method):
             g0, jac = problem.jacobian(z0)
             model = JacobianModel(z0, self.memory, dense=True)
             model.set_jacobian(~flags, jac)
-            diag = self._initial_scaling(jac)
+            diag = _initial_scaling(jac, self.scaling)
             jacobians = zeros + 1
         radius = self._initial_radius(diag, z0)
         return TrustRegionState(
@@ -270,12 +297,6 @@ class TrustRegionMethod(Method):
         radius = self.factor * row_norms(diag * z)
         return torch.where(radius == 0, torch.full_like(radius, self.factor), radius)
 
-    def _initial_scaling(self, jac: torch.Tensor) -> torch.Tensor:
-        norms = _column_norms(jac)
-        if self.scaling == "none":
-            return torch.ones_like(norms)
-        return torch.where((norms == 0) | ~torch.isfinite(norms), torch.ones_like(norms), norms)
-
     def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
         """Samples hybrj would stop: no further progress possible or made."""
         if not isinstance(state, TrustRegionState):
@@ -288,23 +309,16 @@ class TrustRegionMethod(Method):
         active = _running(s)
         eps = torch.finfo(s.z.dtype).eps
         tiny = torch.finfo(s.z.dtype).tiny
-        fresh = active & s.refresh
-        if bool(fresh.any()):
-            jac = jacobian_rows(problem, s.z, fresh)
+        fresh, jac = _refresh_rows(problem, s, self.scaling)
+        if jac is not None:
             s.model.set_jacobian(fresh, jac)
-            if self.scaling == "jacobian":
-                s.diag = torch.where(
-                    fresh[:, None], torch.maximum(s.diag, _column_norms(jac)), s.diag
-                )
             # Until a first step is accepted, a fresh Jacobian starts over as at z₀ (hybrj's
             # iter == 1): scaling from this Jacobian alone and Δ = factor·‖D z‖.
             again = fresh & s.first
             if bool(again.any()):
-                s.diag = torch.where(again[:, None], self._initial_scaling(jac), s.diag)
+                s.diag = torch.where(again[:, None], _initial_scaling(jac, self.scaling), s.diag)
                 s.radius = torch.where(again, self._initial_radius(s.diag, s.z), s.radius)
             s.jeval = s.jeval | fresh
-            s.refresh = s.refresh & ~fresh
-            s.jacobians = s.jacobians + fresh.to(s.jacobians.dtype)
 
         model = s.model
         newton = -model.solve(s.g)
@@ -460,13 +474,9 @@ class LevenbergMarquardtMethod(Method):
         o: Any = self.options
         problem.check_dense_fits()
         g0, jac = problem.jacobian(z0)
-        norms = _column_norms(jac)
-        if o.scaling == "none":
-            diag = torch.ones_like(norms)
-        else:
-            diag = torch.where((norms == 0) | ~torch.isfinite(norms), torch.ones_like(norms), norms)
+        diag = _initial_scaling(jac, o.scaling)
         fact = factor_scaled(jac, diag)
-        top = fact.sigma[:, 0].square() if fact.sigma.shape[1] else torch.zeros_like(norms[:, 0])
+        top = fact.sigma[:, 0].square()
         lam = o.damping * torch.where(top > 0, top, torch.ones_like(top))
         batch = z0.shape[0]
         zeros = torch.zeros(batch, dtype=torch.int64, device=z0.device)
@@ -502,19 +512,12 @@ class LevenbergMarquardtMethod(Method):
         active = _running(s)
         eps = torch.finfo(s.z.dtype).eps
         tiny = torch.finfo(s.z.dtype).tiny
-        fresh = active & s.refresh
-        if bool(fresh.any()):
-            jac = jacobian_rows(problem, s.z, fresh)
+        fresh, jac = _refresh_rows(problem, s, o.scaling)
+        if jac is not None:
             s.jac = torch.where(fresh[:, None, None], jac, s.jac)
-            if o.scaling == "jacobian":
-                s.diag = torch.where(
-                    fresh[:, None], torch.maximum(s.diag, _column_norms(jac)), s.diag
-                )
             index = fresh.nonzero().flatten()
             part = factor_scaled(s.jac[index], s.diag[index])
             s.u[index], s.sigma[index], s.vh[index] = part.u, part.sigma, part.vh
-            s.refresh = s.refresh & ~fresh
-            s.jacobians = s.jacobians + fresh.to(s.jacobians.dtype)
 
         p = damped_step(Factored(s.u, s.sigma, s.vh), s.diag, s.g, s.lam)
         g_try = problem.g(s.z + p)
