@@ -43,6 +43,14 @@ class AndersonState(State):
     restarts: torch.Tensor  # (B,): memory cleared (residual growth)
     drops: torch.Tensor  # (B,): oldest columns dropped for conditioning
     recent: torch.Tensor  # (B, window): ½‖g‖² of the last iterations (line search reference)
+    # While every sample holds the same number of columns from the same ring slot (no sample has
+    # dropped or cleared its own), these are that count and slot, and the hot path needs no
+    # per-row indexing or host synchronisation. None once the samples differ.
+    shared: tuple[int, int] | None = (0, 0)
+
+
+# A Gram–Schmidt pass that leaves less than this fraction of the new difference gets a second.
+REORTHOGONALISE = 2**-0.5
 
 
 def condition_limit(cond_max: float, dtype: torch.dtype) -> float:
@@ -135,24 +143,28 @@ class AndersonMethod(Method):
         res = torch.linalg.vector_norm(g_new, dim=1)
         if o.restart:
             self._safeguard(s, res, active)
-        if o.window > 1:
-            s.recent = torch.roll(s.recent, 1, dims=1)
-        s.recent[:, 0] = 0.5 * res.square()
+        if o.globalisation == "line-search":
+            if o.window > 1:
+                s.recent = torch.roll(s.recent, 1, dims=1)
+            s.recent[:, 0] = 0.5 * res.square()
         s.z, s.g, s.f = z_new, g_new, f_new
         return s
 
     def _mix(self, s: AndersonState) -> torch.Tensor:
         """z − βg − ΔZγ + βΔGγ with γ from R γ = Q g (or its Tikhonov form)."""
         o = self.options
-        k = int(s.count.max())
+        k = s.shared[0] if s.shared is not None else int(s.count.max())
         if k == 0:
             return s.z - o.beta * s.g
         gamma = self._gamma(s, k)  # (B, k), logical order, zero beyond each row's count
         m = s.df.shape[1]
         # ΔF is stored in ring slots: logical column i of row b sits in slot (head_b + i) mod m.
-        slots = (torch.arange(m, device=s.head.device)[None, :] - s.head[:, None]) % m
-        padded = torch.nn.functional.pad(gamma, (0, m - k))
-        in_slots = padded.gather(1, slots)
+        padded = torch.nn.functional.pad(gamma, (0, m - k)) if k < m else gamma
+        if s.shared is not None:
+            in_slots = torch.roll(padded, s.shared[1], dims=1) if s.shared[1] else padded
+        else:
+            slots = (torch.arange(m, device=s.head.device)[None, :] - s.head[:, None]) % m
+            in_slots = padded.gather(1, slots)
         z_new = torch.baddbmm(s.f.unsqueeze(1), in_slots.unsqueeze(1), s.df, alpha=-1).squeeze(1)
         if o.beta != 1.0:
             # z − βg − ΔZγ + βΔGγ = (f − ΔFγ) + (1 − β)(g − ΔGγ), and ΔGγ = Qᵀ(Rγ).
@@ -165,12 +177,14 @@ class AndersonMethod(Method):
         """Solve the small triangular (or stacked Tikhonov) system per row, masked to its count."""
         r = s.r[:, :k, :k]
         rhs = s.qg[:, :k]
-        index = torch.arange(k, device=s.count.device)
-        beyond = index[None, :] >= s.count[:, None]
-        eye = torch.eye(k, dtype=r.dtype, device=r.device).expand_as(r)
-        mask2 = beyond[:, None, :] | beyond[:, :, None]
-        r = torch.where(mask2, eye, r)
-        rhs = torch.where(beyond, 0.0, rhs)
+        beyond = None
+        if s.shared is None:
+            index = torch.arange(k, device=s.count.device)
+            beyond = index[None, :] >= s.count[:, None]
+            eye = torch.eye(k, dtype=r.dtype, device=r.device).expand_as(r)
+            mask2 = beyond[:, None, :] | beyond[:, :, None]
+            r = torch.where(mask2, eye, r)
+            rhs = torch.where(beyond, 0.0, rhs)
         if self.options.lam > 0:
             # Column norms of ΔG = those of R; the stacked problem [R; √λ D] γ ≈ [Qg; 0].
             weight = (self.options.lam**0.5) * torch.linalg.vector_norm(r, dim=1)
@@ -180,8 +194,8 @@ class AndersonMethod(Method):
             rhs = torch.bmm(qq.transpose(1, 2), target.unsqueeze(2)).squeeze(2)
             r = rr
         gamma = torch.linalg.solve_triangular(r, rhs.unsqueeze(2), upper=True).squeeze(2)
-        gamma = torch.where(torch.isfinite(gamma), gamma, torch.zeros_like(gamma))
-        return torch.where(beyond, 0.0, gamma)
+        gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
+        return gamma if beyond is None else torch.where(beyond, 0.0, gamma)
 
     # -- the QR of ΔG ----------------------------------------------------------------------------
     def _record(
@@ -189,89 +203,102 @@ class AndersonMethod(Method):
     ) -> None:
         """Slide the window where it is full, append the new difference, project g_new."""
         m = s.df.shape[1]
-        full = s.count >= m
-        if bool(full.any()):
-            self._drop_oldest(s, full)
-        k = int(s.count.max())
-        uniform = bool((s.count == k).all())
-        pair = torch.stack((dg, g_new), dim=2)  # (B, n, 2)
+        if s.shared is not None:
+            if s.shared[0] >= m:
+                self._drop_oldest(s, None)
+        else:
+            full = s.count >= m
+            if bool(full.any()):
+                self._drop_oldest(s, full)
+        k = s.shared[0] if s.shared is not None else int(s.count.max())
         if k:
             basis = s.q[:, :k]
-            h = torch.bmm(basis, pair)  # (B, k, 2): Q dg and Q g_new
-            w = dg - torch.bmm(h[:, :, :1].transpose(1, 2), basis).squeeze(1)
-            h2 = torch.bmm(basis, w.unsqueeze(2))
-            w = w - torch.bmm(h2.transpose(1, 2), basis).squeeze(1)
-            coeff = h[:, :, 0] + h2[:, :, 0]
-            qg_old = h[:, :, 1]
+            # Rows (Δg, g_new) against the basis: (B, 2, n)·(B, n, k), the fast layout for bmm.
+            pair = torch.stack((dg, g_new), dim=1)
+            h = torch.bmm(pair, basis.transpose(1, 2))  # (B, 2, k): Q dg and Q g_new
+            w = torch.baddbmm(dg.unsqueeze(1), h[:, :1], basis, alpha=-1)
+            coeff = h[:, 0]
+            qg_old = h[:, 1]
+            rho = torch.linalg.vector_norm(w, dim=2).squeeze(1)
+            # Kahan–Parlett: one Gram–Schmidt pass is enough unless it cancelled more than a
+            # factor √2 of ‖Δg‖; then a second pass restores orthogonality to working precision.
+            if not bool((rho >= REORTHOGONALISE * torch.linalg.vector_norm(dg, dim=1)).all()):
+                h2 = torch.bmm(w, basis.transpose(1, 2))  # (B, 1, k)
+                w = torch.baddbmm(w, h2, basis, alpha=-1)
+                coeff = coeff + h2[:, 0]
+                rho = torch.linalg.vector_norm(w, dim=2).squeeze(1)
+            w = w.squeeze(1)
         else:
             w = dg
             coeff = dg.new_zeros(dg.shape[0], 0)
             qg_old = coeff
-        rho = torch.linalg.vector_norm(w, dim=1)
-        tiny = torch.finfo(w.dtype).tiny
-        unit = w / rho.clamp_min(tiny)[:, None]
-        slot_new = s.count  # logical index of the new column, per row
-        ring = (s.head + s.count) % m
-        batch = s.count.shape[0]
-        rows = torch.arange(batch, device=s.count.device)
-        if uniform:
+            rho = torch.linalg.vector_norm(w, dim=1)
+        unit = w / rho.clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+        projection = (unit * g_new).sum(dim=1)
+        if s.shared is not None:
+            head = s.shared[1]
             s.q[:, k] = unit
             s.r[:, :k, k] = coeff
             s.r[:, k, k] = rho
             s.qg[:, :k] = qg_old
-            s.qg[:, k] = (unit * g_new).sum(dim=1)
+            s.qg[:, k] = projection
+            s.df[:, (head + k) % m] = df
+            s.shared = (k + 1, head)
         else:
             # Rows hold different counts: write each row's column at its own index.
+            batch = s.count.shape[0]
+            rows = torch.arange(batch, device=s.count.device)
+            slot_new = s.count
+            held = torch.arange(k, device=w.device)[None, :] < s.count[:, None]
             s.q[rows, slot_new] = unit
             col = torch.zeros(batch, m, dtype=w.dtype, device=w.device)
-            col[:, :k] = torch.where(
-                torch.arange(k, device=w.device)[None, :] < s.count[:, None], coeff, 0.0
-            )
+            col[:, :k] = torch.where(held, coeff, 0.0)
             col[rows, slot_new] = rho
             s.r[rows, :, slot_new] = col
             qg = torch.zeros_like(s.qg)
-            qg[:, :k] = torch.where(
-                torch.arange(k, device=w.device)[None, :] < s.count[:, None], qg_old, 0.0
-            )
-            qg[rows, slot_new] = (unit * g_new).sum(dim=1)
+            qg[:, :k] = torch.where(held, qg_old, 0.0)
+            qg[rows, slot_new] = projection
             s.qg = qg
-        s.df[rows, ring] = df
+            s.df[rows, (s.head + s.count) % m] = df
         s.count = s.count + 1
 
-    def _drop_oldest(self, s: AndersonState, rows: torch.Tensor) -> None:
-        """Remove logical column 0 of the rows in ``rows``: Givens rotations restore R's triangle.
+    def _drop_oldest(self, s: AndersonState, rows: torch.Tensor | None) -> None:
+        """Remove logical column 0 of the rows in ``rows`` (None: every row) and restore R.
 
-        With column 0 gone, R's remaining columns form an upper Hessenberg matrix; rotations of
-        rows (i, i+1) zero its subdiagonal, and the same rotations applied to Q keep ΔG = QᵀR.
-        The last row of the rotated Q then spans nothing that is kept and is cleared.
+        Without column 0, R's other columns form an upper Hessenberg matrix H; the orthogonal G
+        with G H upper triangular (what a sweep of Givens rotations builds; here one small QR of
+        H per sample) is applied to Q as well, so ΔG = QᵀR still holds. The last row of the
+        rotated Q then spans nothing that is kept and is cleared.
         """
         m = s.r.shape[1]
         k = s.count
-        shifted = torch.zeros_like(s.r)
-        shifted[:, :, : m - 1] = s.r[:, :, 1:]
-        hess = torch.where(rows[:, None, None], shifted, s.r)
-        rot = torch.eye(m, dtype=s.r.dtype, device=s.r.device).expand_as(s.r).clone()
-        for i in range(m - 1):
-            a, b = hess[:, i, i], hess[:, i + 1, i]
-            radius = torch.sqrt(a.square() + b.square())
-            use = rows & (i + 1 < k) & (radius > 0)
-            safe = radius.clamp_min(torch.finfo(a.dtype).tiny)
-            c = torch.where(use, a / safe, torch.ones_like(a))
-            sn = torch.where(use, b / safe, torch.zeros_like(a))
-            for mat in (hess, rot):
-                top, bottom = mat[:, i].clone(), mat[:, i + 1].clone()
-                mat[:, i] = c[:, None] * top + sn[:, None] * bottom
-                mat[:, i + 1] = -sn[:, None] * top + c[:, None] * bottom
-            hess[:, i + 1, i] = torch.where(use, 0.0, hess[:, i + 1, i])
-        q = torch.bmm(rot, s.q)
-        qg = torch.bmm(rot, s.qg.unsqueeze(2)).squeeze(2)
-        last = (torch.arange(m, device=k.device)[None, :] == (k - 1)[:, None]) & rows[:, None]
-        s.q = torch.where(rows[:, None, None], torch.where(last[:, :, None], 0.0, q), s.q)
-        s.qg = torch.where(rows[:, None], torch.where(last, 0.0, qg), s.qg)
-        hess = torch.where(last[:, :, None] | last[:, None, :], 0.0, hess)
-        s.r = torch.where(rows[:, None, None], hess, s.r)
+        rot, tri = torch.linalg.qr(s.r[:, :, 1:], mode="complete")  # H = rot · tri
+        rot_t = rot.transpose(1, 2)
+        new_r = torch.zeros_like(s.r)
+        new_r[:, :, : m - 1] = tri
+        q = torch.bmm(rot_t, s.q)
+        qg = torch.bmm(rot_t, s.qg.unsqueeze(2)).squeeze(2)
+        if rows is None:
+            # Every row held m columns: row m − 1 is the discarded direction.
+            q[:, m - 1] = 0.0
+            qg[:, m - 1] = 0.0
+            new_r[:, m - 1] = 0.0
+            s.q, s.qg, s.r = q, qg, new_r
+            s.head = (s.head + 1) % m
+            s.count = k - 1
+            if s.shared is not None:
+                s.shared = (s.shared[0] - 1, (s.shared[1] + 1) % m)
+            return
+        last = torch.arange(m, device=k.device)[None, :] == (k - 1)[:, None]
+        q = torch.where(last[:, :, None], 0.0, q)
+        qg = torch.where(last, 0.0, qg)
+        new_r = torch.where(last[:, :, None] | last[:, None, :], 0.0, new_r)
+        s.q = torch.where(rows[:, None, None], q, s.q)
+        s.qg = torch.where(rows[:, None], qg, s.qg)
+        s.r = torch.where(rows[:, None, None], new_r, s.r)
         s.head = torch.where(rows, (s.head + 1) % m, s.head)
         s.count = torch.where(rows, k - 1, k)
+        s.shared = None
 
     def _clear(self, s: AndersonState, rows: torch.Tensor) -> None:
         """Forget the stored differences of the rows in ``rows`` (their next step is z − βg)."""
@@ -282,6 +309,7 @@ class AndersonMethod(Method):
         s.qg = torch.where(rows[:, None], 0.0, s.qg)
         s.count = torch.where(rows, torch.zeros_like(s.count), s.count)
         s.head = torch.where(rows, torch.zeros_like(s.head), s.head)
+        s.shared = None
 
     def _condition(self, s: AndersonState) -> torch.Tensor:
         """max|R_ii| / min|R_ii| over each row's own columns: O(m), a lower bound on cond(R).
@@ -289,7 +317,7 @@ class AndersonMethod(Method):
         For the R of a Gram–Schmidt QR it tracks cond(R) closely; an exact SVD per step would cost
         O(m³), which dominates for the large m that hard problems need.
         """
-        k = int(s.count.max())
+        k = s.shared[0] if s.shared is not None else int(s.count.max())
         if k < 2:
             return torch.ones_like(s.best)
         diag = torch.diagonal(s.r[:, :k, :k], dim1=1, dim2=2).abs()
@@ -302,19 +330,30 @@ class AndersonMethod(Method):
     def _safeguard(self, s: AndersonState, res: torch.Tensor, active: torch.Tensor) -> None:
         """Drop oldest columns while ill-conditioned; clear the memory after residual growth."""
         limit = condition_limit(self.options.cond_max, s.r.dtype)
+        grew = active & ((res > self.options.growth * s.best) | ~torch.isfinite(res))
+        bad = active & (s.count > 1) & (self._condition(s) > limit)
+        # One host synchronisation for both tests in the common case that neither fires.
+        any_bad = any_grew = bool((bad | grew).any())
+        if any_bad:
+            any_bad, any_grew = bool(bad.any()), bool(grew.any())
         for _ in range(s.r.shape[1]):
-            bad = active & (s.count > 1) & (self._condition(s) > limit)
-            if not bool(bad.any()):
+            if not any_bad:
                 break
             self._drop_oldest(s, bad)
             s.drops = s.drops + bad.to(s.drops.dtype)
-        grew = active & ((res > self.options.growth * s.best) | ~torch.isfinite(res))
-        if bool(grew.any()):
+            bad = active & (s.count > 1) & (self._condition(s) > limit)
+            any_bad = bool(bad.any())
+        if any_grew:
             self._clear(s, grew)
             s.restarts = s.restarts + grew.to(s.restarts.dtype)
             s.best = torch.where(grew, res, torch.minimum(s.best, res))
         else:
             s.best = torch.minimum(s.best, res)
+        if s.shared is None:
+            # Samples that dropped or cleared alike are in step again: back to the fast path.
+            count, head = int(s.count[0]), int(s.head[0])
+            if bool(((s.count == count) & (s.head == head)).all()):
+                s.shared = (count, head)
 
     def finish(self, state: State, result: SolveResult) -> None:
         """Report safeguard restarts and conditioning drops per sample."""
