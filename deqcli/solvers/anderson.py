@@ -159,13 +159,21 @@ class AndersonMethod(Method):
         gamma = self._gamma(s, k)  # (B, k), logical order, zero beyond each row's count
         m = s.df.shape[1]
         # ΔF is stored in ring slots: logical column i of row b sits in slot (head_b + i) mod m.
-        padded = torch.nn.functional.pad(gamma, (0, m - k)) if k < m else gamma
+        # Only the slots in use are read: at most two contiguous runs when the samples agree.
+        z_new = s.f.unsqueeze(1)
         if s.shared is not None:
-            in_slots = torch.roll(padded, s.shared[1], dims=1) if s.shared[1] else padded
+            head = s.shared[1]
+            first = min(k, m - head)
+            z_new = torch.baddbmm(
+                z_new, gamma[:, None, :first], s.df[:, head : head + first], alpha=-1
+            )
+            if first < k:
+                z_new = torch.baddbmm(z_new, gamma[:, None, first:], s.df[:, : k - first], alpha=-1)
         else:
+            padded = torch.nn.functional.pad(gamma, (0, m - k)) if k < m else gamma
             slots = (torch.arange(m, device=s.head.device)[None, :] - s.head[:, None]) % m
-            in_slots = padded.gather(1, slots)
-        z_new = torch.baddbmm(s.f.unsqueeze(1), in_slots.unsqueeze(1), s.df, alpha=-1).squeeze(1)
+            z_new = torch.baddbmm(z_new, padded.gather(1, slots).unsqueeze(1), s.df, alpha=-1)
+        z_new = z_new.squeeze(1)
         if o.beta != 1.0:
             # z − βg − ΔZγ + βΔGγ = (f − ΔFγ) + (1 − β)(g − ΔGγ), and ΔGγ = Qᵀ(Rγ).
             r_gamma = torch.bmm(s.r[:, :k, :k], gamma.unsqueeze(2)).transpose(1, 2)
@@ -274,21 +282,22 @@ class AndersonMethod(Method):
         k = s.count
         rot, tri = torch.linalg.qr(s.r[:, :, 1:], mode="complete")  # H = rot · tri
         rot_t = rot.transpose(1, 2)
-        new_r = torch.zeros_like(s.r)
-        new_r[:, :, : m - 1] = tri
         q = torch.bmm(rot_t, s.q)
         qg = torch.bmm(rot_t, s.qg.unsqueeze(2)).squeeze(2)
         if rows is None:
-            # Every row held m columns: row m − 1 is the discarded direction.
+            # Every row held m columns: row m − 1 is the discarded direction (tri's last row is 0).
             q[:, m - 1] = 0.0
             qg[:, m - 1] = 0.0
-            new_r[:, m - 1] = 0.0
-            s.q, s.qg, s.r = q, qg, new_r
+            s.r[:, :, : m - 1] = tri
+            s.r[:, :, m - 1] = 0.0
+            s.q, s.qg = q, qg
             s.head = (s.head + 1) % m
             s.count = k - 1
             if s.shared is not None:
                 s.shared = (s.shared[0] - 1, (s.shared[1] + 1) % m)
             return
+        new_r = torch.zeros_like(s.r)
+        new_r[:, :, : m - 1] = tri
         last = torch.arange(m, device=k.device)[None, :] == (k - 1)[:, None]
         q = torch.where(last[:, :, None], 0.0, q)
         qg = torch.where(last, 0.0, qg)
@@ -321,6 +330,8 @@ class AndersonMethod(Method):
         if k < 2:
             return torch.ones_like(s.best)
         diag = torch.diagonal(s.r[:, :k, :k], dim1=1, dim2=2).abs()
+        if s.shared is not None:
+            return diag.amax(dim=1) / diag.amin(dim=1)  # inf (or NaN) for a zero pivot
         used = torch.arange(k, device=s.count.device)[None, :] < s.count[:, None]
         big = torch.where(used, diag, 0.0).amax(dim=1)
         small = torch.where(used, diag, torch.inf).amin(dim=1)
@@ -331,7 +342,7 @@ class AndersonMethod(Method):
         """Drop oldest columns while ill-conditioned; clear the memory after residual growth."""
         limit = condition_limit(self.options.cond_max, s.r.dtype)
         grew = active & ((res > self.options.growth * s.best) | ~torch.isfinite(res))
-        bad = active & (s.count > 1) & (self._condition(s) > limit)
+        bad = active & (s.count > 1) & ~(self._condition(s) <= limit)
         # One host synchronisation for both tests in the common case that neither fires.
         any_bad = any_grew = bool((bad | grew).any())
         if any_bad:
@@ -341,7 +352,7 @@ class AndersonMethod(Method):
                 break
             self._drop_oldest(s, bad)
             s.drops = s.drops + bad.to(s.drops.dtype)
-            bad = active & (s.count > 1) & (self._condition(s) > limit)
+            bad = active & (s.count > 1) & ~(self._condition(s) <= limit)
             any_bad = bool(bad.any())
         if any_grew:
             self._clear(s, grew)

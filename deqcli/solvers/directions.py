@@ -68,15 +68,17 @@ def solve_newton(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     the pseudo-inverse.
     """
     sol, info = torch.linalg.solve_ex(jac, rhs)
-    singular = info != 0
-    if bool(singular.any()) or not bool(torch.isfinite(sol).all()):
-        finite = torch.isfinite(jac).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=1)
+    bad = (info != 0) | ~torch.isfinite(sol).all(dim=1)
+    if bool(bad.any()):
+        # The pseudo-inverse (an SVD) only for the samples that need it.
+        index = bad.nonzero().flatten()
+        part_jac, part_rhs = jac[index], rhs[index]
+        finite = torch.isfinite(part_jac).all(dim=(1, 2)) & torch.isfinite(part_rhs).all(dim=1)
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-        safe_jac = torch.where(finite[:, None, None], jac, eye)
-        safe_rhs = torch.where(finite[:, None], rhs, 0.0)
-        lsq = (torch.linalg.pinv(safe_jac) @ safe_rhs[..., None])[..., 0]
-        bad = (singular | ~torch.isfinite(sol).all(dim=1))[:, None]
-        sol = torch.where(bad, lsq, sol)
+        safe_jac = torch.where(finite[:, None, None], part_jac, eye)
+        safe_rhs = torch.where(finite[:, None], part_rhs, 0.0)
+        sol = sol.clone()
+        sol[index] = (torch.linalg.pinv(safe_jac) @ safe_rhs[..., None])[..., 0]
     return sol
 
 
@@ -321,6 +323,11 @@ class NewtonDirection(Direction):
     ) -> Proposal:
         """Solve J d = −g (least squares where J is singular); the slope is gᵀ(J d), exactly."""
         jac = jacobian_rows(problem, z, active)
+        if not bool(active.all()):
+            # Finished samples have no Jacobian (zeros): give them I and a zero step.
+            eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+            jac = torch.where(active[:, None, None], jac, eye)
+            g = torch.where(active[:, None], g, 0.0)
         d = -solve_newton(jac, g)
         jd = torch.bmm(jac, d.unsqueeze(2)).squeeze(2)
         return Proposal(d, (g * jd).sum(dim=1))
