@@ -6,8 +6,9 @@ g = z − f(z),
     γ = argmin ‖g_k − ΔG γ‖,    z_{k+1} = z_k − ΔZ γ − β (g_k − ΔG γ).
 
 The least-squares problem is solved from ΔG = Q R, kept up to date as the window slides: a new
-column is appended by Gram–Schmidt against Q (twice: "twice is enough"), the oldest is removed by
-Givens rotations that restore R's triangle (QR downdating). γ solves R γ = Qᵀg. No normal
+column is appended by Gram–Schmidt against Q (repeated once when the first pass cancels: "twice is
+enough"), the oldest is removed by the orthogonal transformation that restores R's triangle (QR
+downdating). γ solves R γ = Qᵀg. No normal
 equations are formed: their condition number is the square of ΔG's, which loses all accuracy in
 float32 long before ΔG itself is ill-conditioned.
 """
@@ -77,8 +78,9 @@ class AndersonMethod(Method):
     treats the Anderson step as a direction and backtracks along it (non-monotone over ``window``
     iterations) when the residual would grow.
 
-    Cost per iteration: one evaluation of f, O(m·n) work per sample for the new column and O(m²·n)
-    when the window slides (a rotation of Q), and O(m²) for γ; memory 2·m·B·n numbers.
+    Cost per iteration: one evaluation of f, O(m·n) work per sample for the new column, O(m²·n + m³)
+    when the window slides (a rotation of Q, a QR of the small factor) and O(m²) for γ; memory
+    2·m·B·n numbers.
     """
 
     options: Anderson
