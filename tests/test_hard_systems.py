@@ -182,5 +182,7 @@ def test_each_sample_of_a_batch_follows_the_path_it_follows_alone(system: str, s
         k = alone.iterations[0]
         mine = [row[b] for row in together.residual_history[: k + 1]]
         theirs = [row[0] for row in alone.residual_history[: k + 1]]
-        np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=1e-13)
+        # Below the stopping tolerance the residuals are rounding, which batched and single
+        # products may commit differently.
+        np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=ATOL)
         torch.testing.assert_close(together.solution[b], alone.solution[0], rtol=1e-8, atol=1e-11)
