@@ -7,7 +7,7 @@
 
 The presets are thin: ``NewtonMethod`` is NewtonDirection × line search, ``BroydenMethod`` is
 BroydenDirection × line search, ``NewtonKrylovMethod`` is KrylovDirection × line search; a
-preset's ``globalisation`` option picks another pairing (``Solver.method_path``). Every per-sample
+preset's ``globalisation`` option picks another pairing (``NewtonMethod``, ``BroydenMethod``). Every per-sample
 quantity (radius, damping, failure counters, Jacobian refreshes, model terms) is per sample, so a
 batch of B problems follows, sample by sample, the path each would follow alone.
 """
@@ -31,6 +31,7 @@ from deqcli.solvers.directions import (
     row_norms,
 )
 from deqcli.solvers.globalisation import (
+    Factored,
     damped_step,
     dogleg,
     factor_scaled,
@@ -505,8 +506,6 @@ class LevenbergMarquardtMethod(Method):
 
     def step(self, problem: Problem, state: LevenbergMarquardtState) -> LevenbergMarquardtState:  # type: ignore[override]
         """One damped step per sample and the damping update."""
-        from deqcli.solvers.globalisation import Factored
-
         o: Any = self.options
         s = state
         active = _running(s)
