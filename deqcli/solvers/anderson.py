@@ -368,9 +368,9 @@ class AndersonMethod(Method):
             if bool(((s.count == count) & (s.head == head)).all()):
                 s.shared = (count, head)
 
-    def finish(self, state: State, result: SolveResult) -> None:
+    def finish(self, state: AndersonState, result: SolveResult) -> None:  # type: ignore[override]
         """Report safeguard restarts and conditioning drops per sample."""
-        if not isinstance(state, AndersonState) or not self.options.restart:
+        if not self.options.restart:
             return
         restarts = [int(r) for r in state.restarts.cpu().tolist()]
         drops = [int(d) for d in state.drops.cpu().tolist()]

@@ -126,10 +126,8 @@ class AutoMethod(Method):
             methods=[stages[0]],
         )
 
-    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
+    def observe(self, state: AutoState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """Pass the running samples on; report stuck ones only at the last preset."""
-        if not isinstance(state, AutoState):
-            return None
         # auto drives its current preset as the driver drives auto: hand the mask on the same way.
         state.sub_state.active = active
         stuck = state.sub.observe(state.sub_state, active)
@@ -228,10 +226,8 @@ class AutoMethod(Method):
             s.sub.observe(s.sub_state, s.active)
         return s
 
-    def finish(self, state: State, result: SolveResult) -> None:
+    def finish(self, state: AutoState, result: SolveResult) -> None:  # type: ignore[override]
         """Record the presets used and the switches; the last preset's notes carry its name."""
-        if not isinstance(state, AutoState):
-            return
         before = len(result.notes)
         state.sub.finish(state.sub_state, result)
         result.notes[before:] = [f"{state.methods[-1]}: {note}" for note in result.notes[before:]]

@@ -298,10 +298,8 @@ class TrustRegionMethod(Method):
         radius = self.factor * row_norms(diag * z)
         return torch.where(radius == 0, torch.full_like(radius, self.factor), radius)
 
-    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
+    def observe(self, state: TrustRegionState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """Samples hybrj would stop: no further progress possible or made."""
-        if not isinstance(state, TrustRegionState):
-            return None
         return state.stuck & active
 
     def step(self, problem: Problem, state: TrustRegionState) -> TrustRegionState:  # type: ignore[override]
@@ -415,10 +413,8 @@ class TrustRegionMethod(Method):
             updated = model.matrix() + c[:, :, None] * w[:, None, :]
             model.set_jacobian(broken, updated)
 
-    def finish(self, state: State, result: SolveResult) -> None:
+    def finish(self, state: TrustRegionState, result: SolveResult) -> None:  # type: ignore[override]
         """Jacobians per sample and hybrj's reason for the samples it stopped."""
-        if not isinstance(state, TrustRegionState):
-            return
         reasons = {
             3: "the trust radius fell to rounding level relative to ‖D z‖",
             4: "five Jacobians in a row without a 10 % fall of ‖g‖²",
@@ -498,10 +494,8 @@ class LevenbergMarquardtMethod(Method):
             jacobians=zeros + 1,
         )
 
-    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
+    def observe(self, state: LevenbergMarquardtState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """Samples whose steps fell to rounding level, or that stopped making progress."""
-        if not isinstance(state, LevenbergMarquardtState):
-            return None
         return state.stuck & active
 
     def step(self, problem: Problem, state: LevenbergMarquardtState) -> LevenbergMarquardtState:  # type: ignore[override]
@@ -546,10 +540,8 @@ class LevenbergMarquardtMethod(Method):
         s.z = z_new
         return s
 
-    def finish(self, state: State, result: SolveResult) -> None:
+    def finish(self, state: LevenbergMarquardtState, result: SolveResult) -> None:  # type: ignore[override]
         """Jacobians and the final damping per sample."""
-        if not isinstance(state, LevenbergMarquardtState):
-            return
         result.extra["levenberg_marquardt"] = {
             "jacobians": state.jacobians.tolist(),
             "damping": state.lam.tolist(),

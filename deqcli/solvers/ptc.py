@@ -110,16 +110,13 @@ class PtcMethod(Method):
         s.g = torch.where(keep, g_try, s.g)
         return s
 
-    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
+    def observe(self, state: PtcState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """Samples whose steps were refused MAX_REFUSALS times in a row."""
-        if not isinstance(state, PtcState):
-            return None
         return active & (state.refusals >= MAX_REFUSALS)
 
-    def finish(self, state: State, result: SolveResult) -> None:
+    def finish(self, state: PtcState, result: SolveResult) -> None:  # type: ignore[override]
         """The final pseudo-time step per sample."""
-        if isinstance(state, PtcState):
-            result.extra["ptc"] = {
-                "dt": state.dt.tolist(),
-                "linear": "dense" if state.dense else "gmres",
-            }
+        result.extra["ptc"] = {
+            "dt": state.dt.tolist(),
+            "linear": "dense" if state.dense else "gmres",
+        }
