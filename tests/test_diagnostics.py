@@ -235,9 +235,14 @@ def test_beyond_dense_max_dim_the_estimates_are_matrix_free() -> None:
     assert s["spectral"]["norm2"] == pytest.approx(0.9, rel=1e-6)
     assert s["spectral"]["spectral_radius"] == pytest.approx(0.9, rel=1e-6)
     assert s["rates"]["step_rate"] == pytest.approx(0.9, abs=0.02)
-    # Beyond the dense analysis σ_min(J_g) is not estimated, and the error bound says so.
-    assert s["error_bound"]["method"] == "not estimated"
-    assert s["error_bound"]["statement"] == "‖z − z*‖ not estimated (n too large for the dense SVD)"
+    # Beyond the dense analysis σ_min(J_g) is estimated matrix-free: J_g = I − A is symmetric with
+    # eigenvalues 1 − λ ∈ [0.5, 1.5] ∪ {1.9}, so σ_min = 0.5 and σ_max = 1.9.
+    bound = s["error_bound"]
+    assert bound["method"] == "inverse lanczos"
+    assert bound["sigma_min"] == pytest.approx(0.5, rel=1e-4)
+    assert bound["sigma_max"] == pytest.approx(1.9, rel=1e-6)
+    assert bound["forward_error_estimate"] == pytest.approx(bound["residual"] / 0.5, rel=1e-4)
+    assert bound["near_singular"] is False
 
 
 def test_slow_convergence_predicts_the_iterations_needed() -> None:

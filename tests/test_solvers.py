@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,12 +212,13 @@ def test_anderson_restarts_only_the_samples_that_need_it() -> None:
 
 
 def test_anderson_memory_is_m_batch_n_and_capped_at_n() -> None:
+    # ΔF and the orthonormal factor Q of ΔG: 2·m·B·n numbers.
     solver = make_solver("anderson", {"m": 4})
     problem = _tanh(torch.float64)
     state = solver.init(problem, problem.z0)
-    assert tuple(state.diffs.shape) == (3, 2 * 4, 12)
+    assert tuple(state.df.shape) == tuple(state.q.shape) == (3, 4, 12)
     wide = make_solver("anderson", {"m": 50}).init(problem, problem.z0)
-    assert tuple(wide.diffs.shape) == (3, 2 * 12, 12)
+    assert tuple(wide.df.shape) == tuple(wide.q.shape) == (3, 12, 12)
 
 
 # -- batches ---------------------------------------------------------------------------------
@@ -306,17 +308,19 @@ def test_broyden_needs_no_derivatives_and_respects_its_memory() -> None:
     totals = result.counts.totals()
     assert result.status is Status.CONVERGED
     assert totals["njev"] == totals["jvp"] == totals["vjp"] == 0
-    state = solver.init(problem, problem.z0)
-    assert tuple(state.u.shape) == tuple(state.v.shape) == (1, 3, 100)
+    solver.init(problem, problem.z0)
+    # The inverse model's rank-one terms a, b: two rows of memory·n per sample.
+    model = solver.implementation().direction.model
+    assert tuple(model.terms.shape) == (1, 2, 3, 100)
 
 
 # -- auto ------------------------------------------------------------------------------------
 
 
 def test_auto_falls_back_where_plain_iteration_diverges() -> None:
-    # g(z) = z³ − 8 from z = 3: the naive map z − g(z) jumps to −16 and blows up; auto's first
-    # Anderson step (a plain step) grows the residual 216-fold, so it switches to Newton.
-    problem = scalar_problem("residual", lambda z: z**3 - 8, [3.0], torch.float64)
+    # The map f(z) = z − (z³ − 8) from z = 3 jumps to −16 and blows up; auto's first Anderson
+    # step (a plain step) grows the residual 216-fold, so it switches to Newton.
+    problem = scalar_problem("fixed_point", lambda z: z - (z**3 - 8), [3.0], torch.float64)
     naive = run(problem, make_solver("fixed_point"), StopRule(atol=1e-12, max_iter=100))
     assert naive.status in (Status.DIVERGED, Status.NONFINITE)
     result = run(problem, make_solver("auto"), StopRule(atol=1e-12, max_iter=100))
@@ -335,17 +339,29 @@ def test_auto_keeps_anderson_when_it_works() -> None:
     assert result.extra["auto"] == {"methods": ["anderson"], "switches": [], "reasons": []}
 
 
-def test_auto_ends_with_the_trust_region_where_nothing_can_succeed() -> None:
+def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:
+    # g(z) = z² + 1 has no real root: every local method stops at the minimum z = 0 of |g|, and
+    # Ψtc, the last resort, cannot find a root either. A residual problem skips anderson.
     problem = scalar_problem("residual", lambda z: z**2 + 1, [1.0], torch.float64)
     result = run(problem, make_solver("auto"), StopRule(atol=1e-12, max_iter=300))
-    assert result.status is Status.STALLED
-    assert result.extra["auto"]["methods"] == ["anderson", "newton", "trust-region"]
+    assert not result.status.ok
+    info = result.extra["auto"]
+    assert info["methods"][0] == "newton" and info["methods"][-1] == "ptc"
+    assert {"trust-region", "levenberg-marquardt"} <= set(info["methods"])
+    assert len(info["reasons"]) == len(info["methods"]) - 1
 
 
 def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
     solver = make_solver("auto", {"dense_max": 10})
-    assert solver.stages(_tanh(torch.float64)) == ["anderson", "newton-krylov"]
-    assert solver.stages(_dottie(torch.float64)) == ["anderson", "newton", "trust-region"]
+    assert solver.stage_names(_tanh(torch.float64)) == ["anderson", "newton-krylov", "ptc"]
+    assert solver.stage_names(_dottie(torch.float64)) == [
+        "anderson",
+        "newton",
+        "trust-region",
+        "levenberg-marquardt",
+        "ptc",
+    ]
+    assert solver.stage_names(_sqrt2(torch.float64))[0] == "newton"
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -359,7 +375,24 @@ def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
         ("broyden", {"memory": 0}, "solver.memory: must be ≥ 1"),
         ("newton-krylov", {"eta": 1.5}, "solver.eta: must lie in (0, 1)"),
         ("newton-krylov", {"forcing": "fixed"}, "solver.forcing: must be one of ew, constant"),
-        ("trust-region", {"radius": -1}, "solver.radius: must be > 0"),
+        ("trust-region", {"factor": -1}, "solver.factor: must be > 0"),
+        ("trust-region", {"scaling": "columns"}, "solver.scaling: must be one of jacobian, none"),
+        ("broyden", {"update": "worse"}, "solver.update: must be one of good, bad"),
+        (
+            "broyden",
+            {"globalisation": "levenberg-marquardt"},
+            "solver.globalisation: solver 'broyden' supports line-search, trust-region, none",
+        ),
+        (
+            "newton-krylov",
+            {"globalisation": "trust-region"},
+            "solver.globalisation: solver 'newton-krylov' supports line-search, none",
+        ),
+        ("newton", {"step_max": 0}, "solver.step_max: must be > 0"),
+        ("levenberg-marquardt", {"damping": 0}, "solver.damping: must be > 0"),
+        ("ptc", {"dt0": -1}, "solver.dt0: must be > 0"),
+        ("ptc", {"dt0": 1.0, "dt_max": 0.5}, "solver.dt_max: must be ≥ dt0"),
+        ("auto", {"stages": "newton,bisection"}, "solver.stages: unknown preset 'bisection'"),
         ("auto", {"progress": 2}, "solver.progress: must lie in (0, 1)"),
         ("anderson", {"depth": 3}, "solver.depth: unknown option for solver 'anderson'"),
     ],
@@ -380,3 +413,225 @@ def test_solver_modules_do_not_import_torch_until_they_solve() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- Anderson: Walker–Ni with a QR ----------------------------------------------------------
+
+
+def _walker_ni(problem: Problem, m: int, beta: float, steps: int) -> list[np.ndarray]:
+    """A plain reference: the last min(m, k) differences, γ by numpy's least squares."""
+    z = problem.z0.double().numpy()
+    zs, gs = [z], [z - problem.raw_f(torch.tensor(z)).numpy()]
+    for k in range(steps):
+        depth = min(m, k)
+        z, g = zs[-1], gs[-1]
+        if depth == 0:
+            z_new = z - beta * g
+        else:
+            z_new = np.empty_like(z)
+            for b in range(z.shape[0]):
+                dz = np.stack([zs[i + 1][b] - zs[i][b] for i in range(k - depth, k)], axis=1)
+                dg = np.stack([gs[i + 1][b] - gs[i][b] for i in range(k - depth, k)], axis=1)
+                gamma = np.linalg.lstsq(dg, g[b], rcond=None)[0]
+                z_new[b] = z[b] - beta * g[b] - (dz - beta * dg) @ gamma
+        zs.append(z_new)
+        gs.append(z_new - problem.raw_f(torch.tensor(z_new)).numpy())
+    return zs
+
+
+@pytest.mark.parametrize(("m", "beta"), [(3, 1.0), (3, 0.6), (12, 1.0)])
+def test_anderson_without_safeguards_is_walker_ni_step_by_step(m: int, beta: float) -> None:
+    # m = 3 < n slides the window (QR downdating by Givens rotations); m = n never drops a column.
+    problem = _tanh(torch.float64)
+    steps = 9
+    reference = _walker_ni(problem, m, beta, steps)
+    solver = make_solver("anderson", {"m": m, "beta": beta, "restart": False})
+    state = solver.init(problem, problem.z0)
+    for k in range(steps):
+        state = solver.step(problem, state)
+        np.testing.assert_allclose(state.z.numpy(), reference[k + 1], rtol=1e-9, atol=1e-12)
+
+
+def test_anderson_conditioning_safeguard_works_in_float32() -> None:
+    # Chandrasekhar's H-equation in float32 with m = 16: the newest differences soon lie within
+    # rounding of the span of the older ones. cond_max = 1e12 is beyond what float32 resolves, so
+    # the limit becomes 0.01/ε ≈ 8.4e4 and the oldest columns are dropped; without the safeguard
+    # the noisy least-squares solutions cost three times the iterations.
+    from deqcli.solvers.anderson import condition_limit
+
+    assert condition_limit(1e12, torch.float32) == pytest.approx(0.01 / 1.1920929e-07)
+    assert condition_limit(1e9, torch.float64) == 1e9
+    problem = _chandrasekhar(torch.float32)
+    stop = StopRule(atol=1e-5, max_iter=100)
+    safe = run(problem, make_solver("anderson", {"m": 16, "cond_max": 1e12}), stop)
+    plain = run(problem, make_solver("anderson", {"m": 16, "restart": False}), stop)
+    assert safe.status is Status.CONVERGED and plain.status is Status.CONVERGED
+    assert safe.extra["anderson"]["drops"][0] >= 1
+    assert safe.iterations[0] < plain.iterations[0]
+
+
+def test_anderson_tikhonov_term_is_relative_and_keeps_the_fixed_point() -> None:
+    # lam > 0 damps γ but cannot move the fixed point: it still converges to the known answer.
+    result = run(_tanh(torch.float64), make_solver("anderson", {"lam": 1e-3}), StopRule(atol=1e-10))
+    assert result.status is Status.CONVERGED
+    _check_tanh(_tanh(torch.float64), result, 1e-10)
+
+
+def test_anderson_with_a_line_search_refuses_steps_that_raise_the_residual() -> None:
+    # z = z² + c with c = 1 has no fixed point: the plain Anderson residual grows; with the line
+    # search along the Anderson direction it never exceeds the largest of the last `window`.
+    problem = _quadratic_batch()
+    options = {"globalisation": "line-search", "max_backtracks": 3, "window": 1}
+    result = run(problem, make_solver("anderson", options), StopRule(atol=1e-12, max_iter=60))
+    assert result.sample_status[:2] == [Status.CONVERGED, Status.CONVERGED]
+    history = [row[2] for row in result.residual_history]
+    assert all(b <= a for a, b in itertools.pairwise(history))
+
+
+# -- Newton-type presets and their globalisations ----------------------------------------------
+
+
+def test_newton_globalisations_pick_their_method() -> None:
+    problem = _sqrt2(torch.float64)
+    stop = StopRule(atol=1e-12)
+    tr = run(problem, make_solver("newton", {"globalisation": "trust-region"}), stop)
+    lm = run(problem, make_solver("newton", {"globalisation": "levenberg-marquardt"}), stop)
+    plain = run(problem, make_solver("newton", {"globalisation": "none"}), stop)
+    for result in (tr, lm, plain):
+        assert result.status is Status.CONVERGED
+        assert result.solution.abs().flatten().tolist() == pytest.approx([math.sqrt(2)] * 2)
+    # newton × trust region takes an exact Jacobian after every accepted step (no Broyden terms):
+    # one at z₀ and one after each accepted step but the last.
+    for b in range(2):
+        moved = [row[b] > 0 for row in tr.step_history[: tr.iterations[b] - 1]]
+        assert tr.extra["trust_region"]["jacobians"][b] == 1 + sum(moved)
+    assert "levenberg_marquardt" in lm.extra
+    assert plain.counts.totals()["nfev"] == plain.nit + 1  # no backtracking
+
+
+def test_newton_step_max_caps_every_step() -> None:
+    # g(z) = atan(z) − 1.4 from 0.05 (root tan 1.4 ≈ 5.8): with the line search off, every step
+    # is the Newton step cut to step_max·max(|z|, √n); z only increases on the way.
+    problem = scalar_problem("residual", lambda z: torch.atan(z) - 1.4, [0.05], torch.float64)
+    options = {"globalisation": "none", "step_max": 0.5}
+    result = run(problem, make_solver("newton", options), StopRule(atol=1e-12, max_iter=100))
+    assert result.status is Status.CONVERGED
+    z = 0.05
+    capped = 0
+    for (step,) in result.step_history:
+        limit = 0.5 * max(abs(z), 1.0)
+        assert step <= limit * (1 + 1e-12)
+        capped += step >= limit * (1 - 1e-12)
+        z += step
+    assert capped >= 3  # the cap was what decided those steps
+    assert float(result.solution[0, 0]) == pytest.approx(math.tan(1.4), rel=1e-12)
+
+
+def test_broyden_bad_update_and_trust_region_need_no_jacobians() -> None:
+    problem = _chandrasekhar(torch.float64)
+    stop = StopRule(atol=1e-10, max_iter=300)
+    for options in ({"update": "bad"}, {"globalisation": "trust-region"}, {"window": 1}):
+        result = run(problem, make_solver("broyden", options), stop)
+        assert result.status is Status.CONVERGED, options
+        totals = result.counts.totals()
+        assert totals["njev"] == totals["jvp"] == totals["vjp"] == 0
+        _check_chandrasekhar(problem, result, 1e-10)
+
+
+def test_broyden_terminates_on_a_linear_map_with_either_update() -> None:
+    # Gay's theorem: the good update on an affine map terminates in at most 2n steps (n = 5);
+    # the bad update does too on this map.
+    for update in ("good", "bad"):
+        solver = make_solver("broyden", {"update": update, "memory": 20, "globalisation": "none"})
+        result = run(_linear(torch.float64), solver, StopRule(atol=1e-10, max_iter=50))
+        assert result.status is Status.CONVERGED and max(result.iterations) <= 2 * 5 + 1
+        _check_linear(_linear(torch.float64), result, 1e-10)
+
+
+def test_newton_krylov_without_a_line_search_takes_the_full_step() -> None:
+    solver = make_solver("newton-krylov", {"globalisation": "none"})
+    result = run(_tanh(torch.float64), solver, StopRule(atol=1e-10))
+    assert result.status is Status.CONVERGED
+    assert result.counts.totals()["nfev"] == result.nit + 1
+    _check_tanh(_tanh(torch.float64), result, 1e-10)
+
+
+def test_trust_region_factor_and_scaling_set_the_first_radius() -> None:
+    # hybrj: Δ₀ = factor·‖D z₀‖ with D the column norms of J₀ (scaling: jacobian) or I (none).
+    problem = scalar_problem("residual", lambda z: 3 * z - 6, [2.0, 4.0], torch.float64)
+    tr = make_solver("trust-region", {"factor": 0.5})
+    state = tr.init(problem, problem.z0)
+    assert state.diag.flatten().tolist() == [3.0, 3.0]
+    assert state.radius.tolist() == [0.5 * 3 * 2.0, 0.5 * 3 * 4.0]
+    plain = make_solver("trust-region", {"factor": 0.5, "scaling": "none"})
+    assert plain.init(problem, problem.z0).radius.tolist() == [1.0, 2.0]
+
+
+def test_trust_region_exact_update_and_memory_fold() -> None:
+    # update: exact takes a Jacobian after each accepted step; a full memory is folded into a
+    # dense J₀ (no new Jacobian): on a linear map one Jacobian serves the whole run.
+    problem = _sqrt2(torch.float64)
+    exact = run(problem, make_solver("trust-region", {"update": "exact"}), StopRule())
+    broyden = run(problem, make_solver("trust-region"), StopRule())
+    assert exact.status is Status.CONVERGED and broyden.status is Status.CONVERGED
+    moved = [row[0] > 0 for row in exact.step_history[: exact.iterations[0] - 1]]
+    assert exact.extra["trust_region"]["jacobians"][0] == 1 + sum(moved) > 1
+    assert broyden.extra["trust_region"]["jacobians"][0] == 1
+    folded = run(_tanh(torch.float64), make_solver("trust-region", {"memory": 2}), StopRule())
+    assert folded.status is Status.CONVERGED
+    assert folded.extra["trust_region"]["jacobians"] == [1, 1, 1]
+
+
+def test_levenberg_marquardt_damping_and_scaling() -> None:
+    problem = _linear(torch.float64)
+    for options in ({"damping": 1e-8}, {"damping": 10.0}, {"scaling": "none"}):
+        result = run(problem, make_solver("levenberg-marquardt", options), StopRule(atol=1e-11))
+        assert result.status is Status.CONVERGED, options
+        _check_linear(problem, result, 1e-11)
+    # A heavier initial damping takes shorter first steps: more iterations on a linear map.
+    light = run(
+        problem, make_solver("levenberg-marquardt", {"damping": 1e-8}), StopRule(atol=1e-11)
+    )
+    heavy = run(
+        problem, make_solver("levenberg-marquardt", {"damping": 10.0}), StopRule(atol=1e-11)
+    )
+    assert light.nit < heavy.nit
+
+
+def test_ptc_options_and_its_matrix_free_variant() -> None:
+    problem = _tanh(torch.float64)
+    stop = StopRule(atol=1e-10, max_iter=400)
+    dense = run(problem, make_solver("ptc", {"linear": "dense"}), stop)
+    krylov = run(problem, make_solver("ptc", {"linear": "krylov", "krylov_dim": 12}), stop)
+    for result in (dense, krylov):
+        assert result.status is Status.CONVERGED
+        _check_tanh(problem, result, 1e-10)
+    assert dense.extra["ptc"]["linear"] == "dense" and krylov.extra["ptc"]["linear"] == "gmres"
+    assert krylov.counts.totals()["njev"] == 0 and krylov.counts.totals()["jvp"] > 0
+    # A smaller first pseudo-time step follows the flow longer before Newton's rate sets in.
+    timid = run(problem, make_solver("ptc", {"dt0": 0.01, "dt_max": 1e6, "growth": 2.0}), stop)
+    assert timid.status is Status.CONVERGED and timid.nit > dense.nit
+
+
+def test_auto_stages_option_and_notes_name_each_preset_once() -> None:
+    problem = scalar_problem("residual", lambda z: z**2 + 1, [1.0], torch.float64)
+    solver = make_solver("auto", {"stages": "trust-region, levenberg-marquardt"})
+    result = run(problem, solver, StopRule(atol=1e-12, max_iter=200))
+    assert result.extra["auto"]["methods"][0] == "trust-region"
+    assert set(result.extra["auto"]["methods"]) == {"trust-region", "levenberg-marquardt"}
+    assert result.notes[0].startswith("started with trust-region, switched to levenberg-marquardt")
+    # Notes never repeat a solver's name ("auto: auto: …" once compare prefixes it).
+    for note in result.notes:
+        head, _, rest = note.partition(": ")
+        assert not rest.startswith(head + ":")
+    assert not any(note.startswith("auto:") for note in result.notes)
+
+
+def test_auto_moves_on_at_the_runs_divergence_limit() -> None:
+    # The shared ConvergenceTest: with divergence_factor 50 the first Anderson step (216-fold
+    # growth) would be a divergence for the driver; auto discards it and moves on instead.
+    problem = scalar_problem("fixed_point", lambda z: z - (z**3 - 8), [3.0], torch.float64)
+    stop = StopRule(atol=1e-12, max_iter=100, divergence_factor=50.0)
+    result = run(problem, make_solver("auto"), stop)
+    assert result.status is Status.CONVERGED
+    assert result.extra["auto"]["reasons"][0] == "residual beyond the divergence limit"

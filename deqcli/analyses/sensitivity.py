@@ -5,10 +5,10 @@ At a solution z* of g(z, a) = z − f(z, a) = 0 with ∂g/∂z = I − ∂f/∂z
     dz*/da = −(∂g/∂z)⁻¹ ∂g/∂a = (I − ∂f/∂z)⁻¹ ∂f/∂a,
 
 and for a scalar loss ℓ(z*) the gradient is dℓ/da = −wᵀ ∂g/∂a with the adjoint w solving
-(∂g/∂z)ᵀ w = ∇ℓ(z*). Nothing here forms an inverse: every linear system is solved by restarted GMRES
-whose matrix–vector products are JVPs (forward mode) or VJPs (adjoint mode) of the map, computed
-with ``torch.func`` through the problem's uncounted ``raw_g`` (these are differentiations, not solver
-evaluations).
+(∂g/∂z)ᵀ w = ∇ℓ(z*). Nothing here forms an inverse: every linear system is solved by the restarted
+GMRES of ``deqcli.linalg``, whose matrix–vector products are JVPs (forward mode) or VJPs (adjoint
+mode) of the linearisation of the problem's uncounted ``raw_g`` (these are differentiations, not
+solver evaluations).
 
 Samples of a batch are independent systems, and so are the columns of a Jacobian: GMRES here runs
 on a stack of rows, each its own system with its own Krylov space, so one batched JVP advances every
@@ -22,13 +22,14 @@ estimates σ_min(I − ∂f/∂z) so reports can say so.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.func import jvp, vjp, vmap
 
+from deqcli import linalg
 from deqcli.errors import UsageError
 from deqcli.problems.base import Problem
 from deqcli.result import SolveResult, _num
@@ -133,90 +134,16 @@ def gmres(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Solve A x = b for every row of ``rhs`` (R, n); row r is its own system A_r x_r = b_r.
 
-    ``matvec`` maps (R, n) to (R, n) row by row. Each row gets its own Arnoldi basis (inner products
-    are per row) and its own Givens rotations, so rows converge independently; iteration stops when
-    every row's relative residual is at most ``tol``, after ``max_iter`` matvecs, or when a restart
-    cycle no longer halves the worst residual (stagnation at the attainable accuracy). Returns
+    The one batched GMRES of ``deqcli.linalg`` (per-row Arnoldi and Givens rotations, relative
+    breakdown and stagnation tests) on ``matvec``; it stops when every row's true relative residual
+    is at most ``tol``, after ``max_iter`` matvecs, or when a row can improve no further (a restart
+    cycle that left its residual where it was, or the level rounding in A x allows). Returns
     (x, relative residuals (R,), matvecs used).
     """
-    rows, n = rhs.shape
-    tiny = torch.finfo(rhs.dtype).tiny
-    x = torch.zeros_like(rhs)
-    bnorm = torch.linalg.vector_norm(rhs, dim=1)
-    target = tol * bnorm
-    m = max(1, min(restart, n))
-    used = 0
-    r = rhs.clone()
-    worst = math.inf
-    while True:
-        beta = torch.linalg.vector_norm(r, dim=1)
-        if bool((beta <= target).all()) or used >= max_iter:
-            break
-        # A restart that did not halve the worst open residual has stagnated: rounding in A x
-        # (about ε·‖A‖‖x‖, large when A is near singular) limits the attainable accuracy.
-        open_rows = ~(beta <= target)
-        now = float((beta[open_rows] / bnorm[open_rows].clamp_min(tiny)).max())
-        if not now <= 0.5 * worst:  # also stops on a non-finite residual (NaN compares false)
-            break
-        worst = now
-        basis = torch.zeros(m + 1, rows, n, dtype=rhs.dtype, device=rhs.device)
-        hess = torch.zeros(rows, m + 1, m, dtype=rhs.dtype, device=rhs.device)
-        cs = torch.zeros(rows, m, dtype=rhs.dtype, device=rhs.device)
-        sn = torch.zeros(rows, m, dtype=rhs.dtype, device=rhs.device)
-        rot = torch.zeros(rows, m + 1, dtype=rhs.dtype, device=rhs.device)
-        rot[:, 0] = beta
-        basis[0] = r / beta.clamp_min(tiny)[:, None]
-        k = 0
-        for j in range(m):
-            w = matvec(basis[j])
-            used += 1
-            # Classical Gram–Schmidt, twice ("twice is enough"): as orthogonal as modified
-            # Gram–Schmidt in floating point, with two batched products instead of a loop over j.
-            for _ in range(2):
-                h = torch.einsum("krn,rn->rk", basis[: j + 1], w)
-                hess[:, : j + 1, j] += h
-                w = w - torch.einsum("rk,krn->rn", h, basis[: j + 1])
-            hn = torch.linalg.vector_norm(w, dim=1)
-            hess[:, j + 1, j] = hn
-            basis[j + 1] = w / hn.clamp_min(tiny)[:, None]
-            # Apply the earlier rotations to the new column, then a new one to zero its subdiagonal.
-            col = hess[:, : j + 2, j].clone()
-            for i in range(j):
-                a, b = col[:, i].clone(), col[:, i + 1].clone()
-                col[:, i] = cs[:, i] * a + sn[:, i] * b
-                col[:, i + 1] = -sn[:, i] * a + cs[:, i] * b
-            denom = torch.sqrt(col[:, j] ** 2 + col[:, j + 1] ** 2)
-            safe = denom > tiny
-            cs[:, j] = torch.where(safe, col[:, j] / denom.clamp_min(tiny), torch.ones_like(denom))
-            sn[:, j] = torch.where(
-                safe, col[:, j + 1] / denom.clamp_min(tiny), torch.zeros_like(denom)
-            )
-            col[:, j] = torch.where(safe, denom, col[:, j])
-            col[:, j + 1] = 0.0
-            hess[:, : j + 2, j] = col
-            rot[:, j + 1] = -sn[:, j] * rot[:, j]
-            rot[:, j] = cs[:, j] * rot[:, j]
-            k = j + 1
-            if bool((rot[:, k].abs() <= target).all()) or used >= max_iter:
-                break
-        upper = hess[:, :k, :k]
-        diag = torch.diagonal(upper, dim1=1, dim2=2)
-        # A zero pivot means A is singular on this Krylov space; a tiny stand-in keeps the other rows
-        # usable and the true residual computed at the restart reports the failure honestly.
-        fixed = torch.where(diag.abs() > tiny, diag, torch.full_like(diag, tiny))
-        upper = upper - torch.diag_embed(diag) + torch.diag_embed(fixed)
-        y = torch.linalg.solve_triangular(upper, rot[:, :k, None], upper=True)[..., 0]
-        step = torch.einsum("rk,krn->rn", y, basis[:k])
-        done = beta <= target
-        x = torch.where(
-            done[:, None], x, x + torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
-        )
-        # The true residual (not the rotated estimate) decides convergence and is what is reported.
-        r = rhs - matvec(x)
-        used += 1
-    # A zero right-hand side is solved exactly by x = 0; NaN stays NaN (reported, not hidden).
-    rel = torch.where(bnorm == 0, torch.zeros_like(beta), beta / bnorm.clamp_min(tiny))
-    return x, rel, used
+    res = linalg.gmres(
+        linalg.FunctionOperator(matvec, rhs), rhs, rtol=tol, restart=restart, max_matvecs=max_iter
+    )
+    return res.x, res.residual, res.matvecs
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -253,8 +180,10 @@ def solve_linear(
 ) -> tuple[torch.Tensor, LinearSolve]:
     """Solve (∂g/∂z) x = b, or its transpose, at z for K right-hand sides per sample.
 
-    ``rhs`` is (K, B, n): right-hand side k of sample b. Products with ∂g/∂z are JVPs of ``raw_g``,
-    with its transpose VJPs; the K·B systems are solved together in chunks that fit memory.
+    ``rhs`` is (K, B, n): right-hand side k of sample b. The operator is the linearisation of
+    ``raw_g`` at K stacked copies of the batch (uncounted: an analysis, not a solve); its products
+    are JVPs, or VJPs for the transpose. The K·B systems are solved together in chunks that fit
+    memory, by the one GMRES of ``deqcli.linalg``.
     """
     count = rhs.shape[0]
     tol = default_tol(problem.dtype) if tol is None else tol
@@ -266,27 +195,18 @@ def solve_linear(
         block = rhs[start : start + chunk]
         copies = block.shape[0]
         zt, params = _tiled(problem, z, copies)
-
-        def g_of(v: torch.Tensor, params: Mapping[str, Any] = params) -> torch.Tensor:
-            return problem.raw_g(v, params)
-
-        if transpose:
-            _, pullback = vjp(g_of, zt)
-
-            def matvec(v: torch.Tensor, pullback: Any = pullback) -> torch.Tensor:
-                return pullback(v)[0]
-        else:
-
-            def matvec(v: torch.Tensor, zt: torch.Tensor = zt, g_of: Any = g_of) -> torch.Tensor:
-                return jvp(g_of, (zt,), (v,))[1]
-
+        op = linalg.jacobian_operator(problem, zt, counted=False, params=params)
         with torch.no_grad():
-            x, rel, used = gmres(
-                matvec, block.reshape(-1, problem.dim), tol=tol, restart=restart, max_iter=max_iter
+            res = linalg.gmres(
+                op.T if transpose else op,
+                block.reshape(-1, problem.dim),
+                rtol=tol,
+                restart=restart,
+                max_matvecs=max_iter,
             )
-        out[start : start + copies] = x.reshape(copies, problem.batch, problem.dim)
-        worst = float(rel.max()) if rel.numel() else 0.0
-        part = LinearSolve(method, worst, used, used, worst <= tol * 10, tol, count)
+        out[start : start + copies] = res.x.reshape(copies, problem.batch, problem.dim)
+        worst = float(res.residual.max()) if res.residual.numel() else 0.0
+        part = LinearSolve(method, worst, res.matvecs, res.matvecs, worst <= tol * 10, tol, count)
         info = info.merge(part) if start else part
     return out, info
 
@@ -333,7 +253,7 @@ class Conditioning:
     sigma_max: list[float]
     spectral_radius: list[float | None]  # ρ(∂f/∂z) (dense path only)
     nearest_to_one: list[float | None]  # min |1 − λ| over eigenvalues λ of ∂f/∂z (dense only)
-    method: str  # "dense" or "inverse iteration"
+    method: str  # "dense" or "inverse lanczos"
     threshold: float = NEAR_SINGULAR
 
     @property
@@ -377,8 +297,8 @@ def conditioning(
 ) -> Conditioning:
     """σ_min and σ_max of I − ∂f/∂z per sample: exactly for n ≤ DENSE_LIMIT, else estimated.
 
-    The estimate runs a few steps of inverse iteration on AᵀA (each step two GMRES solves) for
-    σ_min and power iteration for σ_max; it is accurate enough to tell "near singular" from not.
+    The estimate runs a few Lanczos steps on (AᵀA)⁻¹ (each step two GMRES solves) for σ_min and
+    Golub–Kahan bidiagonalisation for σ_max (``deqcli.linalg.sigma_min``/``sigma_max``).
     """
     with torch.no_grad():
         if problem.dim <= DENSE_LIMIT:
@@ -401,32 +321,17 @@ def conditioning(
 def _iterative_conditioning(
     problem: Problem, z: torch.Tensor, threshold: float, tol: float | None
 ) -> Conditioning:
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(problem.batch, problem.dim, generator=gen, dtype=torch.float64)
-    v = (v / torch.linalg.vector_norm(v, dim=1, keepdim=True)).to(z.dtype).to(z.device)
-    u = v.clone()
-    small = torch.full((problem.batch,), math.inf, dtype=torch.float64)
-    for _ in range(4):
-        # Aᵀ x = v, then A w = x: w = (AᵀA)⁻¹ v with A = ∂g/∂z; its growth rate is 1/σ_min².
-        x, _ = solve_linear(problem, z, v[None], transpose=True, tol=tol, max_iter=300)
-        w, _ = solve_linear(problem, z, x, transpose=False, tol=tol, max_iter=300)
-        norm = torch.linalg.vector_norm(w[0], dim=1)
-        small = 1.0 / torch.sqrt(norm.to(torch.float64).clamp_min(1e-300))
-        v = w[0] / norm.clamp_min(torch.finfo(z.dtype).tiny)[:, None]
-    big = torch.zeros(problem.batch, dtype=torch.float64)
-    _, pullback = vjp(problem.raw_g, z)
-    for _ in range(20):
-        av = jvp(problem.raw_g, (z,), (u,))[1]
-        ata = pullback(av)[0]
-        norm = torch.linalg.vector_norm(ata, dim=1)
-        big = torch.sqrt(norm.to(torch.float64))
-        u = ata / norm.clamp_min(torch.finfo(z.dtype).tiny)[:, None]
+    """σ_min by Lanczos on (AᵀA)⁻¹ (GMRES solves) and σ_max by Golub–Kahan, A = ∂g/∂z."""
+    op = linalg.jacobian_operator(problem, z, counted=False)
+    with torch.no_grad():
+        small = linalg.sigma_min(op, steps=6, method="inverse", rtol=tol, max_matvecs=300)
+        big = linalg.sigma_max(op, steps=20)
     return Conditioning(
-        sigma_min=small.tolist(),
-        sigma_max=big.tolist(),
+        sigma_min=small.value.tolist(),
+        sigma_max=big.value.tolist(),
         spectral_radius=[None] * problem.batch,
         nearest_to_one=[None] * problem.batch,
-        method="inverse iteration",
+        method="inverse lanczos",
         threshold=threshold,
     )
 

@@ -34,38 +34,48 @@ class SolverInfo:
 _INFOS = [
     SolverInfo(
         "fixed_point",
-        "deqcli.solvers.fixed_point:FixedPoint",
+        "deqcli.solvers.options:FixedPoint",
         "naive forward iteration z ← (1−β)z + βf(z); 1 f-eval per iteration",
     ),
     SolverInfo(
         "newton",
-        "deqcli.solvers.newton:Newton",
-        "Newton with autodiff Jacobians and a backtracking line search; quadratic near a root",
+        "deqcli.solvers.options:Newton",
+        "Newton with autodiff Jacobians, capped Armijo line search (or trust-region / LM)",
     ),
     SolverInfo(
         "anderson",
-        "deqcli.solvers.anderson:Anderson",
-        "Anderson acceleration (Walker–Ni), depth m, scaled regularisation, safeguard restarts",
+        "deqcli.solvers.options:Anderson",
+        "Anderson acceleration (Walker–Ni, QR updating), depth m, conditioning safeguards",
     ),
     SolverInfo(
         "broyden",
-        "deqcli.solvers.broyden:Broyden",
-        "Broyden's good method, limited memory, with a line search; no Jacobians",
+        "deqcli.solvers.options:Broyden",
+        "Broyden's good/bad method, limited memory, capped line search; no Jacobians",
     ),
     SolverInfo(
         "newton-krylov",
-        "deqcli.solvers.newton_krylov:NewtonKrylov",
+        "deqcli.solvers.options:NewtonKrylov",
         "Jacobian-free Newton: GMRES on autodiff JVPs, inexact forcing, line search; large n",
     ),
     SolverInfo(
         "trust-region",
-        "deqcli.solvers.trust_region:TrustRegion",
-        "Powell dogleg trust region, autodiff Jacobian with Broyden updates; hard small systems",
+        "deqcli.solvers.options:TrustRegion",
+        "Powell hybrid (MINPACK hybrj) per sample: dogleg, scaling, Broyden updates; hard systems",
+    ),
+    SolverInfo(
+        "levenberg-marquardt",
+        "deqcli.solvers.options:LevenbergMarquardt",
+        "Levenberg–Marquardt with adaptive damping; robust where the Jacobian is singular",
+    ),
+    SolverInfo(
+        "ptc",
+        "deqcli.solvers.options:Ptc",
+        "pseudo-transient continuation (Ψtc): the last resort far from a root",
     ),
     SolverInfo(
         "auto",
-        "deqcli.solvers.auto:Auto",
-        "starts with anderson, falls back to newton / newton-krylov, then trust-region",
+        "deqcli.solvers.options:Auto",
+        "anderson, then newton, trust-region, levenberg-marquardt (or newton-krylov), then ptc",
     ),
     *(
         SolverInfo(

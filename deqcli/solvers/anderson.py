@@ -1,212 +1,384 @@
-"""Anderson acceleration in the Walker–Ni form, batched, with a scaled Tikhonov term and restarts."""
+"""Anderson acceleration in the Walker–Ni form, batched, with the least-squares problem kept as a QR.
+
+Walker & Ni (2011): with ΔZ and ΔG the last min(m, k) differences of iterates and residuals
+g = z − f(z),
+
+    γ = argmin ‖g_k − ΔG γ‖,    z_{k+1} = z_k − ΔZ γ − β (g_k − ΔG γ).
+
+The least-squares problem is solved from ΔG = Q R, kept up to date as the window slides: a new
+column is appended by Gram–Schmidt against Q (repeated once when the first pass cancels: "twice is
+enough"), the oldest is removed by the orthogonal transformation that restores R's triangle (QR
+downdating). γ solves R γ = Qᵀg. No normal
+equations are formed: their condition number is the square of ΔG's, which loses all accuracy in
+float32 long before ΔG itself is ill-conditioned.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
-from deqcli.solvers.base import Solver, State
+import torch
+
+from deqcli.solvers.base import Method, State, evaluate
+from deqcli.solvers.globalisation import line_search
 
 if TYPE_CHECKING:
-    import torch
-
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
+    from deqcli.solvers.options import Anderson
 
 
 @dataclass
 class AndersonState(State):
-    """Iterate and residual plus the last ``m`` differences, kept in a ring of slots."""
+    """Iterate, residual, f(z) and the QR factors of the residual differences, per sample."""
 
     f: torch.Tensor  # (B, n): f(z) = z − g
-    diffs: torch.Tensor  # (B, 2m, n): rows 0..m−1 hold f_{i+1} − f_i, rows m..2m−1 g_{i+1} − g_i
-    gram: torch.Tensor  # (B, m, m): Δg_i · Δg_j
-    chol: torch.Tensor  # (B, m, m): lower Cholesky factor of gram + λ·diag(gram), slot order
-    rhs: torch.Tensor  # (B, m, 1): Δg_i · g for the current residual g
+    df: torch.Tensor  # (B, m, n): differences of f in ring slots (logical column i at head + i)
+    q: torch.Tensor  # (B, m, n): orthonormal rows spanning ΔG, logical order
+    r: torch.Tensor  # (B, m, m): ΔG = Qᵀ R (rows of q), upper triangular
+    qg: torch.Tensor  # (B, m): Q g for the current residual
+    count: torch.Tensor  # (B,): columns in use
+    head: torch.Tensor  # (B,): ring slot of the oldest column
     best: torch.Tensor  # (B,): smallest ‖g‖ since the sample's last restart
-    restarts: torch.Tensor  # (B,): restarts per sample (int64)
-    count: int = 0  # differences written so far (the same for every sample)
+    restarts: torch.Tensor  # (B,): memory cleared (residual growth)
+    drops: torch.Tensor  # (B,): oldest columns dropped for conditioning
+    recent: torch.Tensor  # (B, window): ½‖g‖² of the last iterations (line search reference)
+    # While every sample holds the same number of columns from the same ring slot (no sample has
+    # dropped or cleared its own), these are that count and slot, and the hot path needs no
+    # per-row indexing or host synchronisation. None once the samples differ.
+    shared: tuple[int, int] | None = (0, 0)
 
 
-@dataclass
-class Anderson(Solver):
+# A Gram–Schmidt pass that leaves less than this fraction of the new difference gets a second.
+REORTHOGONALISE = 2**-0.5
+
+
+def condition_limit(cond_max: float, dtype: torch.dtype) -> float:
+    """The largest cond(R) trusted in ``dtype``: cond_max, but never beyond 0.01/ε.
+
+    Solving with R loses about log10(cond(R)) digits: in float32 (ε ≈ 1.2e-7) a limit of 1e9
+    would let γ be pure noise, so the safeguard tightens itself to 8.4e4 there.
+    """
+    return min(cond_max, 0.01 / torch.finfo(dtype).eps)
+
+
+class AndersonMethod(Method):
     """Anderson acceleration (Walker & Ni 2011) with depth ``m`` and mixing ``beta``.
 
-    The first step is z₁ = z₀ − β g(z₀) (with β = 1: z₁ = f(z₀)). Then, with ΔZ and ΔG the last
-    min(m, k) differences of iterates and residuals g = z − f(z),
+    The first step is z₁ = z₀ − β g(z₀) (with β = 1: z₁ = f(z₀)). For a linear map and m ≥ n this
+    is GMRES: the exact solution after at most n + 1 steps. The depth is min(m, n): more than n
+    differences in Rⁿ are always dependent.
 
-        γ = argmin ‖g_k − ΔG γ‖ (+ λ‖diag(ΔGᵀΔG)^½ γ‖²),    z_{k+1} = z_k − ΔZ γ − β (g_k − ΔG γ).
+    Safeguards (``restart``): while cond(R), estimated by max|R_ii|/min|R_ii|, exceeds ``cond_max``
+    (capped at 0.01/ε for the dtype) a sample drops its oldest column (Walker–Ni's conditioning control); when its residual exceeds
+    ``growth`` times its best since the last restart, its memory is cleared. ``lam`` > 0 adds a
+    Tikhonov term relative to each column's norm, solved as the stacked least-squares problem
+    [R; √λ·diag‖ΔG_i‖] γ ≈ [Qg; 0] (still no normal equations). ``globalisation: line-search``
+    treats the Anderson step as a direction and backtracks along it (non-monotone over ``window``
+    iterations) when the residual would grow.
 
-    For a linear map and m ≥ n this is GMRES: the exact solution after at most n + 1 steps.
-
-    The small least-squares problem is solved per sample through its m×m Gram matrix, updated by one
-    new row per step and factorised by Cholesky (appended incrementally until the memory is full).
-    The Tikhonov term is relative (λ times each column's own squared norm), so it scales with the
-    problem: torchdeq's absolute λ = 1e-4 swamps the Gram matrix once residuals fall below ~1e-2,
-    which is why its Anderson stalls on small-residual problems.
-
-    Safeguard (``restart``): a sample's memory is cleared when its Gram system becomes
-    ill-conditioned (a new difference is, up to 1/``cond_max``, a combination of the stored ones)
-    or its residual grows beyond ``growth`` times the best since its last restart.
-
-    The depth is min(m, n): more than n differences in Rⁿ are always dependent.
-
-    Cost per iteration: one evaluation of f, O(m·n) work per sample and an m×m solve;
-    memory 2·m·B·n numbers (no Jacobians). The differences of f = z − g are stored instead of those
-    of z (ΔZ = ΔF + ΔG), so with β = 1 the new iterate f − ΔFγ reads only half of them.
+    Cost per iteration: one evaluation of f, O(m·n) work per sample for the new column, O(m²·n + m³)
+    when the window slides (a rotation of Q, a QR of the small factor) and O(m²) for γ; memory
+    2·m·B·n numbers.
     """
 
-    name: ClassVar[str] = "anderson"
-    summary: ClassVar[str] = "Anderson acceleration (Walker–Ni), relative Tikhonov term, restarts"
-    m: int = 5
-    beta: float = 1.0
-    lam: float = 1e-10
-    restart: bool = True
-    cond_max: float = 1e9
-    growth: float = 1e4
-
-    def check(self) -> None:
-        """Validate the depth, mixing and safeguard settings."""
-        if self.m < 1:
-            raise ValueError(f"m: must be ≥ 1, got {self.m}")
-        if not 0.0 < self.beta <= 2.0:
-            raise ValueError(f"beta: must lie in (0, 2], got {self.beta}")
-        if not 0.0 <= self.lam < 1.0:
-            raise ValueError(f"lam: must lie in [0, 1), got {self.lam}")
-        if self.cond_max <= 1.0:
-            raise ValueError(f"cond_max: must be > 1, got {self.cond_max}")
-        if self.growth <= 1.0:
-            raise ValueError(f"growth: must be > 1, got {self.growth}")
+    options: Anderson
 
     def init(self, problem: Problem, z0: torch.Tensor) -> AndersonState:
-        """Evaluate g(z0) and allocate the difference memory."""
-        import torch
-
-        g0 = problem.g(z0)
+        """Evaluate g(z0) and allocate the memory."""
+        o = self.options
+        f0, g0 = evaluate(problem, z0)
         batch, n = z0.shape
+        m = min(o.m, n)
         opts = {"dtype": z0.dtype, "device": z0.device}
-        # More than n differences in R^n are linearly dependent: the depth never exceeds n.
-        m = min(self.m, n)
-        eye = torch.eye(m, **opts).expand(batch, m, m).clone()
+        ints = {"dtype": torch.int64, "device": z0.device}
+        phi0 = 0.5 * g0.square().sum(dim=1)
         return AndersonState(
             z=z0,
             g=g0,
-            f=z0 - g0,
-            # Slots are read only once written (or cleared), so no need to zero them.
-            diffs=torch.empty(batch, 2 * m, n, **opts),
-            gram=torch.zeros(batch, m, m, **opts),
-            chol=eye,
-            rhs=torch.zeros(batch, m, 1, **opts),
+            f=f0,
+            df=torch.zeros(batch, m, n, **opts),
+            q=torch.zeros(batch, m, n, **opts),
+            r=torch.zeros(batch, m, m, **opts),
+            qg=torch.zeros(batch, m, **opts),
+            count=torch.zeros(batch, **ints),
+            head=torch.zeros(batch, **ints),
             best=torch.linalg.vector_norm(g0, dim=1),
-            restarts=torch.zeros(batch, dtype=torch.int64, device=z0.device),
+            restarts=torch.zeros(batch, **ints),
+            drops=torch.zeros(batch, **ints),
+            recent=phi0[:, None].repeat(1, o.window),
         )
 
-    def step(self, problem: Problem, state: State) -> AndersonState:
-        """Mix the stored differences, evaluate once, record the new difference, refactorise."""
-        import torch
-
-        if not isinstance(state, AndersonState):
-            raise TypeError("anderson.step needs the state made by anderson.init")
+    # -- the step ------------------------------------------------------------------------------
+    def step(self, problem: Problem, state: AndersonState) -> AndersonState:  # type: ignore[override]
+        """Mix, evaluate once (or backtrack), then update the QR with the new difference."""
+        o = self.options
         s = state
-        m = s.gram.shape[1]
-        k = min(s.count, m)  # slots 0..k−1 hold differences
-        if k == 0:
-            z_new = s.z - self.beta * s.g
+        active = s.active if s.active is not None else torch.ones_like(s.count, dtype=torch.bool)
+        z_new = self._mix(s)
+        if o.globalisation == "line-search":
+            d = z_new - s.z
+            slope = -(s.g * s.g).sum(dim=1)
+            search = line_search(
+                problem,
+                s.z,
+                s.g,
+                d,
+                slope,
+                c=1e-4,
+                max_backtracks=o.max_backtracks,
+                active=active,
+                reference=s.recent.amax(dim=1),
+            )
+            z_trial = s.z + search.step
+            g_trial = search.g_trial
+            f_trial = z_trial - g_trial
+            # A rejected trial is not taken, but its difference still informs the next mix
+            # (Anderson's secant conditions hold for any pair of points, not only successive ones).
+            z_new, g_new = search.z, search.g
+            f_new = z_new - g_new
         else:
-            gamma = torch.cholesky_solve(s.rhs[:, :k], s.chol[:, :k, :k]).transpose(1, 2)
-            # With ΔZ = ΔF + ΔG: z − βg − ΔZγ + βΔGγ = (z − βg) − ΔFγ − (1 − β)ΔGγ; for β = 1
-            # that is f − ΔFγ, one pass over half the stored differences.
-            if self.beta == 1.0:
-                z_new = torch.baddbmm(s.f.unsqueeze(1), gamma, s.diffs[:, :k], alpha=-1)
-            else:
-                base = torch.add(s.z, s.g, alpha=-self.beta).unsqueeze(1)
-                z_new = torch.baddbmm(base, gamma, s.diffs[:, :k], alpha=-1)
-                z_new = torch.baddbmm(z_new, gamma, s.diffs[:, m : m + k], alpha=self.beta - 1)
-            z_new = z_new.squeeze(1)
-        f_new = problem.f(z_new)
-        g_new = z_new - f_new
-
-        # Record the new differences in slot j; one pass over ΔG gives the new Gram row and the
-        # next right-hand side ΔGᵀ g_new together.
-        j = s.count % m
-        filled = min(s.count + 1, m)
-        torch.sub(f_new, s.f, out=s.diffs[:, j])
-        torch.sub(g_new, s.g, out=s.diffs[:, m + j])
-        pair = torch.stack((s.diffs[:, m + j], g_new), dim=1)  # (B, 2, n)
-        prod = torch.bmm(s.diffs[:, m : m + filled], pair.transpose(1, 2))  # (B, filled, 2)
-        row = prod[:, :, 0]
-        s.rhs[:, :filled] = prod[:, :, 1:]
-        s.gram[:, j, :filled] = row
-        s.gram[:, :filled, j] = row
-        pivot = self._factorise(s, j)
-        s.count += 1
-
+            f_new, g_new = evaluate(problem, z_new)
+            f_trial, g_trial = f_new, g_new
+        self._record(s, f_trial - s.f, g_trial - s.g, g_new)
         res = torch.linalg.vector_norm(g_new, dim=1)
-        if self.restart:
-            # pivot: the share of the newest (or worst) column outside the span of the others.
-            bad = (pivot * self.cond_max < 1) | (res > self.growth * s.best)
-            if s.active is not None:
-                bad &= s.active
-            if bool(bad.any()):
-                self._clear(s, bad)
-                s.best = torch.where(bad, res, torch.minimum(s.best, res))
-            else:
-                s.best = torch.minimum(s.best, res)
+        if o.restart:
+            self._safeguard(s, res, active)
+        if o.globalisation == "line-search":
+            if o.window > 1:
+                s.recent = torch.roll(s.recent, 1, dims=1)
+            s.recent[:, 0] = 0.5 * res.square()
         s.z, s.g, s.f = z_new, g_new, f_new
         return s
 
-    def _factorise(self, s: AndersonState, j: int) -> torch.Tensor:
-        """Update the Cholesky factor after slot j changed; return the per-sample pivot ratio."""
-        import torch
+    def _mix(self, s: AndersonState) -> torch.Tensor:
+        """z − βg − ΔZγ + βΔGγ with γ from R γ = Q g (or its Tikhonov form)."""
+        o = self.options
+        k = s.shared[0] if s.shared is not None else int(s.count.max())
+        if k == 0:
+            return s.z - o.beta * s.g
+        gamma = self._gamma(s, k)  # (B, k), logical order, zero beyond each row's count
+        m = s.df.shape[1]
+        # ΔF is stored in ring slots: logical column i of row b sits in slot (head_b + i) mod m.
+        # Only the slots in use are read: at most two contiguous runs when the samples agree.
+        z_new = s.f.unsqueeze(1)
+        if s.shared is not None:
+            head = s.shared[1]
+            first = min(k, m - head)
+            z_new = torch.baddbmm(
+                z_new, gamma[:, None, :first], s.df[:, head : head + first], alpha=-1
+            )
+            if first < k:
+                z_new = torch.baddbmm(z_new, gamma[:, None, first:], s.df[:, : k - first], alpha=-1)
+        else:
+            padded = torch.nn.functional.pad(gamma, (0, m - k)) if k < m else gamma
+            slots = (torch.arange(m, device=s.head.device)[None, :] - s.head[:, None]) % m
+            z_new = torch.baddbmm(z_new, padded.gather(1, slots).unsqueeze(1), s.df, alpha=-1)
+        z_new = z_new.squeeze(1)
+        if o.beta != 1.0:
+            # z − βg − ΔZγ + βΔGγ = (f − ΔFγ) + (1 − β)(g − ΔGγ), and ΔGγ = Qᵀ(Rγ).
+            r_gamma = torch.bmm(s.r[:, :k, :k], gamma.unsqueeze(2)).transpose(1, 2)
+            dg_gamma = torch.bmm(r_gamma, s.q[:, :k]).squeeze(1)
+            z_new = z_new + (1 - o.beta) * (s.g - dg_gamma)
+        return z_new
 
-        tiny = torch.finfo(s.gram.dtype).tiny
-        lam = max(self.lam, 10 * torch.finfo(s.gram.dtype).eps)
-        m = s.gram.shape[1]
-        if s.count < m:
-            # Appending column j = count to slots 0..j−1: one triangular solve, O(j²) per sample.
-            a_jj = s.gram[:, j, j] * (1 + lam) + tiny
-            if j == 0:
-                d2 = a_jj
-            else:
-                col = torch.linalg.solve_triangular(
-                    s.chol[:, :j, :j], s.gram[:, :j, j : j + 1], upper=False
-                )
-                s.chol[:, j, :j] = col.squeeze(2)
-                d2 = a_jj - col.square().sum(dim=(1, 2))
-            s.chol[:, j, j] = torch.sqrt(torch.clamp_min(d2, lam * a_jj))
-            return d2 / a_jj
-        # Memory full: a slot was overwritten, so refactorise the whole m×m system.
-        a = s.gram.clone()
-        diag = a.diagonal(dim1=1, dim2=2)
-        diag.mul_(1 + lam).add_(tiny)
-        chol, info = torch.linalg.cholesky_ex(a)
-        s.chol = chol
-        ratio = (chol.diagonal(dim1=1, dim2=2).square() / diag).amin(dim=1)
-        # A failed factorisation (info > 0, or NaN rows) reads as a zero pivot: restart.
-        return torch.where(info == 0, ratio, torch.zeros_like(ratio))
+    def _gamma(self, s: AndersonState, k: int) -> torch.Tensor:
+        """Solve the small triangular (or stacked Tikhonov) system per row, masked to its count."""
+        r = s.r[:, :k, :k]
+        rhs = s.qg[:, :k]
+        beyond = None
+        if s.shared is None:
+            index = torch.arange(k, device=s.count.device)
+            beyond = index[None, :] >= s.count[:, None]
+            eye = torch.eye(k, dtype=r.dtype, device=r.device).expand_as(r)
+            mask2 = beyond[:, None, :] | beyond[:, :, None]
+            r = torch.where(mask2, eye, r)
+            rhs = torch.where(beyond, 0.0, rhs)
+        if self.options.lam > 0:
+            # Column norms of ΔG = those of R; the stacked problem [R; √λ D] γ ≈ [Qg; 0].
+            weight = (self.options.lam**0.5) * torch.linalg.vector_norm(r, dim=1)
+            stacked = torch.cat((r, torch.diag_embed(weight)), dim=1)
+            target = torch.cat((rhs, torch.zeros_like(rhs)), dim=1)
+            qq, rr = torch.linalg.qr(stacked)
+            rhs = torch.bmm(qq.transpose(1, 2), target.unsqueeze(2)).squeeze(2)
+            r = rr
+        gamma = torch.linalg.solve_triangular(r, rhs.unsqueeze(2), upper=True).squeeze(2)
+        gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
+        return gamma if beyond is None else torch.where(beyond, 0.0, gamma)
 
-    def _clear(self, s: AndersonState, bad: torch.Tensor) -> None:
-        """Forget the stored differences of the samples in ``bad`` (their next step is z − βg)."""
-        import torch
+    # -- the QR of ΔG ----------------------------------------------------------------------------
+    def _record(
+        self, s: AndersonState, df: torch.Tensor, dg: torch.Tensor, g_new: torch.Tensor
+    ) -> None:
+        """Slide the window where it is full, append the new difference, project g_new."""
+        m = s.df.shape[1]
+        if s.shared is not None:
+            if s.shared[0] >= m:
+                self._drop_oldest(s, None)
+        else:
+            full = s.count >= m
+            if bool(full.any()):
+                self._drop_oldest(s, full)
+        k = s.shared[0] if s.shared is not None else int(s.count.max())
+        if k:
+            basis = s.q[:, :k]
+            # Rows (Δg, g_new) against the basis: (B, 2, n)·(B, n, k), the fast layout for bmm.
+            pair = torch.stack((dg, g_new), dim=1)
+            h = torch.bmm(pair, basis.transpose(1, 2))  # (B, 2, k): Q dg and Q g_new
+            w = torch.baddbmm(dg.unsqueeze(1), h[:, :1], basis, alpha=-1)
+            coeff = h[:, 0]
+            qg_old = h[:, 1]
+            rho = torch.linalg.vector_norm(w, dim=2).squeeze(1)
+            # Kahan–Parlett: one Gram–Schmidt pass is enough unless it cancelled more than a
+            # factor √2 of ‖Δg‖; then a second pass restores orthogonality to working precision.
+            if not bool((rho >= REORTHOGONALISE * torch.linalg.vector_norm(dg, dim=1)).all()):
+                h2 = torch.bmm(w, basis.transpose(1, 2))  # (B, 1, k)
+                w = torch.baddbmm(w, h2, basis, alpha=-1)
+                coeff = coeff + h2[:, 0]
+                rho = torch.linalg.vector_norm(w, dim=2).squeeze(1)
+            w = w.squeeze(1)
+        else:
+            w = dg
+            coeff = dg.new_zeros(dg.shape[0], 0)
+            qg_old = coeff
+            rho = torch.linalg.vector_norm(w, dim=1)
+        unit = w / rho.clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+        projection = (unit * g_new).sum(dim=1)
+        if s.shared is not None:
+            head = s.shared[1]
+            s.q[:, k] = unit
+            s.r[:, :k, k] = coeff
+            s.r[:, k, k] = rho
+            s.qg[:, :k] = qg_old
+            s.qg[:, k] = projection
+            s.df[:, (head + k) % m] = df
+            s.shared = (k + 1, head)
+        else:
+            # Rows hold different counts: write each row's column at its own index.
+            batch = s.count.shape[0]
+            rows = torch.arange(batch, device=s.count.device)
+            slot_new = s.count
+            held = torch.arange(k, device=w.device)[None, :] < s.count[:, None]
+            s.q[rows, slot_new] = unit
+            col = torch.zeros(batch, m, dtype=w.dtype, device=w.device)
+            col[:, :k] = torch.where(held, coeff, 0.0)
+            col[rows, slot_new] = rho
+            s.r[rows, :, slot_new] = col
+            qg = torch.zeros_like(s.qg)
+            qg[:, :k] = torch.where(held, qg_old, 0.0)
+            qg[rows, slot_new] = projection
+            s.qg = qg
+            s.df[rows, (s.head + s.count) % m] = df
+        s.count = s.count + 1
 
-        keep3 = ~bad[:, None, None]
-        s.diffs = torch.where(keep3, s.diffs, 0.0)
-        s.gram = torch.where(keep3, s.gram, 0.0)
-        s.rhs = torch.where(keep3, s.rhs, 0.0)
-        eye = torch.eye(s.gram.shape[1], dtype=s.chol.dtype, device=s.chol.device)
-        s.chol = torch.where(keep3, s.chol, eye)
-        s.restarts = s.restarts + bad.to(s.restarts.dtype)
+    def _drop_oldest(self, s: AndersonState, rows: torch.Tensor | None) -> None:
+        """Remove logical column 0 of the rows in ``rows`` (None: every row) and restore R.
 
-    def finish(self, state: State, result: SolveResult) -> None:
-        """Report safeguard restarts per sample."""
-        if not isinstance(state, AndersonState) or not self.restart:
+        Without column 0, R's other columns form an upper Hessenberg matrix H; the orthogonal G
+        with G H upper triangular (what a sweep of Givens rotations builds; here one small QR of
+        H per sample) is applied to Q as well, so ΔG = QᵀR still holds. The last row of the
+        rotated Q then spans nothing that is kept and is cleared.
+        """
+        m = s.r.shape[1]
+        k = s.count
+        rot, tri = torch.linalg.qr(s.r[:, :, 1:], mode="complete")  # H = rot · tri
+        rot_t = rot.transpose(1, 2)
+        q = torch.bmm(rot_t, s.q)
+        qg = torch.bmm(rot_t, s.qg.unsqueeze(2)).squeeze(2)
+        if rows is None:
+            # Every row held m columns: row m − 1 is the discarded direction (tri's last row is 0).
+            q[:, m - 1] = 0.0
+            qg[:, m - 1] = 0.0
+            s.r[:, :, : m - 1] = tri
+            s.r[:, :, m - 1] = 0.0
+            s.q, s.qg = q, qg
+            s.head = (s.head + 1) % m
+            s.count = k - 1
+            if s.shared is not None:
+                s.shared = (s.shared[0] - 1, (s.shared[1] + 1) % m)
+            return
+        new_r = torch.zeros_like(s.r)
+        new_r[:, :, : m - 1] = tri
+        last = torch.arange(m, device=k.device)[None, :] == (k - 1)[:, None]
+        q = torch.where(last[:, :, None], 0.0, q)
+        qg = torch.where(last, 0.0, qg)
+        new_r = torch.where(last[:, :, None] | last[:, None, :], 0.0, new_r)
+        s.q = torch.where(rows[:, None, None], q, s.q)
+        s.qg = torch.where(rows[:, None], qg, s.qg)
+        s.r = torch.where(rows[:, None, None], new_r, s.r)
+        s.head = torch.where(rows, (s.head + 1) % m, s.head)
+        s.count = torch.where(rows, k - 1, k)
+        s.shared = None
+
+    def _clear(self, s: AndersonState, rows: torch.Tensor) -> None:
+        """Forget the stored differences of the rows in ``rows`` (their next step is z − βg)."""
+        keep3 = ~rows[:, None, None]
+        s.q = torch.where(keep3, s.q, 0.0)
+        s.r = torch.where(keep3, s.r, 0.0)
+        s.df = torch.where(keep3, s.df, 0.0)
+        s.qg = torch.where(rows[:, None], 0.0, s.qg)
+        s.count = torch.where(rows, torch.zeros_like(s.count), s.count)
+        s.head = torch.where(rows, torch.zeros_like(s.head), s.head)
+        s.shared = None
+
+    def _condition(self, s: AndersonState) -> torch.Tensor:
+        """max|R_ii| / min|R_ii| over each row's own columns: O(m), a lower bound on cond(R).
+
+        For the R of a Gram–Schmidt QR it tracks cond(R) closely; an exact SVD per step would cost
+        O(m³), which dominates for the large m that hard problems need.
+        """
+        k = s.shared[0] if s.shared is not None else int(s.count.max())
+        if k < 2:
+            return torch.ones_like(s.best)
+        diag = torch.diagonal(s.r[:, :k, :k], dim1=1, dim2=2).abs()
+        if s.shared is not None:
+            return diag.amax(dim=1) / diag.amin(dim=1)  # inf (or NaN) for a zero pivot
+        used = torch.arange(k, device=s.count.device)[None, :] < s.count[:, None]
+        big = torch.where(used, diag, 0.0).amax(dim=1)
+        small = torch.where(used, diag, torch.inf).amin(dim=1)
+        cond = big / small
+        return torch.where(torch.isnan(cond), torch.full_like(cond, torch.inf), cond)
+
+    def _safeguard(self, s: AndersonState, res: torch.Tensor, active: torch.Tensor) -> None:
+        """Drop oldest columns while ill-conditioned; clear the memory after residual growth."""
+        limit = condition_limit(self.options.cond_max, s.r.dtype)
+        grew = active & ((res > self.options.growth * s.best) | ~torch.isfinite(res))
+        bad = active & (s.count > 1) & ~(self._condition(s) <= limit)
+        # One host synchronisation for both tests in the common case that neither fires.
+        any_bad = any_grew = bool((bad | grew).any())
+        if any_bad:
+            any_bad, any_grew = bool(bad.any()), bool(grew.any())
+        for _ in range(s.r.shape[1]):
+            if not any_bad:
+                break
+            self._drop_oldest(s, bad)
+            s.drops = s.drops + bad.to(s.drops.dtype)
+            bad = active & (s.count > 1) & ~(self._condition(s) <= limit)
+            any_bad = bool(bad.any())
+        if any_grew:
+            self._clear(s, grew)
+            s.restarts = s.restarts + grew.to(s.restarts.dtype)
+            s.best = torch.where(grew, res, torch.minimum(s.best, res))
+        else:
+            s.best = torch.minimum(s.best, res)
+        if s.shared is None:
+            # Samples that dropped or cleared alike are in step again: back to the fast path.
+            count, head = int(s.count[0]), int(s.head[0])
+            if bool(((s.count == count) & (s.head == head)).all()):
+                s.shared = (count, head)
+
+    def finish(self, state: AndersonState, result: SolveResult) -> None:  # type: ignore[override]
+        """Report safeguard restarts and conditioning drops per sample."""
+        if not self.options.restart:
             return
         restarts = [int(r) for r in state.restarts.cpu().tolist()]
-        result.extra["anderson"] = {"restarts": restarts}
+        drops = [int(d) for d in state.drops.cpu().tolist()]
+        result.extra["anderson"] = {"restarts": restarts, "drops": drops}
         if any(restarts):
             hit = [b for b, r in enumerate(restarts) if r]
             shown = ", ".join(map(str, hit[:8])) + (", …" if len(hit) > 8 else "")
             result.notes.append(
                 f"anderson: the safeguard restarted the memory {sum(restarts)} time(s) "
-                f"(samples {shown}): ill-conditioned least squares or a growing residual"
+                f"(samples {shown}): the residual grew"
             )

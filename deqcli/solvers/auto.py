@@ -1,104 +1,113 @@
-"""``auto``: a poly-algorithm that starts cheap and falls back to robust methods when progress fails."""
+"""``auto``: an ordered list of presets, and the evidence that moves a run from one to the next.
+
+The list for problems whose dense Jacobians are affordable:
+
+    anderson → newton → trust-region → levenberg-marquardt → ptc
+
+and, beyond ``dense_max`` unknowns or the dense-Jacobian memory limit:
+
+    anderson → newton-krylov → ptc
+
+Problems given as a residual g(z) = 0 skip anderson: it accelerates a fixed-point map, and the
+naive map z − g(z) of a residual has no reason to contract. ``stages`` replaces the list.
+
+The whole batch runs one preset at a time. After every step the samples still running are
+checked, and the batch moves on when any of them shows
+
+- a non-finite residual, or one the driver would call diverged (the shared ``ConvergenceTest``):
+  the step is discarded, every sample restarts the next preset from its best iterate;
+- growth: ‖g‖ > ``growth`` × the smallest residual it has had in the run;
+- a stall (the shared ``StallWatch``): ‖g‖ has not fallen below ``progress`` × its level at the
+  last such fall for the stage's patience (``patience`` for anderson, the trust region, LM;
+  ``newton_patience`` for newton and newton-krylov);
+- in newton and newton-krylov, two line searches in a row that found no acceptable step;
+- or the preset reports it cannot advance the sample (a collapsed trust region, hybrj's slow-
+  progress tests, Levenberg–Marquardt steps at rounding level, Broyden's failed resets).
+
+Ψtc, the last resort for problems where every local method stalls far from a root, runs until the
+driver stops it. Each switch costs one evaluation (the new preset's start, more for a Jacobian).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from deqcli.errors import UsageError
-from deqcli.solvers.base import Solver, State
+import torch
+
+from deqcli.solvers.base import Method, Solver, State
+from deqcli.solvers.convergence import ConvergenceTest, Limits, StallState, StallWatch
 
 if TYPE_CHECKING:
-    import torch
-
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
+    from deqcli.solvers.base import StopRule
+    from deqcli.solvers.options import Auto
+
+# Stages whose stall patience is ``newton_patience`` (fast local methods: few steps tell) and
+# whose steps come from a line search: a step that leaves z where it was means the search found
+# nothing acceptable along the direction, which repeats from the same point.
+NEWTON_STAGES = {"newton", "newton-krylov"}
+# Line-search failures in a row (z unchanged) that move a Newton stage on.
+FAILED_SEARCHES = 2
 
 
 @dataclass
 class AutoState(State):
-    """The current method's own state plus what ``auto`` watches to decide when to switch."""
+    """The current preset's own state plus what ``auto`` watches to decide when to switch."""
 
     sub: Solver
     sub_state: State
     stages: list[str]
     stage: int
-    best: torch.Tensor  # (B,) smallest ‖g‖ seen in the whole run
-    best_z: torch.Tensor  # (B, n) where it was seen
+    watch: StallWatch
+    progress: StallState
+    limits: Limits
+    best_z: torch.Tensor  # (B, n) where each sample's smallest ‖g‖ was seen
     best_g: torch.Tensor  # (B, n)
-    mark: torch.Tensor  # (B,) residual at the last sufficient decrease in this stage
-    since: torch.Tensor  # (B,) iterations since then
+    z0: torch.Tensor  # (B, n) the run's start
+    stage_start: torch.Tensor  # (B,) ‖g‖ where the current preset started
+    stage_best: torch.Tensor  # (B,) its smallest ‖g‖ since
+    from_start: bool = True  # the current preset started at z0 (nothing to retry)
+    still: torch.Tensor | None = None  # (B,) consecutive steps that left z unchanged
     k: int = 0
-    stuck: torch.Tensor | None = None  # samples the current method reported it cannot advance
+    stuck: torch.Tensor | None = None  # samples the current preset reported it cannot advance
     methods: list[str] = field(default_factory=list)
     switches: list[int] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Auto(Solver):
-    """Start with ``anderson``; switch to a more robust method when the iteration goes wrong.
+class AutoMethod(Method):
+    """Run the presets of ``STAGES`` in order, switching on evidence (module docstring)."""
 
-    Stages: anderson → newton → trust-region when dense Jacobians are allowed (n ≤ ``dense_max``
-    and they fit in memory), otherwise anderson → newton-krylov. After every step ``auto`` checks
-    the samples still running and moves the whole batch to the next stage when any of them
+    options: Auto
 
-    - produced a non-finite residual (that step is discarded: those samples go back to their best
-      iterate instead of reaching the driver as non-finite);
-    - grew: ‖g‖ > ``growth`` × the smallest residual it has had in this run;
-    - stalled: ‖g‖ has not fallen below ``progress`` × its level at the last such decrease for
-      ``patience`` iterations (``newton_patience`` in the Newton-type stages);
-    - or the method reports it cannot advance it (a collapsed trust region).
+    def __init__(self, options: Solver) -> None:
+        super().__init__(options)
+        self.test = ConvergenceTest()
 
-    The next stage starts from each sample's best iterate so far. The last stage runs until the
-    driver stops it. The methods used, the iterations at which ``auto`` switched and why are in
-    ``result.extra["auto"]`` (JSON) and in the report's notes.
+    def setup(self, stop: StopRule) -> None:
+        """Adopt the run's convergence test (its divergence ceiling and non-finite rule)."""
+        self.test = stop.test
 
-    Cost: that of the stage running; a switch costs one extra evaluation (the new method's start).
-    """
+    def _make(self, name: str) -> Solver:
+        from deqcli.solvers import make_solver
 
-    name: ClassVar[str] = "auto"
-    summary: ClassVar[str] = "anderson first, then newton / newton-krylov, then trust-region"
-    m: int = 5
-    patience: int = 30
-    newton_patience: int = 5
-    progress: float = 0.5
-    growth: float = 100.0
-    dense_max: int = 1000
+        options: dict[str, Any] = {"m": self.options.m} if name == "anderson" else {}
+        return make_solver(name, options)
 
-    def check(self) -> None:
-        """Validate the switching rules."""
-        if self.m < 1:
-            raise ValueError(f"m: must be ≥ 1, got {self.m}")
-        if self.patience < 1:
-            raise ValueError(f"patience: must be ≥ 1, got {self.patience}")
-        if self.newton_patience < 1:
-            raise ValueError(f"newton_patience: must be ≥ 1, got {self.newton_patience}")
-        if not 0.0 < self.progress < 1.0:
-            raise ValueError(f"progress: must lie in (0, 1), got {self.progress}")
-        if self.growth <= 1.0:
-            raise ValueError(f"growth: must be > 1, got {self.growth}")
-        if self.dense_max < 1:
-            raise ValueError(f"dense_max: must be ≥ 1, got {self.dense_max}")
-
-    def stages(self, problem: Problem) -> list[str]:
-        """The methods ``auto`` would try on ``problem``, in order."""
-        dense = problem.dim <= self.dense_max
-        if dense:
-            try:
-                problem.check_dense_fits()
-            except UsageError:
-                dense = False
-        return ["anderson", "newton", "trust-region"] if dense else ["anderson", "newton-krylov"]
+    def _watch(self, name: str) -> StallWatch:
+        o = self.options
+        patience = o.newton_patience if name in NEWTON_STAGES else o.patience
+        return StallWatch(progress=o.progress, patience=patience)
 
     def init(self, problem: Problem, z0: torch.Tensor) -> AutoState:
-        """Start the first stage at z0."""
-        import torch
-
-        stages = self.stages(problem)
+        """Start the first preset at z0."""
+        stages = self.options.stage_names(problem)
         sub = self._make(stages[0])
         sub_state = sub.init(problem, z0)
         res = torch.linalg.vector_norm(sub_state.g, dim=1)
+        watch = self._watch(stages[0])
         return AutoState(
             z=sub_state.z,
             g=sub_state.g,
@@ -106,25 +115,20 @@ class Auto(Solver):
             sub_state=sub_state,
             stages=stages,
             stage=0,
-            best=res,
+            watch=watch,
+            progress=watch.start(res),
+            limits=self.test.start(res),
             best_z=sub_state.z,
             best_g=sub_state.g,
-            mark=res,
-            since=torch.zeros_like(res, dtype=torch.int64),
+            z0=z0,
+            stage_start=res,
+            stage_best=res,
             methods=[stages[0]],
         )
 
-    def _make(self, name: str) -> Solver:
-        from deqcli.solvers import make_solver
-
-        options: dict[str, Any] = {"m": self.m} if name == "anderson" else {}
-        return make_solver(name, options)
-
-    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
-        """Pass the running samples on to the current method; report stuck ones at the last stage."""
-        if not isinstance(state, AutoState):
-            return None
-        # auto drives its current method as the driver drives auto: hand the mask on the same way.
+    def observe(self, state: AutoState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
+        """Pass the running samples on; report stuck ones only at the last preset."""
+        # auto drives its current preset as the driver drives auto: hand the mask on the same way.
         state.sub_state.active = active
         stuck = state.sub.observe(state.sub_state, active)
         if stuck is not None and state.stage + 1 < len(state.stages):
@@ -132,59 +136,88 @@ class Auto(Solver):
             return None
         return stuck
 
-    def step(self, problem: Problem, state: State) -> AutoState:
-        """Advance the current method one step, then decide whether to switch."""
-        import torch
-
-        if not isinstance(state, AutoState):
-            raise TypeError("auto.step needs the state made by auto.init")
+    def step(self, problem: Problem, state: AutoState) -> AutoState:  # type: ignore[override]
+        """Advance the current preset one step, then decide whether to switch."""
         s = state
         s.k += 1
-        running = s.active if s.active is not None else torch.ones_like(s.best, dtype=torch.bool)
+        running = (
+            s.active if s.active is not None else torch.ones_like(s.limits.base, dtype=torch.bool)
+        )
+        last = s.stage + 1 == len(s.stages)
         if s.stuck is not None and bool((s.stuck & running).any()):
             s.stuck = None
-            return self._switch(problem, s, "the method could not advance a sample")
-        # The driver restores the rows of finished samples in s.z/s.g; the current method keeps
+            return self._switch(problem, s, f"{s.stages[s.stage]} could not advance a sample")
+        s.stuck = None
+        # The driver restores the rows of finished samples in s.z/s.g; the current preset keeps
         # its own copy, which is harmless for those rows (they are never read again).
+        z_old = s.sub_state.z
         s.sub_state = s.sub.step(problem, s.sub_state)
         z_new, g_new = s.sub_state.z, s.sub_state.g
+        unchanged = (z_new == z_old).all(dim=1)
+        s.still = torch.where(unchanged, (0 if s.still is None else s.still) + 1, 0)
         res = torch.linalg.vector_norm(g_new, dim=1)
-        last = s.stage + 1 == len(s.stages)
+        failed = running & self.test.failed(res, s.limits)
+        if bool(failed.any()) and not last:
+            finite = bool(torch.isfinite(res[failed]).all())
+            return self._switch(
+                problem,
+                s,
+                "residual beyond the divergence limit" if finite else "non-finite residual",
+            )
 
-        nonfinite = running & ~torch.isfinite(res)
-        if bool(nonfinite.any()) and not last:
-            return self._switch(problem, s, "non-finite residual")
-
-        improved = res < s.best
-        s.best = torch.where(improved, res, s.best)
+        s.stage_best = torch.minimum(s.stage_best, res)
+        improved = res < s.progress.best
         s.best_z = torch.where(improved[:, None], z_new, s.best_z)
         s.best_g = torch.where(improved[:, None], g_new, s.best_g)
-        decreased = res <= self.progress * s.mark
-        s.mark = torch.where(decreased, res, s.mark)
-        s.since = torch.where(decreased, torch.zeros_like(s.since), s.since + 1)
+        stalled = s.watch.update(s.progress, res)
         s.z, s.g = z_new, g_new
         if last:
             return s
-
-        patience = self.patience if s.stages[s.stage] == "anderson" else self.newton_patience
-        if bool((running & (res > self.growth * s.best)).any()):
+        if bool((running & (res > self.options.growth * s.progress.best)).any()):
             return self._switch(problem, s, "residual growth")
-        if bool((running & (s.since >= patience)).any()):
+        if bool((running & stalled).any()):
             return self._switch(problem, s, "no progress")
+        name = s.stages[s.stage]
+        if name in NEWTON_STAGES and bool((running & (s.still >= FAILED_SEARCHES)).any()):
+            return self._switch(problem, s, "the line search found no acceptable step")
         return s
 
     def _switch(self, problem: Problem, s: AutoState, reason: str) -> AutoState:
-        """Start the next stage from each sample's best iterate."""
-        import torch
+        """Start the next preset from each sample's best iterate, or retry this one from z0.
 
-        s.stage += 1
-        name = s.stages[s.stage]
+        A preset that started from an earlier preset's best iterate and could not improve on it
+        (‖g‖ never fell below ``progress`` × its starting value) may have been started in a bad
+        basin — at a local minimum of ‖g‖ or a singular Jacobian the earlier preset found. It
+        gets one more run from the original start for those samples before the list moves on.
+        """
+        running = (
+            s.active if s.active is not None else torch.ones_like(s.stage_best, dtype=torch.bool)
+        )
+        idle = running & ~(s.stage_best <= self.options.progress * s.stage_start)
+        if not s.from_start and bool(idle.any()):
+            start = torch.where(idle[:, None], s.z0, s.best_z)
+            name = s.stages[s.stage]
+            reason += "; retried from the start"
+            s.from_start = True
+        else:
+            s.stage += 1
+            start = s.best_z
+            name = s.stages[s.stage]
+            s.from_start = False
         s.sub = self._make(name)
-        s.sub_state = s.sub.init(problem, s.best_z)
+        s.sub_state = s.sub.init(problem, start)
         s.z, s.g = s.sub_state.z, s.sub_state.g
         res = torch.linalg.vector_norm(s.g, dim=1)
-        s.mark = res
-        s.since = torch.zeros_like(s.since)
+        s.watch = self._watch(name)
+        s.still = None
+        s.stage_start = res
+        s.stage_best = res
+        best = torch.minimum(s.progress.best, res)
+        improved = res < s.progress.best
+        s.best_z = torch.where(improved[:, None], s.z, s.best_z)
+        s.best_g = torch.where(improved[:, None], s.g, s.best_g)
+        s.progress = s.watch.start(res)
+        s.progress.best = best
         s.methods.append(name)
         s.switches.append(s.k)
         s.reasons.append(reason)
@@ -193,11 +226,11 @@ class Auto(Solver):
             s.sub.observe(s.sub_state, s.active)
         return s
 
-    def finish(self, state: State, result: SolveResult) -> None:
-        """Record the methods used and the switches in the result."""
-        if not isinstance(state, AutoState):
-            return
+    def finish(self, state: AutoState, result: SolveResult) -> None:  # type: ignore[override]
+        """Record the presets used and the switches; the last preset's notes carry its name."""
+        before = len(result.notes)
         state.sub.finish(state.sub_state, result)
+        result.notes[before:] = [f"{state.methods[-1]}: {note}" for note in result.notes[before:]]
         result.extra["auto"] = {
             "methods": list(state.methods),
             "switches": list(state.switches),
@@ -208,6 +241,6 @@ class Auto(Solver):
                 f"{state.methods[i + 1]} at iteration {k} ({why})"
                 for i, (k, why) in enumerate(zip(state.switches, state.reasons, strict=True))
             )
-            result.notes.append(f"auto: started with {state.methods[0]}, switched to {steps}")
+            result.notes.insert(before, f"started with {state.methods[0]}, switched to {steps}")
         else:
-            result.notes.append(f"auto: {state.methods[0]} sufficed")
+            result.notes.insert(before, f"{state.methods[0]} sufficed")

@@ -7,14 +7,19 @@ the convergence test (``solvers/convergence.py``, the same object auto, the peer
 diagnostics use), freezing converged samples, non-finite checks, the divergence guard, max_iter,
 the time limit and the optional monitor.
 
-Solver modules import torch inside their methods so that option validation (``deq validate``) and
-``deq list-solvers`` stay free of torch.
+Our solvers are split in two: an options class (a dataclass of typed fields with ``check()``, in
+``solvers/options.py``, torch-free so that ``deq validate`` and ``deq list-solvers`` never import
+torch) and a ``Method`` that holds the mathematics (its module imports torch at the top). The
+options class names its method in ``method``; ``Solver.init``/``step``/``observe``/``finish``
+load it on first use and hand over to it. Peers subclass ``Solver`` and implement the hooks
+directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import time
 import types
@@ -91,23 +96,83 @@ class Iteration:
 Monitor = Callable[[Iteration], None]
 
 
-@dataclass
-class Solver:
-    """Base class: subclasses are dataclasses whose fields are their options (with defaults)."""
+def evaluate(problem: Problem, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(z), g(z)) from one counted evaluation in the problem's own form.
 
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    # True for solvers whose steps evaluate nothing (a peer's recorded run, replayed): the time
-    # limit was applied while recording, so the replay of what was recorded is never cut short.
-    replays: ClassVar[bool] = False
+    The form's own output is kept exact: f for a fixed-point map, g for a residual. Deriving g as
+    z − f for a residual problem would cancel to zero once |z| ≫ |g| (a run far out would then
+    look converged).
+    """
+    if problem.form == "residual":
+        g = problem.g(z)
+        return z - g, g
+    f = problem.f(z)
+    return f, z - f
+
+
+class Method:
+    """The mathematics of one of our solvers, built from its options on first use.
+
+    Subclasses implement ``init`` and ``step`` (and optionally ``observe`` and ``finish``) with the
+    same meaning as the ``Solver`` hooks; they may import torch freely.
+    """
+
+    def __init__(self, options: Solver) -> None:
+        self.options = options
 
     def init(self, problem: Problem, z0: torch.Tensor) -> State:
         """Build the starting state from ``z0`` (evaluating the residual there)."""
         raise NotImplementedError
 
     def step(self, problem: Problem, state: State) -> State:
-        """Advance every sample by one iteration; the driver freezes converged samples afterwards."""
+        """Advance every sample by one iteration."""
         raise NotImplementedError
+
+    def setup(self, stop: StopRule) -> None:
+        """The stopping rule in force, before ``init`` (see ``Solver.setup``)."""
+
+    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
+        """The samples this method cannot advance any further (see ``Solver.observe``)."""
+        return None
+
+    def finish(self, state: State, result: SolveResult) -> None:
+        """Add notes or ``result.extra`` entries at the end of a run."""
+
+
+@dataclass
+class Solver:
+    """Base class: subclasses are dataclasses whose fields are their options (with defaults)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # "module:Class" of the Method that implements it (ours)
+    # True for solvers whose steps evaluate nothing (a peer's recorded run, replayed): the time
+    # limit was applied while recording, so the replay of what was recorded is never cut short.
+    replays: ClassVar[bool] = False
+
+    def implementation(self) -> Method:
+        """The Method for these options, imported and built on first use (then kept)."""
+        built = self.__dict__.get("_method")
+        if built is None:
+            target = self.method_path()
+            if not target:
+                raise NotImplementedError(f"solver '{self.name}' implements its hooks itself")
+            module, cls = target.split(":")
+            built = getattr(importlib.import_module(module), cls)(self)
+            self.__dict__["_method"] = built
+        return built
+
+    def method_path(self) -> str:
+        """ "module:Class" of the Method for these option values (by default ``method``)."""
+        return self.method
+
+    def init(self, problem: Problem, z0: torch.Tensor) -> State:
+        """Build the starting state from ``z0`` (evaluating the residual there)."""
+        return self.implementation().init(problem, z0)
+
+    def step(self, problem: Problem, state: State) -> State:
+        """Advance every sample by one iteration; the driver freezes converged samples afterwards."""
+        return self.implementation().step(problem, state)
 
     def check(self) -> None:
         """Validate option values; raise ``ValueError("option: reason")`` on a bad one."""
@@ -118,6 +183,8 @@ class Solver:
 
         Peers that run their own loop take their tolerance and iteration budget from it.
         """
+        if self.method_path():
+            self.implementation().setup(stop)
 
     def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
         """Called before each step with the (batch,) mask of samples still running.
@@ -127,10 +194,14 @@ class Solver:
         recorded run ended, a trust region that collapsed); the driver stops those that are still
         running as ``stalled``. Return None when there is nothing to report.
         """
-        return None
+        if not self.method_path():
+            return None
+        return self.implementation().observe(state, active)
 
     def finish(self, state: State, result: SolveResult) -> None:
         """Called with the finished result: a solver may append ``result.notes`` or set ``result.extra``."""
+        if self.method_path():
+            self.implementation().finish(state, result)
 
     def options(self) -> dict[str, Any]:
         """The options in effect, for reports and JSON."""

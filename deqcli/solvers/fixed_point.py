@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
-from deqcli.solvers.base import Solver, State
+import torch
+
+from deqcli.solvers.base import Method, State, evaluate
 
 if TYPE_CHECKING:
-    import torch
-
     from deqcli.problems.base import Problem
+    from deqcli.solvers.options import FixedPoint
 
 
 @dataclass
@@ -20,8 +21,7 @@ class FixedPointState(State):
     f: torch.Tensor
 
 
-@dataclass
-class FixedPoint(Solver):
+class FixedPointMethod(Method):
     """Forward iteration. Converges linearly with rate ρ(I − β J_g) when that is below 1.
 
     ``beta`` in (0, 2): 1 is plain iteration, below 1 damps (breaks period-2 oscillations, tames
@@ -29,27 +29,16 @@ class FixedPoint(Solver):
     Cost per iteration: one evaluation of f and one or two vector operations; no extra memory.
     """
 
-    name: ClassVar[str] = "fixed_point"
-    summary: ClassVar[str] = "naive forward iteration with optional damping"
-    beta: float = 1.0
-
-    def check(self) -> None:
-        """β must lie in (0, 2)."""
-        if not 0.0 < self.beta < 2.0:
-            raise ValueError(f"beta: must lie in (0, 2), got {self.beta}")
+    options: FixedPoint
 
     def init(self, problem: Problem, z0: torch.Tensor) -> FixedPointState:
         """Evaluate the map at the start."""
-        f0 = problem.f(z0)
-        return FixedPointState(z=z0, g=z0 - f0, f=f0)
+        f0, g0 = evaluate(problem, z0)
+        return FixedPointState(z=z0, g=g0, f=f0)
 
-    def step(self, problem: Problem, state: State) -> FixedPointState:
+    def step(self, problem: Problem, state: FixedPointState) -> FixedPointState:  # type: ignore[override]
         """One (damped) forward step: one evaluation of f."""
-        import torch
-
-        if self.beta == 1.0 and isinstance(state, FixedPointState):
-            z = state.f
-        else:
-            z = torch.add(state.z, state.g, alpha=-self.beta)
-        f = problem.f(z)
-        return FixedPointState(z=z, g=z - f, f=f)
+        beta = self.options.beta
+        z = state.f if beta == 1.0 else torch.add(state.z, state.g, alpha=-beta)
+        f, g = evaluate(problem, z)
+        return FixedPointState(z=z, g=g, f=f)

@@ -1,0 +1,473 @@
+"""How a Newton-type step's direction is found, per sample.
+
+- ``NewtonDirection``: d = −J_g(z)⁻¹ g(z) with the exact autodiff Jacobian of every running sample.
+- ``BroydenDirection``: d = −H g with H ≈ J_g⁻¹ updated by Broyden's good or bad rank-one formula.
+- ``KrylovDirection``: d solves J_g d = −g by GMRES on JVPs to a relative residual η (inexact
+  Newton, Eisenstat–Walker forcing).
+
+Each returns the direction and the slope gᵀJ_g d of ½‖g‖² along it (exact, or the bound the
+method guarantees), which the line search's Armijo test needs. ``JacobianModel`` is the per-sample
+Jacobian model (dense or identity start, low-rank Broyden terms, and its inverse) that the trust
+region and Broyden's method share. Everything here is per sample: no sample's state depends on
+another's, so a batch follows the same path as its samples solved one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from deqcli.linalg import gmres, jacobian_operator
+
+if TYPE_CHECKING:
+    from deqcli.problems.base import Problem
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each row."""
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+# -- Jacobians of some rows ---------------------------------------------------------------------
+
+
+def jacobian_rows(problem: Problem, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """J_g at the rows of ``z`` selected by the (B,) mask ``rows``; zeros elsewhere; (B, n, n).
+
+    Only the selected samples are evaluated and counted (one njev each), so a sample's Jacobian
+    count does not depend on what the other samples of its batch need.
+    """
+    if bool(rows.all()):
+        _, jac = problem.jacobian(z)
+        return jac
+    batch, n = z.shape
+    out = torch.zeros(batch, n, n, dtype=z.dtype, device=z.device)
+    index = rows.nonzero().flatten()
+    if index.numel() == 0:
+        return out
+    params = {
+        k: v.index_select(0, index) if k in problem.batched_params else v
+        for k, v in problem.params.items()
+    }
+    part = dataclasses.replace(problem, z0=z.index_select(0, index), params=params)
+    _, jac = part.jacobian(part.z0)
+    out[index] = jac
+    for b in index.tolist():
+        problem.counter.bump("njev", rows=b)
+    return out
+
+
+def solve_newton(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve jac @ x = rhs per sample; the minimum-norm least-squares step where jac is singular.
+
+    Samples whose Jacobian or right-hand side is not finite get a zero step instead of poisoning
+    the pseudo-inverse.
+    """
+    sol, info = torch.linalg.solve_ex(jac, rhs)
+    bad = (info != 0) | ~torch.isfinite(sol).all(dim=1)
+    if bool(bad.any()):
+        # The pseudo-inverse (an SVD) only for the samples that need it.
+        index = bad.nonzero().flatten()
+        part_jac, part_rhs = jac[index], rhs[index]
+        finite = torch.isfinite(part_jac).all(dim=(1, 2)) & torch.isfinite(part_rhs).all(dim=1)
+        eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+        safe_jac = torch.where(finite[:, None, None], part_jac, eye)
+        safe_rhs = torch.where(finite[:, None], part_rhs, 0.0)
+        sol = sol.clone()
+        sol[index] = (torch.linalg.pinv(safe_jac) @ safe_rhs[..., None])[..., 0]
+    return sol
+
+
+def cap_steps(
+    z: torch.Tensor, d: torch.Tensor, step_max: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shorten each row's step to at most step_max·max(‖z‖, √n); returns (step, scale ≤ 1).
+
+    A nearly singular J gives a Newton step of any length; the cap keeps one step from throwing
+    the iterate to 1e30 (where g overflows) before the line search has a chance to look.
+    """
+    limit = step_max * torch.clamp_min(row_norms(z), math.sqrt(z.shape[1]))
+    length = row_norms(d)
+    scale = torch.where(length > limit, limit / length.clamp_min(torch.finfo(z.dtype).tiny), 1.0)
+    scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
+    return torch.nan_to_num(d * scale[:, None], nan=0.0, posinf=0.0, neginf=0.0), scale
+
+
+# -- the Jacobian model ---------------------------------------------------------------------------
+
+
+def factor(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU factors per sample; a singular or non-finite matrix is shifted (or replaced by I)."""
+    lu, pivots, info = torch.linalg.lu_factor_ex(jac)
+    bad = (info != 0) | ~torch.isfinite(lu).all(dim=(1, 2))
+    if bool(bad.any()):
+        finite = torch.isfinite(jac).all(dim=(1, 2))
+        eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+        size = jac.abs().amax(dim=(1, 2)).clamp_min(1.0)
+        shift = (torch.finfo(jac.dtype).eps ** 0.5 * size)[:, None, None] * eye
+        fixed = torch.where(finite[:, None, None], jac + shift, eye)
+        lu2, pivots2, _ = torch.linalg.lu_factor_ex(fixed)
+        lu = torch.where(bad[:, None, None], lu2, lu)
+        pivots = torch.where(bad[:, None], pivots2, pivots)
+    return lu, pivots
+
+
+def _low_rank(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, k: int, out: torch.Tensor
+) -> torch.Tensor:
+    """out + Σᵢ leftᵢ (rightᵢ · x) over the first k terms (unused terms are zero)."""
+    if k == 0:
+        return out
+    coef = torch.bmm(right[:, :k], x.unsqueeze(2))  # (B, k, 1)
+    return torch.baddbmm(out.unsqueeze(1), coef.transpose(1, 2), left[:, :k]).squeeze(1)
+
+
+class JacobianModel:
+    """Per-sample J ≈ J₀ + Σ cᵢ sᵢᵀ and its inverse H = J₀⁻¹ + Σ aᵢ bᵢᵀ, updated by Broyden.
+
+    J₀ is an exact Jacobian kept dense with its LU factors (``dense``), or I/h0 (Broyden's start,
+    no Jacobian at all). The rank-one terms are rows of (B, k, n) tensors with a per-sample count,
+    so each sample adds, drops and refreshes its own terms. When a sample's ``memory`` terms are
+    used up, a dense model folds them into J₀ (one O(n³) refactorisation, the model unchanged);
+    an identity model clears them (Broyden's restart). ``inverse_only`` keeps H alone (a line
+    search needs nothing else), halving the memory.
+    """
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        memory: int,
+        *,
+        dense: bool,
+        h0: float = 1.0,
+        inverse_only: bool = False,
+    ) -> None:
+        batch, n = z.shape
+        self.memory = memory
+        self.dense = dense
+        self.h0 = h0
+        self.inverse_only = inverse_only
+        self.jac0: torch.Tensor | None = None
+        self.lu: torch.Tensor | None = None
+        self.pivots: torch.Tensor | None = None
+        kinds = 2 if inverse_only else 4
+        self.terms = torch.zeros(batch, kinds, memory, n, dtype=z.dtype, device=z.device)
+        self.count = torch.zeros(batch, dtype=torch.int64, device=z.device)
+        self.kmax = 0  # an upper bound on every count (terms beyond a row's count are zero)
+        self.uniform = True  # every row holds exactly kmax terms
+
+    # -- rows of terms: c, s (model) and a, b (inverse) ----------------------------------------
+    def _rows(self, kind: Literal["c", "s", "a", "b"]) -> torch.Tensor:
+        offset = {"a": 0, "b": 1} if self.inverse_only else {"c": 0, "s": 1, "a": 2, "b": 3}
+        return self.terms[:, offset[kind]]
+
+    # -- products ------------------------------------------------------------------------------
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """J x."""
+        base = self._j0(x, transpose=False)
+        return _low_rank(x, self._rows("c"), self._rows("s"), self.kmax, base)
+
+    def apply_t(self, x: torch.Tensor) -> torch.Tensor:
+        """Jᵀ x."""
+        base = self._j0(x, transpose=True)
+        return _low_rank(x, self._rows("s"), self._rows("c"), self.kmax, base)
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """H x ≈ J⁻¹ x."""
+        return _low_rank(x, self._rows("a"), self._rows("b"), self.kmax, self._h0(x, False))
+
+    def solve_t(self, x: torch.Tensor) -> torch.Tensor:
+        """Hᵀ x."""
+        return _low_rank(x, self._rows("b"), self._rows("a"), self.kmax, self._h0(x, True))
+
+    def matrix(self) -> torch.Tensor:
+        """J as a dense (B, n, n) tensor (for Levenberg–Marquardt and scaling)."""
+        batch, _, _, n = self.terms.shape
+        if self.jac0 is not None:
+            base = self.jac0
+        else:
+            eye = torch.eye(n, dtype=self.terms.dtype, device=self.terms.device)
+            base = (eye / self.h0).expand(batch, n, n)
+        k = self.kmax
+        if k == 0:
+            return base
+        return torch.baddbmm(base, self._rows("c")[:, :k].transpose(1, 2), self._rows("s")[:, :k])
+
+    def _j0(self, x: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+        if self.jac0 is None:
+            return x / self.h0
+        if transpose:
+            return torch.bmm(x.unsqueeze(1), self.jac0).squeeze(1)
+        return torch.bmm(self.jac0, x.unsqueeze(2)).squeeze(2)
+
+    def _h0(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        if self.lu is None or self.pivots is None:
+            return x * self.h0 if self.h0 != 1.0 else x
+        rhs = x.unsqueeze(2)
+        return torch.linalg.lu_solve(self.lu, self.pivots, rhs, adjoint=transpose).squeeze(2)
+
+    # -- changes -------------------------------------------------------------------------------
+    def set_jacobian(self, rows: torch.Tensor, jac: torch.Tensor) -> None:
+        """Exact Jacobians for the rows in ``rows`` (taken from ``jac``); their terms are dropped."""
+        if bool(rows.all()) or self.jac0 is None:
+            base = (
+                jac.contiguous()
+                if self.jac0 is None
+                else torch.where(rows[:, None, None], jac, self.jac0)
+            )
+            self.jac0 = base.contiguous()
+            self.lu, self.pivots = factor(self.jac0)
+        else:
+            index = rows.nonzero().flatten()
+            self.jac0[index] = jac[index]
+            lu, pivots = factor(self.jac0[index])
+            self.lu[index] = lu  # type: ignore[index]
+            self.pivots[index] = pivots  # type: ignore[index]
+        self.clear(rows)
+
+    def clear(self, rows: torch.Tensor) -> None:
+        """Drop every rank-one term of the rows in ``rows``."""
+        if bool(rows.all()):
+            self.terms.zero_()
+            self.count.zero_()
+            self.kmax = 0
+            self.uniform = True
+            return
+        self.terms = torch.where(rows[:, None, None, None], 0.0, self.terms)
+        self.count = torch.where(rows, torch.zeros_like(self.count), self.count)
+        self.uniform = False
+
+    def append(self, rows: torch.Tensor, **vectors: torch.Tensor) -> None:
+        """Add one rank-one term (c, s, a, b as the model keeps) to each row in ``rows``."""
+        order = ("a", "b") if self.inverse_only else ("c", "s", "a", "b")
+        new = torch.stack([vectors[k] for k in order], dim=1)  # (B, kinds, n)
+        if self.uniform and bool(rows.all()):
+            self.terms[:, :, self.kmax] = new
+            self.count += 1
+            self.kmax += 1
+        else:
+            slots = torch.arange(self.memory, device=self.count.device)
+            hit = (slots[None, :] == self.count[:, None]) & rows[:, None]
+            self.terms = torch.where(hit[:, None, :, None], new[:, :, None, :], self.terms)
+            self.count = self.count + rows.to(self.count.dtype)
+            self.kmax = int(self.count.max())
+            self.uniform = False
+        full = self.count >= self.memory
+        if self.kmax >= self.memory and bool(full.any()):
+            self._fold(full)
+
+    def _fold(self, rows: torch.Tensor) -> None:
+        """Rows whose memory is full: fold the terms into a dense J₀, or clear them."""
+        if self.dense and self.jac0 is not None and not self.inverse_only:
+            k = self.memory
+            folded = torch.baddbmm(
+                self.jac0, self._rows("c")[:, :k].transpose(1, 2), self._rows("s")[:, :k]
+            )
+            self.set_jacobian(rows, folded)
+        else:
+            self.clear(rows)
+
+
+# -- line-search directions ---------------------------------------------------------------------
+
+
+@dataclass
+class Proposal:
+    """A direction per sample and the slope gᵀJ_g d of ½‖g‖² along it."""
+
+    direction: torch.Tensor  # (B, n)
+    slope: torch.Tensor  # (B,), negative for a descent direction
+
+
+class Direction:
+    """How a step direction is found: ``start`` once, then ``propose`` and ``learn`` each step."""
+
+    def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
+        """Allocate what the direction keeps per sample."""
+
+    def propose(
+        self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
+    ) -> Proposal:
+        """The direction and its slope for every sample (rows outside ``active`` are ignored)."""
+        raise NotImplementedError
+
+    def learn(
+        self,
+        z: torch.Tensor,
+        g: torch.Tensor,
+        step: torch.Tensor,
+        g_new: torch.Tensor,
+        accepted: torch.Tensor,
+        active: torch.Tensor,
+    ) -> None:
+        """Take in the last trial: ``step`` from z and g there (``accepted`` or not)."""
+
+    def stuck(self) -> torch.Tensor | None:
+        """Samples this direction gave up on, or None."""
+        return None
+
+
+class NewtonDirection(Direction):
+    """d = −J_g⁻¹ g with a fresh autodiff Jacobian of every running sample, each iteration."""
+
+    def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
+        """Dense Jacobians must fit; nothing else to keep."""
+        problem.check_dense_fits()
+
+    def propose(
+        self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
+    ) -> Proposal:
+        """Solve J d = −g (least squares where J is singular); the slope is gᵀ(J d), exactly."""
+        jac = jacobian_rows(problem, z, active)
+        if not bool(active.all()):
+            # Finished samples have no Jacobian (zeros): give them I and a zero step.
+            eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+            jac = torch.where(active[:, None, None], jac, eye)
+            g = torch.where(active[:, None], g, 0.0)
+        d = -solve_newton(jac, g)
+        jd = torch.bmm(jac, d.unsqueeze(2)).squeeze(2)
+        return Proposal(d, (g * jd).sum(dim=1))
+
+
+class BroydenDirection(Direction):
+    """d = −H g with H ≈ J_g⁻¹ = h0·I plus at most ``memory`` rank-one terms per sample.
+
+    After a trial step s with residual change y (accepted or not: both carry information):
+
+    - good:  H ← H + (s − H y) sᵀH / (sᵀ H y)   (the Jacobian changes least, secant Js = y)
+    - bad:   H ← H + (s − H y) yᵀ / (yᵀ y)        (the inverse changes least)
+
+    An update whose denominator vanishes (relative to its factors) is skipped for that sample.
+    Two line searches in a row without an acceptable step mean the model points the wrong way:
+    the sample's terms are cleared (H = h0·I again); a sample that fails twice more after that is
+    reported as stuck.
+    """
+
+    def __init__(self, memory: int, h0: float, update: str) -> None:
+        self.memory = memory
+        self.h0 = h0
+        self.update = update
+        self.model: JacobianModel | None = None
+        self.fails: torch.Tensor | None = None
+
+    def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
+        """An empty inverse model per sample."""
+        self.model = JacobianModel(z, self.memory, dense=False, h0=self.h0, inverse_only=True)
+        self.fails = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+
+    def propose(
+        self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
+    ) -> Proposal:
+        """d = −H g; the model's own slope is −‖g‖² (gᵀ J_model d with J_model = H⁻¹)."""
+        if self.model is None:
+            raise RuntimeError("BroydenDirection.start was not called")
+        d = -self.model.solve(g)
+        return Proposal(d, -(g * g).sum(dim=1))
+
+    def learn(
+        self,
+        z: torch.Tensor,
+        g: torch.Tensor,
+        step: torch.Tensor,
+        g_new: torch.Tensor,
+        accepted: torch.Tensor,
+        active: torch.Tensor,
+    ) -> None:
+        """Rank-one update from the last trial (step, g_new − g); reset after repeated failures."""
+        model, fails = self.model, self.fails
+        if model is None or fails is None:
+            raise RuntimeError("BroydenDirection.start was not called")
+        dg = g_new - g
+        h_dg = model.solve(dg)
+        if self.update == "good":
+            b = model.solve_t(step)
+            denom = (b * dg).sum(dim=1)
+            scale = row_norms(b) * row_norms(dg)
+        else:
+            b = dg
+            denom = (dg * dg).sum(dim=1)
+            scale = denom
+        ok = (denom.abs() > 1e-12 * scale) & torch.isfinite(denom) & (scale > 0)
+        ok &= torch.isfinite(dg).all(dim=1) & active
+        safe = torch.where(ok, denom, torch.ones_like(denom))
+        a = (step - h_dg) / safe[:, None]
+        fails = torch.where(accepted, torch.zeros_like(fails), fails + active.to(fails.dtype))
+        reset = fails == 2
+        model.append(ok & ~reset, a=a, b=b)
+        if bool(reset.any()):
+            model.clear(reset)
+        self.fails = fails
+
+    def stuck(self) -> torch.Tensor | None:
+        """Samples whose reset model failed twice more."""
+        return None if self.fails is None else self.fails >= 4
+
+
+class KrylovDirection(Direction):
+    """Inexact Newton: GMRES on J_g d = −g to ‖J_g d + g‖ ≤ η‖g‖, with JVPs only.
+
+    Forcing (``ew``, Eisenstat–Walker choice 2): η_{k+1} = 0.9 (‖g_{k+1}‖/‖g_k‖)², safeguarded by
+    0.9 η_k² when that exceeds 0.1, capped at ``eta_max``; ``constant`` keeps η = ``eta``.
+    """
+
+    def __init__(self, krylov_dim: int, forcing: str, eta: float, eta_max: float) -> None:
+        self.krylov_dim = krylov_dim
+        self.forcing = forcing
+        self.eta0 = eta
+        self.eta_max = eta_max
+        self.eta: torch.Tensor | None = None
+        self.inner = 0
+
+    def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
+        """Every sample starts with forcing term ``eta``."""
+        self.eta = torch.full((z.shape[0],), self.eta0, dtype=z.dtype, device=z.device)
+
+    def propose(
+        self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
+    ) -> Proposal:
+        """One GMRES cycle of at most ``krylov_dim`` JVPs (counted), from d = 0.
+
+        The slope bound: gᵀJd = −‖g‖² + gᵀr ≤ −(1 − ρ)‖g‖² with ρ = ‖J d + g‖/‖g‖ reached.
+        """
+        if self.eta is None:
+            raise RuntimeError("KrylovDirection.start was not called")
+        op = jacobian_operator(problem, z).with_active(active)
+        res = gmres(
+            op,
+            -g,
+            rtol=self.eta,
+            restart=self.krylov_dim,
+            max_matvecs=self.krylov_dim,
+            active=active,
+            true_residual=False,
+        )
+        self.inner = int(res.iterations.max()) if res.iterations.numel() else 0
+        reached = torch.clamp(res.residual, max=1.0)
+        slope = -(1 - reached) * (g * g).sum(dim=1)
+        return Proposal(res.x, slope)
+
+    def learn(
+        self,
+        z: torch.Tensor,
+        g: torch.Tensor,
+        step: torch.Tensor,
+        g_new: torch.Tensor,
+        accepted: torch.Tensor,
+        active: torch.Tensor,
+    ) -> None:
+        """Update the forcing term from the residual reduction of this iteration."""
+        if self.forcing != "ew" or self.eta is None:
+            return
+        old = row_norms(g)
+        ratio = row_norms(g_new) / old.clamp_min(torch.finfo(old.dtype).tiny)
+        eta = 0.9 * ratio.square()
+        floor = 0.9 * self.eta.square()
+        eta = torch.where(floor > 0.1, torch.maximum(eta, floor), eta)
+        eta = torch.nan_to_num(eta, nan=self.eta_max).clamp(max=self.eta_max)
+        # A rejected step leaves z where it was: a tighter solve gives a truer Newton direction.
+        tighter = torch.clamp_min(0.1 * self.eta, torch.finfo(eta.dtype).eps)
+        self.eta = torch.where(accepted, eta, tighter)

@@ -1,0 +1,548 @@
+"""The Newton-type methods: a direction (``directions.py``) paired with a globalisation.
+
+- ``LineSearchMethod``: any direction × the capped backtracking line search (or none).
+- ``TrustRegionMethod``: a Jacobian model × Powell's dogleg trust region, step for step the
+  rules of MINPACK's hybrj, per sample.
+- ``LevenbergMarquardtMethod``: exact Jacobians × Levenberg–Marquardt damping.
+
+The presets are thin: ``NewtonMethod`` is NewtonDirection × line search, ``BroydenMethod`` is
+BroydenDirection × line search, ``NewtonKrylovMethod`` is KrylovDirection × line search; a
+preset's ``globalisation`` option picks another pairing (``NewtonMethod``, ``BroydenMethod``). Every per-sample
+quantity (radius, damping, failure counters, Jacobian refreshes, model terms) is per sample, so a
+batch of B problems follows, sample by sample, the path each would follow alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from deqcli.solvers.base import Method, State
+from deqcli.solvers.directions import (
+    BroydenDirection,
+    Direction,
+    JacobianModel,
+    KrylovDirection,
+    NewtonDirection,
+    cap_steps,
+    jacobian_rows,
+    row_norms,
+)
+from deqcli.solvers.globalisation import (
+    Factored,
+    damped_step,
+    dogleg,
+    factor_scaled,
+    line_search,
+)
+
+if TYPE_CHECKING:
+    from deqcli.problems.base import Problem
+    from deqcli.result import SolveResult
+    from deqcli.solvers.base import Solver
+
+# hybrj's constants: a step is accepted when its ratio of actual to predicted reduction reaches
+# ACCEPT; below POOR it counts as a failure (the radius halves; two in a row refresh J).
+ACCEPT = 1e-4
+POOR = 0.1
+
+
+def _running(state: State) -> torch.Tensor:
+    if state.active is not None:
+        return state.active
+    return torch.ones(state.z.shape[0], dtype=torch.bool, device=state.z.device)
+
+
+def _column_norms(jac: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(jac, dim=1)
+
+
+def _initial_scaling(jac: torch.Tensor, scaling: str) -> torch.Tensor:
+    """MINPACK's mode 1: D = the column norms of J (a zero or non-finite norm counts as 1)."""
+    norms = _column_norms(jac)
+    if scaling == "none":
+        return torch.ones_like(norms)
+    return torch.where((norms == 0) | ~torch.isfinite(norms), torch.ones_like(norms), norms)
+
+
+def _refresh_rows(
+    problem: Problem, state: Any, scaling: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fresh Jacobians for the running samples flagged ``refresh``; D grows to their column norms.
+
+    Returns the mask of refreshed samples and their Jacobians (None when there were none).
+    """
+    fresh = _running(state) & state.refresh
+    if not bool(fresh.any()):
+        return fresh, None
+    jac = jacobian_rows(problem, state.z, fresh)
+    if scaling == "jacobian":
+        grown = torch.maximum(state.diag, _column_norms(jac))
+        state.diag = torch.where(fresh[:, None], grown, state.diag)
+    state.refresh = state.refresh & ~fresh
+    state.jacobians = state.jacobians + fresh.to(state.jacobians.dtype)
+    return fresh, jac
+
+
+# -- direction × line search ----------------------------------------------------------------------
+
+
+@dataclass
+class LineSearchState(State):
+    """Iterate and residual plus the last few values of ½‖g‖² (the non-monotone reference)."""
+
+    recent: torch.Tensor  # (B, window)
+
+
+class LineSearchMethod(Method):
+    """A direction, capped at step_max·max(‖z‖, √n), then the Armijo line search on ½‖g‖².
+
+    With ``globalisation: none`` the capped step is taken as it is. A sample whose line search
+    finds no acceptable step stays where it was; the direction decides what to do about it (a
+    Newton direction repeats, which the driver's history shows as a stall; Broyden resets its
+    model and reports the sample stuck if that fails too).
+    """
+
+    window = 1
+
+    def __init__(self, options: Solver) -> None:
+        super().__init__(options)
+        self.direction: Direction = self.make_direction()
+
+    def make_direction(self) -> Direction:
+        """The direction this preset pairs with the line search."""
+        raise NotImplementedError
+
+    def init(self, problem: Problem, z0: torch.Tensor) -> LineSearchState:
+        """Evaluate g(z0) and start the direction."""
+        g0 = problem.g(z0)
+        self.direction.start(problem, z0, g0)
+        phi0 = 0.5 * g0.square().sum(dim=1)
+        window = getattr(self.options, "window", self.window)
+        return LineSearchState(z=z0, g=g0, recent=phi0[:, None].repeat(1, window))
+
+    def step(self, problem: Problem, state: LineSearchState) -> LineSearchState:  # type: ignore[override]
+        """Propose, cap, search, learn."""
+        o: Any = self.options
+        active = _running(state)
+        proposal = self.direction.propose(problem, state.z, state.g, active)
+        d, scale = cap_steps(state.z, proposal.direction, o.step_max)
+        if o.effective_globalisation() == "none":
+            z_new = state.z + d
+            g_new = problem.g(z_new)
+            accepted = active & torch.isfinite(g_new).all(dim=1)
+            step, g_trial = d, g_new
+        else:
+            search = line_search(
+                problem,
+                state.z,
+                state.g,
+                d,
+                proposal.slope * scale,
+                c=o.c,
+                max_backtracks=o.max_backtracks,
+                active=active,
+                reference=state.recent.amax(dim=1),
+            )
+            z_new, g_new, accepted = search.z, search.g, search.accepted
+            step, g_trial = search.step, search.g_trial
+        self.direction.learn(state.z, state.g, step, g_trial, accepted, active)
+        if state.recent.shape[1] > 1:
+            state.recent = torch.roll(state.recent, 1, dims=1)
+        state.recent[:, 0] = 0.5 * g_new.square().sum(dim=1)
+        state.z, state.g = z_new, g_new
+        return state
+
+    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
+        """Samples the direction gave up on (Broyden: its reset model failed too)."""
+        mask = self.direction.stuck()
+        return None if mask is None else mask & active
+
+
+class NewtonLineSearch(LineSearchMethod):
+    """newton × line search."""
+
+    def make_direction(self) -> NewtonDirection:
+        """The exact Newton direction."""
+        return NewtonDirection()
+
+
+class BroydenLineSearch(LineSearchMethod):
+    """broyden × line search (non-monotone over ``window`` iterations)."""
+
+    def make_direction(self) -> BroydenDirection:
+        """Broyden's good or bad inverse update."""
+        o: Any = self.options
+        return BroydenDirection(o.memory, o.h0, o.update)
+
+
+class NewtonKrylovMethod(LineSearchMethod):
+    """newton-krylov: KrylovDirection × line search."""
+
+    def make_direction(self) -> KrylovDirection:
+        """GMRES on JVPs with the configured forcing."""
+        o: Any = self.options
+        return KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max)
+
+
+def NewtonMethod(options: Solver) -> Method:
+    """newton with its ``globalisation``: line search (default), trust region, LM or none."""
+    chosen = options.effective_globalisation()  # type: ignore[attr-defined]
+    if chosen == "trust-region":
+        return TrustRegionMethod(options)
+    if chosen == "levenberg-marquardt":
+        return LevenbergMarquardtMethod(options)
+    return NewtonLineSearch(options)
+
+
+def BroydenMethod(options: Solver) -> Method:
+    """broyden with its ``globalisation``: line search (default), trust region or none."""
+    if options.effective_globalisation() == "trust-region":  # type: ignore[attr-defined]
+        return TrustRegionMethod(options)
+    return BroydenLineSearch(options)
+
+
+# -- Jacobian model × dogleg trust region (Powell's hybrid, hybrj) --------------------------------
+
+
+@dataclass
+class TrustRegionState(State):
+    """Per-sample model, scaling, radius and hybrj's counters."""
+
+    model: JacobianModel
+    diag: torch.Tensor  # (B, n) the scaling D
+    radius: torch.Tensor  # (B,) Δ, a bound on ‖D p‖
+    ncsuc: torch.Tensor  # (B,) consecutive successful steps (ratio ≥ 0.1)
+    ncfail: torch.Tensor  # (B,) consecutive failures (ratio < 0.1)
+    nslow1: torch.Tensor  # (B,) iterations since the residual last fell by 0.1 % (of ‖g‖²)
+    nslow2: torch.Tensor  # (B,) Jacobians since it last fell by 10 %
+    jeval: torch.Tensor  # (B,) this step uses a Jacobian evaluated at z
+    first: torch.Tensor  # (B,) no step accepted yet (hybrj's iter == 1)
+    refresh: torch.Tensor  # (B,) take a fresh Jacobian before the next step
+    stuck: torch.Tensor  # (B,) hybrj would stop here (info 3, 4 or 5)
+    why: torch.Tensor  # (B,) which test: 0 none, 3 radius at rounding level, 4 and 5 slow
+    jacobians: torch.Tensor  # (B,) Jacobians taken
+
+
+class TrustRegionMethod(Method):
+    """Powell's hybrid method on g(z) = 0, per sample, with hybrj's rules.
+
+    Each step minimises the linear model ‖g + J p‖ on the dogleg path within ‖D p‖ ≤ Δ. With
+    ratio = (actual reduction)/(predicted reduction) of ‖g‖², both scaled by ‖g‖² as hybrj does:
+
+    - ratio < 0.1: a failure; Δ ← Δ/2. Otherwise a success; Δ ← max(Δ, 2‖Dp‖) when ratio ≥ 0.5
+      or after two successes in a row, and Δ = 2‖Dp‖ when |ratio − 1| ≤ 0.1.
+    - ratio ≥ 10⁻⁴: the step is accepted. Until the first acceptance, Δ ≤ ‖D p‖.
+    - Two failures in a row: a fresh Jacobian before the next step. Otherwise the model takes the
+      scaled good-Broyden update J ← J + (y − Jp)(D²p)ᵀ/‖Dp‖², accepted step or not.
+    - Scaling (``scaling: jacobian``): D holds the column norms of the first Jacobian and then the
+      largest seen at each fresh Jacobian (MINPACK's mode 1); Δ₀ = factor·‖D z₀‖ (or factor).
+    - Stop (reported to the driver as stalled): the radius fell to rounding level relative to
+      ‖D z‖ (hybrj's info 3), five Jacobians in a row without a 10 % fall of ‖g‖² (info 4), or
+      ten iterations without a 0.1 % fall (info 5).
+
+    ``update: exact`` takes a fresh Jacobian after every accepted step (newton × trust region).
+    The Broyden preset (``broyden`` with ``globalisation: trust-region``) starts from J = I/h0,
+    never evaluates a Jacobian, and uses D = I.
+    """
+
+    def __init__(self, options: Solver) -> None:
+        super().__init__(options)
+        o: Any = options
+        self.broyden_only = options.name == "broyden"
+        self.update = "broyden" if self.broyden_only else getattr(o, "update", "exact")
+        self.memory = getattr(o, "memory", 50)
+        self.scaling = "none" if self.broyden_only else o.scaling
+        self.factor = o.factor
+        self.h0 = getattr(o, "h0", 1.0)
+
+    def init(self, problem: Problem, z0: torch.Tensor) -> TrustRegionState:
+        """Residual (and Jacobian) at z0, scaling and the starting radii."""
+        batch = z0.shape[0]
+        zeros = torch.zeros(batch, dtype=torch.int64, device=z0.device)
+        flags = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        if self.broyden_only:
+            g0 = problem.g(z0)
+            model = JacobianModel(z0, self.memory, dense=False, h0=self.h0)
+            diag = torch.ones_like(z0)
+            jacobians = zeros.clone()
+        else:
+            problem.check_dense_fits()
+            g0, jac = problem.jacobian(z0)
+            model = JacobianModel(z0, self.memory, dense=True)
+            model.set_jacobian(~flags, jac)
+            diag = _initial_scaling(jac, self.scaling)
+            jacobians = zeros + 1
+        radius = self._initial_radius(diag, z0)
+        return TrustRegionState(
+            z=z0,
+            g=g0,
+            model=model,
+            diag=diag,
+            radius=radius,
+            ncsuc=zeros.clone(),
+            ncfail=zeros.clone(),
+            nslow1=zeros.clone(),
+            nslow2=zeros.clone(),
+            jeval=~flags,
+            first=~flags,
+            refresh=flags.clone(),
+            stuck=flags.clone(),
+            why=zeros.clone(),
+            jacobians=jacobians,
+        )
+
+    def _initial_radius(self, diag: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        radius = self.factor * row_norms(diag * z)
+        return torch.where(radius == 0, torch.full_like(radius, self.factor), radius)
+
+    def observe(self, state: TrustRegionState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
+        """Samples hybrj would stop: no further progress possible or made."""
+        return state.stuck & active
+
+    def step(self, problem: Problem, state: TrustRegionState) -> TrustRegionState:  # type: ignore[override]
+        """One dogleg step per sample with hybrj's radius, acceptance and refresh rules."""
+        s = state
+        active = _running(s)
+        eps = torch.finfo(s.z.dtype).eps
+        tiny = torch.finfo(s.z.dtype).tiny
+        fresh, jac = _refresh_rows(problem, s, self.scaling)
+        if jac is not None:
+            s.model.set_jacobian(fresh, jac)
+            # Until a first step is accepted, a fresh Jacobian starts over as at z₀ (hybrj's
+            # iter == 1): scaling from this Jacobian alone and Δ = factor·‖D z‖.
+            again = fresh & s.first
+            if bool(again.any()):
+                s.diag = torch.where(again[:, None], _initial_scaling(jac, self.scaling), s.diag)
+                s.radius = torch.where(again, self._initial_radius(s.diag, s.z), s.radius)
+            s.jeval = s.jeval | fresh
+
+        model = s.model
+        newton = -model.solve(s.g)
+        grad = model.apply_t(s.g)
+        j_dir = model.apply(grad / s.diag.square())
+        p = dogleg(newton, grad, j_dir, s.diag, s.radius)
+        pnorm = row_norms(s.diag * p)
+        radius = torch.where(s.first, torch.minimum(s.radius, pnorm), s.radius)
+
+        z_try = s.z + p
+        g_try = problem.g(z_try)
+        fnorm = row_norms(s.g)
+        fnorm1 = row_norms(g_try)
+        safe_f = fnorm.clamp_min(tiny)
+        actred = torch.where(fnorm1 < fnorm, 1 - (fnorm1 / safe_f).square(), -1.0)
+        j_p = model.apply(p)
+        temp = row_norms(s.g + j_p)
+        prered = torch.where(temp < fnorm, 1 - (temp / safe_f).square(), 0.0)
+        ratio = torch.where(prered > 0, actred / prered.clamp_min(tiny), 0.0)
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+
+        success = ratio >= POOR
+        ncfail = torch.where(success, torch.zeros_like(s.ncfail), s.ncfail + 1)
+        ncsuc = torch.where(success, s.ncsuc + 1, torch.zeros_like(s.ncsuc))
+        grown = torch.where(
+            success & ((ratio >= 0.5) | (ncsuc > 1)), torch.maximum(radius, 2 * pnorm), radius
+        )
+        grown = torch.where(success & ((ratio - 1).abs() <= POOR), 2 * pnorm, grown)
+        radius = torch.where(success, grown, 0.5 * radius)
+        accept = (ratio >= ACCEPT) & torch.isfinite(fnorm1)
+
+        nslow1 = torch.where(actred >= 1e-3, torch.zeros_like(s.nslow1), s.nslow1 + 1)
+        nslow2 = torch.where(s.jeval, s.nslow2 + 1, s.nslow2)
+        nslow2 = torch.where(actred >= POOR, torch.zeros_like(nslow2), nslow2)
+
+        keep = accept[:, None]
+        z_new = torch.where(keep, z_try, s.z)
+        g_new = torch.where(keep, g_try, s.g)
+        xnorm = row_norms(s.diag * z_new)
+        tiny_radius = POOR * torch.maximum(POOR * radius, pnorm) <= eps * xnorm
+        why = torch.where(
+            tiny_radius, 3, torch.where(nslow2 >= 5, 4, torch.where(nslow1 >= 10, 5, 0))
+        )
+        newly = active & (why > 0) & ~s.stuck
+        s.why = torch.where(newly, why, s.why)
+        s.stuck = s.stuck | newly
+
+        if self.update == "exact":
+            need = active & accept
+        else:
+            # A Broyden-only model has no Jacobian to refresh: it keeps learning from every step.
+            need = active & (ncfail == 2) & (not self.broyden_only)
+            self._broyden_update(
+                s, p, g_try - s.g, j_p, active & ~need & torch.isfinite(g_try).all(dim=1)
+            )
+        s.refresh = s.refresh | need
+        s.jeval = s.jeval & ~active
+        s.first = s.first & ~accept
+        s.radius = torch.where(active, radius, s.radius)
+        s.ncsuc = torch.where(active, ncsuc, s.ncsuc)
+        s.ncfail = torch.where(active, ncfail, s.ncfail)
+        s.nslow1 = torch.where(active, nslow1, s.nslow1)
+        s.nslow2 = torch.where(active, nslow2, s.nslow2)
+        s.z, s.g = z_new, g_new
+        return s
+
+    def _broyden_update(
+        self,
+        s: TrustRegionState,
+        p: torch.Tensor,
+        dg: torch.Tensor,
+        j_p: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> None:
+        """J ← J + (y − Jp)wᵀ/(wᵀp) with w = D²p; H by Sherman–Morrison, or refactored if that fails."""
+        model = s.model
+        w = s.diag.square() * p
+        wp = (w * p).sum(dim=1)
+        h_dg = model.solve(dg)
+        b = model.solve_t(w)
+        denom = (b * dg).sum(dim=1)
+        scale = row_norms(b) * row_norms(dg)
+        usable = rows & (wp > 0) & torch.isfinite(wp)
+        inverse_ok = usable & (denom.abs() > 1e-12 * scale) & torch.isfinite(denom)
+        one = torch.ones_like(wp)
+        c = (dg - j_p) / torch.where(usable, wp, one)[:, None]
+        a = (p - h_dg) / torch.where(inverse_ok, denom, one)[:, None]
+        model.append(inverse_ok, c=c, s=w, a=a, b=b)
+        # Where the inverse update breaks down the updated J is (nearly) singular: keep J exact by
+        # folding the update into a dense J₀ and refactoring (a shifted LU keeps H finite).
+        broken = usable & ~inverse_ok
+        if bool(broken.any()) and model.dense:
+            updated = model.matrix() + c[:, :, None] * w[:, None, :]
+            model.set_jacobian(broken, updated)
+
+    def finish(self, state: TrustRegionState, result: SolveResult) -> None:  # type: ignore[override]
+        """Jacobians per sample and hybrj's reason for the samples it stopped."""
+        reasons = {
+            3: "the trust radius fell to rounding level relative to ‖D z‖",
+            4: "five Jacobians in a row without a 10 % fall of ‖g‖²",
+            5: "ten iterations in a row without a 0.1 % fall of ‖g‖²",
+        }
+        why = state.why.tolist()
+        result.extra["trust_region"] = {
+            "jacobians": state.jacobians.tolist(),
+            "radius": state.radius.tolist(),
+            "stopped": [reasons.get(w) for w in why],
+        }
+        stopped = [b for b, w in enumerate(why) if w and result.sample_status[b].value == "stalled"]
+        if stopped:
+            shown = ", ".join(f"{b} ({reasons[why[b]]})" for b in stopped[:4])
+            more = ", …" if len(stopped) > 4 else ""
+            result.notes.append(f"trust-region stopped sample(s) {shown}{more}")
+
+
+# -- exact Jacobians × Levenberg–Marquardt --------------------------------------------------------
+
+
+@dataclass
+class LevenbergMarquardtState(State):
+    """Per-sample Jacobian, its scaled SVD, scaling and damping."""
+
+    jac: torch.Tensor  # (B, n, n)
+    u: torch.Tensor
+    sigma: torch.Tensor
+    vh: torch.Tensor
+    diag: torch.Tensor  # (B, n)
+    lam: torch.Tensor  # (B,)
+    nu: torch.Tensor  # (B,)
+    refresh: torch.Tensor  # (B,)
+    nslow: torch.Tensor  # (B,)
+    stuck: torch.Tensor  # (B,)
+    jacobians: torch.Tensor  # (B,)
+
+
+class LevenbergMarquardtMethod(Method):
+    """Levenberg–Marquardt on ½‖g‖², per sample, with Nielsen's damping update.
+
+    The step minimises ‖g + J p‖² + λ‖D p‖²; it is computed from the SVD of J D⁻¹ (once per
+    Jacobian; each λ then costs O(n²)), so a singular or rank-deficient J needs no special case:
+    for square systems this is the robust fallback where Newton's J is singular. With
+    ρ = (actual reduction)/(predicted reduction) of ½‖g‖²: ρ > 10⁻⁴ accepts the step (a fresh
+    Jacobian follows) and λ ← λ·max(⅓, 1 − (2ρ − 1)³); otherwise λ ← λ·ν, ν ← 2ν (ν = 2 after each
+    acceptance). λ₀ = ``damping``·σ_max(J D⁻¹)². D as in the trust region (``scaling``).
+    A sample stops (stalled) when a rejected step is at rounding level relative to ‖D z‖, or
+    after twenty accepted steps in a row that each reduced ‖g‖² by less than 0.1 %.
+    """
+
+    def init(self, problem: Problem, z0: torch.Tensor) -> LevenbergMarquardtState:
+        """Residual, Jacobian, scaling, SVD and the first damping at z0."""
+        o: Any = self.options
+        problem.check_dense_fits()
+        g0, jac = problem.jacobian(z0)
+        diag = _initial_scaling(jac, o.scaling)
+        fact = factor_scaled(jac, diag)
+        top = fact.sigma[:, 0].square()
+        lam = o.damping * torch.where(top > 0, top, torch.ones_like(top))
+        batch = z0.shape[0]
+        zeros = torch.zeros(batch, dtype=torch.int64, device=z0.device)
+        flags = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        return LevenbergMarquardtState(
+            z=z0,
+            g=g0,
+            jac=jac,
+            u=fact.u,
+            sigma=fact.sigma,
+            vh=fact.vh,
+            diag=diag,
+            lam=lam,
+            nu=torch.full_like(lam, 2.0),
+            refresh=flags.clone(),
+            nslow=zeros.clone(),
+            stuck=flags.clone(),
+            jacobians=zeros + 1,
+        )
+
+    def observe(self, state: LevenbergMarquardtState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
+        """Samples whose steps fell to rounding level, or that stopped making progress."""
+        return state.stuck & active
+
+    def step(self, problem: Problem, state: LevenbergMarquardtState) -> LevenbergMarquardtState:  # type: ignore[override]
+        """One damped step per sample and the damping update."""
+        o: Any = self.options
+        s = state
+        active = _running(s)
+        eps = torch.finfo(s.z.dtype).eps
+        tiny = torch.finfo(s.z.dtype).tiny
+        fresh, jac = _refresh_rows(problem, s, o.scaling)
+        if jac is not None:
+            s.jac = torch.where(fresh[:, None, None], jac, s.jac)
+            index = fresh.nonzero().flatten()
+            part = factor_scaled(s.jac[index], s.diag[index])
+            s.u[index], s.sigma[index], s.vh[index] = part.u, part.sigma, part.vh
+
+        p = damped_step(Factored(s.u, s.sigma, s.vh), s.diag, s.g, s.lam)
+        g_try = problem.g(s.z + p)
+        phi0 = 0.5 * s.g.square().sum(dim=1)
+        phi1 = 0.5 * g_try.square().sum(dim=1)
+        j_p = torch.bmm(s.jac, p.unsqueeze(2)).squeeze(2)
+        predicted = phi0 - 0.5 * (s.g + j_p).square().sum(dim=1)
+        rho = (phi0 - phi1) / predicted.clamp_min(tiny)
+        rho = torch.where(torch.isfinite(rho) & (predicted > 0), rho, torch.full_like(rho, -1.0))
+        accept = (rho > ACCEPT) & torch.isfinite(phi1) & active
+
+        shrink = torch.clamp_min(1 - (2 * rho - 1).pow(3), 1 / 3)
+        lam = torch.where(accept, s.lam * shrink, s.lam * s.nu)
+        nu = torch.where(accept, torch.full_like(s.nu, 2.0), 2 * s.nu)
+        relative = (phi0 - phi1) / phi0.clamp_min(tiny)
+        nslow = torch.where(
+            accept & (relative < 1e-3), s.nslow + 1, torch.where(accept, 0, s.nslow)
+        )
+        z_new = torch.where(accept[:, None], s.z + p, s.z)
+        tiny_step = ~accept & (POOR * row_norms(s.diag * p) <= eps * row_norms(s.diag * z_new))
+        s.stuck = s.stuck | (active & (tiny_step | (nslow >= 20)))
+        s.lam = torch.where(active, lam.clamp(max=torch.finfo(lam.dtype).max / 4), s.lam)
+        s.nu = torch.where(active, nu.clamp(max=2.0**60), s.nu)
+        s.nslow = torch.where(active, nslow, s.nslow)
+        s.refresh = s.refresh | accept
+        s.g = torch.where(accept[:, None], g_try, s.g)
+        s.z = z_new
+        return s
+
+    def finish(self, state: LevenbergMarquardtState, result: SolveResult) -> None:  # type: ignore[override]
+        """Jacobians and the final damping per sample."""
+        result.extra["levenberg_marquardt"] = {
+            "jacobians": state.jacobians.tolist(),
+            "damping": state.lam.tolist(),
+        }

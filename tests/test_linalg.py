@@ -1,0 +1,331 @@
+"""The linear-operator layer: operators against dense algebra, GMRES against scipy, Krylov spectra
+against exact eigenvalues and singular values."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+import torch
+
+from deqcli.linalg import (
+    DenseOperator,
+    FunctionOperator,
+    Linearisation,
+    NormalOperator,
+    ShiftedOperator,
+    arnoldi,
+    gmres,
+    jacobian_operator,
+    ritz_values,
+    sigma_max,
+    sigma_min,
+)
+from deqcli.problems.base import Problem
+from deqcli.problems.tanh_layer import tanh_layer_map
+
+F64 = torch.float64
+
+
+def _random(rows: int, n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(rows, n, n, generator=gen, dtype=F64)
+
+
+# -- ill-conditioned test systems (condition 1e4 – 1e6) --------------------------------------------
+
+
+def _convection_diffusion(n: int, eps: float) -> np.ndarray:
+    """Upwind 1-D convection–diffusion: non-symmetric, condition ~1e4 for these sizes."""
+    h = 1.0 / (n + 1)
+    main = (2 * eps / h**2 + 1 / h) * np.ones(n)
+    lower = (-eps / h**2 - 1 / h) * np.ones(n - 1)
+    upper = (-eps / h**2) * np.ones(n - 1)
+    return np.diag(main) + np.diag(lower, -1) + np.diag(upper, 1)
+
+
+def _laplacian(n: int) -> np.ndarray:
+    return 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+
+
+def _graded(n: int, cond: float, seed: int) -> np.ndarray:
+    """S D S⁻¹: eigenvalues log-spaced in [1/cond, 1], a mildly non-normal eigenbasis S."""
+    rng = np.random.default_rng(seed)
+    s = np.eye(n) + 0.1 * rng.standard_normal((n, n)) / math.sqrt(n)
+    d = np.logspace(0, -math.log10(cond), n)
+    return s @ np.diag(d) @ np.linalg.inv(s)
+
+
+SYSTEMS = {
+    "convection-diffusion": _convection_diffusion(300, 0.1),
+    "laplacian": _laplacian(200),
+    "graded-1e5": _graded(120, 1e5, 0),
+    "graded-1e6": _graded(120, 1e6, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+@pytest.mark.parametrize(("restart", "cycles"), [(20, 5), (30, 10), (60, 20)])
+def test_gmres_reaches_what_scipy_reaches_with_the_same_restart_and_budget(
+    name: str, restart: int, cycles: int
+) -> None:
+    a = SYSTEMS[name]
+    cond = np.linalg.cond(a)
+    assert 1e4 <= cond <= 1e7
+    n = a.shape[0]
+    b = np.random.default_rng(7).standard_normal(n)
+    calls = [0]
+
+    def counted(v: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return a @ v
+
+    op = sla.LinearOperator((n, n), matvec=counted, dtype=float)
+    x_ref, _ = sla.gmres(op, b, rtol=1e-12, atol=0.0, restart=restart, maxiter=cycles)
+    theirs = np.linalg.norm(b - a @ x_ref) / np.linalg.norm(b)
+    res = gmres(
+        DenseOperator(torch.tensor(a)[None]),
+        torch.tensor(b)[None],
+        rtol=1e-12,
+        restart=restart,
+        max_matvecs=calls[0],
+    )
+    ours = np.linalg.norm(b - a @ res.x[0].numpy()) / np.linalg.norm(b)
+    assert res.matvecs <= calls[0]
+    # Both run the same algorithm; rounding in the last digits may fall either way.
+    assert ours <= theirs * (1 + 1e-6) + 1e-15
+    # The reported residual is the true one, up to the rounding in b − A x (ε·‖A‖‖x‖).
+    rounding = 64 * np.finfo(float).eps * np.linalg.norm(a, 2) * np.linalg.norm(x_ref)
+    assert float(res.residual[0]) == pytest.approx(ours, rel=1e-8, abs=rounding / np.linalg.norm(b))
+
+
+def test_gmres_converges_on_an_ill_conditioned_system_where_halving_per_cycle_fails() -> None:
+    # The 1-D Laplacian (n = 100, condition 4.1e3) with GMRES(20): the second restart cycle
+    # reduces the residual by far less than half (a rule that gives up there stops at 0.64),
+    # yet continuing reaches 1e-8.
+    a = torch.tensor(_laplacian(100))[None]
+    b = torch.ones(1, 100, dtype=F64)
+    op = DenseOperator(a)
+    first = gmres(op, b, rtol=1e-8, restart=20, max_matvecs=21)
+    second = gmres(op, b, x0=first.x, rtol=1e-8, restart=20, max_matvecs=21)
+    assert float(second.residual[0]) > 0.5 * float(first.residual[0])
+    res = gmres(op, b, rtol=1e-8, restart=20, max_matvecs=5000)
+    assert bool(res.converged[0]) and not bool(res.stagnated[0])
+    true = torch.linalg.vector_norm(b - (a @ res.x[..., None])[..., 0]) / torch.linalg.vector_norm(
+        b
+    )
+    assert float(true) <= 1e-8
+
+
+def test_gmres_rows_are_independent_and_converge_on_their_own() -> None:
+    n = 12
+    mats = torch.eye(n, dtype=F64) + 0.4 * _random(5, n, 0) / math.sqrt(n)
+    mats[1] = torch.eye(n, dtype=F64)  # converges in one step
+    rhs = torch.randn(5, n, generator=torch.Generator().manual_seed(1), dtype=F64)
+    rhs[2] = 0.0  # a zero right-hand side has the zero solution
+    res = gmres(DenseOperator(mats), rhs, rtol=1e-12, restart=50)
+    torch.testing.assert_close(res.x, torch.linalg.solve(mats, rhs), rtol=1e-9, atol=1e-10)
+    assert res.iterations.tolist()[1] == 1 and res.iterations.tolist()[2] == 0
+    assert bool(res.converged.all())
+    for r in range(5):
+        alone = gmres(DenseOperator(mats[r : r + 1]), rhs[r : r + 1], rtol=1e-12, restart=50)
+        torch.testing.assert_close(alone.x[0], res.x[r], rtol=1e-10, atol=1e-12)
+        assert int(alone.iterations[0]) == int(res.iterations[r])
+
+
+def test_gmres_is_scale_invariant() -> None:
+    # The same system scaled by 1e-8 or 1e8 takes the same steps: every test is relative.
+    a = torch.eye(30, dtype=F64) + 0.3 * _random(1, 30, 2) / math.sqrt(30)
+    b = torch.randn(1, 30, generator=torch.Generator().manual_seed(3), dtype=F64)
+    runs = [gmres(DenseOperator(s * a), b, rtol=1e-10, restart=8) for s in (1e-8, 1.0, 1e8)]
+    steps = {int(r.iterations[0]) for r in runs}
+    assert len(steps) == 1
+    for s, r in zip((1e-8, 1.0, 1e8), runs, strict=True):
+        torch.testing.assert_close(r.x * s, runs[1].x, rtol=1e-7, atol=0.0)
+
+
+def test_gmres_breakdown_on_an_invariant_subspace_is_exact() -> None:
+    # b lies in a 3-dimensional invariant subspace of A: GMRES finishes in 3 steps, exactly.
+    q, _ = torch.linalg.qr(_random(1, 10, 4)[0])
+    a = q @ torch.diag(torch.linspace(1, 10, 10, dtype=F64)) @ q.T
+    b = (q[:, :3] @ torch.tensor([1.0, -2.0, 0.5], dtype=F64))[None]
+    res = gmres(DenseOperator(a[None]), b, rtol=1e-14, restart=10)
+    assert int(res.iterations[0]) == 3
+    torch.testing.assert_close(res.x[0], torch.linalg.solve(a, b[0]), rtol=1e-12, atol=1e-13)
+
+
+def test_gmres_right_preconditioner_cuts_the_iterations() -> None:
+    # Diagonal scaling of a badly scaled system: Jacobi as a right preconditioner.
+    n = 40
+    d = torch.logspace(0, 6, n, dtype=F64)
+    a = torch.diag(d) + 0.01 * _random(1, n, 5)[0] * d[None, :]
+    b = torch.ones(1, n, dtype=F64)
+    plain = gmres(DenseOperator(a[None]), b, rtol=1e-10, restart=n, max_matvecs=200)
+    pre = gmres(
+        DenseOperator(a[None]), b, rtol=1e-10, restart=n, max_matvecs=200, precond=lambda v: v / d
+    )
+    assert bool(pre.converged[0])
+    assert int(pre.iterations[0]) < int(plain.iterations[0])
+    torch.testing.assert_close(pre.x[0], torch.linalg.solve(a, b[0]), rtol=1e-8, atol=0.0)
+
+
+def test_gmres_leaves_inactive_and_non_finite_rows_alone() -> None:
+    a = torch.eye(4, dtype=F64).expand(3, 4, 4).clone() * 2
+    b = torch.ones(3, 4, dtype=F64)
+    b[2, 0] = math.nan
+    active = torch.tensor([True, False, True])
+    res = gmres(DenseOperator(a), b, rtol=1e-12, active=active)
+    torch.testing.assert_close(res.x[0], b[0] / 2)
+    assert float(res.x[1].abs().max()) == 0.0  # not iterated
+    assert not math.isfinite(float(res.residual[2])) and res.matvecs < 10
+
+
+def test_gmres_per_row_tolerances() -> None:
+    a = torch.eye(20, dtype=F64) + 0.5 * _random(2, 20, 6) / math.sqrt(20)
+    b = torch.ones(2, 20, dtype=F64)
+    res = gmres(DenseOperator(a), b, rtol=torch.tensor([1e-2, 1e-10], dtype=F64), restart=20)
+    assert res.residual.tolist()[0] <= 1e-2 and res.residual.tolist()[1] <= 1e-10
+    assert int(res.iterations[0]) < int(res.iterations[1])
+
+
+# -- operators -------------------------------------------------------------------------------------
+
+
+def test_operators_match_dense_algebra() -> None:
+    mats = _random(2, 5, 8)
+    v = torch.randn(2, 5, generator=torch.Generator().manual_seed(9), dtype=F64)
+    dense = DenseOperator(mats)
+    torch.testing.assert_close(dense.matvec(v), (mats @ v[..., None])[..., 0])
+    torch.testing.assert_close(dense.rmatvec(v), (mats.transpose(1, 2) @ v[..., None])[..., 0])
+    torch.testing.assert_close(dense.T.dense(), mats.transpose(1, 2))
+    shift = torch.tensor([2.0, -1.0], dtype=F64)
+    shifted = ShiftedOperator(dense, shift, 3.0)
+    expected = shift[:, None, None] * torch.eye(5, dtype=F64) + 3.0 * mats
+    torch.testing.assert_close(shifted.dense(), expected)
+    torch.testing.assert_close(NormalOperator(dense).dense(), mats.transpose(1, 2) @ mats)
+    fn = FunctionOperator(dense.matvec, v, dense.rmatvec)
+    torch.testing.assert_close(fn.dense(), mats)
+    masked = dense.with_active(torch.tensor([False, True]))
+    out = masked.matvec(v)
+    assert float(out[0].abs().max()) == 0.0 and torch.equal(out[1], dense.matvec(v)[1])
+
+
+def test_linearisation_gives_the_analytic_jacobian_of_a_tanh_layer() -> None:
+    # f(z) = tanh(W z + x): J = diag(1 − f²) W, per row.
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randn(6, 6, generator=gen, dtype=F64) / 3
+    x = torch.randn(3, 6, generator=gen, dtype=F64)
+    z = torch.randn(3, 6, generator=gen, dtype=F64)
+    lin = Linearisation(lambda y: tanh_layer_map(y, {"W": w, "x": x}), z)
+    f = torch.tanh(z @ w.T + x)
+    exact = (1 - f**2)[:, :, None] * w[None]
+    torch.testing.assert_close(lin.value, f)
+    torch.testing.assert_close(lin.dense(), exact)
+    v = torch.randn(3, 6, generator=gen, dtype=F64)
+    torch.testing.assert_close(lin.matvec(v), (exact @ v[..., None])[..., 0])
+    torch.testing.assert_close(lin.rmatvec(v), (exact.transpose(1, 2) @ v[..., None])[..., 0])
+
+
+def test_jacobian_operator_counts_products_for_solvers_only() -> None:
+    problem = Problem(
+        name="sq",
+        kind="test",
+        form="residual",
+        func=lambda z, p: z**2 - 2,
+        z0=torch.ones(2, 3, dtype=F64),
+    )
+    v = torch.ones(2, 3, dtype=F64)
+    op = jacobian_operator(problem, problem.z0)
+    torch.testing.assert_close(op.matvec(v), 2 * v)  # J_g = 2 diag(z)
+    op.rmatvec(v)
+    assert problem.counter.jvp == [1, 1] and problem.counter.vjp == [1, 1]
+    quiet = jacobian_operator(problem, problem.z0, counted=False)
+    quiet.matvec(v)
+    assert problem.counter.jvp == [1, 1]
+
+
+def test_a_jvp_in_a_fresh_process_imports_neither_dynamo_nor_sympy() -> None:
+    # torch.func.jvp and torch.autograd.forward_ad import torch._dynamo and sympy on first use
+    # (seconds); the linearisation's double-backward JVP needs neither.
+    code = (
+        "import sys, torch\n"
+        "from deqcli.linalg import Linearisation\n"
+        "z = torch.ones(2, 3, dtype=torch.float64)\n"
+        "Linearisation(lambda y: torch.tanh(y) * y, z).matvec(z)\n"
+        "print(any(m in sys.modules for m in ('torch._dynamo', 'sympy')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- spectra ---------------------------------------------------------------------------------------
+
+
+def test_arnoldi_ritz_values_of_a_normal_matrix_converge_to_its_extreme_eigenvalues() -> None:
+    # A symmetric matrix with a separated dominant eigenvalue −0.9: 20 steps find it.
+    n = 60
+    q, _ = torch.linalg.qr(_random(1, n, 11)[0])
+    eig = torch.linspace(-0.5, 0.5, n, dtype=F64)
+    eig[0] = -0.9
+    a = q @ torch.diag(eig) @ q.T
+    ritz = ritz_values(DenseOperator(a[None]), 20, seed=0)
+    assert float(ritz.abs().max()) == pytest.approx(0.9, rel=1e-8)
+    res = arnoldi(DenseOperator(a[None]), torch.ones(1, n, dtype=F64), 20)
+    basis = res.basis[0, :21]
+    torch.testing.assert_close(basis @ basis.T, torch.eye(21, dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_arnoldi_stops_at_an_invariant_subspace() -> None:
+    a = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=F64))[None]
+    start = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=F64)  # spans a 2-dimensional invariant space
+    res = arnoldi(DenseOperator(a), start, 4)
+    assert int(res.size[0]) == 2
+    eig = torch.linalg.eigvals(res.hessenberg[0, :2, :2]).real.sort().values
+    torch.testing.assert_close(eig, torch.tensor([2.0, 3.0], dtype=F64))
+
+
+@pytest.mark.parametrize("n", [8, 20])
+def test_sigma_min_and_sigma_max_match_exact_svds(n: int) -> None:
+    # Non-normal matrices with condition numbers up to about 1e4, a batch of three.
+    gen = torch.Generator().manual_seed(12)
+    u, _ = torch.linalg.qr(torch.randn(3, n, n, generator=gen, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(3, n, n, generator=gen, dtype=F64))
+    s = torch.stack([torch.logspace(0, -k, n, dtype=F64) for k in (1, 2, 4)])
+    a = u @ torch.diag_embed(s) @ v.transpose(1, 2)
+    exact = torch.linalg.svdvals(a)
+    op = DenseOperator(a)
+    small = sigma_min(op, steps=n)
+    assert small.method == "golub-kahan" and small.exact
+    torch.testing.assert_close(small.value, exact[:, -1], rtol=1e-8, atol=0.0)
+    big = sigma_max(op, steps=min(n, 12))
+    torch.testing.assert_close(big.value, exact[:, 0], rtol=1e-8, atol=0.0)
+    inverse = sigma_min(op, steps=min(n, 8), method="inverse")
+    assert inverse.method == "inverse lanczos" and not inverse.exact
+    torch.testing.assert_close(inverse.value, exact[:, -1], rtol=1e-6, atol=0.0)
+
+
+def test_sigma_min_of_a_singular_matrix_is_zero() -> None:
+    a = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=F64))[None]
+    assert float(sigma_min(DenseOperator(a)).value[0]) <= 1e-14
+
+
+def test_sigma_min_of_the_jacobian_of_a_map_without_forming_it() -> None:
+    # g(z) = z − A z − c has J_g = I − A exactly; compare with the SVD of I − A.
+    n = 16
+    a = 0.9 * _random(1, n, 13)[0] / math.sqrt(n)
+    problem = Problem(
+        name="affine",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: z @ a.T + 1.0,
+        z0=torch.zeros(2, n, dtype=F64),
+    )
+    op = jacobian_operator(problem, problem.z0, counted=False)
+    exact = torch.linalg.svdvals(torch.eye(n, dtype=F64) - a)
+    est = sigma_min(op, steps=6, method="inverse")
+    torch.testing.assert_close(est.value, exact[-1].repeat(2), rtol=1e-6, atol=0.0)
+    assert problem.counter.jvp == [0, 0]
