@@ -245,6 +245,13 @@ def _bowl(result: SolveResult, s: dict[str, Any]) -> None:
     assert s["final_residual"] == pytest.approx(1.0, abs=1e-2)
 
 
+def _bowl_nearby(result: SolveResult, s: dict[str, Any]) -> None:
+    # A Powell hybrid stops when five Jacobians in a row bring no 10 % decrease (MINPACK's info 4):
+    # near the minimum, not at it, and ‖g‖ only ever fell on the way.
+    assert s["evidence"]["nonzero_level"] is True and s["evidence"]["monotone"] is True
+    assert s["final_residual"] == pytest.approx(1.0, abs=1e-3)
+
+
 def _sigmoid(result: SolveResult, s: dict[str, Any]) -> None:
     # σ(z) → 0 only as z → −∞: Newton meets the tolerance where σ′ ≈ σ, so ‖g‖/σ_min ≈ 1.
     bound = s["error_bound"]
@@ -468,12 +475,20 @@ SUITE = [
         check=_bowl,
     ),
     Case(
-        "trust-region settles at the nonzero minimum of a bowl",
+        "levenberg-marquardt settles at the nonzero minimum of a bowl",
+        bowl,
+        "levenberg-marquardt",
+        stop={"max_iter": 300},
+        verdict="stalled",
+        check=_bowl,
+    ),
+    Case(
+        "trust-region gives up near the nonzero minimum of a bowl (hybrj's progress rule)",
         bowl,
         "trust-region",
         stop={"max_iter": 300},
         verdict="stalled",
-        check=_bowl,
+        check=_bowl_nearby,
     ),
     Case(
         "float32 at scale 2e4: precision floor",
@@ -510,10 +525,10 @@ SUITE = [
         check=_no_multiplicity,
     ),
     Case(
-        "broyden with memory 2, linear at a simple root",
+        "broyden with memory 1, linear at a simple root",
         lambda: KNOWN["chandrasekhar"].build(F64),
         "broyden",
-        {"memory": 2},
+        {"memory": 1},
         order="linear",
         check=_no_multiplicity,
     ),
@@ -733,9 +748,9 @@ def test_a_located_fixed_point_must_be_small_against_the_problems_own_scale() ->
 
 
 def test_linear_convergence_of_a_secant_model_is_not_a_multiple_root() -> None:
-    # Broyden with two stored updates converges linearly on the Chandrasekhar H-equation, whose
-    # root is simple (J_g well conditioned): formerly "multiplicity ≈ 1.06".
-    result = run_case(Case("", lambda: KNOWN["chandrasekhar"].build(F64), "broyden", {"memory": 2}))
+    # Broyden with one stored update converges linearly (×0.48 per iteration) on the Chandrasekhar
+    # H-equation, whose root is simple (J_g well conditioned): formerly "multiplicity ≈ 1.06".
+    result = run_case(Case("", lambda: KNOWN["chandrasekhar"].build(F64), "broyden", {"memory": 1}))
     s = result.diagnostics["samples"][0]
     assert s["rates"]["order_class"] == "linear" and s["theory"]["linear_newton"] is True
     assert s["theory"]["multiplicity"] is None

@@ -370,6 +370,14 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
         return floor
 
     cycle = find_cycle(tr, opts, max_period, reasoning)
+    if cycle is not None and progress["settled"]:
+        # A "cycle" inside the stall band (‖g‖ flat, iterates within stall_spread_rtol of their
+        # mean) is a solver dithering at a nonzero minimum by rounding-sized steps: a stall.
+        reasoning.append(
+            f"the period-{cycle['period']} pattern has amplitude {cycle['amplitude']:.3g} ≤ "
+            f"stall_spread_rtol·max(1, ‖z‖) with ‖g‖ flat: dithering in place, not a cycle"
+        )
+        cycle = None
     if cycle is not None:
         p, amp = cycle["period"], cycle["amplitude"]
         return _result(
@@ -403,6 +411,20 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
         return _slow(tr, progress, reasoning)
     if progress["hovering"]:
         evidence["hovering"] = True  # a nonzero minimum of ‖g‖, if the Jacobian confirms one
+    if tr.status is Status.STALLED and _never_rose(tr):
+        # A descent method (a trust region, a line search) that gave up after ‖g‖ only ever fell:
+        # it reached the bottom of what it could find, however unevenly it got there. Not chaos.
+        reasoning.append(
+            f"‖g‖ never rose over the run, from {r[0]:.3g} to {rk:.3g}, and the solver stopped: "
+            "its steps could no longer reduce ‖g‖"
+        )
+        return _result(
+            STALLED,
+            f"‖g‖ fell to {rk:.3g} > tolerance {tr.threshold:.3g} and no step reduces it further: "
+            "stalled at a nonzero level",
+            {**evidence, "nonzero_level": True, "monotone": True},
+            reasoning,
+        )
     if _bounded(tr):
         reasoning.append(
             f"bounded: ‖z‖ ≤ {float(np.max(np.linalg.norm(tr.iterates, axis=1))):.3g} over the kept "
@@ -1042,6 +1064,12 @@ def proportional(top_new: float, top_old: float, low_new: float, low_old: float)
         return False
     a, b = math.log(top_new / top_old), math.log(low_new / low_old)
     return a > 0 and b > 0 and min(a, b) >= max(a, b) / 3
+
+
+def _never_rose(tr: Trace) -> bool:
+    """‖g‖ did not increase from one kept row to the next (beyond rounding)."""
+    r = np.asarray(tr.residuals, dtype=float)
+    return bool(np.all(np.isfinite(r)) and np.all(r[1:] <= r[:-1] * (1 + 4 * tr.eps)))
 
 
 def _bounded(tr: Trace) -> bool:
