@@ -26,6 +26,10 @@ growth says little; the CPU column is therefore the state size.
                               [--quick] [--threads N] [--budget 60] [--json out.json]
 
 --quick shrinks every case (n/4, B/4), runs once and is meant for development only.
+
+``--family`` runs the hard-layer family instead (bench/deq_family.py: nine hard layer types and
+the easy one, three seeds each, our solvers against torchdeq's called directly, with the targets
+case by case); --types, --seeds, --broyden-gib and --no-first-solve apply to it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from deq_family import haar  # noqa: E402
 
 from deqcli.errors import DeqError  # noqa: E402
 from deqcli.problems.base import Problem  # noqa: E402
@@ -136,8 +142,7 @@ def build(spec: CaseSpec, device: torch.device) -> Problem:
         W = torch.randn(n, n, generator=gen, dtype=f64)
         W *= 0.95 / torch.linalg.matrix_norm(W, ord=2)
     else:
-        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=f64))
-        q = q * torch.sign(torch.diagonal(r))  # Haar-distributed Q
+        q = haar(n, gen)
         if spec.weights == "orthogonal":
             W = 0.999 * q
         else:
@@ -360,14 +365,33 @@ def main() -> None:
     )
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per solver per case")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    family = parser.add_argument_group("the hard-layer family (bench/deq_family.py)")
+    family.add_argument("--family", action="store_true", help="run the family instead of --cases")
+    family.add_argument("--types", default="", help="only these layer types (comma-separated)")
+    family.add_argument("--seeds", default="", help="seeds (comma-separated; default 0,1,2)")
+    family.add_argument(
+        "--broyden-gib", type=float, default=2.0, help="memory cap of torchdeq's broyden (GiB)"
+    )
+    family.add_argument(
+        "--no-first-solve",
+        action="store_true",
+        help="skip measuring each solver's first solve in a fresh process (CPU only)",
+    )
     args = parser.parse_args()
 
+    if args.family and not args.threads:
+        # One thread unless asked: on a shared machine OpenMP's spinning threads make two-thread
+        # timings of small solves vary a hundredfold; both sides run under the same setting.
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     repeat = 1 if args.quick else max(args.repeat, 1)
+    if args.family:
+        run_family_from(args, device, repeat)
+        return
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown:
@@ -425,6 +449,29 @@ def main() -> None:
         for line in verdicts:
             print(line)
     report["targets"] = verdicts
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def run_family_from(args: argparse.Namespace, device: torch.device, repeat: int) -> None:
+    """The hard-layer family with this command line's settings."""
+    from deq_family import SEEDS, TYPES, run_family
+
+    budget_given = "--budget" in sys.argv
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or (
+        [SEEDS[0]] if args.quick else list(SEEDS)
+    )
+    report = run_family(
+        device=device,
+        quick=args.quick,
+        budget=args.budget if budget_given else (5.0 if args.quick else 20.0),
+        repeat=repeat,
+        types=[t.strip() for t in args.types.split(",") if t.strip()] or list(TYPES),
+        seeds=seeds,
+        only={s.strip() for s in args.solvers.split(",") if s.strip()},
+        broyden_gib=args.broyden_gib,
+        first_solve=not args.no_first_solve,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
