@@ -292,7 +292,9 @@ def refresh_text(expected: str, actual: str, loose: bool) -> list[str]:
     """Lines that show ``actual`` as ``compare_text`` reads them, close to what the page said.
 
     The page's lines are kept where they still match (their spacing and wall times as written),
-    and so is each ``...`` whose neighbours still match; everything else is the tool's output.
+    and so is each ``...`` whose neighbours still match; everything else is the tool's output. In a
+    ``timings vary`` block every line shown is the tool's, elisions aside: its times, ratios and
+    ranks must all come from one run to agree with each other.
     """
     want = expected.splitlines()
     trailing = len(want) - len("\n".join(want).rstrip("\n").splitlines()) if want else 0
@@ -305,7 +307,8 @@ def refresh_text(expected: str, actual: str, loose: bool) -> list[str]:
 
 
 def _aligned(want: list[str], have: list[str], loose: bool) -> list[str]:
-    """The page's lines ``want`` matched to the tool's ``have``: equal runs kept, gaps refreshed."""
+    """The page's lines ``want`` matched to the tool's ``have``: equal runs kept (the tool's lines
+    when ``loose``), gaps refreshed."""
     wild = "\0..."  # never equal to a line the tool prints
     keys = [wild if w.strip() in WILDCARD else normal(w, loose) for w in want]
     matcher = difflib.SequenceMatcher(None, keys, [normal(h, loose) for h in have], autojunk=False)
@@ -313,7 +316,7 @@ def _aligned(want: list[str], have: list[str], loose: bool) -> list[str]:
     w0 = h0 = 0
     for w1, h1, size in matcher.get_matching_blocks():
         out += _gap(want[w0:w1], have[h0:h1], loose)
-        out += want[w1 : w1 + size]
+        out += have[h1 : h1 + size] if loose else want[w1 : w1 + size]
         w0, h0 = w1 + size, h1 + size
     return out
 
@@ -873,6 +876,16 @@ def test_a_line_gone_from_the_output_leaves_the_elision_before_it() -> None:
     assert new == ["start", "...", "end"]
     new = refresh_text("a\nb\nd\n", "a\nb\nc\nd\n", False)  # no elision: the tool's lines
     assert new == ["a", "b", "c", "d"]
+
+
+def test_a_refreshed_block_whose_timings_vary_shows_one_runs_numbers() -> None:
+    page = "newton 4 1.00× 1\n...\nfixed_point 67 5.88× 2\nsummary fixed_point 5.88×\n"
+    tool = "newton 4 1.00× 1\nnote\nfixed_point 68 3.12× 2\nsummary fixed_point 3.12×\n"
+    assert compare_text(page, tool, loose=True) is not None
+    new = refresh_text(page, tool, loose=True)
+    # The summary row matched loosely, but a ratio of another run would contradict the row above.
+    assert new == ["newton 4 1.00× 1", "...", "fixed_point 68 3.12× 2", "summary fixed_point 3.12×"]
+    assert compare_text("\n".join(new), tool, loose=True) is None
 
 
 def test_a_refreshed_json_document_keeps_short_arrays_on_one_line_and_the_pages_times() -> None:
