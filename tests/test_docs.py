@@ -735,7 +735,7 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
     "'deqcli[distributed]'": (
         "cfg.yaml",
         SWEPT,
-        ["sweep", "cfg.yaml", "--param", "a=0:1:5", "--workers", "8"],
+        ["sweep", "cfg.yaml", "--param", "a=0:1:5", "--workers", "1"],
     ),
     "slurm.yaml: queu (line 5): unknown key; did you mean 'queue'? (valid keys: kind, workers, "
     "cores, memory, processes, threads, walltime, queue, account, interface, local_directory, "
