@@ -296,9 +296,8 @@ def refresh_text(expected: str, actual: str, loose: bool) -> list[str]:
     ``timings vary`` block every line shown is the tool's, elisions aside: its times, ratios and
     ranks must all come from one run to agree with each other.
     """
-    want = expected.splitlines()
-    trailing = len(want) - len("\n".join(want).rstrip("\n").splitlines()) if want else 0
-    want = want[: len(want) - trailing]
+    want = expected.rstrip("\n").splitlines()
+    trailing = len(expected.splitlines()) - len(want)  # blank lines the page ends with stay
     have = "\n".join(line.rstrip() for line in actual.splitlines()).strip("\n").splitlines()
     out = _aligned(want, have, loose) + [""] * trailing
     if compare_text("\n".join(out), actual, loose) is not None:
@@ -333,7 +332,7 @@ def _gap(want: list[str], have: list[str], loose: bool) -> list[str]:
         if w.strip() in WILDCARD:
             pending_wild = w
             continue
-        # The first line still to come that resembles this changed line of the page.
+        # The line still to come that most resembles this changed line of the page.
         ratios = [
             difflib.SequenceMatcher(None, normal(w, loose), normal(h, loose)).ratio()
             for h in have[start:]
@@ -557,7 +556,8 @@ def _check_session(block: Block, scratch: Path, loose: bool, exit_code: int) -> 
         problem = compare_text(expected, shown, loose)
         if problem is not None:
             problems.append(f"{block.id}: `{step.command}`: {problem}")
-            refreshed += step.written + refresh_text(expected, shown, loose)
+            # Ended by its own newline, the text keeps a blank line before the next command.
+            refreshed += step.written + refresh_text(expected + "\n", shown, loose)
         else:
             refreshed += step.written + step.expected
     if problems and UPDATE:
@@ -631,6 +631,11 @@ MATRIX = (
 )
 
 
+NO_DASK = (
+    "--workers needs Dask, which is not installed; install it with: pip install "
+    "'deqcli[distributed]'"
+)
+NO_SUCH = "slurm.yaml: options.no_such: SLURMCluster takes no 'no_such'; see the dask-jobqueue docs"
 SWEPT = "problem:\n  kind: expression\n  params: {a: 0.5}\n  fixed_point: a * cos(z)\n"
 SWEEP = ["sweep", "../configs/logistic_sweep.yaml", "--param", "r=3", "--cluster", "slurm.yaml"]
 SLURM = "kind: slurm\nworkers: 32\ncores: 8\nmemory: 16GB\n"
@@ -731,8 +736,7 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
         "problem:\n  kind: expression\n  dim: 2\n  params: {A: eye(3)}\n  residual: A @ z\n"
     ),
     # docs/scale-out.md: Dask and the cluster file
-    "--workers needs Dask, which is not installed; install it with: pip install "
-    "'deqcli[distributed]'": (
+    NO_DASK: (
         "cfg.yaml",
         SWEPT,
         ["sweep", "cfg.yaml", "--param", "a=0:1:5", "--workers", "1"],
@@ -744,7 +748,7 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
         SLURM + "queu: normal\n",
         SWEEP,
     ),
-    "slurm.yaml: options.no_such: SLURMCluster takes no 'no_such'; see the dask-jobqueue docs": (
+    NO_SUCH: (
         "slurm.yaml",
         SLURM + "options: {no_such: 1}\n",
         SWEEP,
@@ -770,11 +774,8 @@ def _with_sbatch(patch: pytest.MonkeyPatch, project: Path) -> None:
 
 # The documented errors that only a machine unlike this one shows, and how to make it look so.
 SETUPS: dict[str, Callable[[pytest.MonkeyPatch, Path], None]] = {
-    "--workers needs Dask, which is not installed; install it with: pip install "
-    "'deqcli[distributed]'": _without_dask,
-    "slurm.yaml: options.no_such: SLURMCluster takes no 'no_such'; see the dask-jobqueue docs": (
-        _with_sbatch
-    ),
+    NO_DASK: _without_dask,
+    NO_SUCH: _with_sbatch,
 }
 
 
@@ -908,7 +909,8 @@ def test_the_update_mode_rewrites_only_the_blocks_that_differ(tmp_path, monkeypa
     page.write_text(
         intro
         + "  ```console\n  $ deq validate configs/dottie.yaml\n  ok dottie: tanh_layer\n"
-        + "  and a line it no longer prints\n  ```\n\n"
+        + "  and a line it no longer prints\n\n  $ deq validate configs/dottie.yaml\n"
+        + "  ok configs/dottie.yaml: expression, solver fixed_point\n  ```\n\n"
         + "  ```console\n  $ deq solve configs/dottie.yaml \\\n    --no-diagnostics\n"
         + "  ...\n  │ iterations   67 │\n  ...\n  │ wall time    1.00 ms │\n  ...\n  ```\n\n"
         + "  ```console\n  $ deq validate configs/dottie.yaml\n"
@@ -929,9 +931,8 @@ def test_the_update_mode_rewrites_only_the_blocks_that_differ(tmp_path, monkeypa
     text = page.read_text(encoding="utf-8")
     assert text.startswith(intro) and text.endswith("  ```\nThe end.\n")
     first, second, third = blocks(page)
-    assert first.text == (
-        "$ deq validate configs/dottie.yaml\nok configs/dottie.yaml: expression, solver fixed_point\n"
-    )
+    ok = "$ deq validate configs/dottie.yaml\nok configs/dottie.yaml: expression, solver fixed_point\n"
+    assert first.text == ok + "\n" + ok  # the blank line between the commands stays
     lines = second.text.splitlines()
     # The command keeps its continuation line; the changed row is the tool's; the elisions and
     # the page's own wall time stay.
