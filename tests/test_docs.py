@@ -19,8 +19,13 @@ there for the examples after it on the same page), ``same as PATH`` (the block i
 of a shipped file), ``into CONFIG at KEY`` (a YAML fragment, merged into CONFIG at KEY and
 solved), ``exit N``, ``output of COMMAND`` (the block is what COMMAND prints; JSON is compared as
 data), ``usage of deq COMMAND`` (every flag named exists), ``errors`` (each line is an error
-message; ``ERRORS`` below holds the input that produces it) and ``timings vary`` (rows may come
-in another order, and the time ratios, ranks and wins that follow from timings are set aside).
+message; ``ERRORS`` below holds the input that produces it, ``SETUPS`` how to show one that only
+another machine prints), ``formulas`` (each line's formula builds), ``cluster file`` (a --cluster
+file deq accepts), ``timings vary`` (rows may come in another order, and the time ratios, ranks
+and wins that follow from timings are set aside) and ``slow`` (run with ``pytest -m slow``).
+
+``DEQ_DOCS_UPDATE=1`` rewrites the console sessions and ``output of`` blocks whose output differs
+with what the tool prints now (docs/architecture.md, "Refreshing the examples").
 
 Commands run in-process (``deq`` through Typer's CliRunner at 100 columns) in a scratch copy of
 configs/, bench/ and examples/, one per page, so files written by one example serve the next.
@@ -28,6 +33,7 @@ configs/, bench/ and examples/, one per page, so files written by one example se
 
 from __future__ import annotations
 
+import difflib
 import doctest
 import glob
 import json
@@ -37,6 +43,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +74,8 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page
+        return f"{page}:{self.line}"
 
     @property
     def flags(self) -> set[str]:
@@ -248,6 +257,142 @@ def same_data(doc: Any, real: Any, path: str = "") -> list[str]:
     return [] if doc == real else [f"{path}: docs {doc!r}, real {real!r}"]
 
 
+# -- refreshing the examples: DEQ_DOCS_UPDATE=1 ---------------------------------------------------
+
+# With DEQ_DOCS_UPDATE=1, a console session or an ``output of`` block whose output differs is
+# rewritten in its page with what the tool prints now, and the test passes with a warning naming
+# it. Exit codes, errors, usage and doctests are never rewritten: they still fail.
+UPDATE = os.environ.get("DEQ_DOCS_UPDATE") == "1"
+
+# Lines each page gained in this run, by the fence line (as collected) of the block rewritten: the
+# blocks below it have moved by that much.
+_MOVED: dict[Path, list[tuple[int, int]]] = {}
+
+
+def rewrite_block(block: Block, body: list[str]) -> None:
+    """Replace the block's text in its page with ``body`` (indented as the fence is)."""
+    text = block.page.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    moved = _MOVED.setdefault(block.page, [])
+    start = block.line - 1 + sum(added for line, added in moved if line < block.line)
+    fence = re.match(r"^(\s*)```", lines[start]) if start < len(lines) else None
+    assert fence, f"{block.id}: the page changed during this run; run the update again"
+    indent = fence.group(1)
+    end = next(j for j in range(start + 1, len(lines)) if lines[j].strip().startswith("```"))
+    now = "\n".join(line.removeprefix(indent) for line in lines[start + 1 : end]) + "\n"
+    assert now == block.text, f"{block.id}: the page changed during this run; run it again"
+    new = [indent + line if line.strip() else "" for line in body]
+    lines[start + 1 : end] = new
+    moved.append((block.line, len(new) - (end - start - 1)))
+    block.page.write_text("\n".join(lines) + ("\n" if text.endswith("\n") else ""), "utf-8")
+    warnings.warn(f"{block.id}: rewritten with what the tool prints now", stacklevel=2)
+
+
+def refresh_text(expected: str, actual: str, loose: bool) -> list[str]:
+    """Lines that show ``actual`` as ``compare_text`` reads them, close to what the page said.
+
+    The page's lines are kept where they still match (their spacing and wall times as written),
+    and so is each ``...`` whose neighbours still match; everything else is the tool's output. In a
+    ``timings vary`` block every line shown is the tool's, elisions aside: its times, ratios and
+    ranks must all come from one run to agree with each other.
+    """
+    want = expected.rstrip("\n").splitlines()
+    trailing = len(expected.splitlines()) - len(want)  # blank lines the page ends with stay
+    have = "\n".join(line.rstrip() for line in actual.splitlines()).strip("\n").splitlines()
+    out = _aligned(want, have, loose) + [""] * trailing
+    if compare_text("\n".join(out), actual, loose) is not None:
+        out = have  # a safe answer if the alignment ever is not
+    return out
+
+
+def _aligned(want: list[str], have: list[str], loose: bool) -> list[str]:
+    """The page's lines ``want`` matched to the tool's ``have``: equal runs kept (the tool's lines
+    when ``loose``), gaps refreshed."""
+    wild = "\0..."  # never equal to a line the tool prints
+    keys = [wild if w.strip() in WILDCARD else normal(w, loose) for w in want]
+    matcher = difflib.SequenceMatcher(None, keys, [normal(h, loose) for h in have], autojunk=False)
+    out: list[str] = []
+    w0 = h0 = 0
+    for w1, h1, size in matcher.get_matching_blocks():
+        out += _gap(want[w0:w1], have[h0:h1], loose)
+        out += have[h1 : h1 + size] if loose else want[w1 : w1 + size]
+        w0, h0 = w1 + size, h1 + size
+    return out
+
+
+def _gap(want: list[str], have: list[str], loose: bool) -> list[str]:
+    """What stands between two matching runs: the tool's lines, except that an elision the page
+    had here stays, over the lines it covers, around any changed line it can be paired with."""
+    if not any(w.strip() in WILDCARD for w in want):
+        return have
+    out: list[str] = []
+    start = 0
+    pending_wild: str | None = None
+    for w in want:
+        if w.strip() in WILDCARD:
+            pending_wild = w
+            continue
+        # The line still to come that most resembles this changed line of the page.
+        ratios = [
+            difflib.SequenceMatcher(None, normal(w, loose), normal(h, loose)).ratio()
+            for h in have[start:]
+        ]
+        best = max(range(len(ratios)), key=ratios.__getitem__, default=None)
+        if best is None or ratios[best] < 0.6:
+            continue  # the line is gone; the elision before it, if any, covers its place
+        skipped = have[start : start + best]
+        out += [pending_wild] if pending_wild is not None else skipped
+        out.append(have[start + best])
+        start += best + 1
+        pending_wild = None
+    rest = have[start:]
+    if pending_wild is not None:
+        out.append(pending_wild)
+    else:
+        out += rest
+    return out
+
+
+def refresh_json(doc: Any, real: Any) -> str:
+    """The real document as the page shows JSON: short arrays on one line, and the page's values
+    for the volatile keys it shows (times, environment)."""
+    return _json_text(_keep_volatile(doc, real), 0) + "\n"
+
+
+def _keep_volatile(doc: Any, real: Any) -> Any:
+    if isinstance(doc, dict) and isinstance(real, dict):
+        return {
+            k: doc[k] if k in VOLATILE_KEYS and k in doc else _keep_volatile(doc.get(k), v)
+            for k, v in real.items()
+        }
+    if isinstance(doc, list) and isinstance(real, list) and len(doc) == len(real):
+        return [_keep_volatile(a, b) for a, b in zip(doc, real, strict=True)]
+    return real
+
+
+def _json_text(value: Any, depth: int) -> str:
+    """JSON with two-space indents; a list of numbers or strings (or of such lists) on one line."""
+
+    def flat(v: Any) -> bool:
+        return not isinstance(v, (dict, list)) or (
+            isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v)
+        )
+
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if isinstance(value, list) and all(flat(x) for x in value):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        items = [inner + _json_text(x, depth + 1) for x in value]
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    if isinstance(value, dict) and value:
+        items = [
+            f"{inner}{json.dumps(k, ensure_ascii=False)}: {_json_text(v, depth + 1)}"
+            for k, v in value.items()
+        ]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    return json.dumps(value, ensure_ascii=False)
+
+
 # -- the examples -----------------------------------------------------------------------------------
 
 _SCRATCH: dict[Path, Path] = {}
@@ -307,6 +452,9 @@ def test_doc_example(block: Block, scratch: Path) -> None:
     if directive == "formulas":
         _check_formulas(block, scratch)
         return
+    if directive == "cluster file":
+        _check_cluster_file(block, scratch)
+        return
     if block.lang == "console":
         _check_session(block, scratch, loose, _exit_code(directive))
     elif block.lang == "bash":
@@ -365,34 +513,74 @@ def _check_commands(block: Block, scratch: Path) -> None:
         assert shell.status in allowed, f"{block.id}: `{line}` exited {shell.status}\n{shown}"
 
 
-def _check_session(block: Block, scratch: Path, loose: bool, exit_code: int) -> None:
-    shell = Shell(scratch)
-    lines = block.text.replace("\\\n", " ").splitlines()
-    steps: list[tuple[str, list[str]]] = []
-    for line in lines:
-        if line.startswith("$ "):
-            steps.append((line[2:].strip(), []))
+@dataclass
+class Step:
+    """One ``$ command`` of a console session and the lines the page shows after it."""
+
+    written: list[str]  # the command's lines as the page writes them (``\\`` continuations)
+    command: str
+    expected: list[str]
+
+
+def session_steps(block: Block) -> list[Step]:
+    """The steps of a console block, each command with its continuation lines joined."""
+    steps: list[Step] = []
+    lines = block.text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("$ "):
+            written = [lines[i]]
+            while written[-1].endswith("\\") and i + 1 < len(lines):
+                i += 1
+                written.append(lines[i])
+            command = "\n".join(written).replace("\\\n", " ")[2:].strip()
+            steps.append(Step(written, command, []))
         else:
             assert steps, f"{block.id}: output before any $ command"
-            steps[-1][1].append(line)
-    for k, (command, expected) in enumerate(steps):
-        shown = shell.run(command)
-        checked = "$?" in command or (k + 1 < len(steps) and "$?" in steps[k + 1][0])
+            steps[-1].expected.append(lines[i])
+        i += 1
+    return steps
+
+
+def _check_session(block: Block, scratch: Path, loose: bool, exit_code: int) -> None:
+    shell = Shell(scratch)
+    steps = session_steps(block)
+    problems, refreshed = [], []
+    for k, step in enumerate(steps):
+        shown = shell.run(step.command)
+        checked = "$?" in step.command or (k + 1 < len(steps) and "$?" in steps[k + 1].command)
         assert checked or shell.status == exit_code, (
-            f"{block.id}: `{command}` exited {shell.status}\n{shown}"
+            f"{block.id}: `{step.command}` exited {shell.status}\n{shown}"
         )
-        problem = compare_text("\n".join(expected), shown, loose)
-        assert problem is None, f"{block.id}: `{command}`: {problem}"
+        expected = "\n".join(step.expected)
+        problem = compare_text(expected, shown, loose)
+        if problem is not None:
+            problems.append(f"{block.id}: `{step.command}`: {problem}")
+            # Ended by its own newline, the text keeps a blank line before the next command.
+            refreshed += step.written + refresh_text(expected + "\n", shown, loose)
+        else:
+            refreshed += step.written + step.expected
+    if problems and UPDATE:
+        rewrite_block(block, refreshed)
+        return
+    assert not problems, problems[0]
 
 
 def _check_output(block: Block, scratch: Path, command: str, loose: bool) -> None:
     shell = Shell(scratch)
     shown = shell.run(command)
     if block.lang == "json":
-        differences = same_data(json.loads(block.text), json.loads(shown))
+        real = json.loads(shown)
+        differences = same_data(json.loads(block.text), real)
+        if differences and UPDATE:
+            rewrite_block(block, refresh_json(json.loads(block.text), real).splitlines())
+            return
         assert not differences, f"{block.id}:\n" + "\n".join(differences)
         return
     problem = compare_text(block.text, shown, loose)
+    if problem is not None and UPDATE:
+        rewrite_block(block, refresh_text(block.text, shown, loose))
+        return
     assert problem is None, f"{block.id}: `{command}`: {problem}"
 
 
@@ -441,6 +629,16 @@ ROOT_EXPR = "problem:\n  kind: expression\n  residual: z\n"
 MATRIX = (
     "problem:\n  kind: expression\n  params:\n    A: [[1.0, 0.0], [0.0, 1.0]]\n  fixed_point: z\n"
 )
+
+
+NO_DASK = (
+    "--workers needs Dask, which is not installed; install it with: pip install "
+    "'deqcli[distributed]'"
+)
+NO_SUCH = "slurm.yaml: options.no_such: SLURMCluster takes no 'no_such'; see the dask-jobqueue docs"
+SWEPT = "problem:\n  kind: expression\n  params: {a: 0.5}\n  fixed_point: a * cos(z)\n"
+SWEEP = ["sweep", "../configs/logistic_sweep.yaml", "--param", "r=3", "--cluster", "slurm.yaml"]
+SLURM = "kind: slurm\nworkers: 32\ncores: 8\nmemory: 16GB\n"
 
 
 def _solve(text: str, *extra: str, name: str = "cfg.yaml") -> tuple[str, str, list[str]]:
@@ -537,6 +735,47 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
     "(3x3), vec (2)": _solve(
         "problem:\n  kind: expression\n  dim: 2\n  params: {A: eye(3)}\n  residual: A @ z\n"
     ),
+    # docs/scale-out.md: Dask and the cluster file
+    NO_DASK: (
+        "cfg.yaml",
+        SWEPT,
+        ["sweep", "cfg.yaml", "--param", "a=0:1:5", "--workers", "1"],
+    ),
+    "slurm.yaml: queu (line 5): unknown key; did you mean 'queue'? (valid keys: kind, workers, "
+    "cores, memory, processes, threads, walltime, queue, account, interface, local_directory, "
+    "python, job_script_prologue, job_extra_directives, options)": (
+        "slurm.yaml",
+        SLURM + "queu: normal\n",
+        SWEEP,
+    ),
+    NO_SUCH: (
+        "slurm.yaml",
+        SLURM + "options: {no_such: 1}\n",
+        SWEEP,
+    ),
+}
+
+
+def _without_dask(patch: pytest.MonkeyPatch, project: Path) -> None:
+    """A machine without Dask: importing distributed fails."""
+    patch.setitem(sys.modules, "distributed", None)
+
+
+def _with_sbatch(patch: pytest.MonkeyPatch, project: Path) -> None:
+    """A Slurm login node: sbatch on the PATH. This one refuses to run, since the documented error
+    comes before any job is submitted."""
+    pytest.importorskip("dask_jobqueue")
+    sbatch = project / "bin" / "sbatch"
+    sbatch.parent.mkdir(exist_ok=True)
+    sbatch.write_text("#!/bin/sh\necho 'no job may be submitted here' >&2\nexit 1\n")
+    sbatch.chmod(0o755)
+    patch.setenv("PATH", f"{sbatch.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+# The documented errors that only a machine unlike this one shows, and how to make it look so.
+SETUPS: dict[str, Callable[[pytest.MonkeyPatch, Path], None]] = {
+    NO_DASK: _without_dask,
+    NO_SUCH: _with_sbatch,
 }
 
 
@@ -550,11 +789,11 @@ def _check_errors(block: Block, scratch: Path) -> None:
         assert message in ERRORS, f"{block.id}: no input known for the documented error: {line}"
         name, text, args = ERRORS[message]
         (project / name).write_text(text, encoding="utf-8")
-        os.chdir(project)
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(project)
+            if message in SETUPS:
+                SETUPS[message](patch, project)
             res = CliRunner().invoke(app, args, env={"COLUMNS": WIDTH}, prog_name="deq")
-        finally:
-            os.chdir(scratch)
         shown = res.stderr.replace(str(scratch), "/tmp").strip()
         assert res.exit_code == 2 and shown == f"error: {message}", (
             f"{block.id}: the docs say\n  error: {message}\nthe tool prints\n  {shown}"
@@ -571,6 +810,7 @@ WORDS = {
     "usage",
     "errors",
     "formulas",
+    "cluster",
     "slow",
     "timings",
     "",
@@ -588,6 +828,16 @@ def _check_formulas(block: Block, scratch: Path) -> None:
         assert shell.status in (0, 1), f"{block.id}: `{formula}` does not build:\n{shown}"
 
 
+def _check_cluster_file(block: Block, scratch: Path) -> None:
+    """The block is a --cluster file that deq accepts (validated as --cluster reads it; no batch
+    system is asked and nothing is submitted)."""
+    from deqcli.execution.cluster import load_cluster
+
+    path = scratch / "doc-cluster.yaml"
+    path.write_text(block.text, encoding="utf-8")
+    load_cluster(path)
+
+
 def test_every_block_is_checked_or_skipped_with_a_reason() -> None:
     known = ("console", "bash", "yaml", "pycon")
     for block in ALL:
@@ -597,3 +847,99 @@ def test_every_block_is_checked_or_skipped_with_a_reason() -> None:
         assert block.lang in known or block.directive, f"{block.id}: needs a doc-test directive"
         unknown = [p for p in block.directives.split(";") if p.strip().split(" ")[0] not in WORDS]
         assert not unknown, f"{block.id}: unknown doc-test directive {unknown}"
+
+
+# -- the update mode itself -------------------------------------------------------------------------
+
+
+def test_a_refreshed_output_keeps_the_pages_lines_and_elisions_where_they_still_match() -> None:
+    page = "│ problem  dottie │\n│ wall time 8.07 ms │\n...\n│ rate 0.32 │\nthe end\n"
+    tool = (
+        "│ problem dottie │\n│ wall time 9.1 ms │\nx\ny\n│ rate 0.33 │\n│ error 1e-9 │\nthe end\n"
+    )
+    assert compare_text(page, tool, loose=False) is not None
+    new = refresh_text(page, tool, loose=False)
+    # The page's spacing and wall time stay, the elision still covers x and y, the changed line
+    # and the new row are the tool's.
+    assert new == [
+        "│ problem  dottie │",
+        "│ wall time 8.07 ms │",
+        "...",
+        "│ rate 0.33 │",
+        "│ error 1e-9 │",
+        "the end",
+    ]
+    assert compare_text("\n".join(new), tool, loose=False) is None
+
+
+def test_a_line_gone_from_the_output_leaves_the_elision_before_it() -> None:
+    new = refresh_text("start\n...\nα = 0.5 was here\nend\n", "start\n1\n2\nend\n", False)
+    assert new == ["start", "...", "end"]
+    new = refresh_text("a\nb\nd\n", "a\nb\nc\nd\n", False)  # no elision: the tool's lines
+    assert new == ["a", "b", "c", "d"]
+
+
+def test_a_refreshed_block_whose_timings_vary_shows_one_runs_numbers() -> None:
+    page = "newton 4 1.00× 1\n...\nfixed_point 67 5.88× 2\nsummary fixed_point 5.88×\n"
+    tool = "newton 4 1.00× 1\nnote\nfixed_point 68 3.12× 2\nsummary fixed_point 3.12×\n"
+    assert compare_text(page, tool, loose=True) is not None
+    new = refresh_text(page, tool, loose=True)
+    # The summary row matched loosely, but a ratio of another run would contradict the row above.
+    assert new == ["newton 4 1.00× 1", "...", "fixed_point 68 3.12× 2", "summary fixed_point 3.12×"]
+    assert compare_text("\n".join(new), tool, loose=True) is None
+
+
+def test_a_refreshed_json_document_keeps_short_arrays_on_one_line_and_the_pages_times() -> None:
+    page = {"iterations": 5, "wall_time": 0.01, "history": {"residual": [[1.0], [0.25]]}}
+    real = {"iterations": 6, "wall_time": 0.02, "history": {"residual": [[1.0], [0.5]]}, "x": []}
+    text = refresh_json(page, real)
+    assert text == (
+        '{\n  "iterations": 6,\n  "wall_time": 0.01,\n  "history": {\n'
+        '    "residual": [[1.0], [0.5]]\n  },\n  "x": []\n}\n'
+    )
+    assert same_data(json.loads(text), real) == []
+
+
+def test_the_update_mode_rewrites_only_the_blocks_that_differ(tmp_path, monkeypatch) -> None:
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "dottie.yaml", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    intro = "# A page\n\n- a list item whose examples are indented:\n\n"
+    page = tmp_path / "page.md"
+    page.write_text(
+        intro
+        + "  ```console\n  $ deq validate configs/dottie.yaml\n  ok dottie: tanh_layer\n"
+        + "  and a line it no longer prints\n\n  $ deq validate configs/dottie.yaml\n"
+        + "  ok configs/dottie.yaml: expression, solver fixed_point\n  ```\n\n"
+        + "  ```console\n  $ deq solve configs/dottie.yaml \\\n    --no-diagnostics\n"
+        + "  ...\n  │ iterations   67 │\n  ...\n  │ wall time    1.00 ms │\n  ...\n  ```\n\n"
+        + "  ```console\n  $ deq validate configs/dottie.yaml\n"
+        + "  ok configs/dottie.yaml: expression, solver fixed_point\n  ```\nThe end.\n",
+        encoding="utf-8",
+    )
+    found = blocks(page)
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", False)  # whatever the run's own mode
+    for block in found:  # the page as written fails the normal run
+        if block is not found[2]:
+            with pytest.raises(AssertionError, match="output differs"):
+                _check_session(block, tmp_path, loose=False, exit_code=0)
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", True)
+    with pytest.warns(UserWarning, match="rewritten") as caught:
+        for block in found:
+            _check_session(block, tmp_path, loose=False, exit_code=0)
+    assert len(caught) == 2  # the third block was right
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith(intro) and text.endswith("  ```\nThe end.\n")
+    first, second, third = blocks(page)
+    ok = "$ deq validate configs/dottie.yaml\nok configs/dottie.yaml: expression, solver fixed_point\n"
+    assert first.text == ok + "\n" + ok  # the blank line between the commands stays
+    lines = second.text.splitlines()
+    # The command keeps its continuation line; the changed row is the tool's; the elisions and
+    # the page's own wall time stay.
+    assert lines[:3] == ["$ deq solve configs/dottie.yaml \\", "  --no-diagnostics", "..."]
+    assert normal(lines[3], False) == "│ iterations 68 │"
+    assert lines[4:] == ["...", "│ wall time    1.00 ms │", "..."]
+    assert third.text == found[2].text and third.line == found[2].line - 1  # moved up by one
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", False)
+    for block in (first, second, third):  # and the normal run passes right after
+        _check_session(block, tmp_path, loose=False, exit_code=0)
