@@ -646,13 +646,26 @@ def _solve(text: str, *extra: str, name: str = "cfg.yaml") -> tuple[str, str, li
 
 
 ERRORS: dict[str, tuple[str, str, list[str]]] = {
+    # docs/configuration.md, Limits: the estimates made before anything is allocated
+    "problem.dim: a start of batch 1 × n 1000000000 and its copies need about 14.9 GiB, more than "
+    "run.max_memory = 4 GiB; make the problem smaller or raise run.max_memory": _solve(
+        'problem:\n  kind: expression\n  fixed_point: "0.5*z"\n  dim: 1000000000\n'
+    ),
+    "problem.fixed_point (line 3): one evaluation needs about 8e8 operations, most of them in '*' "
+    "at column 5 (20000×1, 1×20000 → 20000×20000); the limit is run.max_work = 1e8; make the "
+    "arrays smaller or raise run.max_work": _solve(
+        "problem:\n  kind: expression\n"
+        '  fixed_point: "sum(ones(20000,1)*ones(1,20000)) * 0 + 0.5*z"\n'
+    ),
     # docs/configuration.md: keys, types and values, with the YAML line
     "solvr (line 4): unknown key; did you mean 'solver'? (valid keys: problem, solver, run)": _solve(
         EXPR.replace("  initial: 1.0\n", "solvr: newton\n")
     ),
     "run.max_iters (line 5): unknown key; did you mean 'max_iter'? (valid keys: atol, rtol, "
     "stop_mode, max_iter, timeout, device, dtype, seed, keep_iterates, divergence_factor, "
-    "history_limit)": _solve(EXPR.replace("  initial: 1.0\n", "run:\n  max_iters: 10\n")),
+    "history_limit, max_memory, max_work)": _solve(
+        EXPR.replace("  initial: 1.0\n", "run:\n  max_iters: 10\n")
+    ),
     "problem.fixed_pont (line 3): unknown key; did you mean 'fixed_point'? (valid keys: kind, "
     "name, fixed_point, residual, dim, batch, initial, params, batch_params)": _solve(
         EXPR.replace("fixed_point:", "fixed_pont:")
@@ -680,7 +693,7 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
         "problem:\n  kind: expression\n  initial: [1.0, 2.0\n", name="broken.yaml"
     ),
     "solver.name: unknown solver 'newtn'; did you mean 'newton'? (valid: fixed_point, newton, "
-    "anderson, broyden, newton-krylov, trust-region, auto, scipy:hybr, scipy:lm, scipy:krylov, "
+    "anderson, broyden, newton-krylov, trust-region, levenberg-marquardt, ptc, auto, scipy:hybr, scipy:lm, scipy:krylov, "
     "scipy:anderson, scipy:df-sane, torchdeq:anderson, torchdeq:broyden, "
     "torchdeq:fixed_point_iter; see deq list-solvers)": _solve(EXPR, "--solver", "newtn"),
     "solver.bta: unknown option for solver 'fixed_point'; did you mean 'beta'? (valid options: "

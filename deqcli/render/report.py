@@ -217,7 +217,7 @@ def solution_rows(result: SolveResult) -> list[tuple[str, str]]:
         (
             "solution",
             f"‖z*‖ {fmt(norm)}{which}, z* of shape {shape}: [{first}]  "
-            "[dim]--json or --save for all[/dim]",
+            "(--json or --save for all)",
         )
     ]
 
