@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -154,6 +156,27 @@ def test_large_jacobian_uses_the_vectorised_path_and_stays_exact() -> None:
     torch.testing.assert_close(pulled, torch.einsum("bi,bij->bj", u, jac))
     _, pushed = problem.jvp(z, u, of="f")
     torch.testing.assert_close(pushed, torch.einsum("bij,bj->bi", jac, u))
+
+
+def test_a_dense_jacobian_in_a_fresh_process_imports_neither_dynamo_nor_sympy() -> None:
+    # autograd.grad's check of tensor grad_outputs imports sympy (about a second, paid by the
+    # first Newton or trust-region solve of every `deq solve`); the vectorised path avoids it.
+    code = (
+        "import sys, torch\n"
+        "from deqcli.problems.base import Problem\n"
+        "n = 24\n"
+        "W = torch.eye(n, dtype=torch.float64) * 0.5\n"
+        "p = Problem(name='t', kind='test', form='fixed_point',\n"
+        "            func=lambda z, q: torch.tanh(z @ q['W'].T), z0=torch.ones(2, n,\n"
+        "            dtype=torch.float64), params={'W': W})\n"
+        "_, jac = p.jacobian(p.z0)\n"
+        "s = 1 - torch.tanh(torch.tensor(0.5, dtype=torch.float64)) ** 2\n"
+        "expected = torch.eye(n, dtype=torch.float64) * (1 - 0.5 * s)\n"
+        "print(torch.allclose(jac, expected.expand(2, n, n), rtol=0, atol=1e-15))\n"
+        "print(any(m in sys.modules for m in ('torch._dynamo', 'sympy')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_converged_samples_freeze_while_others_continue() -> None:

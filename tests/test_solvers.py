@@ -339,6 +339,79 @@ def test_auto_keeps_anderson_when_it_works() -> None:
     assert result.extra["auto"] == {"methods": ["anderson"], "switches": [], "reasons": []}
 
 
+def _linear_layer(a: torch.Tensor, batch: int, seed: int) -> tuple[Problem, torch.Tensor]:
+    """z = A z + b per sample, and its exact solution (I − A)⁻¹ b."""
+    n = a.shape[0]
+    b = torch.randn(batch, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    problem = Problem(
+        name="linear",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: z @ p["A"].T + p["b"],
+        z0=torch.zeros(batch, n, dtype=torch.float64),
+        params={"A": a, "b": b},
+        batched_params=frozenset({"b"}),
+    )
+    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - a, b.T).T
+    return problem, exact
+
+
+def _haar(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def test_auto_probe_sends_a_near_isometry_to_newton() -> None:
+    # A = 0.999·Q: every mode contracts by 0.999 per plain step (about 20,000 steps to 1e-10) and
+    # Anderson gains little; one Newton step is exact. The probe sees it after 30 iterations.
+    problem, exact = _linear_layer(0.999 * _haar(40, 1), 2, 2)
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-10, max_iter=200))
+    assert result.status is Status.CONVERGED
+    torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-9)
+    info = result.extra["auto"]
+    assert info["methods"] == ["anderson", "newton"] and info["switches"] == [30]
+    assert info["reasons"][0].startswith("spectral probe: ρ(J_f) ≈ ")
+    assert info["probe"]["choice"] == "newton"
+    assert info["probe"]["costs"]["newton"] < info["probe"]["costs"]["fixed_point"]
+    assert max(result.iterations) <= 33
+    assert max(result.counts.jvp) == 12  # the probe's Arnoldi steps, counted
+
+
+def test_auto_probe_prefers_plain_iteration_where_anderson_gains_nothing() -> None:
+    # Beyond dense_max there is no dense Newton; on A = 0.99·Q Anderson's rate is plain
+    # iteration's (the spectrum surrounds 1), at twice the work per step: plain iteration.
+    problem, exact = _linear_layer(0.99 * _haar(40, 3), 2, 4)
+    solver = make_solver("auto", {"dense_max": 10})
+    result = run(problem, solver, StopRule(atol=1e-10, max_iter=5000))
+    assert result.status is Status.CONVERGED
+    torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-9)
+    info = result.extra["auto"]
+    assert info["methods"] == ["anderson", "fixed_point"]
+    assert info["probe"]["choice"] == "fixed_point"
+    # Plain iteration at rate 0.99: log(1e-10 / ‖g‖)/log(0.99) steps after the switch, no more.
+    res = max(result.residual_history[30])
+    bound = 30 + math.ceil(math.log(1e-10 / res) / math.log(0.99)) + 5
+    assert max(result.iterations) <= bound
+
+
+def test_auto_probe_keeps_anderson_on_a_real_spectrum() -> None:
+    # Symmetric A with eigenvalues in [−0.5, 0.995]: plain iteration needs thousands of steps,
+    # Anderson (a Krylov method on a real interval) a few hundred; the probe keeps it.
+    q = _haar(60, 5)
+    a = (q * torch.linspace(-0.5, 0.995, 60, dtype=torch.float64)) @ q.T
+    problem, exact = _linear_layer(a, 2, 6)
+    result = run(problem, make_solver("auto", {"dense_max": 10}), StopRule(atol=1e-10))
+    assert result.status is Status.CONVERGED
+    torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-8)
+    info = result.extra["auto"]
+    assert info["methods"] == ["anderson"] and info["probe"]["choice"] == "anderson"
+    # Ritz values of a symmetric matrix lie inside its spectrum: ρ is estimated from below.
+    assert 0.95 < info["probe"]["ritz_rho"] <= 0.995 + 1e-12
+    off = run(problem, make_solver("auto", {"dense_max": 10, "probe": False}), StopRule(atol=1e-10))
+    assert "probe" not in off.extra["auto"] and max(off.counts.jvp) == 0
+
+
 def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:
     # g(z) = z² + 1 has no real root: every local method stops at the minimum z = 0 of |g|, and
     # Ψtc, the last resort, cannot find a root either. A residual problem skips anderson.

@@ -273,9 +273,7 @@ def _reverse(
         if not value.requires_grad:  # the map does not depend on z at all
             return value.detach(), torch.zeros(cotangents.shape, dtype=z.dtype, device=z.device)
         if batched and cotangents.shape[0] > SCALAR_PULLBACK_MAX:
-            (grad,) = torch.autograd.grad(
-                value, zz, cotangents, is_grads_batched=True, allow_unused=True
-            )
+            grad = _pull_batched(value, zz, cotangents)
         else:
             stack = cotangents if batched else cotangents[None]
             rows = [
@@ -285,6 +283,38 @@ def _reverse(
     if grad is None:
         grad = torch.zeros(cotangents.shape, dtype=z.dtype, device=z.device)
     return value.detach(), grad
+
+
+def _pull_batched(
+    value: torch.Tensor, z: torch.Tensor, cotangents: torch.Tensor
+) -> torch.Tensor | None:
+    """The pull-backs of a stack of cotangents (k, *value.shape) in one vectorised backward pass.
+
+    ``torch.autograd.grad(..., is_grads_batched=True)`` does exactly this, but its argument check
+    for tensor grad_outputs imports torch.fx's symbolic shapes and with them sympy: 0.5–0.9 s in a
+    fresh process, paid by the first dense Jacobian of every `deq solve`. The same vectorised
+    call of autograd's engine, without that check, costs nothing once: the engine checks the
+    shapes itself. Where this torch lacks those internals, the public call is used.
+    """
+    try:
+        from torch._vmap_internals import _vmap
+        from torch.autograd.graph import _engine_run_backward
+    except ImportError:
+        _vmap = None
+    if _vmap is not None and cotangents.shape[1:] == value.shape:
+
+        def pull(u: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            return _engine_run_backward(
+                (value,), (u,), True, False, (z,), True, accumulate_grad=False
+            )
+
+        try:
+            (grad,) = _vmap(pull, 0, 0, allow_none_pass_through=True)(cotangents)
+            return grad
+        except (TypeError, AttributeError):  # internals of another signature: the public call
+            pass
+    (grad,) = torch.autograd.grad(value, z, cotangents, is_grads_batched=True, allow_unused=True)
+    return grad
 
 
 def _pull_scalar(

@@ -24,17 +24,23 @@ checked, and the batch moves on when any of them shows
 - or the preset reports it cannot advance the sample (a collapsed trust region, hybrj's slow-
   progress tests, Levenberg–Marquardt steps at rounding level, Broyden's failed resets).
 
+On a fixed-point problem, after 30 iterations of anderson whose rate predicts a long run, a
+spectral probe (a few Arnoldi steps on J_f) estimates what plain iteration, Anderson and dense
+Newton would cost and moves to the cheapest (``AutoMethod._probe``); ``probe: false`` turns it off.
+
 Ψtc, the last resort for problems where every local method stalls far from a root, runs until the
 driver stops it. Each switch costs one evaluation (the new preset's start, more for a Jacobian).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deqcli.errors import UsageError
 from deqcli.solvers.base import Method, Solver, State
 from deqcli.solvers.convergence import ConvergenceTest, Limits, StallState, StallWatch
 
@@ -50,6 +56,20 @@ if TYPE_CHECKING:
 NEWTON_STAGES = {"newton", "newton-krylov"}
 # Line-search failures in a row (z unchanged) that move a Newton stage on.
 FAILED_SEARCHES = 2
+# The spectral probe (see ``AutoMethod._probe``): after this many iterations of the first
+# anderson stage (its rate is read over the second half, past the first steps' transient, which
+# overstates it), when that rate predicts more than PROBE_LONG further iterations.
+PROBE_AFTER = 30
+PROBE_LONG = 100
+# Arnoldi steps of the probe on J_f (one JVP each).
+PROBE_STEPS = 12
+# The cost model, in evaluations of f: an Anderson iteration costs about ANDERSON_COST plain
+# ones (its mixing and QR updates are memory-bound passes over m stored columns); a Newton solve
+# about NEWTON_STEPS iterations of one Jacobian (n reverse passes, vectorised) and an LU, about
+# NEWTON_COST·n evaluations each. Counted work, not timings, so the choice is reproducible.
+ANDERSON_COST = 2.0
+NEWTON_STEPS = 7
+NEWTON_COST = 1.3
 
 
 @dataclass
@@ -75,6 +95,10 @@ class AutoState(State):
     methods: list[str] = field(default_factory=list)
     switches: list[int] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    stage_k: int = 0  # iterations of the current preset
+    probe_mark: torch.Tensor | None = None  # (B,) the stage's best ‖g‖ halfway to the probe
+    patience: dict[str, int] = field(default_factory=dict)  # per-preset patience set by the probe
+    probe: dict[str, Any] | None = None  # what the spectral probe measured and chose
 
 
 class AutoMethod(Method):
@@ -96,9 +120,10 @@ class AutoMethod(Method):
         options: dict[str, Any] = {"m": self.options.m} if name == "anderson" else {}
         return make_solver(name, options)
 
-    def _watch(self, name: str) -> StallWatch:
+    def _watch(self, name: str, patience: int | None = None) -> StallWatch:
         o = self.options
-        patience = o.newton_patience if name in NEWTON_STAGES else o.patience
+        if patience is None:
+            patience = o.newton_patience if name in NEWTON_STAGES else o.patience
         return StallWatch(progress=o.progress, patience=patience)
 
     def init(self, problem: Problem, z0: torch.Tensor) -> AutoState:
@@ -180,9 +205,99 @@ class AutoMethod(Method):
         name = s.stages[s.stage]
         if name in NEWTON_STAGES and bool((running & (s.still >= FAILED_SEARCHES)).any()):
             return self._switch(problem, s, "the line search found no acceptable step")
+        s.stage_k += 1
+        if name == "anderson" and self.options.probe and s.probe is None:
+            if s.stage_k == PROBE_AFTER // 2:
+                s.probe_mark = s.stage_best.clone()
+            elif s.stage_k == PROBE_AFTER and problem.form == "fixed_point":
+                return self._probe(problem, s, running)
         return s
 
-    def _switch(self, problem: Problem, s: AutoState, reason: str) -> AutoState:
+    def _probe(self, problem: Problem, s: AutoState, running: torch.Tensor) -> AutoState:
+        """Probe the spectrum once a long anderson run is in sight, and pick the cheaper method.
+
+        Anderson's rate q per iteration is read off its own progress over the last
+        PROBE_AFTER/2 iterations; where it predicts more than PROBE_LONG further iterations,
+        PROBE_STEPS Arnoldi steps on J_f at the current iterate (counted JVPs) estimate ρ(J_f),
+        the rate of plain iteration, from the largest Ritz value. Ritz values lie inside the
+        spectrum's hull and Anderson converges at least as fast as plain iteration on the same
+        problem, so ρ_fp = max(ρ̂, q) estimates that rate from below. In evaluations of f:
+
+        - plain iteration costs log(tol/‖g‖)/log ρ_fp, Anderson ANDERSON_COST times its count;
+          where the slow modes surround 1 (a near-isometry, rotations) Anderson gains nothing
+          per iteration and plain iteration is the cheaper;
+        - Newton with dense Jacobians (where they are affordable) about NEWTON_STEPS·NEWTON_COST·n.
+
+        The cheapest is chosen for the slowest running sample; a switch names the numbers.
+        """
+        from deqcli.linalg import jacobian_operator, ritz_values
+
+        tiny = torch.finfo(s.stage_best.dtype).tiny
+        mark = s.probe_mark if s.probe_mark is not None else s.stage_start
+        span = PROBE_AFTER - PROBE_AFTER // 2
+        now = s.stage_best
+        target = self.test.threshold(s.limits).to(now.dtype)
+        q = (now.clamp_min(tiny) / mark.clamp_min(tiny)) ** (1.0 / span)
+        slow = running & (now > target) & (q < 1)
+        s.probe = {"iteration": s.k}
+        if not bool(slow.any()):
+            s.probe["choice"] = "anderson"
+            return s
+        need = torch.log(target.clamp_min(tiny) / now) / torch.log(q)
+        need = torch.where(slow, need, torch.zeros_like(need))
+        worst = int(torch.argmax(need))
+        k_anderson = float(need[worst])
+        s.probe["anderson_rate"] = float(q[worst])
+        s.probe["anderson_iterations"] = round(k_anderson)
+        if k_anderson <= PROBE_LONG:
+            s.probe["choice"] = "anderson"
+            return s
+        # J_f itself, not J_g = I − J_f: a row that broke down early pads its Ritz values with
+        # zeros, harmless for the largest modulus of J_f (they would read as 1 for J_g).
+        op = jacobian_operator(problem, s.z, of="f").with_active(running)
+        rho_hat = ritz_values(op, PROBE_STEPS).abs().amax(dim=1).to(now.device, now.dtype)
+        rho = float(torch.where(running, rho_hat, torch.zeros_like(rho_hat)).max())
+        rate = min(max(rho, float(q[worst])), 1 - 1e-12)
+        r_now, r_target = float(now[worst]), float(target[worst].clamp_min(tiny))
+        k_fixed = math.log(r_target / r_now) / math.log(rate)
+        costs = {"anderson": ANDERSON_COST * k_anderson, "fixed_point": k_fixed}
+        n = problem.dim
+        if n <= self.options.dense_max and "newton" in s.stages[s.stage + 1 :]:
+            try:
+                problem.check_dense_fits()
+                costs["newton"] = NEWTON_STEPS * NEWTON_COST * n
+            except UsageError:
+                pass
+        choice = min(costs, key=lambda name: costs[name])
+        s.probe.update(
+            {
+                "ritz_rho": rho,
+                "fixed_point_iterations": round(k_fixed),
+                "costs": {name: round(cost) for name, cost in costs.items()},
+                "choice": choice,
+            }
+        )
+        if choice == "anderson":
+            return s
+        why = (
+            f"spectral probe: ρ(J_f) ≈ {rho:.4g}, anderson rate {float(q[worst]):.4g}; "
+            f"estimated cost in evaluations of f: "
+            + ", ".join(f"{name} {round(cost)}" for name, cost in costs.items())
+        )
+        if choice == "fixed_point":
+            # Plain iteration halves the residual only every log(1/2)/log(rate) steps: its stall
+            # watch waits three times that before calling it stalled.
+            halve = math.log(self.options.progress) / math.log(rate)
+            s.patience["fixed_point"] = max(self.options.patience, min(math.ceil(3 * halve), 10**6))
+            s.stages.insert(s.stage + 1, "fixed_point")
+        else:
+            # Straight on to Newton: drop whatever stood between.
+            s.stages[s.stage + 1 : s.stages.index("newton", s.stage + 1)] = []
+        return self._switch(problem, s, why, retry=False)
+
+    def _switch(
+        self, problem: Problem, s: AutoState, reason: str, *, retry: bool = True
+    ) -> AutoState:
         """Start the next preset from each sample's best iterate, or retry this one from z0.
 
         A preset that started from an earlier preset's best iterate and could not improve on it
@@ -194,7 +309,10 @@ class AutoMethod(Method):
             s.active if s.active is not None else torch.ones_like(s.stage_best, dtype=torch.bool)
         )
         idle = running & ~(s.stage_best <= self.options.progress * s.stage_start)
-        if not s.from_start and bool(idle.any()):
+        # Plain iteration chosen by the probe has no basin to be trapped in: when it is slower
+        # than the probe estimated, a rerun from z0 would only repeat that.
+        retry = retry and s.stages[s.stage] != "fixed_point"
+        if retry and not s.from_start and bool(idle.any()):
             start = torch.where(idle[:, None], s.z0, s.best_z)
             name = s.stages[s.stage]
             reason += "; retried from the start"
@@ -208,8 +326,9 @@ class AutoMethod(Method):
         s.sub_state = s.sub.init(problem, start)
         s.z, s.g = s.sub_state.z, s.sub_state.g
         res = torch.linalg.vector_norm(s.g, dim=1)
-        s.watch = self._watch(name)
+        s.watch = self._watch(name, s.patience.get(name))
         s.still = None
+        s.stage_k = 0
         s.stage_start = res
         s.stage_best = res
         best = torch.minimum(s.progress.best, res)
@@ -236,6 +355,8 @@ class AutoMethod(Method):
             "switches": list(state.switches),
             "reasons": list(state.reasons),
         }
+        if state.probe is not None:
+            result.extra["auto"]["probe"] = dict(state.probe)
         if state.switches:
             steps = "; ".join(
                 f"{state.methods[i + 1]} at iteration {k} ({why})"

@@ -260,6 +260,7 @@ class Auto(Solver):
     growth: float = 100.0
     dense_max: int = 1000
     stages: str = ""
+    probe: bool = True
 
     def stage_list(self) -> list[str]:
         """The presets named in ``stages`` (empty: the default list for the problem)."""
