@@ -245,6 +245,29 @@ def test_beyond_dense_max_dim_the_estimates_are_matrix_free() -> None:
     assert bound["near_singular"] is False
 
 
+def test_a_near_singular_jacobian_beyond_the_dense_analysis_is_flagged() -> None:
+    # n = 80 > dense_max_dim = 64: z ← A z + c with A symmetric, eigenvalues in [−0.5, 0.5], one at
+    # −0.9 and one at 1 − 1e-7, so J_g = I − A has σ_min = 1e-7 and σ_max = 1.9; c puts z* at
+    # (1, …, 1). Newton solves the affine problem at once; the matrix-free estimate must still find
+    # σ_min and call J_g near singular.
+    n = 80
+    gen = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    eig = torch.linspace(-0.5, 0.5, n, dtype=F64)
+    eig[0], eig[1] = -0.9, 1 - 1e-7
+    A = Q @ torch.diag(eig) @ Q.T
+    c = (torch.eye(n, dtype=F64) - A) @ torch.ones(n, dtype=F64)  # z* = (1, …, 1)
+    options = DiagnosticOptions(dense_max_dim=64)
+    problem = affine(A.tolist(), c.tolist(), [0.0] * n)
+    res = solve(problem, "newton", diag=options, atol=1e-10, max_iter=20)
+    bound = sample(res)["error_bound"]
+    assert res.sample_status == [Status.CONVERGED]
+    assert bound["method"] == "inverse lanczos"
+    assert bound["sigma_min"] == pytest.approx(1e-7, rel=1e-3)
+    assert bound["sigma_max"] == pytest.approx(1.9, rel=1e-6)
+    assert bound["near_singular"] is True and "near singular" in bound["statement"]
+
+
 def test_slow_convergence_predicts_the_iterations_needed() -> None:
     # z ← 0.999 z + 0.001 from −10: ‖g(z_t)‖ = 0.001·11·0.999^t, below 1e-10 after t iterations.
     res = solve(affine([[0.999]], [0.001], [-10.0]), atol=1e-10, max_iter=500)
