@@ -201,6 +201,32 @@ def test_converged_samples_freeze_while_others_continue() -> None:
     np.testing.assert_allclose(result.solution[:, 0].numpy(), [1 / 0.9, 10.0], atol=1e-8)
 
 
+@pytest.mark.parametrize("solver", ["anderson", "auto"])
+def test_norms_handed_to_the_driver_are_each_rows_residual(solver: str) -> None:
+    # anderson and auto give the driver the ‖g‖ they computed; a frozen row keeps its record and
+    # the last row of the record is ‖z − f(z)‖ of the returned solution, sample by sample.
+    a = torch.tensor([[0.01], [0.9]], dtype=torch.float64)
+    cycle = torch.roll(torch.eye(3, dtype=torch.float64), 1, dims=1)  # a cyclic permutation
+    problem = Problem(
+        name="two-rates",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: p["a"] * torch.tanh(z @ p["P"].T) + 1,
+        z0=torch.zeros(2, 3, dtype=torch.float64),
+        params={"a": a, "P": cycle},
+        batched_params=frozenset({"a"}),
+    )
+    result = run(problem, make_solver(solver), StopRule(atol=1e-10, max_iter=1000))
+    assert result.sample_status == [Status.CONVERGED, Status.CONVERGED]
+    fast, slow = result.iterations
+    assert fast < slow
+    assert len({row[0] for row in result.residual_history[fast:]}) == 1
+    z = result.solution
+    final = torch.linalg.vector_norm(z - problem.f(z), dim=1).tolist()
+    assert result.residual_history[-1] == pytest.approx(final, rel=1e-12, abs=1e-300)
+    assert max(final) <= 1e-10
+
+
 def test_divergence_nonfinite_max_iter_and_timeout_statuses() -> None:
     stop = StopRule(atol=1e-12, max_iter=200)
     grow = run(

@@ -49,12 +49,15 @@ class State:
 
     ``z`` and ``g`` are the iterate and its residual, both (batch, n). ``active`` is the (batch,)
     mask of samples still running, set by the driver before each step, so a solver can skip
-    finished samples (line searches, restarts) without tracking stops itself.
+    finished samples (line searches, restarts) without tracking stops itself. ``res`` is ‖g‖ per
+    row when the step has computed it anyway (the driver then reuses it instead of a second pass
+    over g); the driver clears it before each step.
     """
 
     z: torch.Tensor
     g: torch.Tensor
     active: torch.Tensor | None = field(default=None, kw_only=True)
+    res: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -343,7 +346,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             n_active = status.count(None)
             if n_active == 0:
                 break
-        z_prev, g_prev = state.z, state.g
+        z_prev, g_prev, res_prev = state.z, state.g, res
+        state.res = None
         problem.counter.running = active  # a stopped sample's evaluations no longer count
         try:
             state = solver.step(problem, state)
@@ -354,12 +358,14 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             _finish(status, iterations, Status.TIMEOUT, k)
             break
         k += 1
+        res = state.res if state.res is not None else _norms(state.g)
         if n_active < problem.batch:
-            # Converged or failed samples stop changing: restore their rows.
+            # Converged or failed samples stop changing: restore their rows (and their norms).
             keep = active[:, None]
             state.z = torch.where(keep, state.z, z_prev)
             state.g = torch.where(keep, state.g, g_prev)
-        res = _norms(state.g)
+            res = torch.where(active, res, res_prev)
+            state.res = res
         f_norm = _norms(state.z - state.g)
         history.append(k, res, f_norm, _norms(state.z - z_prev), time.perf_counter() - start)
         tail.append(state.z.detach())
