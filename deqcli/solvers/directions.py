@@ -364,13 +364,14 @@ class BroydenDirection(Direction):
     - bad:   H ← H + (s − H y) yᵀ / (yᵀ y)        (the inverse changes least)
 
     An update whose denominator vanishes (relative to its factors) is skipped for that sample.
-    With ``slide`` a full memory drops its oldest term for the new one (limited-memory Broyden as
-    torchdeq keeps it); otherwise it is cleared (the restart reduction). Two line searches in a row without an acceptable step mean the model points the wrong way:
+    A full memory is cleared (the restart reduction), or with ``slide`` drops its oldest term for
+    the new one (torchdeq's limited memory; measured worse once it slides, see docs/solvers.md).
+    Two line searches in a row without an acceptable step mean the model points the wrong way:
     the sample's terms are cleared (H = h0·I again); a sample that fails twice more after that is
     reported as stuck.
     """
 
-    def __init__(self, memory: int, h0: float, update: str, *, slide: bool = True) -> None:
+    def __init__(self, memory: int, h0: float, update: str, *, slide: bool = False) -> None:
         self.memory = memory
         self.h0 = h0
         self.update = update
