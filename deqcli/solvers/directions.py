@@ -249,7 +249,7 @@ class JacobianModel:
             self.pos = 0
             self.uniform = True
             return
-        self.terms = torch.where(rows[:, None, None, None], 0.0, self.terms)
+        self.terms[rows.nonzero().flatten()] = 0.0
         self.count = torch.where(rows, torch.zeros_like(self.count), self.count)
         self.written = torch.where(rows, torch.zeros_like(self.written), self.written)
         self.uniform = False
@@ -269,9 +269,11 @@ class JacobianModel:
             self.kmax = min(self.pos, self.memory)
             self.count.fill_(self.kmax)
         else:
-            slots = torch.arange(self.terms.shape[2], device=self.count.device)
-            hit = (slots[None, :] == (self.written % self.memory)[:, None]) & rows[:, None]
-            self.terms = torch.where(hit[:, None, :, None], new[:, :, None, :], self.terms)
+            # Write only the new terms (a torch.where over the whole memory would read and
+            # rewrite all of it each time, once any sample has stopped or skipped an update).
+            index = rows.nonzero().flatten()
+            slot = (self.written % self.memory).index_select(0, index)
+            self.terms[index, :, slot] = new.index_select(0, index)
             self.written = self.written + rows.to(self.written.dtype)
             self.count = self.written.clamp(max=self.memory)
             self.kmax = int(self.count.max())
@@ -378,6 +380,12 @@ class BroydenDirection(Direction):
         self.slide = slide
         self.model: JacobianModel | None = None
         self.fails: torch.Tensor | None = None
+        # H g at the g of the last proposal, and H g for the two residuals the next proposal can
+        # start from (the trial's, where it was taken, or the old one), so that each iteration
+        # reads the memory twice instead of three times (it is the bulk of the work once the
+        # memory holds hundreds of terms).
+        self._hg: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._next: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """An empty inverse model per sample."""
@@ -385,6 +393,7 @@ class BroydenDirection(Direction):
             z, self.memory, dense=False, h0=self.h0, inverse_only=True, slide=self.slide
         )
         self.fails = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+        self._hg = self._next = None
 
     def propose(
         self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
@@ -392,8 +401,25 @@ class BroydenDirection(Direction):
         """d = −H g; the model's own slope is −‖g‖² (gᵀ J_model d with J_model = H⁻¹)."""
         if self.model is None:
             raise RuntimeError("BroydenDirection.start was not called")
-        d = -self.model.solve(g)
-        return Proposal(d, -(g * g).sum(dim=1))
+        hg = self._known_product(g, active)
+        if hg is None:
+            hg = self.model.solve(g)
+        self._hg = (g, hg)
+        return Proposal(-hg, -(g * g).sum(dim=1))
+
+    def _known_product(self, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor | None:
+        """H g from the last update where every running row's g is one of the two it prepared."""
+        if self._next is None:
+            return None
+        g_trial, hg_trial, g_old, hg_old = self._next
+        self._next = None
+        if g.shape != g_trial.shape:
+            return None
+        same_trial = (g == g_trial).all(dim=1)
+        same_old = (g == g_old).all(dim=1)
+        if not bool((same_trial | same_old | ~active).all()):
+            return None
+        return torch.where(same_trial[:, None], hg_trial, hg_old)
 
     def learn(
         self,
@@ -409,7 +435,14 @@ class BroydenDirection(Direction):
         if model is None or fails is None:
             raise RuntimeError("BroydenDirection.start was not called")
         dg = g_new - g
-        h_dg = model.solve(dg)
+        known = self._hg is not None and self._hg[0] is g
+        if known and self._hg is not None:
+            # H(g_new − g) = H g_new − H g: the product at g is the proposal's.
+            h_gnew = model.solve(g_new)
+            h_g = self._hg[1]
+            h_dg = h_gnew - h_g
+        else:
+            h_dg = model.solve(dg)
         if self.update == "good":
             b = model.solve_t(step)
             denom = (b * dg).sum(dim=1)
@@ -424,10 +457,24 @@ class BroydenDirection(Direction):
         a = (step - h_dg) / safe[:, None]
         fails = torch.where(accepted, torch.zeros_like(fails), fails + active.to(fails.dtype))
         reset = fails == 2
-        model.append(ok & ~reset, a=a, b=b)
+        added = ok & ~reset
+        slides = model.slide and model.kmax >= model.memory
+        model.append(added, a=a, b=b)
         if bool(reset.any()):
             model.clear(reset)
         self.fails = fails
+        self._hg = self._next = None
+        if known and not slides:
+            # The updated H x = H x + a (b·x) on rows that took the term; h0·x on rows whose
+            # memory was just cleared (count 0). A sliding row dropped a term as well: no shortcut.
+            cleared = (model.count == 0)[:, None]
+            take = torch.where(added[:, None], a, 0.0)
+
+            def updated(x: torch.Tensor, hx: torch.Tensor) -> torch.Tensor:
+                hx = hx + take * (b * x).sum(dim=1, keepdim=True)
+                return torch.where(cleared, x * self.h0, hx)
+
+            self._next = (g_new, updated(g_new, h_gnew), g, updated(g, h_g))
 
     def stuck(self) -> torch.Tensor | None:
         """Samples whose reset model failed twice more."""
