@@ -621,6 +621,51 @@ def test_broyden_terminates_on_a_linear_map_with_either_update() -> None:
         _check_linear(_linear(torch.float64), result, 1e-10)
 
 
+def test_broyden_terminates_on_a_near_isometry_within_gays_bound() -> None:
+    # A = 0.999·Q: plain iteration needs about 23,000 steps to 1e-10, a Krylov-type method about
+    # n. The good update on an affine map terminates in at most 2n steps (Gay's theorem) as long
+    # as no term is dropped: the default memory exceeds 2n here, so both globalisations must
+    # stay within 2n + 1 iterations and hit the exact solution.
+    n = 20
+    problem, exact = _linear_layer(0.999 * _haar(n, 3), 2, 4)
+    for options in ({"globalisation": "none"}, {}):
+        result = run(problem, make_solver("broyden", options), StopRule(atol=1e-10, max_iter=400))
+        assert result.status is Status.CONVERGED, options
+        assert max(result.iterations) <= 2 * n + 1, (options, result.iterations)
+        # ‖(I − A)(z − z*)‖ ≤ 1e-10 and σ_min(I − A) = 0.001.
+        torch.testing.assert_close(result.solution, exact, rtol=0, atol=2e-7)
+
+
+def test_broyden_memory_slides_by_dropping_the_oldest_term() -> None:
+    # H = I + Σ aᵢ bᵢᵀ over the last `memory` terms of each sample, whichever samples appended.
+    from deqcli.solvers.directions import JacobianModel
+
+    gen = torch.Generator().manual_seed(5)
+    batch, n, memory = 3, 6, 3
+    model = JacobianModel(
+        torch.zeros(batch, n, dtype=torch.float64),
+        memory,
+        dense=False,
+        inverse_only=True,
+        slide=True,
+    )
+    kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(batch)]
+    masks = [[True, True, True]] * 4 + [[True, False, True], [False, True, True]] * 2 + [[True] * 3]
+    for mask in masks:
+        rows = torch.tensor(mask)
+        a, b = (torch.randn(batch, n, generator=gen, dtype=torch.float64) for _ in range(2))
+        model.append(rows, a=a, b=b)
+        for i in range(batch):
+            if mask[i]:
+                kept[i] = [*kept[i], (a[i], b[i])][-memory:]
+    x = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    expected = torch.stack(
+        [x[i] + sum(ai * (bi @ x[i]) for ai, bi in kept[i]) for i in range(batch)]
+    )
+    torch.testing.assert_close(model.solve(x), expected)
+    assert model.count.tolist() == [memory] * batch
+
+
 def test_newton_krylov_without_a_line_search_takes_the_full_step() -> None:
     solver = make_solver("newton-krylov", {"globalisation": "none"})
     result = run(_tanh(torch.float64), solver, StopRule(atol=1e-10))

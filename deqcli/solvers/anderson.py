@@ -150,6 +150,7 @@ class AndersonMethod(Method):
                 s.recent = torch.roll(s.recent, 1, dims=1)
             s.recent[:, 0] = 0.5 * res.square()
         s.z, s.g, s.f = z_new, g_new, f_new
+        s.res = res
         return s
 
     def _mix(self, s: AndersonState) -> torch.Tensor:

@@ -84,7 +84,6 @@ class AutoState(State):
     progress: StallState
     limits: Limits
     best_z: torch.Tensor  # (B, n) where each sample's smallest ‖g‖ was seen
-    best_g: torch.Tensor  # (B, n)
     z0: torch.Tensor  # (B, n) the run's start
     stage_start: torch.Tensor  # (B,) ‖g‖ where the current preset started
     stage_best: torch.Tensor  # (B,) its smallest ‖g‖ since
@@ -144,7 +143,6 @@ class AutoMethod(Method):
             progress=watch.start(res),
             limits=self.test.start(res),
             best_z=sub_state.z,
-            best_g=sub_state.g,
             z0=z0,
             stage_start=res,
             stage_best=res,
@@ -178,32 +176,48 @@ class AutoMethod(Method):
         z_old = s.sub_state.z
         s.sub_state = s.sub.step(problem, s.sub_state)
         z_new, g_new = s.sub_state.z, s.sub_state.g
-        unchanged = (z_new == z_old).all(dim=1)
-        s.still = torch.where(unchanged, (0 if s.still is None else s.still) + 1, 0)
-        res = torch.linalg.vector_norm(g_new, dim=1)
+        name = s.stages[s.stage]
+        newton = name in NEWTON_STAGES
+        if newton:
+            # Only a line search leaves z where it was; other presets always move.
+            unchanged = (z_new == z_old).all(dim=1)
+            s.still = torch.where(unchanged, (0 if s.still is None else s.still) + 1, 0)
+        res = s.sub_state.res
+        if res is None:
+            res = torch.linalg.vector_norm(g_new, dim=1)
+        # Every test of this iteration is computed first and read back in one host
+        # synchronisation: this runs once per iteration, often with a cheap map. None of the
+        # updates below can mark a failed (diverged or non-finite) residual as an improvement,
+        # so they may precede the switch that such a residual triggers.
         failed = running & self.test.failed(res, s.limits)
-        if bool(failed.any()) and not last:
+        s.stage_best = torch.fmin(s.stage_best, res)  # a NaN row keeps its best
+        improved = res < s.progress.best
+        stalled = running & s.watch.update(s.progress, res)
+        grew = running & (res > self.options.growth * s.progress.best)
+        checks = [failed.any(), improved.all(), improved.any(), grew.any(), stalled.any()]
+        if newton:
+            checks.append((running & (s.still >= FAILED_SEARCHES)).any())
+        flags = torch.stack(checks).tolist()
+        if flags[0] and not last:
             finite = bool(torch.isfinite(res[failed]).all())
             return self._switch(
                 problem,
                 s,
                 "residual beyond the divergence limit" if finite else "non-finite residual",
             )
-
-        s.stage_best = torch.minimum(s.stage_best, res)
-        improved = res < s.progress.best
-        s.best_z = torch.where(improved[:, None], z_new, s.best_z)
-        s.best_g = torch.where(improved[:, None], g_new, s.best_g)
-        stalled = s.watch.update(s.progress, res)
+        if flags[1]:
+            s.best_z = z_new  # steps build new tensors: keeping a reference is a snapshot
+        elif flags[2]:
+            s.best_z = torch.where(improved[:, None], z_new, s.best_z)
         s.z, s.g = z_new, g_new
+        s.res = res
         if last:
             return s
-        if bool((running & (res > self.options.growth * s.progress.best)).any()):
+        if flags[3]:
             return self._switch(problem, s, "residual growth")
-        if bool((running & stalled).any()):
+        if flags[4]:
             return self._switch(problem, s, "no progress")
-        name = s.stages[s.stage]
-        if name in NEWTON_STAGES and bool((running & (s.still >= FAILED_SEARCHES)).any()):
+        if newton and flags[5]:
             return self._switch(problem, s, "the line search found no acceptable step")
         s.stage_k += 1
         if name == "anderson" and self.options.probe and s.probe is None:
@@ -334,7 +348,6 @@ class AutoMethod(Method):
         best = torch.minimum(s.progress.best, res)
         improved = res < s.progress.best
         s.best_z = torch.where(improved[:, None], s.z, s.best_z)
-        s.best_g = torch.where(improved[:, None], s.g, s.best_g)
         s.progress = s.watch.start(res)
         s.progress.best = best
         s.methods.append(name)

@@ -49,12 +49,18 @@ class State:
 
     ``z`` and ``g`` are the iterate and its residual, both (batch, n). ``active`` is the (batch,)
     mask of samples still running, set by the driver before each step, so a solver can skip
-    finished samples (line searches, restarts) without tracking stops itself.
+    finished samples (line searches, restarts) without tracking stops itself. ``res`` (‖g‖),
+    ``f_norm`` (‖f(z)‖) and ``step_norm`` (‖z − z_prev‖) per row are norms the step has computed
+    anyway or knows exactly; the driver reuses them instead of passes of its own over g and z, and
+    clears them before each step.
     """
 
     z: torch.Tensor
     g: torch.Tensor
     active: torch.Tensor | None = field(default=None, kw_only=True)
+    res: torch.Tensor | None = field(default=None, kw_only=True)
+    f_norm: torch.Tensor | None = field(default=None, kw_only=True)
+    step_norm: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -343,7 +349,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             n_active = status.count(None)
             if n_active == 0:
                 break
-        z_prev, g_prev = state.z, state.g
+        z_prev, g_prev, res_prev, f_norm_prev = state.z, state.g, res, f_norm
+        state.res = state.f_norm = state.step_norm = None
         problem.counter.running = active  # a stopped sample's evaluations no longer count
         try:
             state = solver.step(problem, state)
@@ -354,14 +361,19 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             _finish(status, iterations, Status.TIMEOUT, k)
             break
         k += 1
+        res = state.res if state.res is not None else _norms(state.g)
+        f_norm = state.f_norm if state.f_norm is not None else _norms(state.z - state.g)
+        step = state.step_norm if state.step_norm is not None else _norms(state.z - z_prev)
         if n_active < problem.batch:
-            # Converged or failed samples stop changing: restore their rows.
+            # Converged or failed samples stop changing: restore their rows (and their norms).
             keep = active[:, None]
             state.z = torch.where(keep, state.z, z_prev)
             state.g = torch.where(keep, state.g, g_prev)
-        res = _norms(state.g)
-        f_norm = _norms(state.z - state.g)
-        history.append(k, res, f_norm, _norms(state.z - z_prev), time.perf_counter() - start)
+            res = torch.where(active, res, res_prev)
+            f_norm = torch.where(active, f_norm, f_norm_prev)
+            step = torch.where(active, step, 0.0)
+            state.res = res
+        history.append(k, res, f_norm, step, time.perf_counter() - start)
         tail.append(state.z.detach())
         if len(tail) > stop.keep_iterates:
             tail.pop(0)

@@ -110,10 +110,12 @@ class StallWatch:
         """Record new residual norms; return the (B,) mask of samples that have stalled."""
         import torch
 
-        state.best = torch.where(res < state.best, res, state.best)
+        # fmin: a NaN residual leaves the best as it was (this runs every iteration of auto,
+        # so it is kept to a handful of operations).
+        state.best = torch.fmin(state.best, res)
         decreased = res <= self.progress * state.mark
         state.mark = torch.where(decreased, res, state.mark)
-        state.since = torch.where(decreased, torch.zeros_like(state.since), state.since + 1)
+        state.since = torch.where(decreased, 0, state.since + 1)
         return state.since >= self.patience
 
 

@@ -133,8 +133,10 @@ class JacobianModel:
     no Jacobian at all). The rank-one terms are rows of (B, k, n) tensors with a per-sample count,
     so each sample adds, drops and refreshes its own terms. When a sample's ``memory`` terms are
     used up, a dense model folds them into J₀ (one O(n³) refactorisation, the model unchanged);
-    an identity model clears them (Broyden's restart). ``inverse_only`` keeps H alone (a line
-    search needs nothing else), halving the memory.
+    an identity model clears them (Broyden's restart), or with ``slide`` its next term overwrites
+    its oldest (a sliding window: the sum of terms does not depend on their order, so the slots
+    form a ring and nothing is moved). ``inverse_only`` keeps H alone (a line search needs nothing
+    else), halving the memory.
     """
 
     def __init__(
@@ -145,20 +147,28 @@ class JacobianModel:
         dense: bool,
         h0: float = 1.0,
         inverse_only: bool = False,
+        slide: bool = False,
     ) -> None:
         batch, n = z.shape
         self.memory = memory
         self.dense = dense
+        self.slide = slide
         self.h0 = h0
         self.inverse_only = inverse_only
         self.jac0: torch.Tensor | None = None
         self.lu: torch.Tensor | None = None
         self.pivots: torch.Tensor | None = None
         kinds = 2 if inverse_only else 4
-        self.terms = torch.zeros(batch, kinds, memory, n, dtype=z.dtype, device=z.device)
+        # Slots are allocated as they fill (doubling), so a large memory costs nothing up front
+        # to a run that converges in a few iterations.
+        capacity = min(memory, 32)
+        self.terms = torch.zeros(batch, kinds, capacity, n, dtype=z.dtype, device=z.device)
         self.count = torch.zeros(batch, dtype=torch.int64, device=z.device)
+        # Terms written since each row's last clear: the next one goes to slot written % memory.
+        self.written = torch.zeros(batch, dtype=torch.int64, device=z.device)
         self.kmax = 0  # an upper bound on every count (terms beyond a row's count are zero)
-        self.uniform = True  # every row holds exactly kmax terms
+        self.uniform = True  # every row holds exactly kmax terms and has written ``pos``
+        self.pos = 0
 
     # -- rows of terms: c, s (model) and a, b (inverse) ----------------------------------------
     def _rows(self, kind: Literal["c", "s", "a", "b"]) -> torch.Tensor:
@@ -234,28 +244,42 @@ class JacobianModel:
         if bool(rows.all()):
             self.terms.zero_()
             self.count.zero_()
+            self.written.zero_()
             self.kmax = 0
+            self.pos = 0
             self.uniform = True
             return
-        self.terms = torch.where(rows[:, None, None, None], 0.0, self.terms)
+        self.terms[rows.nonzero().flatten()] = 0.0
         self.count = torch.where(rows, torch.zeros_like(self.count), self.count)
+        self.written = torch.where(rows, torch.zeros_like(self.written), self.written)
         self.uniform = False
 
     def append(self, rows: torch.Tensor, **vectors: torch.Tensor) -> None:
         """Add one rank-one term (c, s, a, b as the model keeps) to each row in ``rows``."""
         order = ("a", "b") if self.inverse_only else ("c", "s", "a", "b")
         new = torch.stack([vectors[k] for k in order], dim=1)  # (B, kinds, n)
+        capacity = self.terms.shape[2]
+        if capacity < self.memory and self.kmax >= capacity:
+            more = torch.zeros_like(self.terms[:, :, : min(capacity, self.memory - capacity)])
+            self.terms = torch.cat([self.terms, more], dim=2)
         if self.uniform and bool(rows.all()):
-            self.terms[:, :, self.kmax] = new
-            self.count += 1
-            self.kmax += 1
+            self.terms[:, :, self.pos % self.memory] = new
+            self.pos += 1
+            self.written += 1
+            self.kmax = min(self.pos, self.memory)
+            self.count.fill_(self.kmax)
         else:
-            slots = torch.arange(self.memory, device=self.count.device)
-            hit = (slots[None, :] == self.count[:, None]) & rows[:, None]
-            self.terms = torch.where(hit[:, None, :, None], new[:, :, None, :], self.terms)
-            self.count = self.count + rows.to(self.count.dtype)
+            # Write only the new terms (a torch.where over the whole memory would read and
+            # rewrite all of it each time, once any sample has stopped or skipped an update).
+            index = rows.nonzero().flatten()
+            slot = (self.written % self.memory).index_select(0, index)
+            self.terms[index, :, slot] = new.index_select(0, index)
+            self.written = self.written + rows.to(self.written.dtype)
+            self.count = self.written.clamp(max=self.memory)
             self.kmax = int(self.count.max())
             self.uniform = False
+        if self.slide:
+            return
         full = self.count >= self.memory
         if self.kmax >= self.memory and bool(full.any()):
             self._fold(full)
@@ -342,22 +366,34 @@ class BroydenDirection(Direction):
     - bad:   H ← H + (s − H y) yᵀ / (yᵀ y)        (the inverse changes least)
 
     An update whose denominator vanishes (relative to its factors) is skipped for that sample.
+    A full memory is cleared (the restart reduction), or with ``slide`` drops its oldest term for
+    the new one (torchdeq's limited memory; measured worse once it slides, see docs/solvers.md).
     Two line searches in a row without an acceptable step mean the model points the wrong way:
     the sample's terms are cleared (H = h0·I again); a sample that fails twice more after that is
     reported as stuck.
     """
 
-    def __init__(self, memory: int, h0: float, update: str) -> None:
+    def __init__(self, memory: int, h0: float, update: str, *, slide: bool = False) -> None:
         self.memory = memory
         self.h0 = h0
         self.update = update
+        self.slide = slide
         self.model: JacobianModel | None = None
         self.fails: torch.Tensor | None = None
+        # H g at the g of the last proposal, and H g for the two residuals the next proposal can
+        # start from (the trial's, where it was taken, or the old one), so that each iteration
+        # reads the memory twice instead of three times (it is the bulk of the work once the
+        # memory holds hundreds of terms).
+        self._hg: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._next: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """An empty inverse model per sample."""
-        self.model = JacobianModel(z, self.memory, dense=False, h0=self.h0, inverse_only=True)
+        self.model = JacobianModel(
+            z, self.memory, dense=False, h0=self.h0, inverse_only=True, slide=self.slide
+        )
         self.fails = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+        self._hg = self._next = None
 
     def propose(
         self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
@@ -365,8 +401,25 @@ class BroydenDirection(Direction):
         """d = −H g; the model's own slope is −‖g‖² (gᵀ J_model d with J_model = H⁻¹)."""
         if self.model is None:
             raise RuntimeError("BroydenDirection.start was not called")
-        d = -self.model.solve(g)
-        return Proposal(d, -(g * g).sum(dim=1))
+        hg = self._known_product(g, active)
+        if hg is None:
+            hg = self.model.solve(g)
+        self._hg = (g, hg)
+        return Proposal(-hg, -(g * g).sum(dim=1))
+
+    def _known_product(self, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor | None:
+        """H g from the last update where every running row's g is one of the two it prepared."""
+        if self._next is None:
+            return None
+        g_trial, hg_trial, g_old, hg_old = self._next
+        self._next = None
+        if g.shape != g_trial.shape:
+            return None
+        same_trial = (g == g_trial).all(dim=1)
+        same_old = (g == g_old).all(dim=1)
+        if not bool((same_trial | same_old | ~active).all()):
+            return None
+        return torch.where(same_trial[:, None], hg_trial, hg_old)
 
     def learn(
         self,
@@ -382,7 +435,14 @@ class BroydenDirection(Direction):
         if model is None or fails is None:
             raise RuntimeError("BroydenDirection.start was not called")
         dg = g_new - g
-        h_dg = model.solve(dg)
+        known = self._hg is not None and self._hg[0] is g
+        if known and self._hg is not None:
+            # H(g_new − g) = H g_new − H g: the product at g is the proposal's.
+            h_gnew = model.solve(g_new)
+            h_g = self._hg[1]
+            h_dg = h_gnew - h_g
+        else:
+            h_dg = model.solve(dg)
         if self.update == "good":
             b = model.solve_t(step)
             denom = (b * dg).sum(dim=1)
@@ -397,10 +457,24 @@ class BroydenDirection(Direction):
         a = (step - h_dg) / safe[:, None]
         fails = torch.where(accepted, torch.zeros_like(fails), fails + active.to(fails.dtype))
         reset = fails == 2
-        model.append(ok & ~reset, a=a, b=b)
+        added = ok & ~reset
+        slides = model.slide and model.kmax >= model.memory
+        model.append(added, a=a, b=b)
         if bool(reset.any()):
             model.clear(reset)
         self.fails = fails
+        self._hg = self._next = None
+        if known and not slides:
+            # The updated H x = H x + a (b·x) on rows that took the term; h0·x on rows whose
+            # memory was just cleared (count 0). A sliding row dropped a term as well: no shortcut.
+            cleared = (model.count == 0)[:, None]
+            take = torch.where(added[:, None], a, 0.0)
+
+            def updated(x: torch.Tensor, hx: torch.Tensor) -> torch.Tensor:
+                hx = hx + take * (b * x).sum(dim=1, keepdim=True)
+                return torch.where(cleared, x * self.h0, hx)
+
+            self._next = (g_new, updated(g_new, h_gnew), g, updated(g, h_g))
 
     def stuck(self) -> torch.Tensor | None:
         """Samples whose reset model failed twice more."""

@@ -175,7 +175,7 @@ class BroydenLineSearch(LineSearchMethod):
     def make_direction(self) -> BroydenDirection:
         """Broyden's good or bad inverse update."""
         o: Any = self.options
-        return BroydenDirection(o.memory, o.h0, o.update)
+        return BroydenDirection(o.memory, o.h0, o.update, slide=o.when_full == "slide")
 
 
 class NewtonKrylovMethod(LineSearchMethod):

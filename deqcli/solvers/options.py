@@ -142,17 +142,19 @@ class Broyden(_LineSearchOptions):
     name: ClassVar[str] = "broyden"
     summary: ClassVar[str] = "Broyden's good/bad method, limited memory, capped line search"
     method: ClassVar[str] = "deqcli.solvers.methods:BroydenMethod"
-    memory: int = 30
+    memory: int = 500
+    when_full: Literal["restart", "slide"] = "restart"
     h0: float = 1.0
     update: Literal["good", "bad"] = "good"
     globalisation: Globalisation = "line-search"
     max_backtracks: int = 6
-    window: int = 5
+    window: int = 20
     factor: float = 100.0
 
     def check(self) -> None:
         """Validate memory, update and line-search settings."""
         _at_least("memory", self.memory, 1)
+        _choice("when_full", self.when_full, ("restart", "slide"), self.name)
         if self.h0 <= 0:
             raise ValueError(f"h0: must be > 0, got {self.h0}")
         self._check_line_search()
