@@ -216,8 +216,7 @@ def solution_rows(result: SolveResult) -> list[tuple[str, str]]:
     return [
         (
             "solution",
-            f"‖z*‖ {fmt(norm)}{which}, z* of shape {shape}: [{first}]  "
-            "(--json or --save for all)",
+            f"‖z*‖ {fmt(norm)}{which}, z* of shape {shape}: [{first}]  (--json or --save for all)",
         )
     ]
 
