@@ -32,9 +32,13 @@ DEFAULT_MAX_MEMORY = 4 * 2**30
 DEFAULT_MAX_WORK = 1e8
 
 # Solvers that form dense n×n Jacobians per sample (with working copies: about 3 matrices).
-DENSE_SOLVERS = frozenset({"newton", "trust-region", "scipy:hybr", "scipy:lm"})
+DENSE_SOLVERS = frozenset(
+    {"newton", "trust-region", "levenberg-marquardt", "scipy:hybr", "scipy:lm"}
+)
 # Options that set how many n-vectors a solver stores per sample, and how many per unit.
 VECTOR_OPTIONS = {"m": 2, "memory": 2, "krylov_dim": 1}
+# Of those, the ones allocated as they fill (Broyden's terms), at most one unit per iteration.
+GROWING_OPTIONS = frozenset({"memory"})
 # Iterates, residuals, trial points and temporaries every solver keeps per sample.
 BASE_VECTORS = 8
 
@@ -147,10 +151,8 @@ def solve_bytes(batch: int, n: int, itemsize: int, solver: Solver, stop: StopRul
     """The working set of a solve: iterates, stored vectors, dense Jacobians, histories."""
     # The kept iterates never outnumber the iterations.
     vectors = BASE_VECTORS + min(stop.keep_iterates, stop.max_iter + 1)
-    for option, per in VECTOR_OPTIONS.items():
-        count = getattr(solver, option, None)
-        if isinstance(count, int) and not isinstance(count, bool):
-            vectors += per * count
+    for _option, per, count in _stored_vectors(solver, stop):
+        vectors += per * count
     if solver.name.startswith("torchdeq:"):
         from deqcli.solvers.peers_torchdeq import DEFAULT_MEMORY_CAP, passed_max_iter
 
@@ -168,9 +170,41 @@ def solve_bytes(batch: int, n: int, itemsize: int, solver: Solver, stop: StopRul
     return float(vectors) * batch * n * itemsize + history
 
 
+def _stored_vectors(solver: Solver, stop: StopRule) -> list[tuple[str, int, int]]:
+    """(option, vectors per unit, units) for each option that sets how many vectors are stored.
+
+    Broyden's terms are allocated as they fill, at most one per iteration, so a memory beyond
+    max_iter costs nothing; the others are allocated whole.
+    """
+    out = []
+    for option, per in VECTOR_OPTIONS.items():
+        count = getattr(solver, option, None)
+        if isinstance(count, int) and not isinstance(count, bool):
+            if option in GROWING_OPTIONS:
+                count = min(count, stop.max_iter)
+            out.append((option, per, count))
+    return out
+
+
 def check_solve(
     batch: int, n: int, itemsize: int, solver: Solver, stop: StopRule, limits: Limits
 ) -> None:
-    """Refuse a solve whose working set exceeds run.max_memory, before it starts."""
+    """Refuse a solve whose working set exceeds run.max_memory, before it starts.
+
+    When one option's stored vectors are most of it, the message names that option as the
+    first thing to lower (Broyden's ``memory``, Anderson's ``m``).
+    """
     need = solve_bytes(batch, n, itemsize, solver, stop)
+    if need <= limits.max_memory:
+        return
+    stored = _stored_vectors(solver, stop)
+    option, per, count = max(stored, key=lambda item: item[1] * item[2], default=("", 0, 0))
+    if per * count * batch * n * itemsize > need / 2:
+        raise ConfigError(
+            f"solver.{option}",
+            f"solver {solver.name} on batch {batch} × n {n}: its working arrays need about "
+            f"{format_bytes(need)}, more than run.max_memory = {format_bytes(limits.max_memory)}, "
+            f"most of it the {count} stored terms of solver.{option}; lower solver.{option} or "
+            "raise run.max_memory",
+        )
     limits.check_bytes(need, f"solver {solver.name} on batch {batch} × n {n}: its working arrays")

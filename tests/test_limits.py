@@ -178,6 +178,25 @@ def test_the_solver_s_working_set_is_checked_before_the_solve() -> None:
         solve(cfg)
 
 
+def test_a_working_set_mostly_of_stored_terms_names_the_option_to_lower() -> None:
+    # Broyden's 500 default terms on batch 64 × n 20,000 in float64: 2·min(500, 1000) vectors of
+    # 64·2e4·8 bytes each, about 9.5 GiB of the 9.6 GiB: lower solver.memory first.
+    cfg = parse_config(
+        "problem: {kind: expression, fixed_point: 0.5*z, dim: 20000, batch: 64}\n"
+        "solver: broyden\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        solve(cfg)
+    assert caught.value.key == "solver.memory"
+    assert "the 500 stored terms of solver.memory; lower solver.memory" in str(caught.value)
+    # Terms are allocated as they fill: a run of 50 iterations can store at most 50.
+    small = parse_config(
+        "problem: {kind: expression, fixed_point: 0.5*z, dim: 20000, batch: 64}\n"
+        "solver: broyden\nrun: {max_iter: 50, atol: 1.0e-6}\n"
+    )
+    assert solve(small).status.value == "converged"
+
+
 def test_torchdeq_gets_a_capped_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torchdeq")
     import torchdeq.solver as td
