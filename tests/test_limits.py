@@ -182,8 +182,7 @@ def test_a_working_set_mostly_of_stored_terms_names_the_option_to_lower() -> Non
     # Broyden's 500 default terms on batch 64 × n 20,000 in float64: 2·min(500, 1000) vectors of
     # 64·2e4·8 bytes each, about 9.5 GiB of the 9.6 GiB: lower solver.memory first.
     cfg = parse_config(
-        "problem: {kind: expression, fixed_point: 0.5*z, dim: 20000, batch: 64}\n"
-        "solver: broyden\n"
+        "problem: {kind: expression, fixed_point: 0.5*z, dim: 20000, batch: 64}\nsolver: broyden\n"
     )
     with pytest.raises(ConfigError) as caught:
         solve(cfg)
