@@ -94,13 +94,20 @@ class Limits:
         """The limits of a config's ``run`` section."""
         return cls(max_memory=run.max_memory, max_work=run.max_work)
 
-    def check_bytes(self, need: float, what: str, *, key: str = "run.max_memory") -> None:
-        """Refuse when ``need`` bytes exceed run.max_memory, naming what needs them."""
+    def check_bytes(
+        self,
+        need: float,
+        what: str,
+        *,
+        key: str = "run.max_memory",
+        fix: str = "make the problem smaller",
+    ) -> None:
+        """Refuse when ``need`` bytes exceed run.max_memory, naming what needs them and the fix."""
         if need > self.max_memory:
             raise ConfigError(
                 key,
                 f"{what} need about {format_bytes(need)}, more than run.max_memory = "
-                f"{format_bytes(self.max_memory)}; make the problem smaller or raise run.max_memory",
+                f"{format_bytes(self.max_memory)}; {fix} or raise run.max_memory",
             )
 
     def check_expression(
@@ -195,16 +202,14 @@ def check_solve(
     first thing to lower (Broyden's ``memory``, Anderson's ``m``).
     """
     need = solve_bytes(batch, n, itemsize, solver, stop)
-    if need <= limits.max_memory:
-        return
+    what = f"solver {solver.name} on batch {batch} × n {n}: its working arrays"
     stored = _stored_vectors(solver, stop)
     option, per, count = max(stored, key=lambda item: item[1] * item[2], default=("", 0, 0))
     if per * count * batch * n * itemsize > need / 2:
-        raise ConfigError(
-            f"solver.{option}",
-            f"solver {solver.name} on batch {batch} × n {n}: its working arrays need about "
-            f"{format_bytes(need)}, more than run.max_memory = {format_bytes(limits.max_memory)}, "
-            f"most of it the {count} stored terms of solver.{option}; lower solver.{option} or "
-            "raise run.max_memory",
+        limits.check_bytes(
+            need,
+            what,
+            key=f"solver.{option}",
+            fix=f"most of it the {count} stored terms of solver.{option}; lower solver.{option}",
         )
-    limits.check_bytes(need, f"solver {solver.name} on batch {batch} × n {n}: its working arrays")
+    limits.check_bytes(need, what)

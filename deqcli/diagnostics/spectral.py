@@ -290,16 +290,9 @@ def _residual_sigma_matrix_free(
             out.append({"error": "the Jacobian is not finite here"})
             continue
         # Both are Krylov estimates: σ_max from below, σ_min from above, so cond is a lower bound.
-        smax = max(smax, smin)
+        sv = np.array([max(smax, smin), smin])
         out.append(
-            {
-                "method": low.method,
-                "estimate": True,
-                "products": products,
-                "sigma_max": smax,
-                "sigma_min": smin,
-                "cond": smax / smin if smin > 0 else math.inf,
-            }
+            {"method": low.method, "estimate": True, "products": products, **_conditioning(sv)}
         )
     return out
 
