@@ -82,6 +82,43 @@ def test_execution_flags_are_checked_before_anything_runs(cli, tmp_path: Path) -
     assert len(run.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--workers", "2", "--chunk", "0"],
+            "--chunk: give a number of tasks (1 or more) or 'auto'",
+        ),
+        (["--workers", "2", "--chunk", "some"], "got 'some'"),
+        (["--chunk", "4"], "--chunk groups the tasks sent to Dask; add --workers, --scheduler or"),
+    ],
+)
+def test_the_chunk_flag_is_checked_before_anything_runs(cli, flags: list[str], message: str):
+    for command, args in (("sweep", ["--param", "a=0.5"]), ("compare-solvers", [])):
+        run = cli(command, LINEAR, *args, *flags)
+        assert run.exit_code == 2 and run.stdout == ""
+        assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_group_sizes_follow_the_measured_durations() -> None:
+    pytest.importorskip("distributed")
+    from deqcli.execution.dask_executor import GROUP_SECONDS, IN_FLIGHT, _GroupSizes
+
+    fixed = _GroupSizes(4)
+    assert [fixed.next(left, 2) for left in (100, 5, 3)] == [4, 4, 3]
+    auto = _GroupSizes(None)
+    assert auto.next(300, 2) == 1  # nothing measured yet: one at a time
+    auto.observe(1, 2.0)  # a first task that paid its process's imports
+    assert auto.next(300, 2) == 1
+    for _ in range(20):  # then tasks of 10 ms: the average follows them
+        auto.observe(5, 0.05)
+    assert auto.per_task == pytest.approx(0.01, rel=0.01)
+    assert auto.next(300, 2) == int(GROUP_SECONDS / auto.per_task)
+    # Near the end a group is at most a share of what is left, so the workers end together.
+    assert auto.next(30, 2) == 30 // (IN_FLIGHT * 2)
+    assert auto.next(4, 2) == 1
+
+
 def test_in_process_runs_never_import_dask() -> None:
     code = textwrap.dedent(
         """
@@ -189,11 +226,17 @@ def _dottie_map(folder: Path) -> Path:
 
 
 @pytest.mark.distributed
-def test_sweep_on_workers_matches_in_process(cli, scheduler: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [None, "1", "2"])
+def test_sweep_on_workers_matches_in_process(
+    cli, scheduler: str, tmp_path: Path, chunk: str | None
+) -> None:
     config = CONFIGS / "logistic_sweep.yaml"
     args = ["--param", "r=2.6:3.4:5", "--param", "initial=0.2,0.4,0.6", "--warm-start"]
     here = cli("sweep", config, *args, "--json", tmp_path / "here.json", "-q")
-    there = cli("sweep", config, *args, "--json", tmp_path / "there.json", "--scheduler", scheduler)
+    # Groups of 2 split the rows of 3: a warm start then comes from another group's task.
+    grouping = ["--chunk", chunk] if chunk else []
+    there = cli("sweep", config, *args, "--json", tmp_path / "there.json", "--scheduler", scheduler,
+                *grouping)  # fmt: skip
     assert here.exit_code == there.exit_code == 0, there.stderr
     assert "ran on   Dask (scheduler), 2 workers, 1 torch thread each" in there.stdout
     a = json.loads((tmp_path / "here.json").read_text())
@@ -204,6 +247,7 @@ def test_sweep_on_workers_matches_in_process(cli, scheduler: str, tmp_path: Path
         "scheduler": scheduler,
         "workers": 2,
         "threads_per_worker": 1,
+        "chunk": int(chunk) if chunk else "auto",
     }
     assert untimed(a) == untimed(b) and b["points_done"] == 15
     for point in b["points"]:
@@ -252,6 +296,28 @@ def test_worker_tasks_run_with_one_torch_thread(scheduler: str) -> None:
     assert all(threads == {"torch": 1, "omp": "1"} for threads in seen.values())
 
 
+def _square_or_fail(x: int) -> dict[str, Any]:
+    if x == 3:
+        raise ArithmeticError(f"no square for {x}")
+    return {"square": x * x}
+
+
+@pytest.mark.distributed
+def test_a_task_that_raises_inside_a_group_keeps_the_results_before_it(scheduler: str) -> None:
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    tasks = [Task(x, _square_or_fail, (x,)) for x in range(6)]
+    arrived = []
+    executor = DaskExecutor(ExecutionSettings(scheduler=scheduler, chunk="6"))
+    with executor, pytest.raises(ArithmeticError, match="no square for 3") as raised:
+        for key, result in executor.run(tasks):
+            arrived.append((key, result))
+    assert arrived == [(0, {"square": 0}), (1, {"square": 1}), (2, {"square": 4})]
+    if sys.version_info >= (3, 11):  # the worker's traceback goes with it
+        assert "on the Dask worker" in raised.value.__notes__[0]
+        assert "_square_or_fail" in raised.value.__notes__[0]
+
+
 @pytest.mark.distributed
 def test_workers_read_shipped_copies_of_the_configs_files(scheduler: str, tmp_path: Path) -> None:
     from deqcli.execution.dask_executor import DaskExecutor
@@ -293,9 +359,12 @@ def test_workers_read_shipped_copies_of_the_configs_files(scheduler: str, tmp_pa
 
 
 @pytest.mark.distributed
-def test_a_worker_that_dies_mid_sweep_loses_no_point(cli, scheduler: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", ["auto", "3"])
+def test_a_worker_that_dies_mid_sweep_loses_no_point(
+    cli, scheduler: str, tmp_path: Path, chunk: str
+) -> None:
     config = _dottie_map(tmp_path)
-    args = ["--param", "a=0.5,1.0,1.5", "--trust-code", "--json", "-", "-q"]
+    args = ["--param", "a=0.5,1.0,1.5", "--trust-code", "--json", "-", "-q", "--chunk", chunk]
     run = cli("sweep", config, *args, "--scheduler", scheduler)
     assert (tmp_path / "died").exists()  # a worker did die, in the middle of a task
     assert run.exit_code == 0, run.stderr

@@ -17,6 +17,7 @@ from deqcli.cli import (
     user_errors,
 )
 from deqcli.cli.options import (
+    ChunkOpt,
     ClusterOpt,
     DebugOpt,
     JsonOpt,
@@ -121,6 +122,7 @@ def compare_solvers(
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
     cluster: ClusterOpt = None,
+    chunk: ChunkOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -151,7 +153,7 @@ def compare_solvers(
             save_baseline=save_baseline,
             max_slowdown=max_slowdown,
             debug=debug,
-            execution=ExecutionSettings(workers, scheduler, cluster),
+            execution=ExecutionSettings(workers, scheduler, cluster, chunk),
         )
         outcome = jobs.compare(
             request,

@@ -112,6 +112,16 @@ ClusterOpt = Annotated[
         show_default=False,
     ),
 ]
+ChunkOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--chunk",
+        metavar="N|auto",
+        help="How many tasks travel to Dask together: auto (the default) groups short ones so a "
+        "group takes about 0.25 s; 1 sends each alone.",
+        show_default=False,
+    ),
+]
 TrustCodeOpt = Annotated[
     bool,
     typer.Option(

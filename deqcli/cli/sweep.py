@@ -17,6 +17,7 @@ from deqcli.cli import (
     user_errors,
 )
 from deqcli.cli.options import (
+    ChunkOpt,
     ClusterOpt,
     ConfigArg,
     DebugOpt,
@@ -100,6 +101,7 @@ def sweep(
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
     cluster: ClusterOpt = None,
+    chunk: ChunkOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -127,7 +129,7 @@ def sweep(
             csv_path=csv_path,
             plot=plot,
             diagnostics=not no_diagnostics,
-            execution=ExecutionSettings(workers, scheduler, cluster),
+            execution=ExecutionSettings(workers, scheduler, cluster, chunk),
         )
         outcome = jobs.sweep(
             request,

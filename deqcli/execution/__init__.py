@@ -110,6 +110,15 @@ class Executor:
         raise NotImplementedError
 
 
+def check_order(tasks: Sequence[Task]) -> None:
+    """Every task runs after a task given before it, or after none (ValueError otherwise)."""
+    seen: set[Hashable] = set()
+    for task in tasks:
+        if task.after is not None and task.after not in seen:
+            raise ValueError(f"task {task.key!r} runs after {task.after!r}, not before it")
+        seen.add(task.key)
+
+
 class InProcess(Executor):
     """Every task here, one after the other, in the order given (``files`` are read in place)."""
 
@@ -125,13 +134,12 @@ class InProcess(Executor):
         exclusive: bool = False,
     ) -> Iterator[tuple[Hashable, dict[str, Any] | TaskFailed]]:
         """Run each task in turn; a result is kept only until the task waiting for it has run."""
+        check_order(tasks)
         waiting = Counter(task.after for task in tasks if task.after is not None)
         kept: dict[Hashable, dict[str, Any]] = {}
         for task in tasks:
             kwargs = dict(task.kwargs)
             if task.after is not None:
-                if task.after not in kept:
-                    raise ValueError(f"task {task.key!r} runs after {task.after!r}, not before it")
                 kwargs["previous"] = kept[task.after]
                 waiting[task.after] -= 1
                 if not waiting[task.after]:
@@ -144,11 +152,20 @@ class InProcess(Executor):
 
 @dataclass(frozen=True)
 class ExecutionSettings:
-    """The execution flags: ``--workers N``, ``--scheduler ADDRESS`` or ``--cluster FILE`` (one)."""
+    """The execution flags: ``--workers N``, ``--scheduler ADDRESS`` or ``--cluster FILE`` (one),
+    and ``--chunk`` as given: how many tasks travel to Dask together (a number, or ``auto``)."""
 
     workers: int | None = None
     scheduler: str | None = None
     cluster: Path | None = None
+    chunk: str | None = None
+
+    @property
+    def group_size(self) -> int | None:
+        """Tasks per Dask task from --chunk; None (``auto``, the default): sized from durations."""
+        if self.chunk is None or self.chunk.strip().lower() == "auto":
+            return None
+        return int(self.chunk)
 
     @property
     def distributed(self) -> bool:
@@ -169,6 +186,8 @@ class ExecutionSettings:
         ]
         if len(given) > 1:
             raise UsageError(f"{' and '.join(given)} exclude each other; give one of them")
+        if self.chunk is not None:
+            _check_chunk(self.chunk, distributed=bool(given))
         if not given:
             return None
         flag = given[0]
@@ -191,6 +210,18 @@ class ExecutionSettings:
         return spec
 
 
+def _check_chunk(text: str, *, distributed: bool) -> None:
+    """--chunk is ``auto`` or a whole number ≥ 1, and only means something with Dask."""
+    value = text.strip().lower()
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise UsageError(f"--chunk: give a number of tasks (1 or more) or 'auto', got '{text}'")
+    if not distributed:
+        raise UsageError(
+            "--chunk groups the tasks sent to Dask; add --workers, --scheduler or --cluster, "
+            "or drop it"
+        )
+
+
 def _importable(module: str) -> bool:
     """Whether ``module`` can be imported, without importing it."""
     try:
@@ -202,9 +233,11 @@ def _importable(module: str) -> bool:
 def open_executor(settings: ExecutionSettings | None = None) -> Executor:
     """The executor the settings ask for (in-process without flags); use it as a context manager,
     which starts and stops the Dask client and cluster."""
-    if settings is None or not settings.distributed:
+    if settings is None:
         return InProcess()
     spec = settings.check()
+    if not settings.distributed:
+        return InProcess()
     from deqcli.execution.dask_executor import DaskExecutor
 
     return DaskExecutor(settings, spec)
@@ -218,6 +251,7 @@ __all__ = [
     "InProcess",
     "Task",
     "TaskFailed",
+    "check_order",
     "open_executor",
     "untimed",
 ]

@@ -11,7 +11,12 @@ extra). What it does on top of Dask:
 * files: the bytes of the files the configs name travel once to each worker as a worker plugin
   (Dask also runs it on workers that join later or restart) and land in the worker's content-
   addressed file store (``deqcli.execution.files``); no shared filesystem is needed;
-* results come back in the order tasks finish; a task whose worker died is run again elsewhere by
+* groups: Dask spends a few milliseconds of CPU on every task it runs (scheduling, messages, the
+  result's trip back), in the client's process as well as the worker's. Tasks that take less than
+  about ``GROUP_SECONDS`` therefore travel in groups, one Dask task each, that run their tasks one
+  after the other (``chunk``: ``auto`` sizes them from the durations measured so far, a number fixes
+  the size); groups are submitted as earlier ones come back, so the sizes follow what was measured;
+* results come back in the order tasks finish; a group whose worker died is run again elsewhere by
   Dask (up to ``distributed.scheduler.allowed-failures`` times, then it is a ``TaskFailed``);
   on Ctrl-C the results that have already arrived are handed back before the interrupt goes on.
 """
@@ -20,11 +25,18 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
+import pickle
 import shutil
 import threading
+import time
+import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +44,7 @@ from distributed import Client, KilledWorker, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from deqcli.errors import ConfigError, UsageError
-from deqcli.execution import ExecutionSettings, Executor, Task, TaskFailed
+from deqcli.execution import ExecutionSettings, Executor, Task, TaskFailed, check_order
 from deqcli.execution.files import Blob, digest, store
 
 if TYPE_CHECKING:
@@ -42,6 +54,13 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 20
 # The environment variables that size the thread pools of OpenMP, MKL and OpenBLAS.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+# With chunk "auto", tasks are grouped so that one group takes about this long: long enough that
+# Dask's few milliseconds per task are a small share of it, short enough for a steady progress bar.
+GROUP_SECONDS = 0.25
+# Groups in flight per worker: one running, one queued on the worker, one ready at the scheduler.
+# The groups still to submit are sized from the durations of those that came back.
+IN_FLIGHT = 3
 
 # Dask settings of the workers of a local cluster (--workers N).
 LOCAL_WORKER_CONFIG = {
@@ -71,22 +90,89 @@ def _version() -> str:
     return deqcli.__version__
 
 
-def _call(
-    fn: Callable[..., dict[str, Any]],
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    previous: dict[str, Any] | None,
-    exclusive: bool,
-) -> dict[str, Any]:
-    """What runs on the worker: the task's function, with the result it waited for, pinned."""
+# One task of a group as it travels: key, function, arguments, keywords, the key it runs after.
+_Item = tuple[Hashable, Callable[..., dict[str, Any]], tuple[Any, ...], dict[str, Any], Hashable]
+
+
+@dataclass
+class _Raised:
+    """A task's exception, carried back to the client with the worker's traceback."""
+
+    error: BaseException
+    trace: str
+
+
+def _run_group(
+    items: Sequence[_Item], earlier: Mapping[Hashable, Any], exclusive: bool
+) -> list[tuple[Hashable, Any, float]]:
+    """What runs on the worker: the group's tasks one after the other, pinned, each with the result
+    it waits for (made in this group, or in ``earlier``: ``("result", r)`` when the client had it,
+    ``("group", output)`` when it came from a group still running at submission). Returns
+    ``(key, result, seconds)`` per task; a task that raises ends the group with a ``_Raised``."""
     _pin()
-    call = dict(kwargs)
-    if previous is not None:
-        call["previous"] = previous
-    if not exclusive:
-        return fn(*args, **call)
-    with _EXCLUSIVE:
-        return fn(*args, **call)
+    made: dict[Hashable, Any] = {}
+    out: list[tuple[Hashable, Any, float]] = []
+    for key, fn, args, kwargs, after in items:
+        call = dict(kwargs)
+        if after is not None:
+            previous = made[after] if after in made else _earlier(earlier[after], after)
+            if previous is not None:  # None: the task it waited for was lost with its worker
+                call["previous"] = previous
+        started = time.perf_counter()
+        try:
+            with _EXCLUSIVE if exclusive else nullcontext():
+                result = fn(*args, **call)
+        except Exception as exc:
+            out.append((key, _raised(exc), time.perf_counter() - started))
+            break
+        made[key] = result
+        out.append((key, result, time.perf_counter() - started))
+    return out
+
+
+def _earlier(source: tuple[str, Any], key: Hashable) -> Any:
+    """The result of task ``key`` from what the client passed for it (see ``_run_group``)."""
+    kind, value = source
+    if kind == "result":
+        return value
+    return next(result for made, result, _ in value if made == key)
+
+
+def _raised(exc: Exception) -> _Raised:
+    """The exception as it can travel: itself when it pickles, else a RuntimeError naming it."""
+    trace = traceback.format_exc()
+    try:
+        pickle.dumps(exc)
+    except Exception:  # an exception holding something unpicklable (a lock, a tensor hook, …)
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return _Raised(exc, trace)
+
+
+@dataclass
+class _GroupSizes:
+    """How many tasks the next group gets: ``fixed`` (--chunk N), or, for ``auto``, enough to take
+    about GROUP_SECONDS at the seconds per task measured lately, one until something was measured,
+    and never more than a share of what is left, so the last groups are small and the workers end
+    together."""
+
+    fixed: int | None
+    per_task: float | None = None
+
+    def observe(self, tasks: int, seconds: float) -> None:
+        """A group of ``tasks`` took ``seconds`` on its worker (the average follows recent groups:
+        the first tasks of a process pay its imports and warm-up)."""
+        if tasks:
+            latest = seconds / tasks
+            self.per_task = latest if self.per_task is None else 0.5 * (self.per_task + latest)
+
+    def next(self, left: int, workers: int) -> int:
+        """The size of the next group when ``left`` tasks wait and ``workers`` work."""
+        if self.fixed is not None:
+            return min(self.fixed, left)
+        if self.per_task is None:
+            return 1
+        size = int(GROUP_SECONDS / max(self.per_task, 1e-9))
+        return max(1, min(size, left // (IN_FLIGHT * workers), left))
 
 
 class _PinThreads(WorkerPlugin):
@@ -213,6 +299,7 @@ class DaskExecutor(Executor):
             if self.client is not None:
                 out["workers"] = len(self.client.scheduler_info()["workers"])
         out["threads_per_worker"] = self.threads
+        out["chunk"] = self.settings.group_size or "auto"
         return out
 
     def run(
@@ -222,48 +309,93 @@ class DaskExecutor(Executor):
         files: Mapping[str, Blob] | None = None,
         exclusive: bool = False,
     ) -> Iterator[tuple[Hashable, dict[str, Any] | TaskFailed]]:
-        """Submit every task at once (a task waits on the future of the one it runs after) and yield
-        results as they arrive."""
+        """Submit the tasks in groups (a task waits on the group of the one it runs after) and
+        yield results as they arrive."""
+        check_order(tasks)
         client = self._start()
         shipped = None
         if files:
             shipped = f"deq-files-{digest(''.join(sorted(files)).encode())[:16]}"
             client.register_plugin(_ShipFiles(files), name=shipped)
         prefix = f"deq-{uuid.uuid4().hex[:12]}"
-        futures: dict[Hashable, Any] = {}
-        keys: dict[str, Hashable] = {}
-        for n, task in enumerate(tasks):
-            previous = futures.get(task.after) if task.after is not None else None
-            if task.after is not None and previous is None:
-                raise ValueError(f"task {task.key!r} runs after {task.after!r}, not before it")
-            future = client.submit(
-                _call,
-                task.fn,
-                task.args,
-                dict(task.kwargs),
-                previous,
-                exclusive,
-                key=f"{prefix}-{n}",
-                pure=False,
-            )
-            futures[task.key] = future
-            keys[future.key] = task.key
-        # Results are fetched in the background as tasks finish, so handing them on never waits on
-        # the cluster, and an interrupt finds every result that has arrived already in the queue.
-        pending = as_completed(list(futures.values()), with_results=True, raise_errors=False)
-        # The scheduler keeps a result as long as a task waiting for it needs it; the client lets
-        # each go as soon as it has been handed on.
-        futures.clear()
+        sizes = _GroupSizes(self.settings.group_size)
+        left = list(tasks)
+        left.reverse()  # popped from the end: in the order given
+        # Results that tasks not yet submitted wait for; the group future of those still running.
+        waiting = Counter(task.after for task in tasks if task.after is not None)
+        kept: dict[Hashable, Any] = {}
+        running: dict[Hashable, Any] = {}
+        groups: dict[str, list[Hashable]] = {}  # group future's key -> its tasks' keys
+        pending = as_completed([], with_results=True, raise_errors=False)
+
+        workers = _WorkerCount(client)
+
+        def submit() -> None:
+            """Top the groups in flight up to IN_FLIGHT per worker."""
+            count = workers()
+            while left and len(groups) < IN_FLIGHT * count:
+                group = [left.pop() for _ in range(sizes.next(len(left), count))]
+                inside = {task.key for task in group}
+                earlier: dict[Hashable, Any] = {}
+                for task in group:
+                    after = task.after
+                    if after is None or after in inside:
+                        continue
+                    done = after in kept
+                    earlier[after] = ("result", kept[after]) if done else ("group", running[after])
+                    waiting[after] -= 1
+                    if not waiting[after]:
+                        kept.pop(after, None)
+                        running.pop(after, None)
+                future = client.submit(
+                    _run_group,
+                    [(t.key, t.fn, t.args, dict(t.kwargs), t.after) for t in group],
+                    earlier,
+                    exclusive,
+                    key=f"{prefix}-{len(tasks) - len(left)}",
+                    pure=False,
+                )
+                groups[future.key] = [task.key for task in group]
+                running.update((task.key, future) for task in group if waiting.get(task.key))
+                pending.add(future)
+
+        def arrived(future: Any, result: Any) -> Iterator[tuple[Hashable, Any]]:
+            """The results of one group, its dependants' inputs kept, its measured time noted."""
+            keys = groups.pop(future.key)
+            outcome = _outcome(future, result)
+            if isinstance(outcome, TaskFailed):
+                for key in keys:
+                    if waiting.get(key):  # a task waiting for it starts without it
+                        kept[key] = None
+                        running.pop(key, None)
+                    yield key, outcome
+                return
+            sizes.observe(len(outcome), sum(seconds for _, _, seconds in outcome))
+            for key, value, _ in outcome:
+                if isinstance(value, _Raised):
+                    if hasattr(value.error, "add_note"):  # Python 3.11 and later
+                        value.error.add_note(f"on the Dask worker:\n{value.trace}")
+                    raise value.error
+                if waiting.get(key):
+                    kept[key] = value
+                    running.pop(key, None)
+                yield key, value
+
         try:
+            submit()
+            # Results are fetched in the background as groups finish, so handing them on never
+            # waits on the cluster, and an interrupt finds every result that has arrived already
+            # in the queue.
             for future, result in pending:
-                yield keys.pop(future.key), _outcome(future, result)
+                yield from arrived(future, result)
                 future.release()
+                submit()
         except KeyboardInterrupt:
             # Whatever has arrived is handed back before the interrupt goes on: nothing that a
             # worker completed and sent is lost.
             for future, result in list(pending.queue.queue):
-                if future.key in keys:
-                    yield keys.pop(future.key), _outcome(future, result)
+                if future.key in groups:
+                    yield from arrived(future, result)
             raise
         finally:
             remaining = [future for future, _ in pending.queue.queue] + list(pending.futures)
@@ -271,6 +403,23 @@ class DaskExecutor(Executor):
                 client.cancel(remaining)
             if shipped is not None:
                 client.unregister_worker_plugin(shipped)
+
+
+class _WorkerCount:
+    """The cluster's worker count (at least 1), asked of the scheduler at most once a second:
+    workers of a batch-system cluster join while the tasks run."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.count = 1
+        self.asked = -math.inf
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if now - self.asked >= 1.0:
+            self.asked = now
+            self.count = max(1, int(self.client.scheduler_info(n_workers=0).get("n_workers", 1)))
+        return self.count
 
 
 def _outcome(future: Any, result: Any) -> dict[str, Any] | TaskFailed:
