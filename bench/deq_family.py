@@ -78,7 +78,7 @@ if str(ROOT) not in sys.path:
 from deqcli.api import solve  # noqa: E402
 from deqcli.config import Config  # noqa: E402
 from deqcli.problems.base import Problem  # noqa: E402
-from deqcli.problems.tanh_layer import tanh_layer_map  # noqa: E402
+from deqcli.problems.tanh_layer import tanh_layer_jacobian, tanh_layer_map  # noqa: E402
 from deqcli.solvers import SOLVERS  # noqa: E402
 
 ATOL = 1e-8
@@ -219,6 +219,7 @@ def build_layer(t: LayerType, seed: int, device: torch.device) -> Problem:
         params={"W": w.to(device), "x": x.to(device)},
         description=f"n={t.n}, B={t.batch}, {rho_text}‖W‖₂={norm:.4g}, x scale {t.x_scale:g}",
         batched_params=frozenset({"x"}),
+        jacobian_f=tanh_layer_jacobian,  # as `deq solve` builds a tanh layer
     )
 
 

@@ -230,6 +230,37 @@ def test_linearisation_gives_the_analytic_jacobian_of_a_tanh_layer() -> None:
     torch.testing.assert_close(lin.rmatvec(v), (exact.transpose(1, 2) @ v[..., None])[..., 0])
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_tanh_layer_gives_its_jacobian_in_closed_form(dtype: str) -> None:
+    import dataclasses
+
+    from deqcli.api import load_problem
+    from deqcli.config import parse_config
+
+    text = (
+        "problem:\n  kind: tanh_layer\n  dim: 7\n  input_dim: 4\n  batch: 3\n"
+        "  W: {random: normal, seed: 0, spectral_norm: 0.9}\n  U: {random: normal, seed: 1}\n"
+        "  b: {random: normal, seed: 2}\n  x: {random: normal, seed: 3}\n"
+        "  initial: {random: normal, seed: 4}\n"
+        f"solver: newton\nrun: {{dtype: {dtype}}}\n"
+    )
+    problem = load_problem(parse_config(text))
+    assert problem.jacobian_f is not None
+    by_autograd = dataclasses.replace(problem, jacobian_f=None)
+    z = problem.z0
+    for of in ("g", "f"):
+        value, jac = problem.jacobian(z, of=of)
+        expected_value, expected = by_autograd.jacobian(z, of=of)
+        torch.testing.assert_close(value, expected_value)
+        torch.testing.assert_close(jac, expected)
+    # J_g = I − diag(1 − f²) W, from f = tanh(W z + U x + b) written out here.
+    p = problem.params
+    f = torch.tanh(z @ p["W"].T + p["x"] @ p["U"].T + p["b"])
+    eye = torch.eye(7, dtype=z.dtype)
+    torch.testing.assert_close(problem.jacobian(z)[1], eye - (1 - f**2)[:, :, None] * p["W"])
+    assert problem.counter.njev == [3, 3, 3]  # counted like the autograd Jacobian
+
+
 def test_jacobian_operator_counts_products_for_solvers_only() -> None:
     problem = Problem(
         name="sq",

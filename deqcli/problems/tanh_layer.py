@@ -18,6 +18,14 @@ def tanh_layer_map(z: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tens
     return torch.tanh(pre + p["b"] if "b" in p else pre)
 
 
+def tanh_layer_jacobian(
+    z: torch.Tensor, p: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(z) and J_f(z) = diag(1 − f²) W per sample: one scaling of W's rows, no autograd."""
+    f = tanh_layer_map(z, p)
+    return f, (1 - f * f)[:, :, None] * p["W"]
+
+
 def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
     """Build the layer from its spec; U defaults to the identity when input_dim equals dim."""
     spec = cfg.problem
@@ -74,6 +82,7 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
         structure=structure,
         description=f"z = tanh({formula}), n={n}, batch={batch}, ‖W‖₂={norm:.4g}",
         batched_params=frozenset({"x"}),
+        jacobian_f=tanh_layer_jacobian,
     )
 
 
