@@ -219,7 +219,7 @@ def build_layer(t: LayerType, seed: int, device: torch.device) -> Problem:
         params={"W": w.to(device), "x": x.to(device)},
         description=f"n={t.n}, B={t.batch}, {rho_text}‖W‖₂={norm:.4g}, x scale {t.x_scale:g}",
         batched_params=frozenset({"x"}),
-        jacobian_f=tanh_layer_jacobian,  # as `deq solve` builds a tanh layer
+        row_scaled_jacobian=tanh_layer_jacobian,  # as `deq solve` builds a tanh layer
     )
 
 

@@ -17,6 +17,7 @@ from deqcli.linalg import (
     FunctionOperator,
     Linearisation,
     NormalOperator,
+    RowScaledJacobian,
     ShiftedOperator,
     arnoldi,
     gmres,
@@ -245,20 +246,34 @@ def test_the_tanh_layer_gives_its_jacobian_in_closed_form(dtype: str) -> None:
         f"solver: newton\nrun: {{dtype: {dtype}}}\n"
     )
     problem = load_problem(parse_config(text))
-    assert problem.jacobian_f is not None
-    by_autograd = dataclasses.replace(problem, jacobian_f=None)
+    assert problem.row_scaled_jacobian is not None
+    by_autograd = dataclasses.replace(problem, row_scaled_jacobian=None)
     z = problem.z0
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(5)).to(z.dtype)
     for of in ("g", "f"):
         value, jac = problem.jacobian(z, of=of)
         expected_value, expected = by_autograd.jacobian(z, of=of)
         torch.testing.assert_close(value, expected_value)
         torch.testing.assert_close(jac, expected)
+        # The operator: products without a graph, the same as autodiff's linearisation.
+        op = jacobian_operator(problem, z, of=of)
+        lin = jacobian_operator(by_autograd, z, of=of)
+        assert isinstance(op, RowScaledJacobian) and isinstance(lin, Linearisation)
+        torch.testing.assert_close(op.value, lin.value)
+        torch.testing.assert_close(op.matvec(v), lin.matvec(v))
+        torch.testing.assert_close(op.rmatvec(v), lin.rmatvec(v))
+        torch.testing.assert_close(op.dense(), expected)
+        active = torch.tensor([True, False, True])
+        torch.testing.assert_close(
+            op.with_active(active).matvec(v)[1], torch.zeros(7, dtype=z.dtype)
+        )
     # J_g = I − diag(1 − f²) W, from f = tanh(W z + U x + b) written out here.
     p = problem.params
     f = torch.tanh(z @ p["W"].T + p["x"] @ p["U"].T + p["b"])
     eye = torch.eye(7, dtype=z.dtype)
     torch.testing.assert_close(problem.jacobian(z)[1], eye - (1 - f**2)[:, :, None] * p["W"])
     assert problem.counter.njev == [3, 3, 3]  # counted like the autograd Jacobian
+    assert problem.counter.jvp == [4, 4, 4] and problem.counter.vjp == [2, 2, 2]
 
 
 def test_jacobian_operator_counts_products_for_solvers_only() -> None:

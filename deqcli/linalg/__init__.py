@@ -21,6 +21,7 @@ from deqcli.linalg.operators import (
     Linearisation,
     LinearOperator,
     NormalOperator,
+    RowScaledJacobian,
     ShiftedOperator,
     jacobian_operator,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "LinearOperator",
     "Linearisation",
     "NormalOperator",
+    "RowScaledJacobian",
     "ShiftedOperator",
     "SingularEstimate",
     "arnoldi",

@@ -13,6 +13,9 @@ Operators:
   graph of the VJP (Jv = ∂/∂u ⟨Jᵀu, v⟩, exact because Jᵀu is linear in u). Neither imports
   torch.func (whose first use imports torch._dynamo) nor seeds autograd with a tensor
   ``grad_outputs`` (whose first use imports sympy): both cost seconds in a fresh process.
+- ``RowScaledJacobian``: J_f = diag(s) W per row, or J_g = I − J_f, for maps that say their
+  Jacobian has that form (an activation of an affine map, such as the tanh layer): each product
+  is one matmul, with no graph kept.
 - ``FunctionOperator``: any pair of callables.
 - ``ShiftedOperator``: α·I + β·A; ``NormalOperator``: AᵀA.
 
@@ -106,6 +109,48 @@ class DenseOperator(LinearOperator):
         if self.active is None:
             return self.matrix
         return torch.where(self.active[:, None, None], self.matrix, 0.0)
+
+
+class RowScaledJacobian(LinearOperator):
+    """J_f = diag(s) W per row (s of shape (B, n), W (n, n) shared), or J_g = I − J_f with
+    ``residual``; ``value`` is the map's value at the point, as a Linearisation's is."""
+
+    def __init__(
+        self,
+        value: torch.Tensor,
+        scale: torch.Tensor,
+        weight: torch.Tensor,
+        *,
+        residual: bool,
+        on_product: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(value.shape[0], value.shape[1], value.dtype, value.device)
+        self.value = value
+        self.scale = scale
+        self.weight = weight
+        self.residual = residual
+        self._on_product = on_product
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if self._on_product is not None:
+            self._on_product("jvp")
+        jv = self.scale * (v @ self.weight.mT)
+        return v - jv if self.residual else jv
+
+    def _rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        if self._on_product is not None:
+            self._on_product("vjp")
+        ju = (u * self.scale) @ self.weight
+        return u - ju if self.residual else ju
+
+    def dense(self) -> torch.Tensor:
+        """diag(s) W (or I − diag(s) W) for every row (masked rows zeroed)."""
+        mat = self.scale[:, :, None] * self.weight
+        if self.residual:
+            mat = torch.eye(self.dim, dtype=self.dtype, device=self.device) - mat
+        if self.active is None:
+            return mat
+        return torch.where(self.active[:, None, None], mat, 0.0)
 
 
 class FunctionOperator(LinearOperator):
@@ -284,17 +329,27 @@ def jacobian_operator(
     of: Literal["g", "f"] = "g",
     counted: bool = True,
     params: dict[str, torch.Tensor] | None = None,
-) -> Linearisation:
+) -> Linearisation | RowScaledJacobian:
     """The Jacobian of the problem's residual g (or map f) at ``z`` as an operator.
 
     ``counted``: every product bumps the problem's ``jvp``/``vjp`` counter (a solver's products);
     analyses pass False so a solve's counts stay the solver's own. ``params`` replaces the
-    problem's parameters (for tiled copies of a batch).
+    problem's parameters (for tiled copies of a batch). A problem that gives its Jacobian in
+    closed form (``row_scaled_jacobian``) gets that, else autodiff's linearisation.
     """
+    bump = (lambda kind: problem.counter.bump(kind)) if counted else None
+    if problem.row_scaled_jacobian is not None:
+        from deqcli.deadline import checkpoint
+
+        checkpoint()  # as every evaluation of the map does
+        f, scale, weight = problem.row_scaled_jacobian(
+            z, problem.params if params is None else params
+        )
+        value = f if of == "f" else z - f
+        return RowScaledJacobian(value, scale, weight, residual=of == "g", on_product=bump)
     raw = problem.raw_g if of == "g" else problem.raw_f
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return raw(x, params)
 
-    bump = (lambda kind: problem.counter.bump(kind)) if counted else None
     return Linearisation(fn, z, on_product=bump)

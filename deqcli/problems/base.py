@@ -26,9 +26,9 @@ from deqcli.result import Counts
 
 Form = Literal["fixed_point", "residual"]
 BatchedFunc = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
-# (z, params) -> (f(z), J_f(z)): the fixed-point map and its per-sample Jacobian (batch, n, n).
-BatchedJacobian = Callable[
-    [torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+# (z, params) -> (f(z), s, W) with J_f(z) = diag(s) W per sample: s (batch, n), W (n, n) shared.
+RowScaledJacobian = Callable[
+    [torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ]
 
 # Jacobians of up to this many rows are pulled back row by row (see _reverse).
@@ -105,8 +105,9 @@ class Problem:
     """A batch of fixed-point problems z = f(z) (equivalently roots of g(z) = z − f(z)).
 
     ``func`` computes the map in the problem's own ``form``: f for ``fixed_point``, g for ``residual``.
-    ``jacobian_f``, where a problem kind knows its Jacobian in closed form, gives f and J_f exactly
-    for far less than autograd's n pull-backs (the tanh layer: O(n²) per sample instead of O(n³)).
+    ``row_scaled_jacobian``, for maps that are an activation of an affine map (the tanh layer),
+    gives f and J_f = diag(s) W in closed form: a dense Jacobian is one scaling of W (O(n²) per
+    sample instead of autograd's n pull-backs, O(n³)) and a Jacobian-vector product one matmul.
     """
 
     name: str
@@ -119,7 +120,7 @@ class Problem:
     description: str = ""
     batched_params: frozenset[str] = frozenset()
     state_shape: tuple[int, ...] | None = None
-    jacobian_f: BatchedJacobian | None = None
+    row_scaled_jacobian: RowScaledJacobian | None = None
     counter: Counter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -214,9 +215,10 @@ class Problem:
         self.check_dense_fits()
         self.counter.bump("njev")
         n = self.dim
-        if self.jacobian_f is not None:
+        if self.row_scaled_jacobian is not None:
             checkpoint()
-            f, jac_f = self.jacobian_f(z, self.params)
+            f, scale, weight = self.row_scaled_jacobian(z, self.params)
+            jac_f = scale[:, :, None] * weight
             if of == "f":
                 return f, jac_f
             eye = torch.eye(n, dtype=jac_f.dtype, device=jac_f.device)

@@ -20,10 +20,10 @@ def tanh_layer_map(z: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tens
 
 def tanh_layer_jacobian(
     z: torch.Tensor, p: Mapping[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(z) and J_f(z) = diag(1 − f²) W per sample: one scaling of W's rows, no autograd."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f(z), and J_f(z) = diag(1 − f²) W per sample as its row scales 1 − f² and W."""
     f = tanh_layer_map(z, p)
-    return f, (1 - f * f)[:, :, None] * p["W"]
+    return f, 1 - f * f, p["W"]
 
 
 def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
@@ -82,7 +82,7 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
         structure=structure,
         description=f"z = tanh({formula}), n={n}, batch={batch}, ‖W‖₂={norm:.4g}",
         batched_params=frozenset({"x"}),
-        jacobian_f=tanh_layer_jacobian,
+        row_scaled_jacobian=tanh_layer_jacobian,
     )
 
 
