@@ -193,6 +193,27 @@ def test_gmres_per_row_tolerances() -> None:
     assert int(res.iterations[0]) < int(res.iterations[1])
 
 
+def test_gmres_counts_the_products_each_row_needed_alone() -> None:
+    # Rows that converge at different steps share every batched product, but each row's
+    # ``products`` is what it uses solved alone (its steps and its residual recomputations), with
+    # and without the final true residual and across restarts.
+    n = 12
+    mats = torch.eye(n, dtype=F64) + 0.4 * _random(4, n, 0) / math.sqrt(n)
+    mats[1] = torch.eye(n, dtype=F64)  # one step
+    rhs = torch.randn(4, n, generator=torch.Generator().manual_seed(1), dtype=F64)
+    rhs[2] = 0.0  # no step at all
+    for options in (
+        {"true_residual": False, "restart": 50},
+        {"true_residual": True, "restart": 50},
+        {"true_residual": True, "restart": 4},
+    ):
+        res = gmres(DenseOperator(mats), rhs, rtol=1e-10, **options)
+        assert res.products.tolist()[2] == 0 and int(res.products.max()) <= res.matvecs
+        for r in range(4):
+            alone = gmres(DenseOperator(mats[r : r + 1]), rhs[r : r + 1], rtol=1e-10, **options)
+            assert int(res.products[r]) == int(alone.products[0]) == alone.matvecs, (options, r)
+
+
 # -- operators -------------------------------------------------------------------------------------
 
 

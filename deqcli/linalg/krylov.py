@@ -45,6 +45,9 @@ class KrylovResult:
     stagnated: torch.Tensor  # (B,) stopped early: a cycle made no progress, or rounding level
     iterations: torch.Tensor  # (B,) Krylov steps each row took (int64)
     matvecs: int  # batched products with A used (each advances every row)
+    # (B,) products each row needed (int64): its Krylov steps and the residuals recomputed while
+    # it was open; what the row alone would have used, for counting per sample.
+    products: torch.Tensor
 
 
 def _orthogonalise(
@@ -100,11 +103,13 @@ def gmres(
     bnorm = _norms(b)
     target = torch.clamp_min(rtol * bnorm, atol)
     used = 0
+    products = torch.zeros(batch, dtype=torch.int64, device=device)
     if x0 is None:
         r = b.clone()
     else:
         r = b - op.matvec(x)
         used += 1
+        products += 1 if active is None else active.to(torch.int64)
     beta = _norms(r)
     open_ = torch.isfinite(beta) & (beta > target)
     if active is not None:
@@ -128,6 +133,7 @@ def gmres(
             direction = apply_m(basis[:, j])
             w = op.matvec(direction)
             used += 1
+            products += live.to(torch.int64)
             size = _norms(w)
             # ‖A M⁻¹v‖/‖M⁻¹v‖ ≤ ‖A‖: the scale of rounding in A x, for the attainable accuracy.
             seen = torch.nan_to_num(size / _norms(direction).clamp_min(tiny))
@@ -184,6 +190,9 @@ def gmres(
             break
         r = b - op.matvec(x)
         used += 1
+        # Alone, a row whose estimate met its target would have stopped before this product
+        # (unless the true residual is asked for).
+        products += (open_ & (true_residual | (estimate > target))).to(torch.int64)
         new_beta = _norms(r)
         floor = ATTAINABLE * eps * (anorm * _norms(x) + bnorm)
         stuck = open_ & ((new_beta >= beta) | (new_beta <= floor)) & (new_beta > target)
@@ -192,7 +201,7 @@ def gmres(
         open_ &= torch.isfinite(beta) & (beta > target) & ~stuck
     rel = torch.where(bnorm == 0, torch.zeros_like(beta), beta / bnorm.clamp_min(tiny))
     converged = beta <= target
-    return KrylovResult(x, rel, converged, stagnated, steps, used)
+    return KrylovResult(x, rel, converged, stagnated, steps, used, products)
 
 
 # -- Arnoldi ----------------------------------------------------------------------------------
