@@ -3,7 +3,8 @@
 - ``line_search``: backtracking along a direction d with the Armijo test on φ = ½‖g‖²,
   φ(z + αd) ≤ φ_ref + c·α·∇φᵀd, trial lengths from a safeguarded quadratic model of φ(α).
 - ``dogleg``: the minimiser of the linear model ‖g + J p‖ on the dogleg path inside the scaled
-  ball ‖D p‖ ≤ Δ (Powell's hybrid method, as MINPACK's hybrj computes it).
+  ball ‖D p‖ ≤ Δ (Powell's hybrid method, as MINPACK's hybrj computes it); ``dogleg_path`` also
+  says how the step combines the Newton step and the gradient (for the matrix-free model).
 - ``damped_step``: the Levenberg–Marquardt step (JᵀJ + λD²) p = −Jᵀg from an SVD of J D⁻¹, so
   every λ costs O(n²) once J is factored, and no normal equations are formed.
 
@@ -95,6 +96,23 @@ def line_search(
     )
 
 
+@dataclass
+class DoglegPath:
+    """The dogleg step per sample and how it is made of the Newton step and the gradient.
+
+    ``step`` = ``along_newton``·newton + ``along_unit``·unit, so J·step is the same combination of
+    J·newton and ``j_unit`` = J·unit: a caller that knows J·newton (a matrix-free method: one
+    product per Newton step) gets the model's value at the step without another product.
+    """
+
+    step: torch.Tensor  # (B, n)
+    along_newton: torch.Tensor  # (B,)
+    along_unit: torch.Tensor  # (B,)
+    unit: torch.Tensor  # (B, n) D⁻²Jᵀg/‖D⁻¹Jᵀg‖, so ‖D unit‖ = 1 (zero where Jᵀg = 0)
+    j_unit: torch.Tensor  # (B, n) J·unit
+    cauchy_length: torch.Tensor  # (B,) σ: the Cauchy point is −σ·unit
+
+
 def dogleg(
     newton: torch.Tensor,
     grad: torch.Tensor,
@@ -102,7 +120,18 @@ def dogleg(
     diag: torch.Tensor,
     radius: torch.Tensor,
 ) -> torch.Tensor:
-    """The dogleg step per sample for min ‖g + J p‖ subject to ‖D p‖ ≤ Δ.
+    """The dogleg step per sample for min ‖g + J p‖ subject to ‖D p‖ ≤ Δ (see ``dogleg_path``)."""
+    return dogleg_path(newton, grad, j_dir, diag, radius).step
+
+
+def dogleg_path(
+    newton: torch.Tensor,
+    grad: torch.Tensor,
+    j_dir: torch.Tensor,
+    diag: torch.Tensor,
+    radius: torch.Tensor,
+) -> DoglegPath:
+    """The dogleg step per sample for min ‖g + J p‖ subject to ‖D p‖ ≤ Δ, with its make-up.
 
     ``newton`` is the (Gauss–)Newton step −J⁻¹g, ``grad`` = Jᵀg, ``diag`` the scaling D and
     ``j_dir`` = J D⁻² Jᵀg. In the scaled variable q = D p the steepest-descent direction is
@@ -129,14 +158,22 @@ def dogleg(
     disc = torch.sqrt((b.square() - 4 * a * cc).clamp_min(0))
     tau = torch.where(
         b >= 0, -2 * cc / (b + disc).clamp_min(tiny), (disc - b) / (2 * a).clamp_min(tiny)
-    )
-    blend = cauchy + tau.clamp(0, 1)[:, None] * (newton - cauchy)
+    ).clamp(0, 1)
+    blend = cauchy + tau[:, None] * (newton - cauchy)
     steepest = -radius[:, None] * unit
     step = torch.where((sgnorm >= radius)[:, None], steepest, blend)
-    shortened = (radius / qnorm.clamp_min(tiny))[:, None] * newton
-    step = torch.where((gnorm == 0)[:, None], shortened, step)
+    along_newton = torch.where(sgnorm >= radius, 0.0, tau)
+    along_unit = torch.where(sgnorm >= radius, -radius, -(1 - tau) * sgnorm)
+    shrink = radius / qnorm.clamp_min(tiny)
+    flat = gnorm == 0
+    step = torch.where(flat[:, None], shrink[:, None] * newton, step)
+    along_newton = torch.where(flat, shrink, along_newton)
+    along_unit = torch.where(flat, 0.0, along_unit)
     inside = (qnorm <= radius) & torch.isfinite(qnorm)
-    return torch.where(inside[:, None], newton, step)
+    step = torch.where(inside[:, None], newton, step)
+    along_newton = torch.where(inside, 1.0, along_newton)
+    along_unit = torch.where(inside, 0.0, along_unit)
+    return DoglegPath(step, along_newton, along_unit, unit, j_unit, sgnorm)
 
 
 @dataclass
