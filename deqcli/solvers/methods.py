@@ -207,6 +207,94 @@ def BroydenMethod(options: Solver) -> Method:
 # -- Jacobian model × dogleg trust region (Powell's hybrid, hybrj) --------------------------------
 
 
+def _ratio(
+    fnorm: torch.Tensor, fnorm1: torch.Tensor, model: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hybrj's ratio of actual to predicted reduction of ‖g‖², both relative to ‖g‖²; and the actual.
+
+    ``fnorm`` is ‖g‖ at z, ``fnorm1`` at the trial point, ``model`` the model's ‖g + J p‖. No
+    reduction (or a non-finite one) counts as −1 actual, 0 predicted, and the ratio is then 0.
+    """
+    tiny = torch.finfo(fnorm.dtype).tiny
+    safe_f = fnorm.clamp_min(tiny)
+    actred = torch.where(fnorm1 < fnorm, 1 - (fnorm1 / safe_f).square(), -1.0)
+    prered = torch.where(model < fnorm, 1 - (model / safe_f).square(), 0.0)
+    ratio = torch.where(prered > 0, actred / prered.clamp_min(tiny), 0.0)
+    ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
+    return ratio, actred
+
+
+def _next_radius(
+    ratio: torch.Tensor,
+    radius: torch.Tensor,
+    pnorm: torch.Tensor,
+    ncsuc: torch.Tensor,
+    ncfail: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hybrj's radius rule and its success/failure counters: (Δ, ncsuc, ncfail) after this step."""
+    success = ratio >= POOR
+    ncfail = torch.where(success, torch.zeros_like(ncfail), ncfail + 1)
+    ncsuc = torch.where(success, ncsuc + 1, torch.zeros_like(ncsuc))
+    grown = torch.where(
+        success & ((ratio >= 0.5) | (ncsuc > 1)), torch.maximum(radius, 2 * pnorm), radius
+    )
+    grown = torch.where(success & ((ratio - 1).abs() <= POOR), 2 * pnorm, grown)
+    return torch.where(success, grown, 0.5 * radius), ncsuc, ncfail
+
+
+def _slow_counts(
+    actred: torch.Tensor, jeval: torch.Tensor, nslow1: torch.Tensor, nslow2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hybrj's progress counters: iterations since a 0.1 % fall of ‖g‖², Jacobians since a 10 % one."""
+    nslow1 = torch.where(actred >= 1e-3, torch.zeros_like(nslow1), nslow1 + 1)
+    nslow2 = torch.where(jeval, nslow2 + 1, nslow2)
+    nslow2 = torch.where(actred >= POOR, torch.zeros_like(nslow2), nslow2)
+    return nslow1, nslow2
+
+
+def _stop_reason(
+    radius: torch.Tensor,
+    pnorm: torch.Tensor,
+    xnorm: torch.Tensor,
+    nslow1: torch.Tensor,
+    nslow2: torch.Tensor,
+) -> torch.Tensor:
+    """hybrj's termination tests per sample: 3 radius at rounding level relative to ‖D z‖
+    (``xnorm``), 4 five Jacobians without a 10 % fall, 5 ten iterations without 0.1 %; else 0."""
+    eps = torch.finfo(radius.dtype).eps
+    tiny_radius = POOR * torch.maximum(POOR * radius, pnorm) <= eps * xnorm
+    return torch.where(tiny_radius, 3, torch.where(nslow2 >= 5, 4, torch.where(nslow1 >= 10, 5, 0)))
+
+
+def _report_stops(
+    result: SolveResult,
+    why: torch.Tensor,
+    radius: torch.Tensor,
+    models: str,
+    taken: torch.Tensor,
+) -> None:
+    """``result.extra["trust_region"]`` and a note naming the samples hybrj's tests stopped.
+
+    ``models`` names what the method counts per sample in ``taken`` (Jacobians, linearisations).
+    """
+    reasons = {
+        3: "the trust radius fell to rounding level relative to ‖D z‖",
+        4: f"five {models} in a row without a 10 % fall of ‖g‖²",
+        5: "ten iterations in a row without a 0.1 % fall of ‖g‖²",
+    }
+    codes = why.tolist()
+    result.extra["trust_region"] = {
+        models: taken.tolist(),
+        "radius": radius.tolist(),
+        "stopped": [reasons.get(w) for w in codes],
+    }
+    stopped = [b for b, w in enumerate(codes) if w and result.sample_status[b].value == "stalled"]
+    if stopped:
+        shown = ", ".join(f"{b} ({reasons[codes[b]]})" for b in stopped[:4])
+        more = ", …" if len(stopped) > 4 else ""
+        result.notes.append(f"trust-region stopped sample(s) {shown}{more}")
+
+
 @dataclass
 class TrustRegionState(State):
     """Per-sample model, scaling, radius and hybrj's counters."""
@@ -306,8 +394,6 @@ class TrustRegionMethod(Method):
         """One dogleg step per sample with hybrj's radius, acceptance and refresh rules."""
         s = state
         active = _running(s)
-        eps = torch.finfo(s.z.dtype).eps
-        tiny = torch.finfo(s.z.dtype).tiny
         fresh, jac = _refresh_rows(problem, s, self.scaling)
         if jac is not None:
             s.model.set_jacobian(fresh, jac)
@@ -329,38 +415,17 @@ class TrustRegionMethod(Method):
 
         z_try = s.z + p
         g_try = problem.g(z_try)
-        fnorm = row_norms(s.g)
         fnorm1 = row_norms(g_try)
-        safe_f = fnorm.clamp_min(tiny)
-        actred = torch.where(fnorm1 < fnorm, 1 - (fnorm1 / safe_f).square(), -1.0)
         j_p = model.apply(p)
-        temp = row_norms(s.g + j_p)
-        prered = torch.where(temp < fnorm, 1 - (temp / safe_f).square(), 0.0)
-        ratio = torch.where(prered > 0, actred / prered.clamp_min(tiny), 0.0)
-        ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))
-
-        success = ratio >= POOR
-        ncfail = torch.where(success, torch.zeros_like(s.ncfail), s.ncfail + 1)
-        ncsuc = torch.where(success, s.ncsuc + 1, torch.zeros_like(s.ncsuc))
-        grown = torch.where(
-            success & ((ratio >= 0.5) | (ncsuc > 1)), torch.maximum(radius, 2 * pnorm), radius
-        )
-        grown = torch.where(success & ((ratio - 1).abs() <= POOR), 2 * pnorm, grown)
-        radius = torch.where(success, grown, 0.5 * radius)
+        ratio, actred = _ratio(row_norms(s.g), fnorm1, row_norms(s.g + j_p))
+        radius, ncsuc, ncfail = _next_radius(ratio, radius, pnorm, s.ncsuc, s.ncfail)
         accept = (ratio >= ACCEPT) & torch.isfinite(fnorm1)
-
-        nslow1 = torch.where(actred >= 1e-3, torch.zeros_like(s.nslow1), s.nslow1 + 1)
-        nslow2 = torch.where(s.jeval, s.nslow2 + 1, s.nslow2)
-        nslow2 = torch.where(actred >= POOR, torch.zeros_like(nslow2), nslow2)
+        nslow1, nslow2 = _slow_counts(actred, s.jeval, s.nslow1, s.nslow2)
 
         keep = accept[:, None]
         z_new = torch.where(keep, z_try, s.z)
         g_new = torch.where(keep, g_try, s.g)
-        xnorm = row_norms(s.diag * z_new)
-        tiny_radius = POOR * torch.maximum(POOR * radius, pnorm) <= eps * xnorm
-        why = torch.where(
-            tiny_radius, 3, torch.where(nslow2 >= 5, 4, torch.where(nslow1 >= 10, 5, 0))
-        )
+        why = _stop_reason(radius, pnorm, row_norms(s.diag * z_new), nslow1, nslow2)
         newly = active & (why > 0) & ~s.stuck
         s.why = torch.where(newly, why, s.why)
         s.stuck = s.stuck | newly
@@ -415,22 +480,7 @@ class TrustRegionMethod(Method):
 
     def finish(self, state: TrustRegionState, result: SolveResult) -> None:  # type: ignore[override]
         """Jacobians per sample and hybrj's reason for the samples it stopped."""
-        reasons = {
-            3: "the trust radius fell to rounding level relative to ‖D z‖",
-            4: "five Jacobians in a row without a 10 % fall of ‖g‖²",
-            5: "ten iterations in a row without a 0.1 % fall of ‖g‖²",
-        }
-        why = state.why.tolist()
-        result.extra["trust_region"] = {
-            "jacobians": state.jacobians.tolist(),
-            "radius": state.radius.tolist(),
-            "stopped": [reasons.get(w) for w in why],
-        }
-        stopped = [b for b, w in enumerate(why) if w and result.sample_status[b].value == "stalled"]
-        if stopped:
-            shown = ", ".join(f"{b} ({reasons[why[b]]})" for b in stopped[:4])
-            more = ", …" if len(stopped) > 4 else ""
-            result.notes.append(f"trust-region stopped sample(s) {shown}{more}")
+        _report_stops(result, state.why, state.radius, "jacobians", state.jacobians)
 
 
 # -- exact Jacobians × Levenberg–Marquardt --------------------------------------------------------
