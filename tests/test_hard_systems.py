@@ -186,3 +186,64 @@ def test_each_sample_of_a_batch_follows_the_path_it_follows_alone(system: str, s
         # products may commit differently.
         np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=ATOL)
         torch.testing.assert_close(together.solution[b], alone.solution[0], rtol=1e-8, atol=1e-11)
+
+
+# -- the matrix-free trust region (newton-krylov × trust region) -----------------------------
+
+KRYLOV_TR = {"globalisation": "trust-region"}
+
+
+@pytest.mark.parametrize(
+    "system", ["rosenbrock", "helical-valley", "brown-almost-linear", "variably-dimensioned"]
+)
+def test_krylov_trust_region_reaches_known_roots_without_a_jacobian(system: str) -> None:
+    result = solve(system, "newton-krylov", **KRYLOV_TR)
+    assert result.status is Status.CONVERGED, result.sample_status
+    known = torch.tensor(BY_NAME[system].root, dtype=torch.float64)
+    # Simple roots: the residual bounds the error through σ_min(J) ≥ 1e-2.
+    assert float((result.solution[0] - known).abs().max()) <= 1e-7
+    assert result.counts.totals()["njev"] == 0
+
+
+def test_krylov_trust_region_reaches_powell_singulars_singular_root() -> None:
+    # J is singular at the root 0: linear convergence, and ‖g‖ ≤ 1e-10 bounds the error by about
+    # √1e-10 (as for the dense methods).
+    result = solve("powell-singular", "newton-krylov", **KRYLOV_TR)
+    assert result.status is Status.CONVERGED
+    assert float(result.solution.abs().max()) <= 1e-4
+    assert result.counts.totals()["njev"] == 0
+
+
+def test_krylov_trust_region_reuses_its_products_after_a_rejected_step() -> None:
+    # Rosenbrock from 10·x0 rejects some steps. A rejected step changes only the radius: GMRES
+    # runs once per point (once at z₀ and once after each accepted step but the last) and the
+    # gradient Jᵀg (one VJP) at most once per point.
+    result = solve("rosenbrock", "newton-krylov", 10.0, **KRYLOV_TR)
+    assert result.status is Status.CONVERGED
+    moved = [row[0] > 0 for row in result.step_history[: result.nit - 1]]
+    assert not all(moved)  # some step was rejected
+    linearisations = result.extra["trust_region"]["linearisations"][0]
+    assert linearisations == 1 + sum(moved)
+    assert 0 < result.counts.vjp[0] <= linearisations
+    assert result.counts.njev[0] == 0
+
+
+@pytest.mark.parametrize("system", ["rosenbrock", "helical-valley"])
+def test_krylov_trust_region_batch_follows_each_samples_own_path(system: str) -> None:
+    # As the test above for the other solvers, and the counts too: a product is counted only
+    # for the samples it is made for, so each sample's JVPs and VJPs are those it has alone.
+    scales = (1.0, 10.0, 100.0)
+    stop = StopRule(atol=ATOL, max_iter=60)
+    together = run(BY_NAME[system].batch(scales), make_solver("newton-krylov", KRYLOV_TR), stop)
+    assert len(set(together.iterations)) > 1  # the samples stop at different iterations
+    for b, scale in enumerate(scales):
+        alone = run(BY_NAME[system].problem(scale), make_solver("newton-krylov", KRYLOV_TR), stop)
+        assert together.sample_status[b] is alone.sample_status[0]
+        assert together.iterations[b] == alone.iterations[0]
+        k = alone.iterations[0]
+        mine = [row[b] for row in together.residual_history[: k + 1]]
+        theirs = [row[0] for row in alone.residual_history[: k + 1]]
+        np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=ATOL)
+        torch.testing.assert_close(together.solution[b], alone.solution[0], rtol=1e-8, atol=1e-11)
+        for kind in ("nfev", "jvp", "vjp", "njev"):
+            assert getattr(together.counts, kind)[b] == getattr(alone.counts, kind)[0], kind

@@ -301,6 +301,68 @@ def test_newton_krylov_solves_a_linear_map_in_one_exact_step() -> None:
     np.testing.assert_allclose(result.solution[1].numpy(), _EXACT, atol=1e-11, rtol=0)
 
 
+KRYLOV_TR = {"globalisation": "trust-region"}
+
+
+def test_krylov_trust_region_takes_the_full_newton_step_on_a_linear_map() -> None:
+    # Δ₀ = 100·max(‖z₀‖, 1) holds the Newton step of both starts, and with η = 1e-13 GMRES solves
+    # the 5 × 5 system to rounding: one step lands on the exact solution. The step lies inside
+    # the region, so no Cauchy point is needed: JVPs only (GMRES and J p_N), no VJP, no Jacobian.
+    problem = _linear(torch.float64)
+    solver = make_solver("newton-krylov", {**KRYLOV_TR, "forcing": "constant", "eta": 1e-13})
+    result = run(problem, solver, StopRule(atol=1e-11))
+    assert result.status is Status.CONVERGED and result.nit == 1
+    exact = torch.linalg.solve(
+        torch.eye(5, dtype=torch.float64) - problem.params["A"], problem.params["c"]
+    )
+    for row in result.solution:
+        torch.testing.assert_close(row, exact, rtol=0, atol=1e-10)
+    totals = result.counts.totals()
+    assert totals["njev"] == totals["vjp"] == 0 and totals["jvp"] > 0
+    assert result.extra["trust_region"]["linearisations"] == [1, 1]
+
+
+def test_krylov_trust_region_with_ew_forcing_solves_a_linear_map() -> None:
+    result = run(_linear(torch.float64), make_solver("newton-krylov", KRYLOV_TR), StopRule())
+    assert result.status is Status.CONVERGED and result.counts.totals()["njev"] == 0
+    _check_linear(_linear(torch.float64), result, 1e-10)
+
+
+def test_krylov_trust_region_cuts_the_first_step_to_the_radius() -> None:
+    # factor 0.05: Δ₀ = 0.05 (z₀ = 0) and 0.05·√5 (z₀ = 1), both shorter than the Newton step to
+    # the solution, so the first step is the dogleg step on the boundary: of length exactly Δ₀.
+    # It needs the gradient Jᵀg (one VJP per sample) for the Cauchy point.
+    problem = _linear(torch.float64)
+    solver = make_solver("newton-krylov", {**KRYLOV_TR, "factor": 0.05})
+    result = run(problem, solver, StopRule(atol=1e-12))
+    assert result.status is Status.CONVERGED
+    assert result.step_history[0] == pytest.approx([0.05, 0.05 * math.sqrt(5)], rel=1e-12)
+    assert all(n >= 1 for n in result.counts.vjp) and result.counts.totals()["njev"] == 0
+    _check_linear(problem, result, 1e-12)
+
+
+def test_krylov_trust_region_follows_a_scalar_linear_map_along_its_radius() -> None:
+    # g(z) = 3z − 6 from z₀ = 10 with factor 0.1: Δ₀ = 1 and the Newton step is −8. In one
+    # dimension the Cauchy point is the Newton point, so each step goes to the boundary; the
+    # model is exact (ratio 1), so hybrj's rule sets Δ = 2‖p‖: steps 1, 2, 4, then the last 1.
+    problem = scalar_problem("residual", lambda z: 3 * z - 6, [10.0], torch.float64)
+    result = run(problem, make_solver("newton-krylov", {**KRYLOV_TR, "factor": 0.1}), StopRule())
+    assert result.status is Status.CONVERGED and result.nit == 4
+    assert [row[0] for row in result.step_history] == pytest.approx([1, 2, 4, 1], rel=1e-12)
+    assert float(result.solution[0, 0]) == pytest.approx(2.0, abs=1e-12)
+
+
+def test_krylov_trust_region_reports_a_collapsed_region_as_stalled() -> None:
+    # g(z) = z² + 1 has no real root (see the dense trust region's test): the sample stalls at
+    # the minimum of ½‖g‖², z = 0, with every iterate finite.
+    problem = scalar_problem("residual", lambda z: z**2 + 1, [1.0], torch.float64)
+    result = run(problem, make_solver("newton-krylov", KRYLOV_TR), StopRule(max_iter=200))
+    assert result.status is Status.STALLED and result.nit < 200
+    assert abs(float(result.solution[0, 0])) < 1e-6
+    assert result.extra["trust_region"]["stopped"][0] is not None
+    assert any(note.startswith("trust-region stopped sample(s) 0") for note in result.notes)
+
+
 def test_broyden_needs_no_derivatives_and_respects_its_memory() -> None:
     solver = make_solver("broyden", {"memory": 3})
     problem = _chandrasekhar(torch.float64)
@@ -458,9 +520,10 @@ def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
         ),
         (
             "newton-krylov",
-            {"globalisation": "trust-region"},
-            "solver.globalisation: solver 'newton-krylov' supports line-search, none",
+            {"globalisation": "levenberg-marquardt"},
+            "solver.globalisation: solver 'newton-krylov' supports line-search, trust-region, none",
         ),
+        ("newton-krylov", {"factor": 0}, "solver.factor: must be > 0"),
         ("newton", {"step_max": 0}, "solver.step_max: must be > 0"),
         ("levenberg-marquardt", {"damping": 0}, "solver.damping: must be > 0"),
         ("ptc", {"dt0": -1}, "solver.dt0: must be > 0"),

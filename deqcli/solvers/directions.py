@@ -10,18 +10,22 @@ method guarantees), which the line search's Armijo test needs. ``JacobianModel``
 Jacobian model (dense or identity start, low-rank Broyden terms, and its inverse) that the trust
 region and Broyden's method share. Everything here is per sample: no sample's state depends on
 another's, so a batch follows the same path as its samples solved one by one.
+
+``KrylovDirection.solve`` (the GMRES alone, on an operator the caller built) and
+``jacobian_products`` (products counted per sample) serve the matrix-free trust region too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from deqcli.linalg import gmres, jacobian_operator
+from deqcli.linalg import FunctionOperator, KrylovResult, LinearOperator, gmres, jacobian_operator
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
@@ -59,6 +63,31 @@ def jacobian_rows(problem: Problem, z: torch.Tensor, rows: torch.Tensor) -> torc
     for b in index.tolist():
         problem.counter.bump("njev", rows=b)
     return out
+
+
+def jacobian_products(problem: Problem, op: LinearOperator, rows: torch.Tensor) -> LinearOperator:
+    """``op`` (an uncounted linearisation of the problem) for the rows in ``rows`` alone, counted.
+
+    As ``jacobian_rows`` does for dense Jacobians: a JVP or VJP is counted only for the samples it
+    is made for (the other rows' products are zeros), so a sample's counts do not depend on what
+    the other samples of its batch need.
+    """
+    inner = op.with_active(rows)
+    index = rows.nonzero().flatten().tolist()
+
+    def counted(
+        kind: str, product: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            for b in index:
+                problem.counter.bump(kind, rows=b)
+            return product(v)
+
+        return apply
+
+    like = torch.empty(op.batch, op.dim, dtype=op.dtype, device=op.device)
+    out = FunctionOperator(counted("jvp", inner.matvec), like, counted("vjp", inner.rmatvec))
+    return out.with_active(rows)
 
 
 def solve_newton(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -507,9 +536,16 @@ class KrylovDirection(Direction):
 
         The slope bound: gᵀJd = −‖g‖² + gᵀr ≤ −(1 − ρ)‖g‖² with ρ = ‖J d + g‖/‖g‖ reached.
         """
+        op = jacobian_operator(problem, z).with_active(active)
+        res = self.solve(op, g, active)
+        reached = torch.clamp(res.residual, max=1.0)
+        slope = -(1 - reached) * (g * g).sum(dim=1)
+        return Proposal(res.x, slope)
+
+    def solve(self, op: LinearOperator, g: torch.Tensor, active: torch.Tensor) -> KrylovResult:
+        """GMRES on ``op`` d = −g for the rows in ``active``, to each row's forcing term."""
         if self.eta is None:
             raise RuntimeError("KrylovDirection.start was not called")
-        op = jacobian_operator(problem, z).with_active(active)
         res = gmres(
             op,
             -g,
@@ -520,9 +556,7 @@ class KrylovDirection(Direction):
             true_residual=False,
         )
         self.inner = int(res.iterations.max()) if res.iterations.numel() else 0
-        reached = torch.clamp(res.residual, max=1.0)
-        slope = -(1 - reached) * (g * g).sum(dim=1)
-        return Proposal(res.x, slope)
+        return res
 
     def learn(
         self,
@@ -536,12 +570,22 @@ class KrylovDirection(Direction):
         """Update the forcing term from the residual reduction of this iteration."""
         if self.forcing != "ew" or self.eta is None:
             return
+        # A rejected step leaves z where it was: a tighter solve gives a truer Newton direction.
+        tighter = torch.clamp_min(0.1 * self.eta, torch.finfo(self.eta.dtype).eps)
+        self.eta = torch.where(accepted, self._next_eta(g, g_new), tighter)
+
+    def force(self, g: torch.Tensor, g_new: torch.Tensor, rows: torch.Tensor) -> None:
+        """The Eisenstat–Walker update for the rows in ``rows`` only (the others keep theirs)."""
+        if self.forcing != "ew" or self.eta is None:
+            return
+        self.eta = torch.where(rows, self._next_eta(g, g_new), self.eta)
+
+    def _next_eta(self, g: torch.Tensor, g_new: torch.Tensor) -> torch.Tensor:
+        if self.eta is None:
+            raise RuntimeError("KrylovDirection.start was not called")
         old = row_norms(g)
         ratio = row_norms(g_new) / old.clamp_min(torch.finfo(old.dtype).tiny)
         eta = 0.9 * ratio.square()
         floor = 0.9 * self.eta.square()
         eta = torch.where(floor > 0.1, torch.maximum(eta, floor), eta)
-        eta = torch.nan_to_num(eta, nan=self.eta_max).clamp(max=self.eta_max)
-        # A rejected step leaves z where it was: a tighter solve gives a truer Newton direction.
-        tighter = torch.clamp_min(0.1 * self.eta, torch.finfo(eta.dtype).eps)
-        self.eta = torch.where(accepted, eta, tighter)
+        return torch.nan_to_num(eta, nan=self.eta_max).clamp(max=self.eta_max)

@@ -3,11 +3,13 @@
 - ``LineSearchMethod``: any direction × the capped backtracking line search (or none).
 - ``TrustRegionMethod``: a Jacobian model × Powell's dogleg trust region, step for step the
   rules of MINPACK's hybrj, per sample.
+- ``KrylovTrustRegionMethod``: GMRES on JVPs × the dogleg (a Krylov dogleg, matrix-free), with
+  hybrj's rules where they apply.
 - ``LevenbergMarquardtMethod``: exact Jacobians × Levenberg–Marquardt damping.
 
 The presets are thin: ``NewtonMethod`` is NewtonDirection × line search, ``BroydenMethod`` is
 BroydenDirection × line search, ``NewtonKrylovMethod`` is KrylovDirection × line search; a
-preset's ``globalisation`` option picks another pairing (``NewtonMethod``, ``BroydenMethod``). Every per-sample
+preset's ``globalisation`` option picks another pairing (all three). Every per-sample
 quantity (radius, damping, failure counters, Jacobian refreshes, model terms) is per sample, so a
 batch of B problems follows, sample by sample, the path each would follow alone.
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deqcli.linalg import LinearOperator, jacobian_operator
 from deqcli.solvers.base import Method, State
 from deqcli.solvers.directions import (
     BroydenDirection,
@@ -27,6 +30,7 @@ from deqcli.solvers.directions import (
     KrylovDirection,
     NewtonDirection,
     cap_steps,
+    jacobian_products,
     jacobian_rows,
     row_norms,
 )
@@ -34,6 +38,7 @@ from deqcli.solvers.globalisation import (
     Factored,
     damped_step,
     dogleg,
+    dogleg_path,
     factor_scaled,
     line_search,
 )
@@ -178,8 +183,8 @@ class BroydenLineSearch(LineSearchMethod):
         return BroydenDirection(o.memory, o.h0, o.update, slide=o.when_full == "slide")
 
 
-class NewtonKrylovMethod(LineSearchMethod):
-    """newton-krylov: KrylovDirection × line search."""
+class KrylovLineSearch(LineSearchMethod):
+    """newton-krylov × line search: KrylovDirection × the capped Armijo search (or none)."""
 
     def make_direction(self) -> KrylovDirection:
         """GMRES on JVPs with the configured forcing."""
@@ -195,6 +200,13 @@ def NewtonMethod(options: Solver) -> Method:
     if chosen == "levenberg-marquardt":
         return LevenbergMarquardtMethod(options)
     return NewtonLineSearch(options)
+
+
+def NewtonKrylovMethod(options: Solver) -> Method:
+    """newton-krylov with its ``globalisation``: line search (default), trust region or none."""
+    if options.effective_globalisation() == "trust-region":  # type: ignore[attr-defined]
+        return KrylovTrustRegionMethod(options)
+    return KrylovLineSearch(options)
 
 
 def BroydenMethod(options: Solver) -> Method:
@@ -481,6 +493,197 @@ class TrustRegionMethod(Method):
     def finish(self, state: TrustRegionState, result: SolveResult) -> None:  # type: ignore[override]
         """Jacobians per sample and hybrj's reason for the samples it stopped."""
         _report_stops(result, state.why, state.radius, "jacobians", state.jacobians)
+
+
+# -- Newton–Krylov × dogleg trust region (matrix-free) -------------------------------------------
+
+
+@dataclass
+class KrylovTrustRegionState(State):
+    """Per-sample radius, hybrj's counters, and the products at z that rejected steps re-use."""
+
+    radius: torch.Tensor  # (B,) Δ, a bound on ‖p‖
+    ncsuc: torch.Tensor  # (B,) consecutive successful steps (ratio ≥ 0.1)
+    ncfail: torch.Tensor  # (B,) consecutive failures (ratio < 0.1)
+    nslow1: torch.Tensor  # (B,) iterations since ‖g‖² last fell by 0.1 %
+    nslow2: torch.Tensor  # (B,) linearisations since it last fell by 10 %
+    stuck: torch.Tensor  # (B,) hybrj would stop here (info 3, 4 or 5)
+    why: torch.Tensor  # (B,) which test: 0 none, 3 radius at rounding level, 4 and 5 slow
+    newton: torch.Tensor  # (B, n) the inexact Newton step p_N at z (GMRES)
+    j_newton: torch.Tensor  # (B, n) J p_N
+    grad: torch.Tensor  # (B, n) Jᵀg at z (where ``cauchy``)
+    j_grad: torch.Tensor  # (B, n) J Jᵀg
+    solved: torch.Tensor  # (B,) newton and j_newton belong to the current z
+    cauchy: torch.Tensor  # (B,) grad and j_grad belong to the current z
+    linearisations: torch.Tensor  # (B,) GMRES solves (one per point where a step was accepted)
+
+
+class KrylovTrustRegionMethod(Method):
+    """newton-krylov × trust region: a Krylov dogleg on JVPs and VJPs (Brown & Saad 1990).
+
+    Per sample and iteration, at a point z where no step has been accepted yet:
+
+    - the inexact Newton step p_N from one GMRES cycle on J p = −g (JVPs, Eisenstat–Walker
+      forcing as in the line-search pairing), and J p_N (one more JVP) for the model;
+    - only when p_N leaves the ball ‖p‖ ≤ Δ (or is not finite): the gradient Jᵀg (one VJP) and
+      J Jᵀg (one JVP), which give the Cauchy point;
+    - the dogleg step of ``dogleg_path`` with D = I. It is a combination of p_N and Jᵀg, so J p
+      is the same combination of the known products: the model ‖g + J p‖ costs no product. When
+      the Cauchy point (cut to the ball) has the smaller model value — p_N is inexact, so the
+      dogleg path need not descend the model all the way — it is taken instead, which keeps the
+      Cauchy decrease that trust-region convergence rests on;
+    - one evaluation of g at z + p, and hybrj's rules on the ratio of actual to predicted
+      reduction of ‖g‖² (``TrustRegionMethod``): the same radius growth, acceptance at
+      ratio ≥ 10⁻⁴, and stop tests (reported to the driver as stalled), a "Jacobian" there being
+      a linearisation here.
+
+    A rejected step changes only Δ: the next trial re-uses p_N and the Cauchy data at z (no
+    product at all unless the smaller Δ first needs the Cauchy point). Where p_N is inexact,
+    two of hybrj's rules are adapted (each comment says why): a failure halves min(Δ, ‖p‖)
+    rather than Δ, and there is no Δ ≤ ‖p‖ cap before the first acceptance; and the "five
+    Jacobians without a 10 % fall" test counts only linearisations whose full p_N was tried.
+    Products are counted only for the samples they are made for (GMRES's as each sample needed
+    them), so a sample's counts are those it has alone. D = I: MINPACK's column norms of J would
+    take n products. Δ₀ = ``factor``·‖z₀‖ (``factor`` when z₀ = 0).
+    """
+
+    def __init__(self, options: Solver) -> None:
+        super().__init__(options)
+        o: Any = options
+        self.factor = o.factor
+        self.direction = KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max)
+
+    def init(self, problem: Problem, z0: torch.Tensor) -> KrylovTrustRegionState:
+        """Evaluate g(z0); the starting radii; nothing solved yet."""
+        g0 = problem.g(z0)
+        self.direction.start(problem, z0, g0)
+        batch = z0.shape[0]
+        zeros = torch.zeros(batch, dtype=torch.int64, device=z0.device)
+        flags = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        radius = self.factor * row_norms(z0)
+        radius = torch.where(radius == 0, torch.full_like(radius, self.factor), radius)
+        return KrylovTrustRegionState(
+            z=z0,
+            g=g0,
+            radius=radius,
+            ncsuc=zeros.clone(),
+            ncfail=zeros.clone(),
+            nslow1=zeros.clone(),
+            nslow2=zeros.clone(),
+            stuck=flags.clone(),
+            why=zeros.clone(),
+            newton=torch.zeros_like(z0),
+            j_newton=torch.zeros_like(z0),
+            grad=torch.zeros_like(z0),
+            j_grad=torch.zeros_like(z0),
+            solved=flags.clone(),
+            cauchy=flags.clone(),
+            linearisations=zeros.clone(),
+        )
+
+    def observe(self, state: KrylovTrustRegionState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
+        """Samples hybrj's tests would stop: no further progress possible or made."""
+        return state.stuck & active
+
+    def step(self, problem: Problem, state: KrylovTrustRegionState) -> KrylovTrustRegionState:  # type: ignore[override]
+        """One Krylov dogleg step per sample with hybrj's radius and acceptance rules."""
+        s = state
+        active = _running(s)
+        tiny = torch.finfo(s.z.dtype).tiny
+        # One linearisation of g at z serves every product of this step (all rows are at z).
+        built: list[LinearOperator] = []
+
+        def linearisation() -> LinearOperator:
+            if not built:
+                built.append(jacobian_operator(problem, s.z, counted=False))
+            return built[0]
+
+        solve = active & ~s.solved
+        if bool(solve.any()):
+            res = self.direction.solve(linearisation().with_active(solve), s.g, solve)
+            # GMRES's products counted per sample: those each sample needed (alone, it would
+            # have stopped at its own tolerance), not every batched product.
+            for b, k in enumerate(res.products.tolist()):
+                if k:
+                    problem.counter.bump("jvp", rows=b, times=k)
+            newton = res.x
+            op = jacobian_products(problem, linearisation(), solve)
+            keep = solve[:, None]
+            s.newton = torch.where(keep, newton, s.newton)
+            s.j_newton = torch.where(keep, op.matvec(newton), s.j_newton)
+            s.solved = s.solved | solve
+            s.linearisations = s.linearisations + solve.to(s.linearisations.dtype)
+        usable = torch.isfinite(s.newton).all(dim=1) & torch.isfinite(s.j_newton).all(dim=1)
+        outside = row_norms(s.newton) > s.radius
+        need = active & ~s.cauchy & (outside | ~usable)
+        if bool(need.any()):
+            op = jacobian_products(problem, linearisation(), need)
+            grad = op.rmatvec(s.g)
+            keep = need[:, None]
+            s.grad = torch.where(keep, grad, s.grad)
+            s.j_grad = torch.where(keep, op.matvec(grad), s.j_grad)
+            s.cauchy = s.cauchy | need
+        # Without a finite Newton step the dogleg runs from the Cauchy point −(‖Jᵀg‖²/‖JJᵀg‖²)Jᵀg.
+        lost = active & ~usable
+        if bool(lost.any()):
+            length = s.grad.square().sum(dim=1) / s.j_grad.square().sum(dim=1).clamp_min(tiny)
+            length = torch.nan_to_num(length, nan=0.0, posinf=0.0)[:, None]
+            s.newton = torch.where(lost[:, None], -length * s.grad, s.newton)
+            s.j_newton = torch.where(lost[:, None], -length * s.j_grad, s.j_newton)
+
+        path = dogleg_path(s.newton, s.grad, s.j_grad, torch.ones_like(s.z), s.radius)
+        p = path.step
+        j_p = path.along_newton[:, None] * s.j_newton + path.along_unit[:, None] * path.j_unit
+        c_len = torch.minimum(path.cauchy_length, s.radius)[:, None]
+        p_c, j_c = -c_len * path.unit, -c_len * path.j_unit
+        cauchy_better = s.cauchy & (row_norms(s.g + j_c) < row_norms(s.g + j_p))
+        p = torch.where(cauchy_better[:, None], p_c, p)
+        j_p = torch.where(cauchy_better[:, None], j_c, j_p)
+        p = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0)
+        pnorm = row_norms(p)
+        newton_step = (path.along_newton == 1) & (path.along_unit == 0) & ~cauchy_better
+
+        z_try = s.z + p
+        g_try = problem.g(z_try)
+        fnorm, fnorm1 = row_norms(s.g), row_norms(g_try)
+        ratio, actred = _ratio(fnorm, fnorm1, row_norms(s.g + j_p))
+        radius, ncsuc, ncfail = _next_radius(ratio, s.radius, pnorm, s.ncsuc, s.ncfail)
+        # A failure halves min(Δ, ‖p‖), not Δ: the same p_N is re-used, so halving a Δ that
+        # exceeds 2‖p‖ would try the very same point again (hybrj's model changes after every
+        # step and its first step, an exact Newton step, sets Δ ≤ ‖p‖; an inexact first step
+        # from a one-vector Krylov space is no measure of the distance to a root).
+        radius = torch.where(ratio < POOR, 0.5 * torch.minimum(s.radius, pnorm), radius)
+        accept = active & (ratio >= ACCEPT) & torch.isfinite(fnorm1)
+        # hybrj's "five Jacobians without a 10 % fall" counts fresh linearisations whose own
+        # Newton step was tried in full: a step cut to the ball says the radius, not the model,
+        # limited the progress (the radius and 0.1 % tests still catch a real stall there).
+        nslow1, nslow2 = _slow_counts(actred, solve & newton_step, s.nslow1, s.nslow2)
+
+        keep = accept[:, None]
+        z_new = torch.where(keep, z_try, s.z)
+        g_new = torch.where(keep, g_try, s.g)
+        why = _stop_reason(radius, pnorm, row_norms(z_new), nslow1, nslow2)
+        newly = active & (why > 0) & ~s.stuck
+        s.why = torch.where(newly, why, s.why)
+        s.stuck = s.stuck | newly
+
+        # η from ‖g‖ at the new point over ‖g‖ where p_N was solved for (rejected steps keep z).
+        self.direction.force(s.g, g_new, accept)
+        # A new point needs a new Newton step and new Cauchy data; a rejected step keeps both.
+        s.solved = s.solved & ~accept
+        s.cauchy = s.cauchy & ~accept
+        s.radius = torch.where(active, radius, s.radius)
+        s.ncsuc = torch.where(active, ncsuc, s.ncsuc)
+        s.ncfail = torch.where(active, ncfail, s.ncfail)
+        s.nslow1 = torch.where(active, nslow1, s.nslow1)
+        s.nslow2 = torch.where(active, nslow2, s.nslow2)
+        s.z, s.g = z_new, g_new
+        s.res = torch.where(accept, fnorm1, fnorm)
+        return s
+
+    def finish(self, state: KrylovTrustRegionState, result: SolveResult) -> None:  # type: ignore[override]
+        """GMRES solves per sample and hybrj's reason for the samples it stopped."""
+        _report_stops(result, state.why, state.radius, "linearisations", state.linearisations)
 
 
 # -- exact Jacobians × Levenberg–Marquardt --------------------------------------------------------

@@ -170,7 +170,8 @@ class Broyden(_LineSearchOptions):
 
 @dataclass
 class NewtonKrylov(_LineSearchOptions):
-    """Jacobian-free inexact Newton: GMRES on JVPs, Eisenstat–Walker forcing."""
+    """Jacobian-free inexact Newton: GMRES on JVPs, Eisenstat–Walker forcing; line search by
+    default, or a Krylov dogleg trust region (``globalisation: trust-region``)."""
 
     name: ClassVar[str] = "newton-krylov"
     summary: ClassVar[str] = "Jacobian-free Newton–Krylov (GMRES on JVPs)"
@@ -180,14 +181,18 @@ class NewtonKrylov(_LineSearchOptions):
     eta: float = 0.5
     eta_max: float = 0.9
     globalisation: Globalisation = "line-search"
+    factor: float = 100.0
 
     def check(self) -> None:
-        """Validate the Krylov, forcing and line-search settings."""
+        """Validate the Krylov, forcing, line-search and trust-region settings."""
         _at_least("krylov_dim", self.krylov_dim, 1)
         _open_unit("eta", self.eta)
         _open_unit("eta_max", self.eta_max)
         self._check_line_search()
-        _choice("globalisation", self.globalisation, ("line-search", "none"), self.name)
+        _positive("factor", self.factor)
+        _choice(
+            "globalisation", self.globalisation, ("line-search", "trust-region", "none"), self.name
+        )
 
 
 @dataclass
