@@ -123,9 +123,12 @@ class Row:
 
 
 def entries(spec: CaseSpec) -> list[Entry]:
-    """Every solver of ours with its defaults, Anderson also with memory n on the hard cases
-    (there it needs as many differences as unknowns), and every peer with its defaults."""
+    """Every solver of ours with its defaults, newton-krylov also with its trust region, Anderson
+    also with memory n on the hard cases (there it needs as many differences as unknowns), and
+    every peer with its defaults."""
     out = [Entry(name, name) for name, info in SOLVERS.items() if info.family == "deq"]
+    at = [e.name for e in out].index("newton-krylov") + 1
+    out.insert(at, Entry("newton-krylov tr", "newton-krylov", {"globalisation": "trust-region"}))
     if spec.name.startswith("hard"):
         at = [e.name for e in out].index("anderson") + 1
         out.insert(at, Entry(f"anderson m={spec.n}", "anderson", {"m": spec.n}))
