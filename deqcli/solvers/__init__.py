@@ -55,7 +55,8 @@ _INFOS = [
     SolverInfo(
         "newton-krylov",
         "deqcli.solvers.options:NewtonKrylov",
-        "Jacobian-free Newton: GMRES on autodiff JVPs, inexact forcing, line search; large n",
+        "Jacobian-free Newton: GMRES on autodiff JVPs, inexact forcing, line search (or trust "
+        "region); large n",
     ),
     SolverInfo(
         "trust-region",
