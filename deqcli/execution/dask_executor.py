@@ -55,7 +55,7 @@ CONNECT_TIMEOUT = 20
 # The environment variables that size the thread pools of OpenMP, MKL and OpenBLAS.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
-# With chunk "auto", tasks are grouped so that one group takes about this long: long enough that
+# With chunk "auto", tasks are grouped so that one group takes about this many CPU seconds: enough that
 # Dask's few milliseconds per task are a small share of it, short enough for a steady progress bar.
 GROUP_SECONDS = 0.25
 # Groups in flight per worker: one running, one queued on the worker, one ready at the scheduler.
@@ -108,7 +108,7 @@ def _run_group(
     """What runs on the worker: the group's tasks one after the other, pinned, each with the result
     it waits for (made in this group, or in ``earlier``: ``("result", r)`` when the client had it,
     ``("group", output)`` when it came from a group still running at submission). Returns
-    ``(key, result, seconds)`` per task; a task that raises ends the group with a ``_Raised``."""
+    ``(key, result, CPU seconds)`` per task; a task that raises ends the group with a ``_Raised``."""
     _pin()
     made: dict[Hashable, Any] = {}
     out: list[tuple[Hashable, Any, float]] = []
@@ -118,15 +118,17 @@ def _run_group(
             previous = made[after] if after in made else _earlier(earlier[after], after)
             if previous is not None:  # None: the task it waited for was lost with its worker
                 call["previous"] = previous
-        started = time.perf_counter()
+        # CPU seconds of this thread, not wall: on a busy machine the wall time would shrink the
+        # groups just when the per-task overhead costs most.
+        started = time.thread_time()
         try:
             with _EXCLUSIVE if exclusive else nullcontext():
                 result = fn(*args, **call)
         except Exception as exc:
-            out.append((key, _raised(exc), time.perf_counter() - started))
+            out.append((key, _raised(exc), time.thread_time() - started))
             break
         made[key] = result
-        out.append((key, result, time.perf_counter() - started))
+        out.append((key, result, time.thread_time() - started))
     return out
 
 
