@@ -525,6 +525,29 @@ def test_anderson_without_safeguards_is_walker_ni_step_by_step(m: int, beta: flo
         np.testing.assert_allclose(state.z.numpy(), reference[k + 1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.6])
+def test_anderson_window_sliding_many_times_is_walker_ni(beta: float) -> None:
+    # z = A z + b with A symmetric, eigenvalues evenly spaced in [−0.5, 0.95]: z* = (I − A)⁻¹ b.
+    # With m = 5, 40 steps slide the window 35 times; every iterate must be the plain
+    # least-squares Walker–Ni iterate (the downdates leave no trace beyond rounding).
+    n, m, steps = 40, 5, 40
+    rng = np.random.default_rng(7)
+    basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (basis * np.linspace(-0.5, 0.95, n)) @ basis.T
+    b = rng.standard_normal(n)
+    exact = np.linalg.solve(np.eye(n) - A, b)
+    problem = affine_problem(A, b, rng.standard_normal((3, n)), torch.float64)
+    reference = _walker_ni(problem, m, beta, steps)
+    solver = make_solver("anderson", {"m": m, "beta": beta, "restart": False})
+    state = solver.init(problem, problem.z0)
+    for k in range(steps):
+        state = solver.step(problem, state)
+        np.testing.assert_allclose(state.z.numpy(), reference[k + 1], rtol=0, atol=1e-10)
+    assert state.count.tolist() == [m] * 3  # the window stayed full while it slid
+    start = np.abs(reference[0] - exact).max()
+    assert np.abs(state.z.numpy() - exact).max() < 1e-3 * start
+
+
 def test_anderson_conditioning_safeguard_works_in_float32() -> None:
     # Chandrasekhar's H-equation in float32 with m = 16: the newest differences soon lie within
     # rounding of the span of the older ones. cond_max = 1e12 is beyond what float32 resolves, so
