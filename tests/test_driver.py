@@ -14,6 +14,7 @@ from deqcli.errors import UsageError
 from deqcli.problems import base as problem_base
 from deqcli.problems.base import Problem
 from deqcli.result import Status
+from deqcli.solvers import base as solver_base
 from deqcli.solvers import make_solver
 from deqcli.solvers.base import StopRule, run
 
@@ -254,6 +255,35 @@ def test_divergence_nonfinite_max_iter_and_timeout_statuses() -> None:
         StopRule(timeout=1e-12),
     )
     assert late.sample_status == [Status.TIMEOUT]
+
+
+@pytest.mark.parametrize("mode", ["abs", "rel"])
+def test_stopping_test_on_the_host_and_on_tensors_agree(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One batch with every verdict: z ← a z + 1 converges (a = 0.5, z* = 2; a = −0.9, z* ≈ 0.526),
+    # z ← 3 z + 1 diverges, z ← log z goes non-finite; float32, so the comparisons are made on
+    # float32 norms. The host loop (batches up to HOST_TEST_MAX) and the tensor form (larger
+    # batches) must give the same statuses, iterations and records.
+    a = torch.tensor([[0.5], [-0.9], [3.0], [0.0]], dtype=torch.float32)
+    problem = Problem(
+        name="verdicts",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: torch.where(p["a"] == 0, torch.log(z), p["a"] * z + 1),
+        z0=torch.tensor([[0.0], [0.0], [0.0], [0.5]], dtype=torch.float32),
+        params={"a": a},
+        batched_params=frozenset({"a"}),
+    )
+    stop = StopRule(atol=1e-5, rtol=1e-4 if mode == "rel" else 0.0, stop_mode=mode, max_iter=300)
+    on_host = run(problem, make_solver("fixed_point"), stop)
+    monkeypatch.setattr(solver_base, "HOST_TEST_MAX", 0)
+    on_tensors = run(problem, make_solver("fixed_point"), stop)
+    expected = [Status.CONVERGED, Status.CONVERGED, Status.DIVERGED, Status.NONFINITE]
+    assert on_host.sample_status == on_tensors.sample_status == expected
+    assert on_host.iterations == on_tensors.iterations
+    np.testing.assert_array_equal(on_host.residual_history, on_tensors.residual_history)
+    np.testing.assert_allclose(on_host.solution[:2, 0].numpy(), [2.0, 1 / 1.9], atol=1e-3)
 
 
 def test_overall_status_needs_every_sample() -> None:

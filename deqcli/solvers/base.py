@@ -319,6 +319,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     f_norm = _norms(state.z - state.g)
     # Per-sample limits fixed for the run: the tolerance base and the divergence ceiling.
     limits = test.start(res)
+    host = HostLimits.of(limits) if problem.batch <= HOST_TEST_MAX else None
     history = History(limit=stop.history_limit)
     history.append(0, res, f_norm, None, time.perf_counter() - start)
     tail = [state.z.detach().clone()]
@@ -326,10 +327,11 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     status: list[Status | None] = [None] * problem.batch
     iterations = [0] * problem.batch
     active = torch.ones(problem.batch, dtype=torch.bool, device=state.z.device)
+    counted: torch.Tensor | None = None  # the mask the counter last read (it reads it to the host)
     k = 0
     every = max(1, stop.monitor_every)
     while True:
-        if _stop_samples(test, limits, res, f_norm, status, iterations, active, k):
+        if _stop_samples(test, limits, host, res, f_norm, status, iterations, active, k):
             active = torch.tensor([s is None for s in status], device=active.device)
         n_active = status.count(None)
         if monitor is not None and k % every == 0:
@@ -351,7 +353,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
                 break
         z_prev, g_prev, res_prev, f_norm_prev = state.z, state.g, res, f_norm
         state.res = state.f_norm = state.step_norm = None
-        problem.counter.running = active  # a stopped sample's evaluations no longer count
+        if active is not counted:  # a stopped sample's evaluations no longer count
+            problem.counter.running = counted = active
         try:
             state = solver.step(problem, state)
         except deadline.DeadlineExceeded:
@@ -374,7 +377,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             step = torch.where(active, step, 0.0)
             state.res = res
         history.append(k, res, f_norm, step, time.perf_counter() - start)
-        tail.append(state.z.detach())
+        tail.append(state.z)  # detached once, for the result
         if len(tail) > stop.keep_iterates:
             tail.pop(0)
 
@@ -390,7 +393,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         iterations=iterations,
         counts=problem.counter.snapshot(),
         **history.export(),
-        tail_iterates=tail,
+        tail_iterates=[z.detach() for z in tail],
         wall_time=time.perf_counter() - start,
         device=str(problem.device),
         dtype=str(problem.dtype).removeprefix("torch."),
@@ -410,9 +413,31 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1)
 
 
+@dataclass
+class HostLimits:
+    """A run's per-sample limits as Python floats, for the stopping test on the host."""
+
+    base: list[float]
+    ceiling: list[float]
+
+    @classmethod
+    def of(cls, limits: Limits) -> HostLimits:
+        """Read the limits to the host once, at the start of a run."""
+        return cls(base=limits.base.tolist(), ceiling=limits.ceiling.tolist())
+
+
+# Up to this many samples the stopping test runs on the host: the norms are read once (they had
+# to reach the host for the verdicts anyway) and compared in Python. Every torch operation after
+# an evaluation of f costs tens of microseconds (its code and data are no longer in cache), so
+# for a modest batch a loop over the samples is cheaper than the handful of tensor operations
+# it replaces; for larger batches the tensor form wins.
+HOST_TEST_MAX = 1024
+
+
 def _stop_samples(
     test: ConvergenceTest,
     limits: Limits,
+    host: HostLimits | None,
     res: torch.Tensor,
     f_norm: torch.Tensor,
     status: list[Status | None],
@@ -422,22 +447,41 @@ def _stop_samples(
 ) -> bool:
     """Stop samples that converged, diverged or went non-finite at iteration k; True if any did.
 
-    Kept to a handful of tensor operations and one host sync: it runs every iteration.
+    It runs every iteration, so it is kept to one read of the norms to the host and either a
+    Python loop over the samples still running (``host``) or a handful of tensor operations.
+    Both apply ``test`` exactly: the comparisons are those of ``ConvergenceTest.converged`` and
+    ``failed``, on the same float values (a float32 norm converts to a Python float exactly).
     """
     import torch
 
+    if host is not None:
+        values = res.tolist()
+        threshold = host.base if not limits.rtol else test.threshold(limits, f_norm).tolist()
+        stopped = False
+        for b, s in enumerate(status):
+            if s is not None:
+                continue
+            value = values[b]
+            if value <= threshold[b]:
+                status[b] = Status.CONVERGED
+            elif not value <= host.ceiling[b]:
+                status[b] = Status.DIVERGED if math.isfinite(value) else Status.NONFINITE
+            else:
+                continue
+            iterations[b] = k
+            stopped = True
+        return stopped
     converged = test.converged(res, limits, f_norm)
     stopped = active & (converged | test.failed(res, limits))
     if not bool(stopped.any()):
         return False
-    for b in torch.nonzero(stopped).flatten().tolist():
-        if bool(converged[b]):
-            status[b] = Status.CONVERGED
-        elif bool(torch.isfinite(res[b])):
-            status[b] = Status.DIVERGED
-        else:
-            status[b] = Status.NONFINITE
-        iterations[b] = k
+    # The verdicts as lists, read once: indexing the tensors sample by sample costs a dispatch
+    # (and on a GPU a synchronisation) per stopped sample.
+    verdicts = zip(stopped.tolist(), converged.tolist(), torch.isfinite(res).tolist(), strict=True)
+    for b, (stops, ok, finite) in enumerate(verdicts):
+        if stops:
+            status[b] = Status.CONVERGED if ok else Status.DIVERGED if finite else Status.NONFINITE
+            iterations[b] = k
     return True
 
 
