@@ -211,6 +211,26 @@ def test_anderson_restarts_only_the_samples_that_need_it() -> None:
     assert "anderson" not in off.extra
 
 
+def test_anderson_clears_a_memory_whose_best_residual_stands_still() -> None:
+    # z = z + 2 + sin z has no fixed point: |g| = |2 + sin z| lies in [1, 3] everywhere, so the
+    # residual can neither converge nor grow 1e4-fold, and only the stagnation check can restart
+    # the memory (every 2·m = 2 steps here at the latest, once the best stands still). With the
+    # check, the run stays where the residual is honest and ends at max_iter; without it no
+    # restart ever happens.
+    problem = scalar_problem(
+        "fixed_point", lambda z: z + 2 + torch.sin(z), [0.0, 1.0], torch.float64
+    )
+    stop = StopRule(atol=1e-10, max_iter=200)
+    result = run(problem, make_solver("anderson"), stop)
+    assert result.sample_status == [Status.MAX_ITER, Status.MAX_ITER]
+    assert all(1.0 - 1e-9 <= r <= 3.0 + 1e-9 for row in result.residual_history for r in row)
+    assert min(result.extra["anderson"]["restarts"]) >= 10
+    assert result.extra["anderson"]["drops"] == [0, 0]
+    assert any("stopped improving" in note for note in result.notes)
+    never = run(problem, make_solver("anderson", {"patience": 10**9}), stop)
+    assert never.extra["anderson"]["restarts"] == [0, 0]
+
+
 def test_anderson_memory_is_m_batch_n_and_capped_at_n() -> None:
     # ΔF and the orthonormal factor Q of ΔG: 2·m·B·n numbers.
     solver = make_solver("anderson", {"m": 4})

@@ -52,6 +52,7 @@ class AndersonState(State):
     count: torch.Tensor  # (B,): columns in use
     head: torch.Tensor  # (B,): ring slot of the oldest column
     best: torch.Tensor  # (B,): smallest ‖g‖ since the sample's last restart
+    mark: torch.Tensor  # (B,): ``best`` at the last stagnation check (inf after a restart)
     restarts: torch.Tensor  # (B,): memory cleared (residual growth)
     drops: torch.Tensor  # (B,): oldest columns dropped for conditioning
     recent: torch.Tensor  # (B, window): ½‖g‖² of the last iterations (line search reference)
@@ -61,6 +62,7 @@ class AndersonState(State):
     # are neither read nor rewritten. The hot path then needs no per-row indexing or host
     # synchronisation. None once the samples differ (``_part``).
     shared: tuple[int, int, int] | None = (0, 0, 0)
+    steps: int = 0  # steps taken (the stagnation check runs every ``patience`` of them)
 
 
 # A Gram–Schmidt pass that leaves less than this fraction of the new difference gets a second.
@@ -97,7 +99,8 @@ class AndersonMethod(Method):
 
     Safeguards (``restart``): while cond(R), estimated by max|R_ii|/min|R_ii|, exceeds ``cond_max``
     (capped at 0.01/ε for the dtype) a sample drops its oldest column (Walker–Ni's conditioning control); when its residual exceeds
-    ``growth`` times its best since the last restart, its memory is cleared. ``lam`` > 0 adds a
+    ``growth`` times its best since the last restart, or its best has not improved over a check
+    interval of ``patience`` steps (by default 2·m), its memory is cleared. ``lam`` > 0 adds a
     Tikhonov term relative to each column's norm, solved as the stacked least-squares problem
     [R; √λ·diag‖ΔG_i‖] γ ≈ [Qg; 0] (still no normal equations). ``globalisation: line-search``
     treats the Anderson step as a direction and backtracks along it (non-monotone over ``window``
@@ -135,6 +138,7 @@ class AndersonMethod(Method):
             count=torch.zeros(batch, **ints),
             head=torch.zeros(batch, **ints),
             best=torch.linalg.vector_norm(g0, dim=1),
+            mark=torch.full((batch,), torch.inf, **opts),
             restarts=torch.zeros(batch, **ints),
             drops=torch.zeros(batch, **ints),
             recent=phi0[:, None].repeat(1, o.window),
@@ -483,6 +487,9 @@ class AndersonMethod(Method):
             self._repair(s, res, active, grew & active, bad, limit)
         else:
             s.best = torch.minimum(s.best, res)
+        s.steps += 1
+        if s.steps % self.patience(s) == 0:
+            self._stagnation(s, res, active)
         if s.shared is None:
             # Samples that dropped or cleared alike are in step again: back to the fast path.
             # Which stored rows the samples use is not tracked per row: all of them, from now on.
@@ -511,11 +518,35 @@ class AndersonMethod(Method):
             s.drops = s.drops + bad.to(s.drops.dtype)
             bad = self._ill_conditioned(s, limit)
         if any_grew:
-            self._clear(s, grew)
-            s.restarts = s.restarts + grew.to(s.restarts.dtype)
-            s.best = torch.where(grew, res, torch.minimum(s.best, res))
+            self._restart(s, res, grew)
         else:
             s.best = torch.minimum(s.best, res)
+
+    def patience(self, s: AndersonState) -> int:
+        """Steps between stagnation checks: the ``patience`` option, by default twice the depth."""
+        return self.options.patience or 2 * s.r.shape[1]
+
+    def _stagnation(self, s: AndersonState, res: torch.Tensor, active: torch.Tensor) -> None:
+        """Clear the memory of running samples whose best residual has not improved since the
+        last check, ``patience`` steps ago.
+
+        Anderson's memory can keep proposing steps that neither converge nor grow: the residual
+        wanders within a modest factor of its best for ever, while plain iteration (which the
+        cleared memory falls back to, then builds on) would converge. Neither the growth test
+        nor the conditioning test sees that; a best that stood for a whole check interval does.
+        """
+        stale = active & ~(s.best < s.mark)
+        s.mark = s.best
+        if bool(stale.any()):
+            self._restart(s, res, stale)
+
+    def _restart(self, s: AndersonState, res: torch.Tensor, rows: torch.Tensor) -> None:
+        """Clear the memory of ``rows``, count it, and start their best (and check) afresh."""
+        self._clear(s, rows)
+        s.restarts = s.restarts + rows.to(s.restarts.dtype)
+        s.best = torch.where(rows, res, torch.minimum(s.best, res))
+        # The next stagnation check measures progress from here, not from the old best.
+        s.mark = torch.where(rows, torch.inf, s.mark)
 
     def _ill_conditioned(self, s: AndersonState, limit: float) -> torch.Tensor | None:
         """(B,) mask of rows with at least two columns and cond(R) beyond ``limit`` (None: none can)."""
@@ -535,5 +566,5 @@ class AndersonMethod(Method):
             shown = ", ".join(map(str, hit[:8])) + (", …" if len(hit) > 8 else "")
             result.notes.append(
                 f"anderson: the safeguard restarted the memory {sum(restarts)} time(s) "
-                f"(samples {shown}): the residual grew"
+                f"(samples {shown}): the residual grew, or stopped improving"
             )
