@@ -69,15 +69,23 @@ class AndersonState(State):
 REORTHOGONALISE = 2**-0.5
 
 
-def _rotate(rot_t: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """rotᵀ Ω, kept orthogonal to working precision.
+# Slides between two Newton–Schulz steps on Ω on the shared path (see ``_rotate``).
+POLISH_EVERY = 8
+
+
+def _rotate(rot_t: torch.Tensor, omega: torch.Tensor, polish: bool = True) -> torch.Tensor:
+    """rotᵀ Ω, brought back to orthogonality when ``polish``.
 
     Ω is a product of every rotation since the last reset; left alone, the rounding of each
     product would accumulate without bound (and with it the error of the rank-one updates, which
     rely on Ω v = e_k for v = Ω[k]ᵀ). One Newton–Schulz step towards the nearest orthogonal
-    matrix, X ← X (3I − XᵀX)/2, removes each step's rounding before the next adds to it.
+    matrix, X ← X (3I − XᵀX)/2, removes the rounding gathered since the last one. It costs two
+    more m × m products, as much as the rotation again, so the shared path polishes once every
+    ``POLISH_EVERY`` slides (or every m, if fewer): a few rotations' rounding is harmless.
     """
     x = torch.bmm(rot_t, omega)
+    if not polish:
+        return x
     return torch.baddbmm(x, torch.bmm(x, x.transpose(1, 2)), x, beta=1.5, alpha=-0.5)
 
 
@@ -297,19 +305,20 @@ class AndersonMethod(Method):
         once = True  # one Gram–Schmidt pass sufficed
         if used:
             basis = s.q if used == m else s.q[:, :used]  # (B, used, n)
-            omega = s.omega if used == m else s.omega[:, :, :used]
-            live = omega[:, :k]  # Q[:k] in stored-row coordinates
+            # Fresh, no rotation has happened yet: Ω is the identity on the rows in use and
+            # Q[:k] = P[:k]. Otherwise Ω[:k] gives Q's rows in stored-row coordinates.
+            live = None if fresh else s.omega[:, :k, :used]
             # Rows (Δg, g_new) against the stored rows: (B, 2, n)·(B, n, used), the fast layout
             # for bmm; Ω takes the products to Q's rows.
-            h = torch.bmm(torch.bmm(pair, basis.transpose(1, 2)), live.transpose(1, 2))
+            h = self._project(pair, basis, live)
             coeff, qg_old = h.unbind(1)  # Q Δg and Q g_new, (B, k) each
-            back = torch.bmm(h[:, :1], live)  # (B, 1, used): Qᵀ(Q Δg) in stored-row coordinates
+            back = h[:, :1] if live is None else torch.bmm(h[:, :1], live)  # Qᵀ(Q Δg), in P's
             if fresh:
                 w = torch.baddbmm(dg.unsqueeze(1), back, basis, alpha=-1).squeeze(1)
             else:
                 # In the same pass over P as Qᵀ(Q Δg): the content d = Ω[k] P of the row that u
                 # replaces.
-                v = omega[:, k : k + 1]
+                v = s.omega[:, k : k + 1, :used]
                 both = torch.bmm(torch.cat((back, v), dim=1), basis)
                 w = dg - both[:, 0]
             rho = torch.linalg.vector_norm(w, dim=1)
@@ -317,10 +326,9 @@ class AndersonMethod(Method):
             # factor √2 of ‖Δg‖; then a second pass restores orthogonality to working precision.
             once = not k or bool((rho >= REORTHOGONALISE * dg_norm).all())
             if not once:
-                h2 = torch.bmm(
-                    torch.bmm(w.unsqueeze(1), basis.transpose(1, 2)), live.transpose(1, 2)
-                )
-                w2 = torch.baddbmm(w.unsqueeze(1), torch.bmm(h2, live), basis, alpha=-1)
+                h2 = self._project(w.unsqueeze(1), basis, live)
+                back2 = h2 if live is None else torch.bmm(h2, live)
+                w2 = torch.baddbmm(w.unsqueeze(1), back2, basis, alpha=-1)
                 w = w.copy_(w2.squeeze(1))
                 coeff = coeff + h2[:, 0]
                 rho = torch.linalg.vector_norm(w, dim=1)
@@ -348,6 +356,14 @@ class AndersonMethod(Method):
         else:
             s.qg[:, : k + 1] = torch.cat((qg_old, projection.unsqueeze(1)), dim=1)
         s.shared = (k + 1, head, used)
+
+    @staticmethod
+    def _project(
+        rows: torch.Tensor, basis: torch.Tensor, live: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Q[:k] applied to each of ``rows``: (B, r, n) → (B, r, k), via P and Ω[:k] (None: P)."""
+        h = torch.bmm(rows, basis.transpose(1, 2))
+        return h if live is None else torch.bmm(h, live.transpose(1, 2))
 
     def _append_rows(
         self, s: AndersonState, f_trial: torch.Tensor, pair: torch.Tensor, dg_norm: torch.Tensor
@@ -399,10 +415,11 @@ class AndersonMethod(Method):
         """
         assert s.shared is not None
         m = s.r.shape[1]
-        rot, tri = torch.linalg.qr(s.r[:, :, 1:], mode="complete")  # H = rot · tri
-        s.omega = _rotate(rot.transpose(1, 2), s.omega)
-        s.r[:, :, : m - 1] = tri  # its last row is 0: the discarded direction holds nothing
         count, head, used = s.shared
+        rot, tri = torch.linalg.qr(s.r[:, :, 1:], mode="complete")  # H = rot · tri
+        polish = (head + 1) % min(m, POLISH_EVERY) == 0
+        s.omega = _rotate(rot.transpose(1, 2), s.omega, polish=polish)
+        s.r[:, :, : m - 1] = tri  # its last row is 0: the discarded direction holds nothing
         s.head = torch.full_like(s.head, (head + 1) % m)
         s.shared = (count - 1, (head + 1) % m, used)
 
