@@ -20,7 +20,7 @@ takes its place with one rank-one update, P ← P + v (u − d)ᵀ with v = Ω[k
 row k of Ω P becomes u and every other row of Ω P is unchanged. A step thus reads the stored
 rows twice (the Gram–Schmidt products; d comes with the second pass) and updates them once,
 O(m·n) per sample, where rotating Q itself costs O(m²·n) per slide. Ω is re-orthogonalised
-after every rotation (``_rotate``), so its rounding does not accumulate.
+every few rotations (``_rotate``), so its rounding does not accumulate.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class AndersonState(State):
 REORTHOGONALISE = 2**-0.5
 
 
-# Slides between two Newton–Schulz steps on Ω on the shared path (see ``_rotate``).
+# Beyond this depth the shared path polishes Ω once every this many slides (see ``_rotate``).
 POLISH_EVERY = 8
 
 
@@ -80,8 +80,9 @@ def _rotate(rot_t: torch.Tensor, omega: torch.Tensor, polish: bool = True) -> to
     product would accumulate without bound (and with it the error of the rank-one updates, which
     rely on Ω v = e_k for v = Ω[k]ᵀ). One Newton–Schulz step towards the nearest orthogonal
     matrix, X ← X (3I − XᵀX)/2, removes the rounding gathered since the last one. It costs two
-    more m × m products, as much as the rotation again, so the shared path polishes once every
-    ``POLISH_EVERY`` slides (or every m, if fewer): a few rotations' rounding is harmless.
+    more m × m products, as much as the rotation again: negligible for a small depth, where it
+    follows every rotation, but not for m in the hundreds, where the shared path polishes once
+    every ``POLISH_EVERY`` slides (a few rotations' rounding is harmless).
     """
     x = torch.bmm(rot_t, omega)
     if not polish:
@@ -417,7 +418,7 @@ class AndersonMethod(Method):
         m = s.r.shape[1]
         count, head, used = s.shared
         rot, tri = torch.linalg.qr(s.r[:, :, 1:], mode="complete")  # H = rot · tri
-        polish = (head + 1) % min(m, POLISH_EVERY) == 0
+        polish = m <= POLISH_EVERY or (head + 1) % POLISH_EVERY == 0
         s.omega = _rotate(rot.transpose(1, 2), s.omega, polish=polish)
         s.r[:, :, : m - 1] = tri  # its last row is 0: the discarded direction holds nothing
         s.head = torch.full_like(s.head, (head + 1) % m)
