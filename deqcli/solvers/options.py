@@ -77,7 +77,6 @@ class Anderson(Solver):
     restart: bool = True
     cond_max: float = 1e9
     growth: float = 1e4
-    patience: int = 0  # stagnation check interval; 0: twice the depth
     globalisation: Literal["none", "line-search"] = "none"
     max_backtracks: int = 5
     window: int = 5
@@ -85,7 +84,6 @@ class Anderson(Solver):
     def check(self) -> None:
         """Validate the depth, mixing, safeguard and line-search settings."""
         _at_least("m", self.m, 1)
-        _at_least("patience", self.patience, 0)
         if not 0.0 < self.beta <= 2.0:
             raise ValueError(f"beta: must lie in (0, 2], got {self.beta}")
         if not 0.0 <= self.lam < 1.0:
