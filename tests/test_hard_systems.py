@@ -3,6 +3,8 @@ trust region against MINPACK's hybrj, and batches that follow each sample's own 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,19 @@ from deqcli.solvers.base import StopRule, run
 
 BY_NAME = {s.name: s for s in SYSTEMS}
 ATOL = 1e-10
+
+
+def _assert_same_path(together: Any, b: int, alone: Any) -> None:
+    """Sample b of a batched run followed the path of the same problem solved alone."""
+    assert together.sample_status[b] is alone.sample_status[0]
+    assert together.iterations[b] == alone.iterations[0]
+    k = alone.iterations[0]
+    mine = [row[b] for row in together.residual_history[: k + 1]]
+    theirs = [row[0] for row in alone.residual_history[: k + 1]]
+    # Below the stopping tolerance the residuals are rounding, which batched and single
+    # products may commit differently.
+    np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=ATOL)
+    torch.testing.assert_close(together.solution[b], alone.solution[0], rtol=1e-8, atol=1e-11)
 
 
 def solve(
@@ -177,15 +192,7 @@ def test_each_sample_of_a_batch_follows_the_path_it_follows_alone(system: str, s
     together = run(BY_NAME[system].batch(scales), make_solver(solver), stop)
     for b, scale in enumerate(scales):
         alone = run(BY_NAME[system].problem(scale), make_solver(solver), stop)
-        assert together.sample_status[b] is alone.sample_status[0]
-        assert together.iterations[b] == alone.iterations[0]
-        k = alone.iterations[0]
-        mine = [row[b] for row in together.residual_history[: k + 1]]
-        theirs = [row[0] for row in alone.residual_history[: k + 1]]
-        # Below the stopping tolerance the residuals are rounding, which batched and single
-        # products may commit differently.
-        np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=ATOL)
-        torch.testing.assert_close(together.solution[b], alone.solution[0], rtol=1e-8, atol=1e-11)
+        _assert_same_path(together, b, alone)
 
 
 # -- the matrix-free trust region (newton-krylov × trust region) -----------------------------
@@ -238,12 +245,6 @@ def test_krylov_trust_region_batch_follows_each_samples_own_path(system: str) ->
     assert len(set(together.iterations)) > 1  # the samples stop at different iterations
     for b, scale in enumerate(scales):
         alone = run(BY_NAME[system].problem(scale), make_solver("newton-krylov", KRYLOV_TR), stop)
-        assert together.sample_status[b] is alone.sample_status[0]
-        assert together.iterations[b] == alone.iterations[0]
-        k = alone.iterations[0]
-        mine = [row[b] for row in together.residual_history[: k + 1]]
-        theirs = [row[0] for row in alone.residual_history[: k + 1]]
-        np.testing.assert_allclose(mine, theirs, rtol=1e-8, atol=ATOL)
-        torch.testing.assert_close(together.solution[b], alone.solution[0], rtol=1e-8, atol=1e-11)
+        _assert_same_path(together, b, alone)
         for kind in ("nfev", "jvp", "vjp", "njev"):
             assert getattr(together.counts, kind)[b] == getattr(alone.counts, kind)[0], kind

@@ -54,6 +54,23 @@ ACCEPT = 1e-4
 POOR = 0.1
 
 
+def _keep_radius_state(
+    s: Any,
+    active: torch.Tensor,
+    radius: torch.Tensor,
+    ncsuc: torch.Tensor,
+    ncfail: torch.Tensor,
+    nslow1: torch.Tensor,
+    nslow2: torch.Tensor,
+) -> None:
+    """Store a trust region's new radius and hybrj counters for the running samples only."""
+    s.radius = torch.where(active, radius, s.radius)
+    s.ncsuc = torch.where(active, ncsuc, s.ncsuc)
+    s.ncfail = torch.where(active, ncfail, s.ncfail)
+    s.nslow1 = torch.where(active, nslow1, s.nslow1)
+    s.nslow2 = torch.where(active, nslow2, s.nslow2)
+
+
 def _running(state: State) -> torch.Tensor:
     if state.active is not None:
         return state.active
@@ -453,11 +470,7 @@ class TrustRegionMethod(Method):
         s.refresh = s.refresh | need
         s.jeval = s.jeval & ~active
         s.first = s.first & ~accept
-        s.radius = torch.where(active, radius, s.radius)
-        s.ncsuc = torch.where(active, ncsuc, s.ncsuc)
-        s.ncfail = torch.where(active, ncfail, s.ncfail)
-        s.nslow1 = torch.where(active, nslow1, s.nslow1)
-        s.nslow2 = torch.where(active, nslow2, s.nslow2)
+        _keep_radius_state(s, active, radius, ncsuc, ncfail, nslow1, nslow2)
         s.z, s.g = z_new, g_new
         return s
 
@@ -672,11 +685,7 @@ class KrylovTrustRegionMethod(Method):
         # A new point needs a new Newton step and new Cauchy data; a rejected step keeps both.
         s.solved = s.solved & ~accept
         s.cauchy = s.cauchy & ~accept
-        s.radius = torch.where(active, radius, s.radius)
-        s.ncsuc = torch.where(active, ncsuc, s.ncsuc)
-        s.ncfail = torch.where(active, ncfail, s.ncfail)
-        s.nslow1 = torch.where(active, nslow1, s.nslow1)
-        s.nslow2 = torch.where(active, nslow2, s.nslow2)
+        _keep_radius_state(s, active, radius, ncsuc, ncfail, nslow1, nslow2)
         s.z, s.g = z_new, g_new
         s.res = torch.where(accept, fnorm1, fnorm)
         return s
