@@ -5,7 +5,12 @@ Workloads (the same ones ``deq sweep`` and ``deq compare-solvers`` run):
     sweep     a DEQ layer z = tanh(W z + x) (configs/tanh_layer.yaml: n = 64, batch 8) over
               ‖W‖₂ = 0.5 … 1.3 (20 values) × the input scale 0.2 … 2 (15 values): 300 points,
               each solved and diagnosed (classification, ρ(J) at the fixed point)
-    compare   configs/suite (5 problems) × deq's own solvers, 1 warm-up and 3 timed repeats
+    compare   configs/suite (5 problems) × deq's own solvers, 1 warm-up and 3 timed repeats:
+              45 tasks of about 40 ms, under 2 s of work in all
+    configs   every shipped example config (configs/, configs/diagnostics/; 25 problems, from
+              scalar maps to the hard 256-wide layers and a Python map) × deq's own solvers, 1
+              warm-up and 3 timed repeats: 225 tasks from 5 ms to seconds, the size of suite a
+              model's CI guards
 
 Each workload runs in this process first, then on the Dask cluster. Both sides are warmed up first
 by one untimed small round of both workloads (imports, lazy initialisation, the first call of every
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from deqcli.analyses.compare import compare, resolve_solvers  # noqa: E402
 from deqcli.analyses.sweep import SweepBase, make_axes, run_sweep  # noqa: E402
+from deqcli.consent import decided  # noqa: E402
 from deqcli.execution import ExecutionSettings, Executor, InProcess, untimed  # noqa: E402
 
 SWEEP_CONFIG = ROOT / "configs" / "tanh_layer.yaml"
@@ -48,6 +54,8 @@ SWEEP_OVERRIDES: list[str] = []
 SWEEP_GRID = ["problem.W.spectral_norm=0.5:1.3:20", "problem.x.scale=0.2:2:15"]
 QUICK_GRID = ["problem.W.spectral_norm=0.5:1.3:8", "problem.x.scale=0.2:2:4"]
 SUITE = ROOT / "configs" / "suite"
+# Every shipped example (configs/models holds a model's Python file, not a config).
+EXAMPLES = [ROOT / "configs", ROOT / "configs" / "diagnostics"]
 TARGET_SPEEDUP = 1.7  # on 2 workers over 2 cores
 
 
@@ -82,17 +90,21 @@ def sweep_on(executor: Executor, params: list[str]) -> dict[str, Any]:
     return run_sweep(base, make_axes(base, params), executor=executor).to_dict()
 
 
-def compare_on(executor: Executor, repeat: int) -> dict[str, Any]:
-    """The compare suite's document, solved on ``executor``."""
-    files = sorted(SUITE.glob("*.yaml"))
+def compare_on(
+    executor: Executor, repeat: int, folders: list[Path] | None = None
+) -> dict[str, Any]:
+    """The comparison of every config in ``folders`` (configs/suite by default), on ``executor``."""
+    files = [path for folder in folders or [SUITE] for path in sorted(folder.glob("*.yaml"))]
     solvers = resolve_solvers(None, include_peers=False)
-    return compare(files, solvers, repeat=repeat, warmup=1, executor=executor)
+    # configs/python_map.yaml imports its map: this script runs only the project's own files.
+    with decided(True):
+        return compare(files, solvers, repeat=repeat, warmup=1, executor=executor)
 
 
 def warm_up(executor: Executor) -> None:
-    """One untimed small round of both workloads, so every process has run every code path."""
+    """One untimed small round of the workloads, so every process has run every code path."""
     sweep_on(executor, QUICK_GRID)
-    compare_on(executor, 1)
+    compare_on(executor, 1, [SUITE, *EXAMPLES])
 
 
 def main() -> None:
@@ -125,6 +137,7 @@ def main() -> None:
     here = {
         "sweep": measure(lambda: sweep_on(InProcess(), grid)),
         "compare": measure(lambda: compare_on(InProcess(), repeat)),
+        "configs": measure(lambda: compare_on(InProcess(), repeat, EXAMPLES)),
     }
     with DaskExecutor(settings) as executor:
         started = time.perf_counter()
@@ -135,15 +148,16 @@ def main() -> None:
         there = {
             "sweep": measure(lambda: sweep_on(executor, grid), client),
             "compare": measure(lambda: compare_on(executor, repeat), client),
+            "configs": measure(lambda: compare_on(executor, repeat, EXAMPLES), client),
         }
         where_run = executor.describe()
     load_after = os.getloadavg()[0]
 
     tasks = {
-        "sweep": here["sweep"].doc["points_total"],
-        "compare": len(here["compare"].doc["problems"])
-        * len(here["compare"].doc["settings"]["solvers"]),
+        name: len(here[name].doc["problems"]) * len(here[name].doc["settings"]["solvers"])
+        for name in ("compare", "configs")
     }
+    tasks["sweep"] = here["sweep"].doc["points_total"]
     print(
         f"{workers} Dask workers ({where_run.get('cluster')}), {os.cpu_count()} cores here, "
         f"load average {load_before:.1f} → {load_after:.1f}; cluster start and warm-up "
@@ -153,7 +167,7 @@ def main() -> None:
           f"{'efficiency':>10}  same")  # fmt: skip
     print(f"{'':9} {'':>5} {'wall':>8} {'cpu':>8} {'wall':>8} {'cpu':>8}")
     figures = []
-    for name in ("sweep", "compare"):
+    for name in ("sweep", "compare", "configs"):
         a, b = here[name], there[name]
         same = untimed(a.doc) == untimed(b.doc)
         speedup = a.wall / b.wall

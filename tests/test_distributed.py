@@ -22,6 +22,7 @@ import pytest
 
 from deqcli.analyses.sweep import PointOptions, SweepBase, make_axes, point_task, run_sweep
 from deqcli.execution import ExecutionSettings, Executor, InProcess, Task, TaskFailed, untimed
+from deqcli.execution.files import digest
 from deqcli.execution.source import ship
 from tests.conftest import CONFIGS, ROOT
 
@@ -279,6 +280,23 @@ def test_compare_on_workers_matches_in_process(cli, scheduler: str, tmp_path: Pa
     cycle = {row["solver"]: row for row in b["problems"][1]["solvers"]}
     assert cycle["fixed_point"]["status"] == "oscillating" and cycle["fixed_point"]["period"] == 2
     assert cycle["newton"]["converged"]
+
+
+@pytest.mark.distributed
+def test_compare_on_workers_names_the_users_files(cli, scheduler: str, tmp_path: Path) -> None:
+    # The Python map reaches the workers as a stored copy; the document still names models/….py.
+    config = CONFIGS / "python_map.yaml"
+    args = ["--solvers", "newton,fixed_point", "--repeat", "1", "--warmup", "0", "--trust-code"]
+    here = cli("compare-solvers", config, *args, "--json", tmp_path / "here.json", "-q")
+    there = cli("compare-solvers", config, *args, "--json", tmp_path / "there.json", "-q",
+                "--scheduler", scheduler)  # fmt: skip
+    assert here.exit_code == there.exit_code, there.stderr
+    a = json.loads((tmp_path / "here.json").read_text())
+    b = json.loads((tmp_path / "there.json").read_text())
+    assert untimed(a) == untimed(b)
+    assert b["problems"][0]["description"].endswith("from models/damped_cosine.py:make")
+    stored = digest((CONFIGS / "models" / "damped_cosine.py").read_bytes())
+    assert stored not in json.dumps(b)  # the copy's content-addressed name
 
 
 def _threads_here() -> dict[str, Any]:

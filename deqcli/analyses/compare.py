@@ -341,16 +341,20 @@ def compare_task(
         try:
             problem = api.load_problem(cfg)
         except (DeqError, ExpressionError) as exc:  # an error row, as in-process
-            return {"facts": None, "row": _error_row(solver, _built_failure(_failure(exc)), None)}
+            error = source.shown(_built_failure(_failure(exc)))
+            return {"facts": None, "row": _error_row(solver, error, None)}
         attempt = _Attempts(problem, lambda name: source.config(solver=name), debug)
         for _ in range(warmup):
             attempt(solver)
         for _ in range(repeat):
             attempt.timed(solver)
-        return {
-            "facts": _problem_facts(problem),
-            "row": _row(solver, attempt.runs(solver), problem, debug, cfg.run.timeout),
-        }
+        facts = _problem_facts(problem)
+        row = _row(solver, attempt.runs(solver), problem, debug, cfg.run.timeout)
+    # What the user reads names their files, not the copies in this worker's store.
+    facts["description"] = source.shown(facts["description"])
+    row["message"] = source.shown(row["message"])
+    row["notes"] = [source.shown(note) for note in row["notes"]]
+    return {"facts": facts, "row": row}
 
 
 def _compare_tasks(

@@ -97,6 +97,13 @@ class ConfigSource:
             paths[ref.name] = str(local)
         return relocate_files(cfg, paths)
 
+    def shown(self, text: str) -> str:
+        """``text`` (a description, an error message) with the stored copies' paths on this
+        machine written as the file names the user gave."""
+        for name, content in self.files:
+            text = text.replace(str(stored_path(content, name)), name)
+        return text
+
 
 def ship(source: ConfigSource, configs: Iterable[Config]) -> tuple[ConfigSource, dict[str, Blob]]:
     """Read the files ``configs`` name (configs of this source); return the source that refers to
