@@ -55,6 +55,7 @@ def stop_rule(cfg: Config) -> StopRule:
         keep_iterates=cfg.run.keep_iterates,
         stop_mode=cfg.run.stop_mode,
         history_limit=cfg.run.history_limit,
+        check_every=cfg.run.check_every,
     )
 
 

@@ -379,6 +379,18 @@ class RunSpec(_Spec):
     dtype: Literal["float32", "float64"] = "float64"
     seed: int = 0
     keep_iterates: Annotated[int, Field(ge=4)] = 32
+    check_every: (
+        Annotated[
+            int,
+            Field(
+                ge=1,
+                le=32,
+                description="iterations between stopping tests (default: 1 on the CPU, 8 on a "
+                "GPU); a sample still stops at the first iteration that met the test",
+            ),
+        ]
+        | None
+    ) = None
     divergence_factor: Annotated[float, Field(gt=1)] = 1e8
     history_limit: Annotated[
         int,

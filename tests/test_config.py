@@ -62,6 +62,8 @@ def test_unknown_problem_key_lists_the_kind_specific_keys() -> None:
         (DOTTIE + "run: {max_iter: many}\n", r"run\.max_iter \(line 6\): .*integer.*got 'many'"),
         (DOTTIE + "run: {rtol: -1}\n", r"run\.rtol \(line 6\): .*greater than or equal to 0"),
         (DOTTIE + "run: {dtype: float16}\n", r"run\.dtype .*'float32' or 'float64'"),
+        (DOTTIE + "run: {check_every: 0}\n", r"run\.check_every \(line 6\): .*greater than or"),
+        (DOTTIE + "run: {check_every: 33}\n", r"run\.check_every \(line 6\): .*less than or"),
         (
             DOTTIE + "run: {device: gpu}\n",
             r"run\.device \(line 6\): unknown device; use auto, cpu.*, got 'gpu'$",

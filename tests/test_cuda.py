@@ -105,3 +105,15 @@ def test_remedy_trials_and_error_bound_on_cuda(cli) -> None:
         cli("solve", CONFIGS / "dottie.yaml", "--device", "cuda", "--json", "-").stdout
     )
     assert converged["samples"][0]["diagnostics"]["error_bound"]["near_singular"] is False
+
+
+@pytest.mark.parametrize("name", ["fixed_point", "newton", "broyden"])
+def test_the_gpu_tests_every_8th_iteration_and_keeps_counts_exact(name: str) -> None:
+    text = LAYER.replace("DTYPE", "float64").replace("DEVICE", "cuda")
+    default = solve(parse_config(text, solver=name), diagnostics=False)
+    every_one = text.replace("dtype: float64}", "dtype: float64, check_every: 1}")
+    every = solve(parse_config(every_one, solver=name), diagnostics=False)
+    assert default.iterations == every.iterations
+    assert default.sample_status == every.sample_status
+    assert default.residual_history == every.residual_history
+    torch.testing.assert_close(default.solution, every.solution, atol=0, rtol=0)

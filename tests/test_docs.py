@@ -662,8 +662,8 @@ ERRORS: dict[str, tuple[str, str, list[str]]] = {
         EXPR.replace("  initial: 1.0\n", "solvr: newton\n")
     ),
     "run.max_iters (line 5): unknown key; did you mean 'max_iter'? (valid keys: atol, rtol, "
-    "stop_mode, max_iter, timeout, device, dtype, seed, keep_iterates, divergence_factor, "
-    "history_limit, max_memory, max_work)": _solve(
+    "stop_mode, max_iter, timeout, device, dtype, seed, keep_iterates, check_every, "
+    "divergence_factor, history_limit, max_memory, max_work)": _solve(
         EXPR.replace("  initial: 1.0\n", "run:\n  max_iters: 10\n")
     ),
     "problem.fixed_pont (line 3): unknown key; did you mean 'fixed_point'? (valid keys: kind, "

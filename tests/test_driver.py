@@ -483,3 +483,80 @@ def test_newton_counts_each_sample_until_it_stops() -> None:
     assert [a[0] for a in alone] == result.iterations
     assert result.counts.nfev == [a[1] for a in alone]
     assert result.counts.njev == [a[2] for a in alone] == result.iterations
+
+
+# -- run.check_every: the stopping test every c iterations ------------------------------------------
+
+
+def _rates_problem(rates: list[float]) -> Problem:
+    """z ← a·z + 1 per sample: from z0 = 0, g_k = (1 − a)(z_k − z*) = −aᵏ, so ‖g_k‖ = |a|ᵏ."""
+    a = torch.tensor(rates, dtype=torch.float64)[:, None]
+    return Problem(
+        name="rates",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: p["a"] * z + 1,
+        z0=torch.zeros(len(rates), 1, dtype=torch.float64),
+        params={"a": a},
+        batched_params=frozenset({"a"}),
+    )
+
+
+@pytest.mark.parametrize("every", [3, 7, 32])
+def test_checking_every_c_iterations_stops_each_sample_where_it_met_the_test(every: int) -> None:
+    # ‖g_k‖ = |a|ᵏ: sample b first meets 3e-10 at k = ⌈log 3e-10 / log |a|⌉ (10, 32, 99, 209;
+    # none within rounding of the tolerance).
+    rates = [0.1, 0.5, -0.8, 0.9]
+    expected = [math.ceil(math.log(3e-10) / math.log(abs(a))) for a in rates]
+    assert expected == [10, 32, 99, 209]
+    stop = StopRule(atol=3e-10, max_iter=1000, check_every=every)
+    result = run(_rates_problem(rates), make_solver("fixed_point"), stop)
+    assert result.iterations == expected
+    assert result.sample_status == [Status.CONVERGED] * 4
+    # The run ended with the last sample: no row of the record lies beyond it.
+    assert result.history_iterations[-1] == max(expected) == len(result.residual_history) - 1
+    np.testing.assert_allclose(result.solution[:, 0].numpy(), [1 / (1 - a) for a in rates])
+    # A stopped sample's record and iterate stay those of its stopping iteration, as with c = 1.
+    every_one = run(_rates_problem(rates), make_solver("fixed_point"), StopRule(atol=3e-10))
+    assert result.residual_history == every_one.residual_history
+    assert result.step_history == every_one.step_history
+    assert torch.equal(result.solution, every_one.solution)
+    pairs = zip(result.tail_iterates, every_one.tail_iterates, strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    # What differs: the evaluations made after a sample met the test, until the next check.
+    extra = [a - b for a, b in zip(result.counts.nfev, every_one.counts.nfev, strict=True)]
+    assert all(0 <= e < every for e in extra)
+
+
+@pytest.mark.parametrize("solver", ["newton", "broyden", "trust-region", "newton-krylov"])
+def test_checking_every_c_iterations_changes_nothing_but_the_counts(solver: str) -> None:
+    problem = lambda: _rates_problem([0.3, 0.95, -0.6])  # noqa: E731
+    tanh = lambda: scalar_problem("fixed_point", torch.cos, [0.0, 1.0, 3.0, -2.0])  # noqa: E731
+    for build in (problem, tanh):
+        one = run(build(), make_solver(solver), StopRule(atol=1e-12, max_iter=200))
+        five = run(build(), make_solver(solver), StopRule(atol=1e-12, max_iter=200, check_every=5))
+        assert five.iterations == one.iterations
+        assert five.sample_status == one.sample_status
+        assert five.residual_history == one.residual_history
+        assert torch.equal(five.solution, one.solution)
+
+
+def test_checking_every_c_iterations_keeps_max_iter_and_failures_exact() -> None:
+    # a = 0.99 needs ~2300 iterations: max_iter 50 (not a multiple of 7) stops it at exactly 50;
+    # a = 3 grows until ‖g‖ = 3ᵏ passes 1e8·‖g_0‖ (3¹⁷ > 1e8 > 3¹⁶); a = inf makes g_0 NaN.
+    stop = StopRule(atol=1e-10, max_iter=50, check_every=7)
+    result = run(_rates_problem([0.99, 3.0, math.inf]), make_solver("fixed_point"), stop)
+    assert result.sample_status == [Status.MAX_ITER, Status.DIVERGED, Status.NONFINITE]
+    reference = run(
+        _rates_problem([0.99, 3.0, math.inf]),
+        make_solver("fixed_point"),
+        StopRule(atol=1e-10, max_iter=50),
+    )
+    assert result.iterations == reference.iterations == [50, 17, 0]
+    assert len(result.residual_history) == 51
+
+
+def test_check_every_defaults_by_device() -> None:
+    assert StopRule().checks_every(torch.device("cpu")) == 1
+    assert StopRule().checks_every(torch.device("cuda")) == solver_base.CHECK_EVERY_ACCELERATOR > 1
+    assert StopRule(check_every=4).checks_every(torch.device("cpu")) == 4

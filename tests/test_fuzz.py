@@ -85,7 +85,7 @@ KEYS = [
 ]  # fmt: skip
 RUN_KEYS = [
     "atol", "rtol", "max_iter", "timeout", "dtype", "device", "seed", "keep_iterates",
-    "divergence_factor", "history_limit", "stop_mode", "max_memory", "max_work",
+    "divergence_factor", "history_limit", "stop_mode", "max_memory", "max_work", "check_every",
 ]  # fmt: skip
 KINDS = ["tanh_layer", "expression", "gradient_descent", "python", "module", "other"]
 
@@ -259,7 +259,7 @@ VALUES = [
 ]  # fmt: skip
 SET_KEYS = [
     "run.atol", "run.max_iter", "run.timeout", "run.dtype", "run.seed", "run.keep_iterates",
-    "problem.dim", "problem.batch", "problem.initial", "problem.fixed_point", "problem.name",
+    "run.check_every", "problem.dim", "problem.batch", "problem.initial", "problem.fixed_point", "problem.name",
     "problem.params.a", "solver.beta", "solver.m", "solver.name", "run", "problem", "",
 ]  # fmt: skip
 

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 
 # How many of the last iterates are kept for cycle detection by the diagnostics.
 KEEP_ITERATES = 32
+# Iterations between stopping tests by default (run.check_every): every iteration on the CPU,
+# where the test is a few microseconds, every 8th on a GPU, where reading the norms to the host
+# waits for every queued kernel and leaves the device idle until the next step is queued.
+CHECK_EVERY = {"cpu": 1}
+CHECK_EVERY_ACCELERATOR = 8
 
 
 @dataclass
@@ -76,6 +81,13 @@ class StopRule:
     stop_mode: StopMode = "abs"
     history_limit: int = HISTORY_LIMIT
     monitor_every: int = 1
+    check_every: int | None = None  # None: by device (CHECK_EVERY)
+
+    def checks_every(self, device: torch.device) -> int:
+        """Iterations between stopping tests on ``device``."""
+        if self.check_every is not None:
+            return self.check_every
+        return CHECK_EVERY.get(device.type, CHECK_EVERY_ACCELERATOR)
 
     @property
     def test(self) -> ConvergenceTest:
@@ -295,6 +307,12 @@ def run(
     ``stop.monitor_every``-th iteration and once at the end (live progress, ``--monitor``).
     ``stop.timeout`` is a deadline for every evaluation made during the run
     (``deqcli.deadline``), so it also stops a step that evaluates many times, and a peer's loop.
+
+    With ``stop.check_every`` = c > 1 the stopping test reads the norms to the host only every c
+    iterations (and before any other reason to stop). The rows in between are then tested in
+    order, so a sample stops at the first iteration it met the test, as with c = 1: its iteration
+    count, status, history, kept iterates and solution are those of that iteration. Only the
+    evaluation counts differ: they include the up to c − 1 evaluations made after it.
     """
     with deadline.armed(stop.timeout):
         return _run(problem, solver, stop, monitor)
@@ -330,9 +348,33 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     counted: torch.Tensor | None = None  # the mask the counter last read (it reads it to the host)
     k = 0
     every = max(1, stop.monitor_every)
-    while True:
-        if _stop_samples(test, limits, host, res, f_norm, status, iterations, active, k):
+    check_every = stop.checks_every(state.z.device)
+    # With check_every > 1: the iterations not yet tested, (k, ‖g‖, ‖f‖, z, g) each.
+    untested = _Untested(test, limits, host, history, tail) if check_every > 1 else None
+    # Iterates kept: with untested rows, enough that dropping those after the end leaves as many.
+    tail_length = stop.keep_iterates + check_every - 1
+
+    def test_now(last: bool = False) -> None:
+        """Stop the samples that met the test or failed (all untested rows when ``last``)."""
+        nonlocal active, res, f_norm, k
+        if untested is None:
+            stopped = _stop_samples(test, limits, host, res, f_norm, status, iterations, active, k)
+        elif last or k % check_every == 0:
+            running = status.count(None)
+            ended = untested.test(state, status, iterations)
+            res, f_norm = state.res, state.f_norm
+            stopped = status.count(None) < running
+            if ended is not None:
+                k = ended  # every sample stopped by then: the run ended at that iteration
+        else:
+            return
+        if stopped:
             active = torch.tensor([s is None for s in status], device=active.device)
+
+    if untested is not None:
+        untested.add(k, res, f_norm, state)
+    while True:
+        test_now(last=k >= stop.max_iter)
         n_active = status.count(None)
         if monitor is not None and k % every == 0:
             monitor(Iteration(k, res, n_active, time.perf_counter() - start, stop))
@@ -342,15 +384,19 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             _finish(status, iterations, Status.MAX_ITER, k)
             break
         if limit is not None and not solver.replays and limit.expired():
+            test_now(last=True)
             _finish(status, iterations, Status.TIMEOUT, k)
             break
         state.active = active
         stuck = solver.observe(state, active)
-        if stuck is not None and _stall_samples(stuck & active, status, iterations, k):
-            active = torch.tensor([s is None for s in status], device=active.device)
+        if stuck is not None and bool(stuck.any()):
+            test_now(last=True)  # a sample that converged before it stalled has converged
+            if _stall_samples(stuck & active, status, iterations, k):
+                active = torch.tensor([s is None for s in status], device=active.device)
             n_active = status.count(None)
             if n_active == 0:
                 break
+            state.active = active
         z_prev, g_prev, res_prev, f_norm_prev = state.z, state.g, res, f_norm
         state.res = state.f_norm = state.step_norm = None
         if active is not counted:  # a stopped sample's evaluations no longer count
@@ -360,7 +406,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         except deadline.DeadlineExceeded:
             # The deadline passed inside the step (a line search, an inner solve): keep the
             # last finished iterate.
-            state.z, state.g = z_prev, g_prev
+            state.z, state.g, state.res, state.f_norm = z_prev, g_prev, res_prev, f_norm_prev
+            test_now(last=True)
             _finish(status, iterations, Status.TIMEOUT, k)
             break
         k += 1
@@ -378,8 +425,11 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
             state.res = res
         history.append(k, res, f_norm, step, time.perf_counter() - start)
         tail.append(state.z)  # detached once, for the result
-        if len(tail) > stop.keep_iterates:
+        if len(tail) > tail_length:
             tail.pop(0)
+        if untested is not None:
+            state.res, state.f_norm = res, f_norm
+            untested.add(k, res, f_norm, state)
 
     if monitor is not None and k % every != 0:
         monitor(Iteration(k, res, 0, time.perf_counter() - start, stop))
@@ -393,7 +443,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         iterations=iterations,
         counts=problem.counter.snapshot(),
         **history.export(),
-        tail_iterates=[z.detach() for z in tail],
+        tail_iterates=[z.detach() for z in tail[-stop.keep_iterates :]],
         wall_time=time.perf_counter() - start,
         device=str(problem.device),
         dtype=str(problem.dtype).removeprefix("torch."),
@@ -483,6 +533,81 @@ def _stop_samples(
             status[b] = Status.CONVERGED if ok else Status.DIVERGED if finite else Status.NONFINITE
             iterations[b] = k
     return True
+
+
+@dataclass
+class _Untested:
+    """The iterations run since the last stopping test (``StopRule.check_every`` > 1).
+
+    ``test`` reads their norms to the host in one transfer and tests them in order. A sample that
+    met the test (or failed) at an earlier row stops there: the later rows of the history and of
+    the kept iterates, and the state, get that row's values for it, as if the driver had frozen
+    it at once.
+    """
+
+    rule: ConvergenceTest
+    limits: Limits
+    host: HostLimits | None
+    history: History
+    tail: list[torch.Tensor]
+    rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list
+    )
+
+    def add(self, k: int, res: torch.Tensor, f_norm: torch.Tensor, state: State) -> None:
+        """Iteration ``k``'s norms and iterate, to be tested later."""
+        self.rows.append((k, res, f_norm, state.z, state.g))
+
+    def test(self, state: State, status: list[Status | None], iterations: list[int]) -> int | None:
+        """Test every untested row in order and freeze what stopped early. Leaves the last row
+        that still counts in ``state`` (z, g, res, f_norm): the newest, or, once every sample has
+        stopped, that of the last one to stop, whose iteration is returned (the rows after it are
+        dropped: the run ended there)."""
+        import torch
+
+        rows, self.rows = self.rows, []
+        if not rows:
+            return None
+        # One transfer for every row: the limits go to the host too, so the test runs there.
+        norms = torch.stack([torch.stack([row[1], row[2]]) for row in rows]).cpu()
+        limits = Limits(self.limits.base.cpu(), self.limits.ceiling.cpu(), self.limits.rtol)
+        stopped_at: dict[int, int] = {}  # sample -> index of the row it stopped at
+        for i, (k, *_) in enumerate(rows):
+            running = torch.tensor([s is None for s in status])
+            if _stop_samples(
+                self.rule, limits, self.host, norms[i, 0], norms[i, 1], status, iterations,
+                running, k,
+            ):  # fmt: skip
+                stopped_at.update(
+                    (b, i) for b, on in enumerate(running.tolist()) if on and status[b]
+                )
+        # Rows after a sample's stopping row repeat that row for it (step 0), as the driver's
+        # freezing would have made them.
+        _, res, f_norm, z, g = rows[0]
+        kept = [(res, f_norm, z, g)]
+        for i in range(1, len(rows)):
+            k, res_i, f_i, z_i, g_i = rows[i]
+            frozen = [stopped_at.get(b, i) < i for b in range(len(status))]
+            if any(frozen):
+                mask = torch.tensor(frozen, device=z.device)
+                res, f_norm = torch.where(mask, res, res_i), torch.where(mask, f_norm, f_i)
+                z, g = torch.where(mask[:, None], z, z_i), torch.where(mask[:, None], g, g_i)
+                self.history.replace(k, res, f_norm, mask)
+                depth = rows[-1][0] - k  # 0 for the newest kept iterate
+                if depth < len(self.tail):
+                    self.tail[-1 - depth] = z
+            else:
+                res, f_norm, z, g = res_i, f_i, z_i, g_i
+            kept.append((res, f_norm, z, g))
+        last = None
+        if all(s is not None for s in status):
+            last = max(iterations)
+            newest = rows[-1][0]
+            self.history.truncate(last)
+            del self.tail[max(1, len(self.tail) - (newest - last)) :]
+            kept = kept[: len(kept) - (newest - last)]
+        state.res, state.f_norm, state.z, state.g = kept[-1]
+        return last
 
 
 def _stall_samples(

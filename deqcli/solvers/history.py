@@ -53,6 +53,27 @@ class History:
         if len(self.iteration) >= self.limit:
             self._compress()
 
+    def replace(
+        self, k: int, res: torch.Tensor, f_norm: torch.Tensor, frozen: torch.Tensor
+    ) -> None:
+        """Rewrite iteration ``k``'s row (one of the newest, which compression never drops) with
+        these norms, and a zero step for the ``frozen`` samples."""
+        import torch
+
+        i = len(self.iteration) - 1
+        while self.iteration[i] != k:
+            i -= 1
+        self.residual[i], self.f_norm[i] = res, f_norm
+        step = self.step[i]
+        if step is not None:
+            self.step[i] = torch.where(frozen, 0.0, step)
+
+    def truncate(self, k: int) -> None:
+        """Drop the rows after iteration ``k`` (among the newest: compression never drops them)."""
+        while self.iteration[-1] > k:
+            for series in (self.residual, self.f_norm, self.step, self.time, self.iteration):
+                series.pop()
+
     def _compress(self) -> None:
         import torch
 
