@@ -245,6 +245,45 @@ def test_beyond_dense_max_dim_the_estimates_are_matrix_free() -> None:
     assert bound["near_singular"] is False
 
 
+def test_matrix_free_error_bounds_estimate_the_whole_batch_at_once(monkeypatch) -> None:
+    # z ← s·A z + c per sample, A as above (eigenvalues in [−0.5, 0.5] and −0.9): J_g = I − s·A has
+    # eigenvalues 1 − s·λ. s = 1: σ ∈ [0.5, 1.9]; s = 0.5: [0.75, 1.45]; s = −1: [0.1, 1.5].
+    from deqcli.diagnostics import spectral
+
+    n = 80
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    eig = torch.linspace(-0.5, 0.5, n, dtype=F64)
+    eig[0] = -0.9
+    problem = Problem(
+        "scaled",
+        "test",
+        "fixed_point",
+        lambda z, p: p["s"] * (z @ p["A"].mT) + 1.0,
+        torch.zeros(3, n, dtype=F64),
+        {"A": Q @ torch.diag(eig) @ Q.T, "s": torch.tensor([[1.0], [0.5], [-1.0]], dtype=F64)},
+        batched_params=frozenset({"s"}),
+    )
+    calls = []
+    estimate = spectral.sigma_min
+    monkeypatch.setattr(
+        spectral, "sigma_min", lambda op, **kw: calls.append(op.batch) or estimate(op, **kw)
+    )
+    res = solve(problem, "newton", diag=DiagnosticOptions(dense_max_dim=64), atol=1e-10)
+    assert res.sample_status == [Status.CONVERGED] * 3
+    assert calls == [3]  # one inverse Lanczos for the three samples, none at the start
+    # σ_max is a Golub–Kahan estimate from below: fast where it stands apart (1.9, 1.45), slower
+    # at the edge of a continuum (s = −1: 1 + λ fills [0.5, 1.5]).
+    expected = [(0.5, 1.9, 1e-6), (0.75, 1.45, 1e-6), (0.1, 1.5, 1e-4)]
+    for b, (low, high, rel) in enumerate(expected):
+        bound = sample(res, b)["error_bound"]
+        assert bound["method"] == "inverse lanczos"
+        assert bound["sigma_min"] == pytest.approx(low, rel=1e-4)
+        assert bound["sigma_max"] == pytest.approx(high, rel=rel)
+        assert bound["sigma_max"] <= high * (1 + 1e-12)  # from below, up to rounding
+        assert bound["sigma_max_at_start"] == pytest.approx(high, rel=rel)  # J is constant
+
+
 def test_a_near_singular_jacobian_beyond_the_dense_analysis_is_flagged() -> None:
     # n = 80 > dense_max_dim = 64: z ← A z + c with A symmetric, eigenvalues in [−0.5, 0.5], one at
     # −0.9 and one at 1 − 1e-7, so J_g = I − A has σ_min = 1e-7 and σ_max = 1.9; c puts z* at

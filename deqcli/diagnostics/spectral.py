@@ -243,17 +243,19 @@ def _matrix_free(
 
 
 def residual_sigma(
-    problem: Problem, z: torch.Tensor, opts: DiagnosticOptions
+    problem: Problem, z: torch.Tensor, opts: DiagnosticOptions, *, smallest: bool = True
 ) -> list[dict[str, Any]]:
     """σ_min, σ_max and cond of the residual Jacobian J_g = I − J at each row of z, uncounted.
 
     Exact (dense SVD) while the dense analysis fits (``dense_max_dim``, ``dense_max_elements``);
     above that estimated matrix-free by the linear-operator layer: σ_max by Golub–Kahan and σ_min by
     inverse Lanczos on (J_gᵀJ_g)⁻¹ (``deqcli.linalg.sigma_min``), both with
-    ``arnoldi_steps`` steps. Rows whose point or Jacobian is not finite get ``{"error": ...}``.
+    ``arnoldi_steps`` steps, for every row at once. Without ``smallest`` the matrix-free path
+    estimates σ_max alone (σ_min's inner solves are most of the cost). Rows whose point or
+    Jacobian is not finite get ``{"error": ...}``.
     """
     if not dense_fits(problem, opts, batch=z.shape[0]):
-        return _residual_sigma_matrix_free(problem, z, opts)
+        return _residual_sigma_matrix_free(problem, z, opts, smallest)
     safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
     jac = jacobian_f(problem, safe).to("cpu", torch.float64).numpy()
     eye = np.eye(z.shape[1])
@@ -274,14 +276,21 @@ SIGMA_MIN_MATVECS = 400
 
 
 def _residual_sigma_matrix_free(
-    problem: Problem, z: torch.Tensor, opts: DiagnosticOptions
+    problem: Problem, z: torch.Tensor, opts: DiagnosticOptions, smallest: bool
 ) -> list[dict[str, Any]]:
     finite = torch.isfinite(z).all(dim=1)
     safe = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
     op = jacobian_operator(problem, safe, of="g", counted=False)
     steps = opts.arnoldi_steps
-    low = sigma_min(op, steps=steps, max_matvecs=SIGMA_MIN_MATVECS, seed=opts.seed)
     high = sigma_max(op, steps=steps, seed=opts.seed)
+    if not smallest:
+        return [
+            {"method": "golub-kahan", "estimate": True, "sigma_max": float(value)}
+            if bool(finite[b]) and math.isfinite(float(value))
+            else {"error": "the Jacobian is not finite here"}
+            for b, value in enumerate(high.value.tolist())
+        ]
+    low = sigma_min(op, steps=steps, max_matvecs=SIGMA_MIN_MATVECS, seed=opts.seed)
     products = {"jvp": low.matvecs + high.matvecs, "vjp": low.rmatvecs + high.rmatvecs}
     out: list[dict[str, Any]] = []
     for b in range(z.shape[0]):
