@@ -53,7 +53,7 @@ from deq_family import haar  # noqa: E402
 
 from deqcli.errors import DeqError  # noqa: E402
 from deqcli.problems.base import Problem  # noqa: E402
-from deqcli.problems.tanh_layer import tanh_layer_map  # noqa: E402
+from deqcli.problems.tanh_layer import tanh_layer_jacobian, tanh_layer_map  # noqa: E402
 from deqcli.result import SolveResult  # noqa: E402
 from deqcli.solvers import SOLVERS, make_solver  # noqa: E402
 from deqcli.solvers.base import State, StopRule, run  # noqa: E402
@@ -162,6 +162,7 @@ def build(spec: CaseSpec, device: torch.device) -> Problem:
         params=params,
         description=f"z = tanh(W z + x), n={n}, B={spec.batch}, ‖W‖₂={norm:.4g}",
         batched_params=frozenset({"x"}),
+        row_scaled_jacobian=tanh_layer_jacobian,  # as `deq solve` builds a tanh layer
     )
 
 
