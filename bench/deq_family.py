@@ -57,6 +57,7 @@ over the hard cases close the table.
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import json
 import math
@@ -424,6 +425,14 @@ def first_solve_child(label: str, probe: str) -> dict[str, float]:
         from torchdeq.solver import get_solver  # importing is not part of a solve
 
         td_solver = get_solver(label.split(":", 1)[1])
+    else:
+        from deqcli.solvers import make_solver
+
+        # Importing the solver's module is not part of a solve either (as for torchdeq above);
+        # what its first solve loads beyond that (auto's stages, autodiff) is.
+        solver = make_solver(label)
+        if solver.method_path():
+            solver.implementation()
     f = deadline_map(problem.params, math.inf)
     times = []
     for _ in range(3):
@@ -447,6 +456,9 @@ def first_solve_child(label: str, probe: str) -> dict[str, float]:
 
 def first_solve_costs(labels: list[str], probes: list[str]) -> dict[str, dict[str, Any]]:
     """Each solver's one-time cost per process: first solve minus a warm one, fresh processes."""
+    # An installed deqcli has its bytecode compiled (pip does it), as torchdeq has: compile ours
+    # first, or a machine with PYTHONDONTWRITEBYTECODE set charges each first solve the compiling.
+    compileall.compile_dir(ROOT / "deqcli", quiet=1)
     out: dict[str, dict[str, Any]] = {}
     for label in labels:
         per_probe: dict[str, dict[str, float]] = {}
