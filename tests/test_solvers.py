@@ -15,7 +15,7 @@ from deqcli.api import load_problem
 from deqcli.config import load_config
 from deqcli.errors import UsageError
 from deqcli.problems.base import Problem
-from deqcli.problems.tanh_layer import tanh_layer_map
+from deqcli.problems.tanh_layer import tanh_layer_jacobian, tanh_layer_map
 from deqcli.result import SolveResult, Status
 from deqcli.solvers import SOLVERS, make_solver
 from deqcli.solvers.base import StopRule, run
@@ -472,6 +472,56 @@ def test_auto_probe_keeps_anderson_on_a_real_spectrum() -> None:
     assert 0.95 < info["probe"]["ritz_rho"] <= 0.995 + 1e-12
     off = run(problem, make_solver("auto", {"dense_max": 10, "probe": False}), StopRule(atol=1e-10))
     assert "probe" not in off.extra["auto"] and max(off.counts.jvp) == 0
+
+
+def _nonnormal_layer(n: int, batch: int, seed: int) -> Problem:
+    """z = tanh(W z + x) with W = Q T Qᵀ, T upper triangular: eigenvalues −0.5 … 0.995 on its
+    diagonal, strictly upper entries N(0, 4/n), so ‖W‖₂ ≈ 3 ≫ 1 > ρ(W); inputs of scale 1."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    upper = torch.triu(torch.randn(n, n, generator=gen, dtype=torch.float64), diagonal=1)
+    tri = torch.diag(torch.linspace(-0.5, 0.995, n, dtype=torch.float64)) + 2 / n**0.5 * upper
+    x = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    return Problem(
+        name="non-normal",
+        kind="tanh_layer",
+        form="fixed_point",
+        func=tanh_layer_map,
+        z0=torch.zeros(batch, n, dtype=torch.float64),
+        params={"W": q @ tri @ q.T, "x": x},
+        batched_params=frozenset({"x"}),
+        row_scaled_jacobian=tanh_layer_jacobian,
+    )
+
+
+def test_auto_tries_plain_iteration_where_anderson_stalls_on_a_contracting_map() -> None:
+    # Anderson stands still on this strongly non-normal layer (its probe at 30 iterations kept
+    # it); ρ(J_f) < 1 at its best iterates, so plain iteration converges, and far more cheaply
+    # than Newton started there: the probe after the stall puts it next, no Jacobian is formed.
+    problem = _nonnormal_layer(512, 8, 0)
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=5000))
+    assert result.status is Status.CONVERGED
+    z = result.solution
+    assert float(torch.linalg.vector_norm(z - problem.f(z), dim=1).max()) <= 1e-8
+    info = result.extra["auto"]
+    assert info["methods"] == ["anderson", "fixed_point"]
+    assert info["reasons"][0].startswith("no progress; spectral probe: ρ(J_f) ≈ ")
+    after = info["probe"]["after_stall"]
+    assert after["choice"] == "fixed_point" and after["ritz_rho"] < 1
+    assert 1.6 * after["fixed_point_iterations"] <= after["newton_cost"]
+    assert max(result.counts.njev) == 0
+
+
+def test_auto_keeps_to_its_list_when_plain_iteration_would_not_fit_the_budget() -> None:
+    # The same stall with 200 iterations in all: plain iteration would need more than are left,
+    # so the list goes on to newton.
+    problem = _nonnormal_layer(512, 8, 0)
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=200))
+    info = result.extra["auto"]
+    assert info["methods"][:2] == ["anderson", "newton"]
+    assert info["reasons"][0] == "no progress"
+    assert info["probe"]["after_stall"]["choice"] == "next preset"
+    assert result.status is Status.CONVERGED
 
 
 def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:

@@ -26,7 +26,9 @@ checked, and the batch moves on when any of them shows
 
 On a fixed-point problem, after 30 iterations of anderson whose rate predicts a long run, a
 spectral probe (a few Arnoldi steps on J_f) estimates what plain iteration, Anderson and dense
-Newton would cost and moves to the cheapest (``AutoMethod._probe``); ``probe: false`` turns it off.
+Newton would cost and moves to the cheapest (``AutoMethod._probe``); where anderson stalls or
+grows, a second probe puts plain iteration next if it contracts there and costs less than Newton
+started from a stall (``AutoMethod._plain_after_stall``). ``probe: false`` turns both off.
 
 Ψtc, the last resort for problems where every local method stalls far from a root, runs until the
 driver stops it. Each switch costs one evaluation (the new preset's start, more for a Jacobian).
@@ -80,6 +82,12 @@ ITERATION_MARGIN = 1.6
 NEWTON_STEPS = 7
 NEWTON_COST = 1.3
 NEWTON_COST_CLOSED = 0.5
+# Where anderson stalled or its residual grew, Newton starts outside the region where
+# NEWTON_STEPS steps suffice: on the family's strongly non-normal layer (‖W‖₂ = 3.4, ρ(W) = 0.995,
+# inputs of scale 1) its globalised stages then took 88 Jacobians, 12 times the estimate, while
+# plain iteration converged in 1,400 steps. After such a switch Newton's estimate is taken
+# NEWTON_AFTER_STALL times over, and plain iteration goes first where it is cheaper than that.
+NEWTON_AFTER_STALL = 4.0
 
 
 @dataclass
@@ -118,10 +126,13 @@ class AutoMethod(Method):
     def __init__(self, options: Solver) -> None:
         super().__init__(options)
         self.test = ConvergenceTest()
+        self.max_iter: int | None = None
 
     def setup(self, stop: StopRule) -> None:
-        """Adopt the run's convergence test (its divergence ceiling and non-finite rule)."""
+        """Adopt the run's convergence test (its divergence ceiling and non-finite rule) and
+        iteration budget."""
         self.test = stop.test
+        self.max_iter = stop.max_iter
 
     def _make(self, name: str) -> Solver:
         from deqcli.solvers import make_solver
@@ -223,10 +234,11 @@ class AutoMethod(Method):
         s.res = res
         if last:
             return s
-        if flags[3]:
-            return self._switch(problem, s, "residual growth")
-        if flags[4]:
-            return self._switch(problem, s, "no progress")
+        if flags[3] or flags[4]:
+            why = "residual growth" if flags[3] else "no progress"
+            if name == "anderson" and self.options.probe and problem.form == "fixed_point":
+                why = self._plain_after_stall(problem, s, running, why)
+            return self._switch(problem, s, why)
         if newton and flags[5]:
             return self._switch(problem, s, "the line search found no acceptable step")
         s.stage_k += 1
@@ -289,16 +301,9 @@ class AutoMethod(Method):
             "anderson": ITERATION_MARGIN * ANDERSON_COST * k_anderson,
             "fixed_point": ITERATION_MARGIN * k_fixed,
         }
-        n = problem.dim
-        if n <= self.options.dense_max and "newton" in s.stages[s.stage + 1 :]:
-            try:
-                problem.check_dense_fits()
-                per_step = (
-                    NEWTON_COST if problem.row_scaled_jacobian is None else NEWTON_COST_CLOSED
-                )
-                costs["newton"] = NEWTON_STEPS * per_step * n
-            except UsageError:
-                pass
+        newton = self._newton_cost(problem, s)
+        if newton is not None:
+            costs["newton"] = newton
         choice = min(costs, key=lambda name: costs[name])
         s.probe.update(
             {
@@ -325,6 +330,69 @@ class AutoMethod(Method):
             # Straight on to Newton: drop whatever stood between.
             s.stages[s.stage + 1 : s.stages.index("newton", s.stage + 1)] = []
         return self._switch(problem, s, why, retry=False)
+
+    def _plain_after_stall(
+        self, problem: Problem, s: AutoState, running: torch.Tensor, why: str
+    ) -> str:
+        """Anderson stalled (or grew): put plain iteration next where it contracts and costs less.
+
+        PROBE_STEPS Arnoldi steps on J_f at the best iterates estimate ρ(J_f) there. Below 1,
+        plain iteration from those iterates needs about log(tol/‖g‖)/log ρ steps for the slowest
+        sample; it goes next (before newton and the rest of the list) when that count, times
+        ITERATION_MARGIN, fits in the iterations left and costs less than Newton's estimate taken
+        NEWTON_AFTER_STALL times over (Newton starts outside its fast region here). Returns the
+        switch's reason, with the probe's numbers when it chose plain iteration. Runs once.
+        """
+        from deqcli.linalg import jacobian_operator, ritz_values
+
+        if "fixed_point" in s.stages:
+            return why
+        tiny = torch.finfo(s.stage_best.dtype).tiny
+        op = jacobian_operator(problem, s.best_z, of="f").with_active(running)
+        rho_hat = ritz_values(op, PROBE_STEPS).abs().amax(dim=1).to(s.z.device, s.z.dtype)
+        rho = float(torch.where(running, rho_hat, torch.zeros_like(rho_hat)).max())
+        now = s.progress.best
+        target = self.test.threshold(s.limits).to(now.dtype)
+        record: dict[str, Any] = {"iteration": s.k, "ritz_rho": rho, "choice": "next preset"}
+        s.probe = {**(s.probe or {}), "after_stall": record}
+        if not rho < 1 - 1e-12:
+            return why
+        slow = running & (now > target)
+        need = torch.log(target.clamp_min(tiny) / now.clamp_min(tiny)) / math.log(rho)
+        k_fixed = float(torch.where(slow, need, torch.zeros_like(need)).max())
+        cost = ITERATION_MARGIN * k_fixed
+        record["fixed_point_iterations"] = round(k_fixed)
+        left = math.inf if self.max_iter is None else self.max_iter - s.k
+        newton = self._newton_cost(problem, s)
+        if newton is not None:
+            newton *= NEWTON_AFTER_STALL
+            record["newton_cost"] = round(newton)
+        if cost > left or (newton is not None and cost > newton):
+            return why
+        record["choice"] = "fixed_point"
+        # A map whose anderson stalled is often strongly non-normal: its residual can stand still
+        # or grow for many steps before the asymptotic rate shows. Plain iteration gets the
+        # steps the probe predicted before it is called stalled.
+        s.patience["fixed_point"] = max(self.options.patience, min(math.ceil(cost), 10**6))
+        s.stages.insert(s.stage + 1, "fixed_point")
+        against = f" against newton {round(newton)}" if newton is not None else ""
+        return (
+            f"{why}; spectral probe: ρ(J_f) ≈ {rho:.4g}, plain iteration ≈ {round(cost)} "
+            f"evaluations of f{against}"
+        )
+
+    def _newton_cost(self, problem: Problem, s: AutoState) -> float | None:
+        """Newton's estimated cost in evaluations of f, where it is still ahead in the list and
+        its dense Jacobians are affordable; else None."""
+        n = problem.dim
+        if n > self.options.dense_max or "newton" not in s.stages[s.stage + 1 :]:
+            return None
+        try:
+            problem.check_dense_fits()
+        except UsageError:
+            return None
+        per_step = NEWTON_COST if problem.row_scaled_jacobian is None else NEWTON_COST_CLOSED
+        return NEWTON_STEPS * per_step * n
 
     def _switch(
         self, problem: Problem, s: AutoState, reason: str, *, retry: bool = True
