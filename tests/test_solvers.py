@@ -881,6 +881,21 @@ def test_auto_stages_option_and_notes_name_each_preset_once() -> None:
     assert not any(note.startswith("auto:") for note in result.notes)
 
 
+def test_auto_checks_plain_iteration_every_8_steps_with_its_patience_in_steps() -> None:
+    # The logistic map at r = 3.2 from 0.3: plain iteration settles on the 2-cycle and stops
+    # making progress. Its checks come every FIXED_POINT_CHECKS = 8 steps, the patience (30
+    # steps) in whole checks: 4, so the switch comes at the 8th check after the last fall of
+    # ‖g‖ by half, a multiple of 8 steps into the preset. Newton then finds z* = 1 − 1/r.
+    problem = scalar_problem("fixed_point", lambda z: 3.2 * z * (1 - z), [0.3], torch.float64)
+    solver = make_solver("auto", {"stages": "fixed_point, newton"})
+    result = run(problem, solver, StopRule(atol=1e-12, max_iter=300))
+    info = result.extra["auto"]
+    assert info["methods"] == ["fixed_point", "newton"] and info["reasons"] == ["no progress"]
+    assert info["switches"][0] % 8 == 0 and 32 <= info["switches"][0] <= 64
+    assert result.status is Status.CONVERGED
+    assert float(result.solution[0, 0]) == pytest.approx(1 - 1 / 3.2, abs=1e-12)
+
+
 def test_auto_moves_on_at_the_runs_divergence_limit() -> None:
     # The shared ConvergenceTest: with divergence_factor 50 the first Anderson step (216-fold
     # growth) would be a divergence for the driver; auto discards it and moves on instead.

@@ -88,6 +88,11 @@ NEWTON_COST_CLOSED = 0.5
 # plain iteration converged in 1,400 steps. After such a switch Newton's estimate is taken
 # NEWTON_AFTER_STALL times over, and plain iteration goes first where it is cheaper than that.
 NEWTON_AFTER_STALL = 4.0
+# A plain-iteration preset is checked every FIXED_POINT_CHECKS steps (its stall patience counted
+# in steps all the same): its step is one evaluation of f and a norm, and the dozen small tensor
+# operations of the checks, plus a host read, made auto's plain iteration cost 1.8 times the
+# solver's own on a layer with n = 512, B = 16.
+FIXED_POINT_CHECKS = 8
 
 
 @dataclass
@@ -144,6 +149,8 @@ class AutoMethod(Method):
         o = self.options
         if patience is None:
             patience = o.newton_patience if name in NEWTON_STAGES else o.patience
+        if name == "fixed_point":  # the watch sees every FIXED_POINT_CHECKS-th step
+            patience = math.ceil(patience / FIXED_POINT_CHECKS)
         return StallWatch(progress=o.progress, patience=patience)
 
     def init(self, problem: Problem, z0: torch.Tensor) -> AutoState:
@@ -198,6 +205,15 @@ class AutoMethod(Method):
         s.sub_state = s.sub.step(problem, s.sub_state)
         z_new, g_new = s.sub_state.z, s.sub_state.g
         name = s.stages[s.stage]
+        # The preset's own norms reach the driver (they are of z_new, and its step from z_old).
+        s.f_norm, s.step_norm = s.sub_state.f_norm, s.sub_state.step_norm
+        if name == "fixed_point" and (s.stage_k + 1) % FIXED_POINT_CHECKS and not last:
+            s.stage_k += 1
+            s.z, s.g = z_new, g_new
+            s.res = s.sub_state.res
+            if s.res is None:
+                s.res = torch.linalg.vector_norm(g_new, dim=1)
+            return s
         newton = name in NEWTON_STAGES
         if newton:
             # Only a line search leaves z where it was; other presets always move.
@@ -424,6 +440,7 @@ class AutoMethod(Method):
         s.sub = self._make(name)
         s.sub_state = s.sub.init(problem, start)
         s.z, s.g = s.sub_state.z, s.sub_state.g
+        s.res = s.f_norm = s.step_norm = None  # of the previous preset's iterate: the driver's own
         res = torch.linalg.vector_norm(s.g, dim=1)
         s.watch = self._watch(name, s.patience.get(name))
         s.still = None
