@@ -396,3 +396,29 @@ def test_sigma_min_of_the_jacobian_of_a_map_without_forming_it() -> None:
     est = sigma_min(op, steps=6, method="inverse")
     torch.testing.assert_close(est.value, exact[-1].repeat(2), rtol=1e-6, atol=0.0)
     assert problem.counter.jvp == [0, 0]
+
+
+def test_dense_lu_solves_a_batch_after_the_thread_count_was_set() -> None:
+    # torch's batched CPU LU can return invalid pivots once torch.set_num_threads(k > 1) has been
+    # called (seen with 2 threads: the solve then raises); deqcli.linalg.dense factors such a
+    # batch one matrix at a time. x is known: b = A x.
+    from deqcli.linalg.dense import lu_factor_ex, solve_ex
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for batch, n in ((2, 256), (8, 256), (4, 512)):
+            a = torch.randn(batch, n, n, generator=gen, dtype=torch.float64)
+            x = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+            b = (a @ x[..., None])[..., 0]
+            lu, pivots, info = lu_factor_ex(a)
+            assert bool(((pivots >= 1) & (pivots <= n)).all()) and not bool(info.any())
+            solution, info = solve_ex(a, b)
+            torch.testing.assert_close(solution, x, rtol=0, atol=1e-8)
+            transposed = torch.linalg.lu_solve(lu, pivots, b[..., None], adjoint=True)[..., 0]
+            torch.testing.assert_close(
+                a.mT @ transposed[..., None], b[..., None], rtol=0, atol=1e-8
+            )
+    finally:
+        torch.set_num_threads(before)

@@ -76,7 +76,9 @@ class MultiplicityNewton(Solver):
 
         _, jac = problem.jacobian(state.z)
         rhs = state.g[..., None]
-        sol, info = torch.linalg.solve_ex(jac, rhs)
+        from deqcli.linalg.dense import solve_ex
+
+        sol, info = solve_ex(jac, rhs)
         if bool((info != 0).any()) or not bool(torch.isfinite(sol).all()):
             sol = torch.linalg.pinv(jac) @ rhs
         z = state.z - self.m * sol[..., 0]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from deqcli.linalg import FunctionOperator, KrylovResult, LinearOperator, gmres, jacobian_operator
+from deqcli.linalg.dense import lu_factor_ex, solve_ex
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
@@ -96,18 +97,20 @@ def solve_newton(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     Samples whose Jacobian or right-hand side is not finite get a zero step instead of poisoning
     the pseudo-inverse.
     """
-    sol, info = torch.linalg.solve_ex(jac, rhs)
+    eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+    finite = torch.isfinite(jac).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=1)
+    if not bool(finite.all()):
+        # Before the LU, not after: multi-threaded MKL factors a NaN matrix into invalid pivots,
+        # and the solve then raises instead of returning NaN.
+        jac = torch.where(finite[:, None, None], jac, eye)
+        rhs = torch.where(finite[:, None], rhs, 0.0)
+    sol, info = solve_ex(jac, rhs)
     bad = (info != 0) | ~torch.isfinite(sol).all(dim=1)
     if bool(bad.any()):
         # The pseudo-inverse (an SVD) only for the samples that need it.
         index = bad.nonzero().flatten()
-        part_jac, part_rhs = jac[index], rhs[index]
-        finite = torch.isfinite(part_jac).all(dim=(1, 2)) & torch.isfinite(part_rhs).all(dim=1)
-        eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-        safe_jac = torch.where(finite[:, None, None], part_jac, eye)
-        safe_rhs = torch.where(finite[:, None], part_rhs, 0.0)
         sol = sol.clone()
-        sol[index] = (torch.linalg.pinv(safe_jac) @ safe_rhs[..., None])[..., 0]
+        sol[index] = (torch.linalg.pinv(jac[index]) @ rhs[index][..., None])[..., 0]
     return sol
 
 
@@ -131,7 +134,7 @@ def cap_steps(
 
 def factor(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LU factors per sample; a singular or non-finite matrix is shifted (or replaced by I)."""
-    lu, pivots, info = torch.linalg.lu_factor_ex(jac)
+    lu, pivots, info = lu_factor_ex(jac)
     bad = (info != 0) | ~torch.isfinite(lu).all(dim=(1, 2))
     if bool(bad.any()):
         finite = torch.isfinite(jac).all(dim=(1, 2))
@@ -139,7 +142,7 @@ def factor(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = jac.abs().amax(dim=(1, 2)).clamp_min(1.0)
         shift = (torch.finfo(jac.dtype).eps ** 0.5 * size)[:, None, None] * eye
         fixed = torch.where(finite[:, None, None], jac + shift, eye)
-        lu2, pivots2, _ = torch.linalg.lu_factor_ex(fixed)
+        lu2, pivots2, _ = lu_factor_ex(fixed)
         lu = torch.where(bad[:, None, None], lu2, lu)
         pivots = torch.where(bad[:, None], pivots2, pivots)
     return lu, pivots
