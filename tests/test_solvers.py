@@ -380,8 +380,9 @@ def test_broyden_needs_no_derivatives_and_respects_its_memory() -> None:
 
 
 def test_auto_falls_back_where_plain_iteration_diverges() -> None:
-    # The map f(z) = z − (z³ − 8) from z = 3 jumps to −16 and blows up; auto's first Anderson
-    # step (a plain step) grows the residual 216-fold, so it switches to Newton.
+    # The map f(z) = z − (z³ − 8) from z = 3 jumps to −16 and blows up; auto's first step (plain
+    # iteration's trial) grows the residual 216-fold, so it switches to Newton, past anderson
+    # (whose first step is that same plain step).
     problem = scalar_problem("fixed_point", lambda z: z - (z**3 - 8), [3.0], torch.float64)
     naive = run(problem, make_solver("fixed_point"), StopRule(atol=1e-12, max_iter=100))
     assert naive.status in (Status.DIVERGED, Status.NONFINITE)
@@ -389,16 +390,38 @@ def test_auto_falls_back_where_plain_iteration_diverges() -> None:
     assert result.status is Status.CONVERGED
     assert float(result.solution[0, 0]) == pytest.approx(2.0, abs=1e-12)
     info = result.extra["auto"]
-    assert info["methods"] == ["anderson", "newton"]
+    assert info["methods"] == ["fixed_point", "newton"]
     assert info["switches"] == [1] and info["reasons"] == ["residual growth"]
-    assert result.to_dict(history=False)["auto"]["methods"] == ["anderson", "newton"]
+    assert result.to_dict(history=False)["auto"]["methods"] == ["fixed_point", "newton"]
     assert any("switched to newton" in note for note in result.notes)
 
 
 def test_auto_keeps_anderson_when_it_works() -> None:
+    # cos(z): plain iteration contracts at |f'(z*)| = sin(0.739…) = 0.6736 per step, which after
+    # the 8-step trial predicts about 60 more; anderson takes over from z0 and finishes alone.
     result = run(_dottie(torch.float64), make_solver("auto"), StopRule(atol=1e-12))
     assert result.status is Status.CONVERGED
-    assert result.extra["auto"] == {"methods": ["anderson"], "switches": [], "reasons": []}
+    info = result.extra["auto"]
+    assert info["methods"] == ["fixed_point", "anderson"] and info["switches"] == [8]
+    assert info["probe"]["trial"]["rate"] == pytest.approx(math.sin(DOTTIE), abs=5e-3)
+    assert info["probe"]["trial"]["iterations"] > 32
+    assert info["reasons"][0].startswith("plain iteration's rate 0.67")
+    assert max(result.iterations) <= 8 + 15
+
+
+def test_auto_keeps_plain_iteration_where_it_is_fast() -> None:
+    # z = 0.1·cos(z) + 1: plain iteration contracts by 0.1·|sin z*| < 0.09 per step, so after the
+    # 8-step trial (‖g‖ already near 1e-9) a few more steps finish: anderson is never started.
+    problem = scalar_problem("fixed_point", lambda z: 0.1 * torch.cos(z) + 1, [0.0], torch.float64)
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-12))
+    assert result.status is Status.CONVERGED
+    info = result.extra["auto"]
+    assert info["methods"] == ["fixed_point"] and info["switches"] == []
+    assert info["probe"]["trial"]["choice"] == "fixed_point"
+    z = float(result.solution[0, 0])
+    assert z == pytest.approx(0.1 * math.cos(z) + 1, abs=1e-12)
+    assert info["probe"]["trial"]["rate"] == pytest.approx(0.1 * math.sin(z), rel=0.05)
+    assert result.notes[0] == "fixed_point sufficed"
 
 
 def _linear_layer(a: torch.Tensor, batch: int, seed: int) -> tuple[Problem, torch.Tensor]:
@@ -432,11 +455,14 @@ def test_auto_probe_sends_a_near_isometry_to_newton() -> None:
     assert result.status is Status.CONVERGED
     torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-9)
     info = result.extra["auto"]
-    assert info["methods"] == ["anderson", "newton"] and info["switches"] == [30]
-    assert info["reasons"][0].startswith("spectral probe: ρ(J_f) ≈ ")
+    # The trial first: an isometry times 0.999 shrinks ‖g‖ by exactly 0.999 per plain step.
+    assert info["probe"]["trial"]["rate"] == pytest.approx(0.999, rel=1e-9)
+    assert info["methods"] == ["fixed_point", "anderson", "newton"]
+    assert info["switches"] == [8, 38]
+    assert info["reasons"][1].startswith("spectral probe: ρ(J_f) ≈ ")
     assert info["probe"]["choice"] == "newton"
     assert info["probe"]["costs"]["newton"] < info["probe"]["costs"]["fixed_point"]
-    assert max(result.iterations) <= 33
+    assert max(result.iterations) <= 8 + 33
     assert max(result.counts.jvp) == 12  # the probe's Arnoldi steps, counted
 
 
@@ -449,11 +475,12 @@ def test_auto_probe_prefers_plain_iteration_where_anderson_gains_nothing() -> No
     assert result.status is Status.CONVERGED
     torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-9)
     info = result.extra["auto"]
-    assert info["methods"] == ["anderson", "fixed_point"]
+    assert info["probe"]["trial"]["rate"] == pytest.approx(0.99, rel=1e-9)
+    assert info["methods"] == ["fixed_point", "anderson", "fixed_point"]
     assert info["probe"]["choice"] == "fixed_point"
     # Plain iteration at rate 0.99: log(1e-10 / ‖g‖)/log(0.99) steps after the switch, no more.
-    res = max(result.residual_history[30])
-    bound = 30 + math.ceil(math.log(1e-10 / res) / math.log(0.99)) + 5
+    res = max(result.residual_history[38])
+    bound = 38 + math.ceil(math.log(1e-10 / res) / math.log(0.99)) + 5
     assert max(result.iterations) <= bound
 
 
@@ -467,7 +494,7 @@ def test_auto_probe_keeps_anderson_on_a_real_spectrum() -> None:
     assert result.status is Status.CONVERGED
     torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-8)
     info = result.extra["auto"]
-    assert info["methods"] == ["anderson"] and info["probe"]["choice"] == "anderson"
+    assert info["methods"] == ["fixed_point", "anderson"] and info["probe"]["choice"] == "anderson"
     # Ritz values of a symmetric matrix lie inside its spectrum: ρ is estimated from below.
     assert 0.95 < info["probe"]["ritz_rho"] <= 0.995 + 1e-12
     off = run(problem, make_solver("auto", {"dense_max": 10, "probe": False}), StopRule(atol=1e-10))
@@ -504,8 +531,8 @@ def test_auto_tries_plain_iteration_where_anderson_stalls_on_a_contracting_map()
     z = result.solution
     assert float(torch.linalg.vector_norm(z - problem.f(z), dim=1).max()) <= 1e-8
     info = result.extra["auto"]
-    assert info["methods"] == ["anderson", "fixed_point"]
-    assert info["reasons"][0].startswith("no progress; spectral probe: ρ(J_f) ≈ ")
+    assert info["methods"] == ["fixed_point", "anderson", "fixed_point"]
+    assert info["reasons"][1].startswith("no progress; spectral probe: ρ(J_f) ≈ ")
     after = info["probe"]["after_stall"]
     assert after["choice"] == "fixed_point" and after["ritz_rho"] < 1
     assert 1.6 * after["fixed_point_iterations"] <= after["newton_cost"]
@@ -518,8 +545,8 @@ def test_auto_keeps_to_its_list_when_plain_iteration_would_not_fit_the_budget() 
     problem = _nonnormal_layer(512, 8, 0)
     result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=200))
     info = result.extra["auto"]
-    assert info["methods"][:2] == ["anderson", "newton"]
-    assert info["reasons"][0] == "no progress"
+    assert info["methods"][:3] == ["fixed_point", "anderson", "newton"]
+    assert info["reasons"][1] == "no progress"
     assert info["probe"]["after_stall"]["choice"] == "next preset"
     assert result.status is Status.CONVERGED
 
