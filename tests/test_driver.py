@@ -182,16 +182,7 @@ def test_a_dense_jacobian_in_a_fresh_process_imports_neither_dynamo_nor_sympy() 
 
 def test_converged_samples_freeze_while_others_continue() -> None:
     # z ← a·z + 1 with a = 0.1 (fast) and a = 0.9 (slow): fixed points 1/(1−a).
-    a = torch.tensor([[0.1], [0.9]], dtype=torch.float64)
-    problem = Problem(
-        name="two-rates",
-        kind="test",
-        form="fixed_point",
-        func=lambda z, p: p["a"] * z + 1,
-        z0=torch.zeros(2, 1, dtype=torch.float64),
-        params={"a": a},
-        batched_params=frozenset({"a"}),
-    )
+    problem = _rates_problem([0.1, 0.9])
     result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-10, max_iter=1000))
     assert result.sample_status == [Status.CONVERGED, Status.CONVERGED]
     fast, slow = result.iterations

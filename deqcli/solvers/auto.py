@@ -104,6 +104,29 @@ FIXED_POINT_CHECKS = 8
 PLAIN_ENOUGH = 32
 
 
+def _rate_and_steps(
+    now: torch.Tensor, mark: torch.Tensor, span: int, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the rate per iteration over the last ``span`` iterations (‖g‖ went from
+    ``mark`` to ``now``), and the iterations that rate needs to bring ‖g‖ down to ``target``."""
+    tiny = torch.finfo(now.dtype).tiny
+    q = (now.clamp_min(tiny) / mark.clamp_min(tiny)) ** (1.0 / span)
+    return q, torch.log(target.clamp_min(tiny) / now.clamp_min(tiny)) / torch.log(q)
+
+
+def _ritz_rho(problem: Problem, z: torch.Tensor, running: torch.Tensor) -> float:
+    """ρ(J_f) estimated by PROBE_STEPS Arnoldi steps at z (counted JVPs): the largest Ritz
+    modulus over the running rows.
+
+    J_f itself, not J_g = I − J_f: a row that broke down early pads its Ritz values with zeros,
+    harmless for the largest modulus of J_f (they would read as 1 for J_g)."""
+    from deqcli.linalg import jacobian_operator, ritz_values
+
+    op = jacobian_operator(problem, z, of="f").with_active(running)
+    rho = ritz_values(op, PROBE_STEPS).abs().amax(dim=1).to(z.device, z.dtype)
+    return float(torch.where(running, rho, torch.zeros_like(rho)).max())
+
+
 @dataclass
 class AutoState(State):
     """The current preset's own state plus what ``auto`` watches to decide when to switch."""
@@ -227,60 +250,52 @@ class AutoMethod(Method):
         name = s.stages[s.stage]
         # The preset's own norms reach the driver (they are of z_new, and its step from z_old).
         s.f_norm, s.step_norm = s.sub_state.f_norm, s.sub_state.step_norm
-        if name == "fixed_point" and (s.stage_k + 1) % FIXED_POINT_CHECKS and not last:
-            res = s.sub_state.res
-            if res is None:
-                res = torch.linalg.vector_norm(g_new, dim=1)
-            # Only a failed or grown residual is looked for at once: the driver would stop a
-            # failed sample as diverged, where auto discards the step and moves on (below).
-            grown = res > self.options.growth * s.progress.best
-            if not bool((running & (self.test.failed(res, s.limits) | grown)).any()):
-                s.stage_k += 1
-                s.z, s.g, s.res = z_new, g_new, res
-                if s.trial and s.stage_k == FIXED_POINT_CHECKS // 2:
-                    s.probe_mark = res
-                return s
+        res = s.sub_state.res
+        if res is None:
+            res = torch.linalg.vector_norm(g_new, dim=1)
+        failed = running & self.test.failed(res, s.limits)
+        grew = running & (res > self.options.growth * s.progress.best)
+        # Between a plain-iteration preset's checks only a failed or grown residual is looked
+        # for: the driver would stop a failed sample as diverged, where auto moves on.
+        between = name == "fixed_point" and (s.stage_k + 1) % FIXED_POINT_CHECKS and not last
+        if between and not bool((failed | grew).any()):
+            s.stage_k += 1
+            s.z, s.g, s.res = z_new, g_new, res
+            if s.trial and s.stage_k == FIXED_POINT_CHECKS // 2:
+                s.probe_mark = res
+            return s
         newton = name in NEWTON_STAGES
         if newton:
             # Only a line search leaves z where it was; other presets always move.
             unchanged = (z_new == z_old).all(dim=1)
             s.still = torch.where(unchanged, (0 if s.still is None else s.still) + 1, 0)
-        res = s.sub_state.res
-        if res is None:
-            res = torch.linalg.vector_norm(g_new, dim=1)
         # Every test of this iteration is computed first and read back in one host
         # synchronisation: this runs once per iteration, often with a cheap map. None of the
         # updates below can mark a failed (diverged or non-finite) residual as an improvement,
         # so they may precede the switch that such a residual triggers.
-        failed = running & self.test.failed(res, s.limits)
         s.stage_best = torch.fmin(s.stage_best, res)  # a NaN row keeps its best
         improved = res < s.progress.best
         stalled = running & s.watch.update(s.progress, res)
-        grew = running & (res > self.options.growth * s.progress.best)
         checks = [failed.any(), improved.all(), improved.any(), grew.any(), stalled.any()]
         if newton:
             checks.append((running & (s.still >= FAILED_SEARCHES)).any())
         flags = torch.stack(checks).tolist()
-        if s.trial and (flags[0] or flags[3]):
+        failure = None
+        if flags[0]:
+            finite = bool(torch.isfinite(res[failed]).all())
+            failure = "residual beyond the divergence limit" if finite else "non-finite residual"
+        if s.trial and (failure or flags[3]):
             # Plain iteration fails here: anderson from z0, or, where the trial's first step
             # failed (anderson's first step is that same plain step), the preset after it.
             s.trial = False
-            why = "residual growth"
-            if flags[0]:
-                finite = bool(torch.isfinite(res[failed]).all())
-                why = "residual beyond the divergence limit" if finite else "non-finite residual"
+            why = failure or "residual growth"
             if s.stage_k == 0:
                 s.stage += 1
             else:
                 why = f"plain iteration: {why}"
             return self._switch(problem, s, why, start=s.z0)
-        if flags[0] and not last:
-            finite = bool(torch.isfinite(res[failed]).all())
-            return self._switch(
-                problem,
-                s,
-                "residual beyond the divergence limit" if finite else "non-finite residual",
-            )
+        if failure and not last:
+            return self._switch(problem, s, failure)
         if flags[1]:
             s.best_z = z_new  # steps build new tensors: keeping a reference is a snapshot
         elif flags[2]:
@@ -324,20 +339,16 @@ class AutoMethod(Method):
 
         The cheapest is chosen for the slowest running sample; a switch names the numbers.
         """
-        from deqcli.linalg import jacobian_operator, ritz_values
-
         tiny = torch.finfo(s.stage_best.dtype).tiny
         mark = s.probe_mark if s.probe_mark is not None else s.stage_start
-        span = PROBE_AFTER - PROBE_AFTER // 2
         now = s.stage_best
         target = self._target(s).to(now.dtype)
-        q = (now.clamp_min(tiny) / mark.clamp_min(tiny)) ** (1.0 / span)
+        q, need = _rate_and_steps(now, mark, PROBE_AFTER - PROBE_AFTER // 2, target)
         slow = running & (now > target) & (q < 1)
         s.probe = {**(s.probe or {}), "iteration": s.k}
         if not bool(slow.any()):
             s.probe["choice"] = "anderson"
             return s
-        need = torch.log(target.clamp_min(tiny) / now) / torch.log(q)
         need = torch.where(slow, need, torch.zeros_like(need))
         worst = int(torch.argmax(need))
         k_anderson = float(need[worst])
@@ -346,11 +357,7 @@ class AutoMethod(Method):
         if k_anderson <= PROBE_LONG:
             s.probe["choice"] = "anderson"
             return s
-        # J_f itself, not J_g = I − J_f: a row that broke down early pads its Ritz values with
-        # zeros, harmless for the largest modulus of J_f (they would read as 1 for J_g).
-        op = jacobian_operator(problem, s.z, of="f").with_active(running)
-        rho_hat = ritz_values(op, PROBE_STEPS).abs().amax(dim=1).to(now.device, now.dtype)
-        rho = float(torch.where(running, rho_hat, torch.zeros_like(rho_hat)).max())
+        rho = _ritz_rho(problem, s.z, running)
         rate = min(max(rho, float(q[worst])), 1 - 1e-12)
         r_now, r_target = float(now[worst]), float(target[worst].clamp_min(tiny))
         k_fixed = math.log(r_target / r_now) / math.log(rate)
@@ -400,14 +407,12 @@ class AutoMethod(Method):
         start anderson from z0 (so its run, and what the probes see, are those of a run without
         the trial: the trial costs FIXED_POINT_CHECKS + 1 evaluations and changes nothing else)."""
         s.trial = False
-        tiny = torch.finfo(res.dtype).tiny
         mark = s.probe_mark if s.probe_mark is not None else s.stage_start
         s.probe_mark = None
-        span = FIXED_POINT_CHECKS - FIXED_POINT_CHECKS // 2
-        q = (res.clamp_min(tiny) / mark.clamp_min(tiny)) ** (1.0 / span)
         target = self._target(s).to(res.dtype)
+        span = FIXED_POINT_CHECKS - FIXED_POINT_CHECKS // 2
+        q, need = _rate_and_steps(res, mark, span, target)
         slow = running & (res > target)
-        need = torch.log(target.clamp_min(tiny) / res.clamp_min(tiny)) / torch.log(q)
         # A rate of 1 or more never gets there.
         need = torch.where(slow & (q < 1), need, torch.where(slow, torch.inf, 0.0))
         worst = float(need.max())
@@ -437,14 +442,10 @@ class AutoMethod(Method):
         NEWTON_AFTER_STALL times over (Newton starts outside its fast region here). Returns the
         switch's reason, with the probe's numbers when it chose plain iteration. Runs once.
         """
-        from deqcli.linalg import jacobian_operator, ritz_values
-
         if "fixed_point" in s.stages[s.stage + 1 :]:
             return why
         tiny = torch.finfo(s.stage_best.dtype).tiny
-        op = jacobian_operator(problem, s.best_z, of="f").with_active(running)
-        rho_hat = ritz_values(op, PROBE_STEPS).abs().amax(dim=1).to(s.z.device, s.z.dtype)
-        rho = float(torch.where(running, rho_hat, torch.zeros_like(rho_hat)).max())
+        rho = _ritz_rho(problem, s.best_z, running)
         now = s.progress.best
         target = self._target(s).to(now.dtype)
         record: dict[str, Any] = {"iteration": s.k, "ritz_rho": rho, "choice": "next preset"}

@@ -428,7 +428,6 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         if len(tail) > tail_length:
             tail.pop(0)
         if untested is not None:
-            state.res, state.f_norm = res, f_norm
             untested.add(k, res, f_norm, state)
 
     if monitor is not None and k % every != 0:
@@ -553,6 +552,11 @@ class _Untested:
     rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=list
     )
+    on_host: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The rows are tested on the host: the limits go there once.
+        self.on_host = Limits(self.limits.base.cpu(), self.limits.ceiling.cpu(), self.limits.rtol)
 
     def add(self, k: int, res: torch.Tensor, f_norm: torch.Tensor, state: State) -> None:
         """Iteration ``k``'s norms and iterate, to be tested later."""
@@ -568,14 +572,12 @@ class _Untested:
         rows, self.rows = self.rows, []
         if not rows:
             return None
-        # One transfer for every row: the limits go to the host too, so the test runs there.
-        norms = torch.stack([torch.stack([row[1], row[2]]) for row in rows]).cpu()
-        limits = Limits(self.limits.base.cpu(), self.limits.ceiling.cpu(), self.limits.rtol)
+        norms = torch.stack([torch.stack([row[1], row[2]]) for row in rows]).cpu()  # one transfer
         stopped_at: dict[int, int] = {}  # sample -> index of the row it stopped at
         for i, (k, *_) in enumerate(rows):
             running = torch.tensor([s is None for s in status])
             if _stop_samples(
-                self.rule, limits, self.host, norms[i, 0], norms[i, 1], status, iterations,
+                self.rule, self.on_host, self.host, norms[i, 0], norms[i, 1], status, iterations,
                 running, k,
             ):  # fmt: skip
                 stopped_at.update(
