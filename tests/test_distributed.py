@@ -107,9 +107,12 @@ def test_group_sizes_follow_the_measured_durations() -> None:
 
     fixed = _GroupSizes(4)
     assert [fixed.next(left, 2) for left in (100, 5, 3)] == [4, 4, 3]
+    assert fixed.measured
     auto = _GroupSizes(None)
+    assert not auto.measured  # the executor sends one group per worker until one came back
     assert auto.next(300, 2) == 1  # nothing measured yet: one at a time
     auto.observe(1, 2.0)  # a first task that paid its process's imports
+    assert auto.measured
     assert auto.next(300, 2) == 1
     for _ in range(20):  # then tasks of 10 ms: the average follows them
         auto.observe(5, 0.05)
@@ -118,6 +121,55 @@ def test_group_sizes_follow_the_measured_durations() -> None:
     # Near the end a group is at most a share of what is left, so the workers end together.
     assert auto.next(30, 2) == 30 // (IN_FLIGHT * 2)
     assert auto.next(4, 2) == 1
+
+
+def test_the_queue_tries_each_kind_once_then_runs_the_costliest_first() -> None:
+    pytest.importorskip("distributed")
+    from deqcli.execution.dask_executor import _Queue
+
+    def nothing() -> dict[str, Any]:
+        return {}
+
+    tasks = [Task((k, j), nothing, kind=k) for k in "abc" for j in range(3)]
+    queue = _Queue(tasks)
+    assert [queue.pop().key for _ in range(3)] == [("a", 0), ("b", 0), ("c", 0)]
+    queue.observe("a", 0.01)
+    queue.observe("b", 2.0)  # c has not come back: taken at the mean of those measured
+    assert [queue.pop().key for _ in range(2)] == [("b", 1), ("b", 2)]
+    assert queue.pop().key == ("c", 1)  # 1.005 s, the mean, against a's 0.01 s
+    queue.observe("c", 0.001)
+    assert [queue.pop().key for _ in range(len(queue))] == [("a", 1), ("a", 2), ("c", 2)]
+    # Without a kind on every task, or with a chain, the order given is kept.
+    chained = [Task(0, nothing, kind="a"), Task(1, nothing, kind="b", after=0)]
+    mixed = [Task(0, nothing, kind="a"), Task(1, nothing)]
+    for given in (chained, mixed):
+        queue = _Queue(given)
+        assert [queue.pop().key for _ in range(2)] == [0, 1]
+
+
+class _Recording(InProcess):
+    """Runs a remote executor's tasks here, in the order given, and notes their kinds."""
+
+    remote = True
+
+    def __init__(self) -> None:
+        self.kinds: list[Any] = []
+
+    def run(self, tasks, *, files=None, exclusive=False):  # type: ignore[no-untyped-def]
+        self.kinds = [task.kind for task in tasks]
+        return super().run(tasks, files=files, exclusive=exclusive)
+
+
+def test_compare_tasks_are_of_their_configs_kind_and_keep_the_configs_order() -> None:
+    from deqcli.analyses.compare import compare
+
+    files = sorted((CONFIGS / "suite").glob("*.yaml"))
+    executor = _Recording()
+    doc = compare(files, ["fixed_point", "newton"], repeat=1, warmup=0, executor=executor)
+    assert executor.kinds == [i for i in range(len(files)) for _ in range(2)]
+    assert [p["config"] for p in doc["problems"]] == [str(f) for f in files]
+    here = compare(files, ["fixed_point", "newton"], repeat=1, warmup=0)
+    assert untimed(doc["problems"]) == untimed(here["problems"])
 
 
 def test_in_process_runs_never_import_dask() -> None:

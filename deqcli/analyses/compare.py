@@ -337,13 +337,19 @@ def compare_task(
     from deqcli import api
 
     with decided(trust):
-        cfg = source.config()
+        # The solver's config builds the problem too (its problem section is the config's own),
+        # which saves a parse; where it does not parse, the solve reports that as in-process.
+        try:
+            own: Config | None = source.config(solver=solver)
+        except DeqError:
+            own = None
+        cfg = own or source.config()
         try:
             problem = api.load_problem(cfg)
         except (DeqError, ExpressionError) as exc:  # an error row, as in-process
             error = source.shown(_built_failure(_failure(exc)))
             return {"facts": None, "row": _error_row(solver, error, None)}
-        attempt = _Attempts(problem, lambda name: source.config(solver=name), debug)
+        attempt = _Attempts(problem, lambda name: own or source.config(solver=name), debug)
         for _ in range(warmup):
             attempt(solver)
         for _ in range(repeat):
@@ -378,8 +384,10 @@ def _compare_tasks(
         sources.append(source)
         files.update(blobs)
     trust = granted()  # the client's consent, carried by every task
+    # A config's tasks are of one kind: a remote executor learns what each kind costs and starts
+    # the costliest first (the document keeps the configs' order).
     tasks = [
-        Task((i, solver), compare_task, (sources[i], solver, warmup, repeat, debug, trust))
+        Task((i, solver), compare_task, (sources[i], solver, warmup, repeat, debug, trust), kind=i)
         for i in range(len(sources))
         for solver in solvers
     ]

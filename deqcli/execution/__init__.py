@@ -60,6 +60,10 @@ class Task:
 
     ``after`` is the key of an earlier task of the same batch whose result the function receives
     as the keyword ``previous`` (a warm start from a neighbouring point).
+
+    ``kind`` groups tasks that cost about the same (a comparison's tasks of one config): where
+    every task of a batch has one and none waits for another, a remote executor may run them out
+    of order, the costliest kinds first (see ``DaskExecutor``).
     """
 
     key: Hashable
@@ -67,6 +71,7 @@ class Task:
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     after: Hashable | None = None
+    kind: Hashable | None = None
 
 
 @dataclass(frozen=True)

@@ -58,9 +58,11 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 # With chunk "auto", tasks are grouped so that one group takes about this many CPU seconds: enough that
 # Dask's few milliseconds per task are a small share of it, short enough for a steady progress bar.
 GROUP_SECONDS = 0.25
-# Groups in flight per worker: one running, one queued on the worker, one ready at the scheduler.
-# The groups still to submit are sized from the durations of those that came back.
-IN_FLIGHT = 3
+# Groups in flight per worker: one running and one queued, which hides the round trip of a result
+# (10-20 ms). The groups still to submit are sized from the durations of those that came back; a
+# third group in flight made the groups smaller (more of Dask's overhead) and the suite of
+# bench/scale.py slower: 1.53-1.74x against 1.74-1.83x on 2 workers.
+IN_FLIGHT = 2
 
 # Dask settings of a local cluster (--workers N): its scheduler, nannies and workers share the
 # machine's cores with the solves, so nothing samples task threads for Dask's profiler or GIL
@@ -169,6 +171,11 @@ class _GroupSizes:
     fixed: int | None
     per_task: float | None = None
 
+    @property
+    def measured(self) -> bool:
+        """Whether the next sizes rest on something: a fixed size, or a measured group."""
+        return self.fixed is not None or self.per_task is not None
+
     def observe(self, tasks: int, seconds: float) -> None:
         """A group of ``tasks`` took ``seconds`` on its worker (the average follows recent groups:
         the first tasks of a process pay its imports and warm-up)."""
@@ -184,6 +191,50 @@ class _GroupSizes:
             return 1
         size = int(GROUP_SECONDS / max(self.per_task, 1e-9))
         return max(1, min(size, left // (IN_FLIGHT * workers), left))
+
+
+class _Queue:
+    """The tasks still to submit. They leave in the order given, except where every task has a
+    ``kind`` and none waits for another (a comparison): then one task of each kind leaves first, in
+    the order given, and after that always one of the kind whose tasks measured costliest so far.
+    The longest tasks start early and the last to finish are short ones, so the workers finish
+    together; the order given decides only among equals."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.by_kind = all(t.kind is not None and t.after is None for t in tasks)
+        self.tasks = list(tasks) if self.by_kind else list(reversed(tasks))
+        self.tried: set[Hashable] = set()
+        self.seconds: dict[Hashable, list[float]] = {}  # kind -> [seconds in all, tasks measured]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def pop(self) -> Task:
+        """The next task to submit."""
+        if not self.by_kind:
+            return self.tasks.pop()
+        untried = (i for i, task in enumerate(self.tasks) if task.kind not in self.tried)
+        index = next(untried, None)
+        if index is None:
+            index = max(range(len(self.tasks)), key=lambda i: self._cost(self.tasks[i].kind))
+        task = self.tasks.pop(index)
+        self.tried.add(task.kind)
+        return task
+
+    def observe(self, kind: Hashable, seconds: float) -> None:
+        """A task of ``kind`` took ``seconds`` on its worker."""
+        total = self.seconds.setdefault(kind, [0.0, 0])
+        total[0] += seconds
+        total[1] += 1
+
+    def _cost(self, kind: Hashable) -> float:
+        """The mean seconds of ``kind``'s tasks; a kind still running its first task is taken to
+        cost the mean of every task measured."""
+        if kind in self.seconds:
+            total, count = self.seconds[kind]
+            return total / count
+        measured = [total / count for total, count in self.seconds.values()]
+        return sum(measured) / len(measured) if measured else 0.0
 
 
 class _PinThreads(WorkerPlugin):
@@ -251,7 +302,9 @@ class DaskExecutor(Executor):
                         silence_logs=logging.ERROR,
                         env=_local_env(),
                     )
-                self.client = Client(self.cluster)
+                # Results come straight from the local workers instead of through the
+                # scheduler, which runs in this process and would otherwise relay each one.
+                self.client = Client(self.cluster, direct_to_workers=True)
             elif self.spec is not None:
                 _can_submit(self.spec)
                 self.cluster = _jobqueue(self.spec, settings.cluster or Path("cluster"))
@@ -328,8 +381,8 @@ class DaskExecutor(Executor):
             client.register_plugin(_ShipFiles(files), name=shipped)
         prefix = f"deq-{uuid.uuid4().hex[:12]}"
         sizes = _GroupSizes(self.settings.group_size)
-        left = list(tasks)
-        left.reverse()  # popped from the end: in the order given
+        left = _Queue(tasks)
+        kinds = {task.key: task.kind for task in tasks}
         # Results that tasks not yet submitted wait for; the group future of those still running.
         waiting = Counter(task.after for task in tasks if task.after is not None)
         kept: dict[Hashable, Any] = {}
@@ -342,7 +395,10 @@ class DaskExecutor(Executor):
         def submit() -> None:
             """Top the groups in flight up to IN_FLIGHT per worker."""
             count = workers()
-            while left and len(groups) < IN_FLIGHT * count:
+            # Until a group has been measured, one single task per worker: sizing from nothing
+            # would send singles whose Dask overhead is a large share of their work.
+            depth = IN_FLIGHT if sizes.measured else 1
+            while left and len(groups) < depth * count:
                 group = [left.pop() for _ in range(sizes.next(len(left), count))]
                 inside = {task.key for task in group}
                 earlier: dict[Hashable, Any] = {}
@@ -380,6 +436,9 @@ class DaskExecutor(Executor):
                     yield key, outcome
                 return
             sizes.observe(len(outcome), sum(seconds for _, _, seconds in outcome))
+            if left.by_kind:
+                for key, _, seconds in outcome:
+                    left.observe(kinds[key], seconds)
             for key, value, _ in outcome:
                 if isinstance(value, _Raised):
                     if hasattr(value.error, "add_note"):  # Python 3.11 and later
