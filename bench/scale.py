@@ -12,10 +12,11 @@ Workloads (the same ones ``deq sweep`` and ``deq compare-solvers`` run):
               warm-up and 3 timed repeats: 225 tasks from 5 ms to seconds, the size of suite a
               model's CI guards
 
-Each workload runs in this process first, then on the Dask cluster. Both sides are warmed up first
-by one untimed small round of both workloads (imports, lazy initialisation, the first call of every
-solver and diagnostic in every process); that and the cluster's start are timed apart and not
-counted in the speed-up: a long sweep pays them once. Speed-up = in-process time / Dask time;
+Each workload runs in this process, then on the Dask cluster; the short compare workload does that
+15 times, taking turns, and the medians are compared (this machine's speed drifts by 10-30 % over
+seconds). Both sides are warmed up first by one untimed small round of both workloads (imports,
+lazy initialisation, the first call of every solver and diagnostic in every process); that and the
+cluster's start are timed apart and not counted in the speed-up: a long sweep pays them once. Speed-up = in-process time / Dask time;
 efficiency = speed-up / workers. This process runs torch with one thread, like each worker
 (``--threads`` to change it). The CPU seconds each side used (this process; the sum over the
 workers) show what the wall times rest on: on a busy machine the workers get less CPU per second
@@ -36,8 +37,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,9 @@ SUITE = ROOT / "configs" / "suite"
 # Every shipped example (configs/models holds a model's Python file, not a config).
 EXAMPLES = [ROOT / "configs", ROOT / "configs" / "diagnostics"]
 TARGET_SPEEDUP = 1.7  # on 2 workers over 2 cores
+# How often the short workload (compare: about 1.5 s of work) runs on each side: this machine's
+# speed drifts by 10-30 % from one second to the next, so one round's ratio ranges over 1.4-2.2x.
+ROUNDS = 15
 
 
 @dataclass
@@ -66,6 +71,12 @@ class Measured:
     wall: float
     cpu: float
     doc: dict[str, Any]
+
+
+def _median(runs: Iterator[Measured]) -> Measured:
+    """The run of median wall time (the upper one of an even count)."""
+    ordered = sorted(runs, key=lambda m: m.wall)
+    return ordered[len(ordered) // 2]
 
 
 def cpu_seconds(client: Any) -> float:
@@ -116,9 +127,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller grid, one repeat")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     parser.add_argument(
+        "--workloads",
+        default="sweep,compare,configs",
+        help="which workloads to run, comma-separated (default: all three)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads in this process (workers have 1)"
     )
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.workloads.split(",")]
+    unknown = sorted(set(chosen) - {"sweep", "compare", "configs"})
+    if unknown:
+        sys.exit(f"--workloads: unknown {', '.join(unknown)}; choose from sweep, compare, configs")
     import torch
 
     # The same thread count on both sides, so the speed-up measures processes working side by
@@ -131,33 +151,46 @@ def main() -> None:
 
     from deqcli.execution.dask_executor import DaskExecutor
 
-    # Warm this process up (imports, first calls of every solver) as the workers will be.
-    warm_up(InProcess())
-    load_before = os.getloadavg()[0]
-    here = {
-        "sweep": measure(lambda: sweep_on(InProcess(), grid)),
-        "compare": measure(lambda: compare_on(InProcess(), repeat)),
-        "configs": measure(lambda: compare_on(InProcess(), repeat, EXAMPLES)),
+    workloads: dict[str, Callable[[Executor], dict[str, Any]]] = {
+        "sweep": lambda executor: sweep_on(executor, grid),
+        "compare": lambda executor: compare_on(executor, repeat),
+        "configs": lambda executor: compare_on(executor, repeat, EXAMPLES),
     }
+    here: dict[str, Measured] = {}
+    there: dict[str, Measured] = {}
+    spread: dict[str, list[float]] = {}
+    identical: dict[str, bool] = {}
+    load_before = os.getloadavg()[0]
     with DaskExecutor(settings) as executor:
         started = time.perf_counter()
         client = executor._start()
         warm_up(executor)
         startup = time.perf_counter() - started
+        # Warm this process up (imports, first calls of every solver) as the workers are.
+        warm_up(InProcess())
         workers = len(client.scheduler_info()["workers"])
-        there = {
-            "sweep": measure(lambda: sweep_on(executor, grid), client),
-            "compare": measure(lambda: compare_on(executor, repeat), client),
-            "configs": measure(lambda: compare_on(executor, repeat, EXAMPLES), client),
-        }
+        for name in chosen:
+            run = workloads[name]
+            # The two sides take turns, so a drift of the machine's speed hits both; a workload
+            # of a second or two is measured ROUNDS times and the medians are compared.
+            rounds = 1 if args.quick or name != "compare" else ROUNDS
+            pairs = [
+                (measure(partial(run, InProcess())), measure(partial(run, executor), client))
+                for _ in range(rounds)
+            ]
+            here[name] = _median(a for a, _ in pairs)
+            there[name] = _median(b for _, b in pairs)
+            spread[name] = sorted(a.wall / b.wall for a, b in pairs)
+            identical[name] = all(untimed(a.doc) == untimed(b.doc) for a, b in pairs)
         where_run = executor.describe()
     load_after = os.getloadavg()[0]
 
     tasks = {
-        name: len(here[name].doc["problems"]) * len(here[name].doc["settings"]["solvers"])
-        for name in ("compare", "configs")
+        name: here[name].doc["points_total"]
+        if name == "sweep"
+        else len(here[name].doc["problems"]) * len(here[name].doc["settings"]["solvers"])
+        for name in chosen
     }
-    tasks["sweep"] = here["sweep"].doc["points_total"]
     print(
         f"{workers} Dask workers ({where_run.get('cluster')}), {os.cpu_count()} cores here, "
         f"load average {load_before:.1f} → {load_after:.1f}; cluster start and warm-up "
@@ -167,9 +200,9 @@ def main() -> None:
           f"{'efficiency':>10}  same")  # fmt: skip
     print(f"{'':9} {'':>5} {'wall':>8} {'cpu':>8} {'wall':>8} {'cpu':>8}")
     figures = []
-    for name in ("sweep", "compare", "configs"):
+    for name in chosen:
         a, b = here[name], there[name]
-        same = untimed(a.doc) == untimed(b.doc)
+        same = identical[name]
         speedup = a.wall / b.wall
         figures.append(
             {
@@ -178,6 +211,8 @@ def main() -> None:
                 "in_process": {"wall_s": a.wall, "cpu_s": a.cpu},
                 "dask": {"wall_s": b.wall, "worker_cpu_s": b.cpu},
                 "speedup": speedup,
+                "rounds": len(spread[name]),
+                "speedup_per_round": spread[name],
                 "efficiency": speedup / workers,
                 "identical": same,
             }
@@ -186,6 +221,9 @@ def main() -> None:
             f"{name:9} {tasks[name]:5d} {a.wall:7.2f}s {a.cpu:7.2f}s {b.wall:7.2f}s {b.cpu:7.2f}s "
             f"{speedup:8.2f}× {speedup / workers:9.0%}  {'yes' if same else 'NO'}"
         )
+        if len(spread[name]) > 1:
+            rounds = ", ".join(f"{r:.2f}×" for r in spread[name])
+            print(f"{'':9} {len(spread[name])} rounds, medians compared; per round: {rounds}")
     if workers == 2:
         best = min(f["speedup"] for f in figures)
         verdict = "meets" if best >= TARGET_SPEEDUP else "misses"
