@@ -37,9 +37,11 @@ Times are medians of up to --repeat timed runs (runs are repeated only while the
 than 3 s together), in a process where
 every solver has already run once. What a solver pays once per process inside its first solve
 (lazy imports, first use of a kernel) is measured separately: each solver's first solve in a fresh
-process on two probe layers (n=128 and n=1100, beyond auto's dense limit), minus its next solve
-there. That cost is reported and added to every case's time, for ours and torchdeq's alike, since a
-`deq solve` invocation is a fresh process.
+process on probe layers, minus its next solve there. That cost is reported and added to every
+case's time, for ours and torchdeq's alike, since a `deq solve` invocation is a fresh process. What
+a first solve loads depends on the path it takes, so the hard cases are charged the larger cost on
+two hard probes (n=128 and n=1100, beyond auto's dense limit) and the easy case the cost on an easy
+probe (n=128, ‖W‖₂ = 0.95).
 
 Reported per case: torchdeq's best (fastest with every sample converged), our best, their ratio,
 ``auto`` alone against torchdeq's best, and whether the targets hold: on every hard case our best is
@@ -136,14 +138,20 @@ FAMILY = [
 ]
 TYPES = {t.name: t for t in FAMILY}
 
-# The probes for the first-solve cost: small (dense paths) and beyond auto's dense limit.
+# The probes for the first-solve cost: two hard ones, small (dense paths) and beyond auto's dense
+# limit, and an easy one. What a first solve loads depends on the path it takes (auto stays with
+# plain iteration on an easy layer, and never loads its probes or Newton there), so a hard case is
+# charged the larger cost of the hard probes and the easy case the easy probe's.
 PROBES = {
     "small": LayerType("probe-small", 128, 4, "orthogonal", 0.01, radius=0.999),
     "large": LayerType("probe-large", 1100, 2, "orthogonal", 0.01, radius=0.999),
+    "easy": LayerType("probe-easy", 128, 4, "gaussian", 1.0, radius=0.95, hard=False),
 }
 # Iterations of a probe solve: enough to reach every code path once (auto runs its first stage
 # for up to 30 iterations before it may switch), few enough to keep the probes short.
 PROBE_MAX_ITER = {"auto": 45}
+# Where costs[label] keeps the one-time cost for hard cases (True) and for the easy one (False).
+COST_KEY = {True: "cost", False: "cost_easy"}
 PROBE_DEFAULT_ITER = 8
 
 
@@ -471,8 +479,14 @@ def first_solve_costs(labels: list[str], probes: list[str]) -> dict[str, dict[st
                 per_probe[probe] = {"error": tail}  # type: ignore[dict-item]
                 continue
             per_probe[probe] = json.loads(done.stdout.strip().splitlines()[-1])
-        costs = [max(0.0, p["first"] - p["warm"]) for p in per_probe.values() if "first" in p]
-        out[label] = {"probes": per_probe, "cost": max(costs, default=0.0)}
+        out[label] = {"probes": per_probe}
+        for regime in (True, False):
+            costs = [
+                max(0.0, p["first"] - p["warm"])
+                for probe, p in per_probe.items()
+                if "first" in p and PROBES[probe].hard == regime
+            ]
+            out[label][COST_KEY[regime]] = max(costs, default=0.0)
         print(
             f"  first solve {label:<26} "
             + "  ".join(
@@ -481,7 +495,7 @@ def first_solve_costs(labels: list[str], probes: list[str]) -> dict[str, dict[st
                 else f"{probe}: {p.get('error')}"
                 for probe, p in per_probe.items()
             )
-            + f"  → one-time cost {out[label]['cost']:.3f}s",
+            + f"  → one-time cost {out[label]['cost']:.3f}s (easy: {out[label]['cost_easy']:.3f}s)",
             flush=True,
         )
     return out
@@ -503,38 +517,44 @@ class CaseResult:
     verdicts: list[str] = field(default_factory=list)
 
 
-def total(row: Row, costs: dict[str, dict[str, Any]]) -> float | None:
+def one_time(solver: str, costs: dict[str, dict[str, Any]], hard: bool) -> float:
+    """The solver's one-time cost per process on a case of this regime (see PROBES)."""
+    return costs.get(solver, {}).get(COST_KEY[hard], 0.0)
+
+
+def total(row: Row, costs: dict[str, dict[str, Any]], hard: bool) -> float | None:
     """A row's time as users get it: the warm time plus the solver's one-time cost per process."""
     if row.seconds is None:
         return None
-    return row.seconds + costs.get(row.solver, {}).get("cost", 0.0)
+    return row.seconds + one_time(row.solver, costs, hard)
 
 
-def best(rows: list[Row], family: str, costs: dict[str, dict[str, Any]]) -> Row | None:
+def best(rows: list[Row], family: str, costs: dict[str, dict[str, Any]], hard: bool) -> Row | None:
     """The fastest row of ``family`` with every sample converged."""
     pool = [r for r in rows if r.family == family and r.all_converged]
-    return min(pool, key=lambda r: total(r, costs) or math.inf, default=None)
+    return min(pool, key=lambda r: total(r, costs, hard) or math.inf, default=None)
 
 
 def compare(case: CaseResult, budget: float, costs: dict[str, dict[str, Any]]) -> None:
     """Fill the case's summary (best of each side, ratios) and its target verdicts."""
     rows = case.rows
-    theirs = best(rows, "torchdeq", costs)
-    ours = best(rows, "deq", costs)
+    hard = case.hard
+    theirs = best(rows, "torchdeq", costs, hard)
+    ours = best(rows, "deq", costs, hard)
     auto = next((r for r in rows if r.solver == "auto"), None)
     tried = [r for r in rows if r.family == "torchdeq"]
     # No torchdeq solver converged: it needs more than the budget, so ratios are lower bounds.
     bound = theirs is None and bool(tried)
-    their_time = total(theirs, costs) if theirs is not None else (budget if bound else None)
+    their_time = total(theirs, costs, hard) if theirs is not None else (budget if bound else None)
     s = case.summary
     s["torchdeq_best"] = theirs.solver if theirs else None
     s["torchdeq_seconds"] = their_time
     s["lower_bound"] = bound
     s["ours_best"] = ours.solver if ours else None
-    s["ours_seconds"] = total(ours, costs) if ours else None
+    s["ours_seconds"] = total(ours, costs, hard) if ours else None
     s["ratio"] = (their_time / s["ours_seconds"]) if their_time and s["ours_seconds"] else None
     auto_ok = auto is not None and auto.all_converged
-    s["auto_seconds"] = total(auto, costs) if auto_ok and auto is not None else None
+    s["auto_seconds"] = total(auto, costs, hard) if auto_ok and auto is not None else None
     s["auto_ratio"] = (their_time / s["auto_seconds"]) if their_time and s["auto_seconds"] else None
     ge = "≥" if bound else ""
     name = f"{case.layer}/s{case.seed}"
@@ -614,7 +634,7 @@ def print_rows(case: CaseResult, costs: dict[str, dict[str, Any]]) -> None:
         if r.seconds is None:
             print(f"  {r.solver:<26} {'-':>9}  {r.status} {r.note}")
             continue
-        cost = costs.get(r.solver, {}).get("cost", 0.0)
+        cost = one_time(r.solver, costs, case.hard)
         print(
             f"  {r.solver:<26} {fmt_time(r.seconds, r.out_of_budget):>9} (+{cost:.3f}s first) "
             f"runs {r.runs}  iters {r.iterations:>6}  conv {r.converged:>2}/{r.batch:<2}  "
@@ -652,7 +672,7 @@ def run_family(
     costs: dict[str, dict[str, Any]] = {}
     if first_solve and device.type == "cpu":
         print("first solve of each solver in a fresh process (one-time cost per `deq solve`):")
-        probes = ["small"] if quick else list(PROBES)
+        probes = ["small", "easy"] if quick else list(PROBES)
         costs = first_solve_costs(labels + [f"torchdeq:{n}" for n in td], probes)
     warm_up(device)
     cases: list[CaseResult] = []
