@@ -12,11 +12,12 @@ Workloads (the same ones ``deq sweep`` and ``deq compare-solvers`` run):
               warm-up and 3 timed repeats: 225 tasks from 5 ms to seconds, the size of suite a
               model's CI guards
 
-Each workload runs in this process, then on the Dask cluster; the short compare workload does that
-15 times, taking turns, and the medians are compared (this machine's speed drifts by 10-30 % over
-seconds). Both sides are warmed up first by one untimed small round of both workloads (imports,
-lazy initialisation, the first call of every solver and diagnostic in every process); that and the
-cluster's start are timed apart and not counted in the speed-up: a long sweep pays them once. Speed-up = in-process time / Dask time;
+Each workload runs in this process, then on the Dask cluster, taking turns, 3 times (the short
+compare workload 15 times), and the medians are compared: a machine's speed can drift by 10-30 %
+over seconds to minutes. Both sides are warmed up first by one untimed small round of both
+workloads (imports, lazy initialisation, the first call of every solver and diagnostic in every
+process); that and the cluster's start are timed apart and not counted in the speed-up: a long
+sweep pays them once. Speed-up = in-process time / Dask time;
 efficiency = speed-up / workers. This process runs torch with one thread, like each worker
 (``--threads`` to change it). The CPU seconds each side used (this process; the sum over the
 workers) show what the wall times rest on: on a busy machine the workers get less CPU per second
@@ -59,9 +60,10 @@ SUITE = ROOT / "configs" / "suite"
 # Every shipped example (configs/models holds a model's Python file, not a config).
 EXAMPLES = [ROOT / "configs", ROOT / "configs" / "diagnostics"]
 TARGET_SPEEDUP = 1.7  # on 2 workers over 2 cores
-# How often the short workload (compare: about 1.5 s of work) runs on each side: this machine's
-# speed drifts by 10-30 % from one second to the next, so one round's ratio ranges over 1.4-2.2x.
-ROUNDS = 15
+# How often each workload runs on each side (taking turns; the medians are compared). This
+# machine's speed drifts by 10-30 % over seconds to minutes: one round of the short compare workload
+# (about 1.5 s of work) gave anything from 1.1x to 2.3x, one round of the sweep 1.56x to 2.24x.
+ROUNDS = {"sweep": 3, "compare": 15, "configs": 3}
 
 
 @dataclass
@@ -171,9 +173,8 @@ def main() -> None:
         workers = len(client.scheduler_info()["workers"])
         for name in chosen:
             run = workloads[name]
-            # The two sides take turns, so a drift of the machine's speed hits both; a workload
-            # of a second or two is measured ROUNDS times and the medians are compared.
-            rounds = 1 if args.quick or name != "compare" else ROUNDS
+            # The two sides take turns, so a drift of the machine's speed hits both.
+            rounds = 1 if args.quick else ROUNDS[name]
             pairs = [
                 (measure(partial(run, InProcess())), measure(partial(run, executor), client))
                 for _ in range(rounds)

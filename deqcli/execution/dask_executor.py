@@ -56,8 +56,10 @@ CONNECT_TIMEOUT = 20
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 # With chunk "auto", tasks are grouped so that one group takes about this many CPU seconds: enough that
-# Dask's few milliseconds per task are a small share of it, short enough for a steady progress bar.
-GROUP_SECONDS = 0.25
+# Dask's 10-15 ms of CPU per group (client, scheduler and worker together) are a small share of
+# it, short enough for a steady progress bar. 0.25 s gave the small suite of bench/scale.py
+# 1.59-1.76x on 2 workers, 0.5 s 1.75-1.83x (fewer groups; the last ones stay small).
+GROUP_SECONDS = 0.5
 # Groups in flight per worker: one running and one queued, which hides the round trip of a result
 # (10-20 ms). The groups still to submit are sized from the durations of those that came back; a
 # third group in flight made the groups smaller (more of Dask's overhead) and the suite of
