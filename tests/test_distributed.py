@@ -172,6 +172,41 @@ def test_compare_tasks_are_of_their_configs_kind_and_keep_the_configs_order() ->
     assert untimed(doc["problems"]) == untimed(here["problems"])
 
 
+def test_a_groups_compare_tasks_build_each_problem_once_and_forget_it(monkeypatch) -> None:
+    pytest.importorskip("distributed")
+    from deqcli import api
+    from deqcli.analyses.compare import compare_task
+    from deqcli.execution import group_memo
+    from deqcli.execution.dask_executor import _run_group
+    from deqcli.execution.source import ConfigSource
+
+    built: list[str] = []
+    real = api.load_problem
+
+    def counted(cfg: Any) -> Any:
+        built.append(cfg.problem_name)
+        return real(cfg)
+
+    monkeypatch.setattr(api, "load_problem", counted)
+    sources = [ConfigSource.from_path(CONFIGS / f"{name}.yaml") for name in ("sqrt2", "dottie")]
+    items = [
+        ((src.problem_name, solver), compare_task, (src, solver, 0, 1, False, False), {}, None)
+        for src in sources
+        for solver in ("newton", "broyden")
+    ]
+    together = _run_group(items, {}, True)
+    assert built == ["sqrt2", "dottie"]  # each config's second solver reused its problem
+    assert group_memo() == {}  # nothing outlives the group
+    alone = [_run_group([item], {}, True)[0] for item in items]
+    assert len(built) == 6
+    for (key, shared, _), (_, fresh, _) in zip(together, alone, strict=True):
+        assert shared["row"]["status"] == "converged", key
+        assert untimed(shared) == untimed(fresh)
+    roots = {key: out["row"]["result"]["samples"][0]["solution"] for key, out, _ in together}
+    assert roots[("sqrt2", "newton")] == pytest.approx([2**0.5], abs=1e-9)
+    assert roots[("dottie", "broyden")] == pytest.approx([DOTTIE], abs=1e-9)
+
+
 def test_in_process_runs_never_import_dask() -> None:
     code = textwrap.dedent(
         """

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from deqcli import __version__
 from deqcli.consent import decided, granted, require_all
 from deqcli.errors import ConfigError, DeqError, UsageError
-from deqcli.execution import Executor, Task, TaskFailed
+from deqcli.execution import Executor, Task, TaskFailed, group_memo
 from deqcli.execution.source import ConfigSource, ship
 from deqcli.expr import ExpressionError
 from deqcli.render.report import fmt_time
@@ -344,11 +344,18 @@ def compare_task(
         except DeqError:
             own = None
         cfg = own or source.config()
-        try:
-            problem = api.load_problem(cfg)
-        except (DeqError, ExpressionError) as exc:  # an error row, as in-process
-            error = source.shown(_built_failure(_failure(exc)))
-            return {"facts": None, "row": _error_row(solver, error, None)}
+        # The config's other solvers in this group solve the same built problem, as in-process
+        # (a model's checkpoint is loaded once per group, not once per solver).
+        memo = group_memo()
+        problem = memo.get(("problem", source, trust))
+        if problem is None:
+            try:
+                problem = api.load_problem(cfg)
+            except (DeqError, ExpressionError) as exc:  # an error row, as in-process
+                error = source.shown(_built_failure(_failure(exc)))
+                return {"facts": None, "row": _error_row(solver, error, None)}
+            memo.clear()  # one problem at a time
+            memo[("problem", source, trust)] = problem
         attempt = _Attempts(problem, lambda name: own or source.config(solver=name), debug)
         for _ in range(warmup):
             attempt(solver)

@@ -13,6 +13,7 @@ Dask is an optional extra and is imported only when one of those flags asks for 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,21 @@ class Executor:
         raise NotImplementedError
 
 
+# What the tasks of one group share in one thread of a worker (see ``group_memo``).
+_memo = threading.local()
+
+
+def group_memo() -> dict[Hashable, Any]:
+    """A dict in which a task may leave what the tasks after it in the same group can reuse (a
+    comparison's built problem). The Dask executor empties it when a group ends, so nothing a
+    task left there outlives the group in a worker process; in-process runs empty it after
+    every task."""
+    memo = getattr(_memo, "memo", None)
+    if memo is None:
+        memo = _memo.memo = {}
+    return memo
+
+
 def check_order(tasks: Sequence[Task]) -> None:
     """Every task runs after a task given before it, or after none (ValueError otherwise)."""
     seen: set[Hashable] = set()
@@ -149,7 +165,10 @@ class InProcess(Executor):
                 waiting[task.after] -= 1
                 if not waiting[task.after]:
                     del kept[task.after]
-            result = task.fn(*task.args, **kwargs)
+            try:
+                result = task.fn(*task.args, **kwargs)
+            finally:
+                group_memo().clear()
             if waiting.get(task.key):
                 kept[task.key] = result
             yield task.key, result
@@ -257,6 +276,7 @@ __all__ = [
     "Task",
     "TaskFailed",
     "check_order",
+    "group_memo",
     "open_executor",
     "untimed",
 ]

@@ -44,7 +44,14 @@ from distributed import Client, KilledWorker, LocalCluster, as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from deqcli.errors import ConfigError, UsageError
-from deqcli.execution import ExecutionSettings, Executor, Task, TaskFailed, check_order
+from deqcli.execution import (
+    ExecutionSettings,
+    Executor,
+    Task,
+    TaskFailed,
+    check_order,
+    group_memo,
+)
 from deqcli.execution.files import Blob, digest, store
 
 if TYPE_CHECKING:
@@ -123,6 +130,16 @@ def _run_group(
     ``("group", output)`` when it came from a group still running at submission). Returns
     ``(key, result, CPU seconds)`` per task; a task that raises ends the group with a ``_Raised``."""
     _pin()
+    try:
+        return _run_items(items, earlier, exclusive)
+    finally:
+        group_memo().clear()  # what the group's tasks shared does not outlive it
+
+
+def _run_items(
+    items: Sequence[_Item], earlier: Mapping[Hashable, Any], exclusive: bool
+) -> list[tuple[Hashable, Any, float]]:
+    """The tasks of one group, in order (see ``_run_group``)."""
     made: dict[Hashable, Any] = {}
     out: list[tuple[Hashable, Any, float]] = []
     for key, fn, args, kwargs, after in items:
