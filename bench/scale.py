@@ -138,9 +138,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     chosen = [name.strip() for name in args.workloads.split(",")]
-    unknown = sorted(set(chosen) - {"sweep", "compare", "configs"})
+    unknown = sorted(set(chosen) - set(ROUNDS))
     if unknown:
-        sys.exit(f"--workloads: unknown {', '.join(unknown)}; choose from sweep, compare, configs")
+        sys.exit(f"--workloads: unknown {', '.join(unknown)}; choose from {', '.join(ROUNDS)}")
     import torch
 
     # The same thread count on both sides, so the speed-up measures processes working side by

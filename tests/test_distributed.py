@@ -133,11 +133,11 @@ def test_the_queue_tries_each_kind_once_then_runs_the_costliest_first() -> None:
     tasks = [Task((k, j), nothing, kind=k) for k in "abc" for j in range(3)]
     queue = _Queue(tasks)
     assert [queue.pop().key for _ in range(3)] == [("a", 0), ("b", 0), ("c", 0)]
-    queue.observe("a", 0.01)
-    queue.observe("b", 2.0)  # c has not come back: taken at the mean of those measured
+    queue.observe(("a", 0), 0.01)
+    queue.observe(("b", 0), 2.0)  # c has not come back: taken at the mean of those measured
     assert [queue.pop().key for _ in range(2)] == [("b", 1), ("b", 2)]
     assert queue.pop().key == ("c", 1)  # 1.005 s, the mean, against a's 0.01 s
-    queue.observe("c", 0.001)
+    queue.observe(("c", 0), 0.001)
     assert [queue.pop().key for _ in range(len(queue))] == [("a", 1), ("a", 2), ("c", 2)]
     # Without a kind on every task, or with a chain, the order given is kept.
     chained = [Task(0, nothing, kind="a"), Task(1, nothing, kind="b", after=0)]

@@ -346,8 +346,8 @@ def compare_task(
         cfg = own or source.config()
         # The config's other solvers in this group solve the same built problem, as in-process
         # (a model's checkpoint is loaded once per group, not once per solver).
-        memo = group_memo()
-        problem = memo.get(("problem", source, trust))
+        memo, built = group_memo(), ("problem", source, trust)
+        problem = memo.get(built)
         if problem is None:
             try:
                 problem = api.load_problem(cfg)
@@ -355,7 +355,7 @@ def compare_task(
                 error = source.shown(_built_failure(_failure(exc)))
                 return {"facts": None, "row": _error_row(solver, error, None)}
             memo.clear()  # one problem at a time
-            memo[("problem", source, trust)] = problem
+            memo[built] = problem
         attempt = _Attempts(problem, lambda name: own or source.config(solver=name), debug)
         for _ in range(warmup):
             attempt(solver)

@@ -72,16 +72,10 @@ class MultiplicityNewton(Solver):
 
     def step(self, problem: Problem, state: State) -> State:
         """One scaled Newton step (least squares where J_g is singular)."""
-        import torch
+        from deqcli.solvers.directions import solve_newton
 
         _, jac = problem.jacobian(state.z)
-        rhs = state.g[..., None]
-        from deqcli.linalg.dense import solve_ex
-
-        sol, info = solve_ex(jac, rhs)
-        if bool((info != 0).any()) or not bool(torch.isfinite(sol).all()):
-            sol = torch.linalg.pinv(jac) @ rhs
-        z = state.z - self.m * sol[..., 0]
+        z = state.z - self.m * solve_newton(jac, state.g)
         return State(z=z, g=problem.g(z), active=state.active)
 
 

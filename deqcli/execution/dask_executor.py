@@ -215,13 +215,16 @@ class _GroupSizes:
 class _Queue:
     """The tasks still to submit. They leave in the order given, except where every task has a
     ``kind`` and none waits for another (a comparison): then one task of each kind leaves first, in
-    the order given, and after that always one of the kind whose tasks measured costliest so far.
-    The longest tasks start early and the last to finish are short ones, so the workers finish
-    together; the order given decides only among equals."""
+    the order given, and after that always one of the kind whose tasks measured costliest so far
+    (a kind still running its first task counts at the mean of the kinds measured). The longest
+    tasks start early and the last to finish are short ones, so the workers finish together; the
+    order given decides only among equals."""
 
     def __init__(self, tasks: Sequence[Task]) -> None:
-        self.by_kind = all(t.kind is not None and t.after is None for t in tasks)
-        self.tasks = list(tasks) if self.by_kind else list(reversed(tasks))
+        by_kind = all(t.kind is not None and t.after is None for t in tasks)
+        self.tasks = list(tasks) if by_kind else list(reversed(tasks))
+        # Task key -> its kind, while the order follows the kinds (empty: the order given).
+        self.kinds = {t.key: t.kind for t in tasks} if by_kind else {}
         self.tried: set[Hashable] = set()
         self.seconds: dict[Hashable, list[float]] = {}  # kind -> [seconds in all, tasks measured]
 
@@ -230,30 +233,26 @@ class _Queue:
 
     def pop(self) -> Task:
         """The next task to submit."""
-        if not self.by_kind:
+        if not self.kinds:
             return self.tasks.pop()
         untried = (i for i, task in enumerate(self.tasks) if task.kind not in self.tried)
         index = next(untried, None)
         if index is None:
-            index = max(range(len(self.tasks)), key=lambda i: self._cost(self.tasks[i].kind))
+            means = {kind: total / count for kind, (total, count) in self.seconds.items()}
+            unknown = sum(means.values()) / len(means) if means else 0.0
+            index = max(
+                range(len(self.tasks)), key=lambda i: means.get(self.tasks[i].kind, unknown)
+            )
         task = self.tasks.pop(index)
         self.tried.add(task.kind)
         return task
 
-    def observe(self, kind: Hashable, seconds: float) -> None:
-        """A task of ``kind`` took ``seconds`` on its worker."""
-        total = self.seconds.setdefault(kind, [0.0, 0])
-        total[0] += seconds
-        total[1] += 1
-
-    def _cost(self, kind: Hashable) -> float:
-        """The mean seconds of ``kind``'s tasks; a kind still running its first task is taken to
-        cost the mean of every task measured."""
-        if kind in self.seconds:
-            total, count = self.seconds[kind]
-            return total / count
-        measured = [total / count for total, count in self.seconds.values()]
-        return sum(measured) / len(measured) if measured else 0.0
+    def observe(self, key: Hashable, seconds: float) -> None:
+        """Task ``key`` took ``seconds`` on its worker."""
+        if self.kinds:
+            total = self.seconds.setdefault(self.kinds[key], [0.0, 0])
+            total[0] += seconds
+            total[1] += 1
 
 
 class _PinThreads(WorkerPlugin):
@@ -401,7 +400,6 @@ class DaskExecutor(Executor):
         prefix = f"deq-{uuid.uuid4().hex[:12]}"
         sizes = _GroupSizes(self.settings.group_size)
         left = _Queue(tasks)
-        kinds = {task.key: task.kind for task in tasks}
         # Results that tasks not yet submitted wait for; the group future of those still running.
         waiting = Counter(task.after for task in tasks if task.after is not None)
         kept: dict[Hashable, Any] = {}
@@ -455,9 +453,8 @@ class DaskExecutor(Executor):
                     yield key, outcome
                 return
             sizes.observe(len(outcome), sum(seconds for _, _, seconds in outcome))
-            if left.by_kind:
-                for key, _, seconds in outcome:
-                    left.observe(kinds[key], seconds)
+            for key, _, seconds in outcome:
+                left.observe(key, seconds)
             for key, value, _ in outcome:
                 if isinstance(value, _Raised):
                     if hasattr(value.error, "add_note"):  # Python 3.11 and later
