@@ -567,3 +567,16 @@ def test_precheck_estimates_the_lipschitz_constant_near_the_start() -> None:
     assert "estimate" in sec["label"] and "< 1" in sec["verdict"]
     assert pre["samples"][0]["jacobian_at_start"]["norm2"] == pytest.approx(0.8)
     assert problem.counter.nfev == [0]
+
+
+def test_a_newton_run_stopped_at_a_nonzero_minimum_reports_that_level() -> None:
+    # g(z) = (z − 1)² + 0.01: Newton creeps to z = 1, where ‖g‖ = 0.01 is minimal, and is stopped
+    # there as stalled within a few iterations. ‖g‖ stays at 0.01 from then on: the level is that,
+    # not an extrapolation of the fast fall before it (Aitken's Δ² on that gives about 0.0096).
+    res = solve(residual(lambda z: (z - 1) ** 2 + 0.01, 3.0), "newton", atol=1e-12, max_iter=300)
+    s = sample(res)
+    assert res.sample_status == [Status.STALLED] and res.nit < 25
+    assert s["classification"] == "stalled"
+    assert s["evidence"]["level"] == pytest.approx(0.01, rel=1e-12)
+    assert s["evidence"]["nonzero_level"] is True
+    assert s["stationarity"]["stationary"] is True  # ∇½‖g‖² = J_gᵀg ≈ 0: a local minimum

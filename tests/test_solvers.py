@@ -274,6 +274,26 @@ def test_trust_region_reports_a_collapsed_region_as_stalled() -> None:
     assert abs(float(result.solution[0, 0])) < 1e-6
 
 
+# -- line searches at a nonzero minimum of ‖g‖ ------------------------------------------------
+
+
+def _no_root() -> Problem:
+    # g(z) = (z − 1)² + 0.01 has no root: ‖g‖ has its minimum 0.01 at z = 1.
+    return scalar_problem("residual", lambda z: (z - 1) ** 2 + 0.01, [3.0, -2.0], torch.float64)
+
+
+@pytest.mark.parametrize("solver", ["newton", "newton-krylov"])
+def test_a_line_search_method_stops_as_stalled_at_a_nonzero_minimum(solver: str) -> None:
+    # Each sample reaches z = 1 to about 1e-9 (closer, g no longer changes in float64); from
+    # there no step lowers ½‖g‖², and the same direction would fail the same search at every
+    # iteration to come: the sample is stalled there, not run to the budget.
+    result = run(_no_root(), make_solver(solver), StopRule(atol=1e-12, max_iter=300))
+    assert result.sample_status == [Status.STALLED, Status.STALLED]
+    assert max(result.iterations) <= 25
+    np.testing.assert_allclose(result.solution[:, 0].numpy(), 1.0, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(result.final_residuals(), 0.01, rtol=1e-12)
+
+
 def test_trust_region_needs_one_jacobian_on_a_linear_map() -> None:
     # The first model is exact, so the Broyden updates never need a fresh Jacobian.
     result = run(_linear(torch.float64), make_solver("trust-region"), StopRule(atol=1e-12))

@@ -80,8 +80,9 @@ def attach(
 ) -> SolveResult:
     """Run the diagnostics, store them on ``result.diagnostics`` and refine ``result.sample_status``.
 
-    A MAX_ITER or TIMEOUT sample the evidence shows oscillating, stalled or diverged gets that status;
-    statuses the driver decided (converged, diverged, non-finite) are kept.
+    A MAX_ITER or TIMEOUT sample the evidence shows oscillating, stalled or diverged gets that status,
+    and so does a STALLED one shown diverged (a solver whose steps stopped changing z once z had
+    run off to ±1e155); other statuses the driver decided (converged, diverged, non-finite) are kept.
     """
     from deqcli.diagnostics.dynamics import REFINED_STATUS
     from deqcli.result import Status
@@ -97,7 +98,9 @@ def attach(
     for b, item in enumerate(diag["samples"]):
         status = result.sample_status[b]
         refined = REFINED_STATUS.get(item["classification"])
-        if status in (Status.MAX_ITER, Status.TIMEOUT) and refined is not None:
+        open_ended = status in (Status.MAX_ITER, Status.TIMEOUT)
+        escaped = status is Status.STALLED and refined is Status.DIVERGED
+        if refined is not None and (open_ended or escaped):
             result.sample_status[b] = refined
         item["status"] = result.sample_status[b].value
     result.diagnostics = diag

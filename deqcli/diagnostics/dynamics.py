@@ -339,7 +339,10 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
     overflow = _iterate_overflow(tr, reasoning)
     if overflow is not None:
         return overflow
-    if k < opts.min_iterations:
+    # A solver that stopped because none of its steps lowers ‖g‖, after ‖g‖ only ever fell, says
+    # what happened however few its iterations (Newton lands on the minimum of z² + 1 in one).
+    gave_up = tr.status is Status.STALLED and _never_rose(tr)
+    if k < opts.min_iterations and not gave_up:
         reasoning.append(
             f"only {k} iterations (< min_iterations = {opts.min_iterations}): too little evidence"
         )
@@ -411,7 +414,7 @@ def _classify(tr: Trace, opts: DiagnosticOptions, max_period: int) -> dict[str, 
         return _slow(tr, progress, reasoning)
     if progress["hovering"]:
         evidence["hovering"] = True  # a nonzero minimum of ‖g‖, if the Jacobian confirms one
-    if tr.status is Status.STALLED and _never_rose(tr):
+    if gave_up:
         # A descent method (a trust region, a line search) that gave up after ‖g‖ only ever fell:
         # it reached the bottom of what it could find, however unevenly it got there. Not chaos.
         reasoning.append(
@@ -963,6 +966,11 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
     converging = rate is not None and rate < 1 and (earlier is None or earlier < 1) and envelope
     level = _level(tr, opts)
     rk = r[-1]
+    if tr.status is Status.STALLED and math.isfinite(rk):
+        # The solver stopped because no step of its lowers ‖g‖ (a line search that fails at the
+        # same point every time, a collapsed trust region): ‖g‖ stays at ‖g_k‖, however steadily
+        # it was falling before (Newton near a precision floor falls fast, then not at all).
+        level = rk
     levels_off = (
         math.isfinite(rk)
         and rk > tr.threshold

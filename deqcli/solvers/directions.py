@@ -342,6 +342,10 @@ class Proposal:
 class Direction:
     """How a step direction is found: ``start`` once, then ``propose`` and ``learn`` each step."""
 
+    # Whether the direction is a function of z (and g = g(z)) alone, not of what it learned: the
+    # line search then stops a sample that returns to an earlier iterate with the same direction.
+    function_of_z = False
+
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """Allocate what the direction keeps per sample."""
 
@@ -369,6 +373,8 @@ class Direction:
 
 class NewtonDirection(Direction):
     """d = −J_g⁻¹ g with a fresh autodiff Jacobian of every running sample, each iteration."""
+
+    function_of_z = True
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """Dense Jacobians must fit; nothing else to keep."""
@@ -519,6 +525,9 @@ class KrylovDirection(Direction):
     Forcing (``ew``, Eisenstat–Walker choice 2): η_{k+1} = 0.9 (‖g_{k+1}‖/‖g_k‖)², safeguarded by
     0.9 η_k² when that exceeds 0.1, capped at ``eta_max``; ``constant`` keeps η = ``eta``.
     """
+
+    # Of z and η: at an earlier iterate with the same direction as then, η no longer matters.
+    function_of_z = True
 
     def __init__(self, krylov_dim: int, forcing: str, eta: float, eta_max: float) -> None:
         self.krylov_dim = krylov_dim

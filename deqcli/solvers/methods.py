@@ -16,7 +16,8 @@ batch of B problems follows, sample by sample, the path each would follow alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -113,9 +114,12 @@ def _refresh_rows(
 
 @dataclass
 class LineSearchState(State):
-    """Iterate and residual plus the last few values of ½‖g‖² (the non-monotone reference)."""
+    """Iterate and residual plus the last few values of ½‖g‖² (the non-monotone reference), and,
+    for a direction that is a function of z, the last two (iterate, direction) pairs."""
 
     recent: torch.Tensor  # (B, window)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # newest first
+    repeating: torch.Tensor | None = None  # (B,) back at an earlier (z, d): it cycles for ever
 
 
 class LineSearchMethod(Method):
@@ -151,7 +155,10 @@ class LineSearchMethod(Method):
         active = _running(state)
         proposal = self.direction.propose(problem, state.z, state.g, active)
         d, scale = cap_steps(state.z, proposal.direction, o.step_max)
-        if o.effective_globalisation() == "none":
+        searching = o.effective_globalisation() != "none"
+        if searching and self.direction.function_of_z:
+            self._note_repeats(state, d, active)
+        if not searching:
             z_new = state.z + d
             g_new = problem.g(z_new)
             accepted = active & torch.isfinite(g_new).all(dim=1)
@@ -177,10 +184,35 @@ class LineSearchMethod(Method):
         state.z, state.g = z_new, g_new
         return state
 
-    def observe(self, state: State, active: torch.Tensor) -> torch.Tensor | None:
-        """Samples the direction gave up on (Broyden: its reset model failed too)."""
-        mask = self.direction.stuck()
-        return None if mask is None else mask & active
+    def observe(self, state: LineSearchState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
+        """Samples the direction gave up on (Broyden: its reset model failed too), and samples
+        going round a cycle of one or two iterations (see ``_note_repeats``)."""
+        masks = [m for m in (self.direction.stuck(), state.repeating) if m is not None]
+        if not masks:
+            return None
+        return functools.reduce(torch.logical_or, masks) & active
+
+    @staticmethod
+    def _note_repeats(state: LineSearchState, d: torch.Tensor, active: torch.Tensor) -> None:
+        """Mark the samples whose iterate and direction equal, bit for bit, those of one or two
+        iterations ago.
+
+        Where the direction is a function of z (Newton's, Newton–Krylov's), the same z and d give
+        the same search and the same next iterate, and so on round the cycle for ever. With a
+        line search on, such a cycle is a search that finds no acceptable step (z stays), or steps
+        that dither at a nonzero minimum of ‖g‖ or at the precision floor, where ½‖g‖² no longer
+        changes in floating point and Armijo's test, φ ≤ φ + c·α·slope, rounds to φ ≤ φ. (Without
+        one, Newton's exact cycles, such as 0 → 1 → 0 on z³ − 2z + 2, are left to run: the
+        diagnostics report them as cycles, with their period.) Newton at the minimum of
+        (z − 1)² + 0.01 went back and forth between two points for 290 of its 300 iterations.
+        A step that leaves ½‖g‖² unchanged but moves z somewhere new is not a repeat (Newton
+        walks Powell's badly scaled valley for 15 iterations before ‖g‖ falls).
+        """
+        repeating = torch.zeros_like(active)
+        for z_then, d_then in state.seen:
+            repeating |= (state.z == z_then).all(dim=1) & (d == d_then).all(dim=1)
+        state.repeating = repeating & active
+        state.seen = [(state.z, d), *state.seen[:1]]
 
 
 class NewtonLineSearch(LineSearchMethod):
