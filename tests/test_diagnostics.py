@@ -580,3 +580,26 @@ def test_a_newton_run_stopped_at_a_nonzero_minimum_reports_that_level() -> None:
     assert s["evidence"]["level"] == pytest.approx(0.01, rel=1e-12)
     assert s["evidence"]["nonzero_level"] is True
     assert s["stationarity"]["stationary"] is True  # ∇½‖g‖² = J_gᵀg ≈ 0: a local minimum
+
+
+def test_the_located_fixed_point_does_not_depend_on_where_the_data_lies() -> None:
+    # Gradient descent with lr 1.05 on ½wᵀHw, H = diag(1, 2), diverges; the diagnostics locate the
+    # fixed point it missed, w* = 0, by Newton from the centre of the iterates. One Newton step
+    # lands on 0 up to rounding, and that rounding must not depend on the allocator's state
+    # (with LAPACK's gelsy under MKL it came out 0.0 or -5.0e-92 from one solve to the next).
+    from random import Random
+
+    from deqcli import api
+    from deqcli.config import load_config
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "diagnostics" / "gd_lr_too_big.yaml")
+    rng, held, found = Random(0), [], set()
+    for _ in range(30):
+        held.append(torch.empty(rng.randint(1, 5000)))  # moves where the next tensors lie
+        spectral = api.solve(cfg).diagnostics["samples"][0]["spectral"]
+        assert spectral["point"] == "located fixed point"
+        found.add((tuple(spectral["fixed_point"]), spectral["point_residual"]))
+    assert len(found) == 1
+    ((point, residual),) = found
+    assert max(map(abs, point)) < 1e-90 and residual < 1e-90

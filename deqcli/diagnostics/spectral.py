@@ -309,6 +309,16 @@ def _residual_sigma_matrix_free(
 # -- locating a fixed point, cycles, conditioning along the iterates ----------------------------
 
 
+def _lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The least-squares solutions x of a x = b, batched, on the CPU, by the SVD (LAPACK's gelsd).
+
+    Not torch's default driver gelsy (QR with column pivoting): with MKL, its pivots, and so the
+    last bits of x, depend on where the matrix lies in memory. A located fixed point at exactly 0
+    came out as 0.0 or -5.0e-92 from one solve to the next of the same problem in one process.
+    """
+    return torch.linalg.lstsq(a.cpu(), b.cpu()[..., None], driver="gelsd").solution[..., 0]
+
+
 def locate_fixed_points(
     problem: Problem, starts: torch.Tensor, tol: torch.Tensor, opts: DiagnosticOptions
 ) -> tuple[torch.Tensor, list[bool], list[float]]:
@@ -337,7 +347,7 @@ def locate_fixed_points(
         if not bool(todo.any()):
             break
         jac_g = eye - jacobian_f(problem, z)
-        step = -torch.linalg.lstsq(jac_g.cpu(), g.cpu()[..., None]).solution[..., 0].to(z.device)
+        step = -_lstsq(jac_g, g).to(z.device)
         alpha = torch.ones_like(res)
         z_new = z + step
         g_new = problem.raw_g(z_new).detach()
@@ -381,13 +391,7 @@ def locate_minima(
         if not bool(torch.isfinite(hess).all()):
             break
         scale = hess.diagonal(dim1=1, dim2=2).abs().mean(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        step = (
-            -torch.linalg.lstsq(
-                (hess + (mu * scale)[:, None, None] * eye).cpu(), grad.cpu()[..., None]
-            )
-            .solution[..., 0]
-            .to(z.device)
-        )
+        step = -_lstsq(hess + (mu * scale)[:, None, None] * eye, grad).to(z.device)
         z_new = z + step
         phi_new = 0.5 * row_norms(problem.raw_g(z_new).detach()) ** 2
         better = phi_new < phi
