@@ -147,6 +147,19 @@ def test_the_queue_tries_each_kind_once_then_runs_the_costliest_first() -> None:
         assert [queue.pop().key for _ in range(2)] == [0, 1]
 
 
+def test_a_comparisons_groups_hold_a_few_tasks_and_a_sweeps_are_sized_freely() -> None:
+    pytest.importorskip("distributed")
+    from deqcli.execution.dask_executor import KIND_GROUP_TASKS, _Queue
+
+    def nothing() -> dict[str, Any]:
+        return {}
+
+    compared = _Queue([Task((k, j), nothing, kind=k) for k in "ab" for j in range(20)])
+    assert compared.limit(30) == KIND_GROUP_TASKS and compared.limit(2) == 2
+    swept = _Queue([Task(j, nothing, after=j - 1 if j else None) for j in range(40)])
+    assert swept.limit(30) == 30
+
+
 class _Recording(InProcess):
     """Runs a remote executor's tasks here, in the order given, and notes their kinds."""
 

@@ -15,7 +15,8 @@ extra). What it does on top of Dask:
   result's trip back), in the client's process as well as the worker's. Tasks that take less than
   about ``GROUP_SECONDS`` therefore travel in groups, one Dask task each, that run their tasks one
   after the other (``chunk``: ``auto`` sizes them from the durations measured so far, a number fixes
-  the size); groups are submitted as earlier ones come back, so the sizes follow what was measured;
+  the size; a comparison's groups hold at most KIND_GROUP_TASKS); groups are submitted as earlier
+  ones come back, so the sizes follow what was measured;
 * results come back in the order tasks finish; a group whose worker died is run again elsewhere by
   Dask (up to ``distributed.scheduler.allowed-failures`` times, then it is a ``TaskFailed``);
   on Ctrl-C the results that have already arrived are handed back before the interrupt goes on.
@@ -72,6 +73,14 @@ GROUP_SECONDS = 0.5
 # third group in flight made the groups smaller (more of Dask's overhead) and the suite of
 # bench/scale.py slower: 1.53-1.74x against 1.74-1.83x on 2 workers.
 IN_FLIGHT = 2
+
+# A comparison's group holds at most this many tasks. One config's solvers can differ a
+# hundredfold in cost (0.03 s to 2.3 s on the shipped examples), and a kind's cost is learned
+# only when its group comes back, by which time the next group is queued on the same worker: ten
+# tasks of a config whose first solver took 0.05 s made one group of 5.6 s, and the other worker
+# idled for 2.3 s at the end. Simulated on the examples' measured task times, 4 cut the worst end
+# from 1.5 s over the ideal to 0.4 s, for 0.1 s more overhead.
+KIND_GROUP_TASKS = 4
 
 # Dask settings of a local cluster (--workers N): its scheduler, nannies and workers share the
 # machine's cores with the solves, so nothing samples task threads for Dask's profiler or GIL
@@ -247,6 +256,10 @@ class _Queue:
         self.tried.add(task.kind)
         return task
 
+    def limit(self, size: int) -> int:
+        """The size of a group of these tasks: a comparison's holds at most KIND_GROUP_TASKS."""
+        return min(size, KIND_GROUP_TASKS) if self.kinds else size
+
     def observe(self, key: Hashable, seconds: float) -> None:
         """Task ``key`` took ``seconds`` on its worker."""
         if self.kinds:
@@ -416,7 +429,10 @@ class DaskExecutor(Executor):
             # would send singles whose Dask overhead is a large share of their work.
             depth = IN_FLIGHT if sizes.measured else 1
             while left and len(groups) < depth * count:
-                group = [left.pop() for _ in range(sizes.next(len(left), count))]
+                size = sizes.next(len(left), count)
+                if sizes.fixed is None:  # --chunk N is taken as given
+                    size = left.limit(size)
+                group = [left.pop() for _ in range(size)]
                 inside = {task.key for task in group}
                 earlier: dict[Hashable, Any] = {}
                 for task in group:
