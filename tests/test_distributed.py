@@ -149,15 +149,19 @@ def test_the_queue_tries_each_kind_once_then_runs_the_costliest_first() -> None:
 
 def test_a_comparisons_groups_hold_a_few_tasks_and_a_sweeps_are_sized_freely() -> None:
     pytest.importorskip("distributed")
-    from deqcli.execution.dask_executor import KIND_GROUP_TASKS, _Queue
+    from deqcli.execution.dask_executor import KIND_GROUP_TASKS, _GroupSizes, _Queue
 
     def nothing() -> dict[str, Any]:
         return {}
 
-    compared = _Queue([Task((k, j), nothing, kind=k) for k in "ab" for j in range(20)])
-    assert compared.limit(30) == KIND_GROUP_TASKS and compared.limit(2) == 2
-    swept = _Queue([Task(j, nothing, after=j - 1 if j else None) for j in range(40)])
-    assert swept.limit(30) == 30
+    sizes = _GroupSizes(None)
+    sizes.observe(10, 0.01)  # tasks of 1 ms: 500 would fill GROUP_SECONDS
+    compared = _Queue([Task((k, j), nothing, kind=k) for k in "ab" for j in range(200)])
+    assert sizes.next(400, 2, by_kind=compared.by_kind) == KIND_GROUP_TASKS
+    assert sizes.next(2, 2, by_kind=compared.by_kind) == 1  # the end's share of what is left
+    swept = _Queue([Task(j, nothing, after=j - 1 if j else None) for j in range(400)])
+    assert sizes.next(400, 2, by_kind=swept.by_kind) == 400 // 4
+    assert _GroupSizes(30).next(400, 2, by_kind=True) == 30  # --chunk N is taken as given
 
 
 class _Recording(InProcess):

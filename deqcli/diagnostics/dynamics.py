@@ -964,13 +964,11 @@ def _progress(tr: Trace, opts: DiagnosticOptions) -> dict[str, Any]:
     earlier = _rate_between(pairs, k - 2 * W, k - W) if k - W >= W else None
     envelope = _envelope_falls(pairs, k, min(opts.stall_window, k // 3))
     converging = rate is not None and rate < 1 and (earlier is None or earlier < 1) and envelope
-    level = _level(tr, opts)
     rk = r[-1]
-    if tr.status is Status.STALLED and math.isfinite(rk):
-        # The solver stopped because no step of its lowers ‖g‖ (a line search that fails at the
-        # same point every time, a collapsed trust region): ‖g‖ stays at ‖g_k‖, however steadily
-        # it was falling before (Newton near a precision floor falls fast, then not at all).
-        level = rk
+    # A solver that stopped because no step of its lowers ‖g‖ (a line search that fails at the
+    # same point every time, a collapsed trust region) leaves ‖g‖ at ‖g_k‖, however steadily it
+    # was falling before (Newton near a precision floor falls fast, then not at all).
+    level = rk if tr.status is Status.STALLED and math.isfinite(rk) else _level(tr, opts)
     levels_off = (
         math.isfinite(rk)
         and rk > tr.threshold

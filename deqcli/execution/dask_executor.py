@@ -211,13 +211,16 @@ class _GroupSizes:
             latest = seconds / tasks
             self.per_task = latest if self.per_task is None else 0.5 * (self.per_task + latest)
 
-    def next(self, left: int, workers: int) -> int:
-        """The size of the next group when ``left`` tasks wait and ``workers`` work."""
+    def next(self, left: int, workers: int, *, by_kind: bool = False) -> int:
+        """The size of the next group when ``left`` tasks wait and ``workers`` work; a
+        comparison's (tasks ordered ``by_kind``) at most KIND_GROUP_TASKS with ``auto``."""
         if self.fixed is not None:
             return min(self.fixed, left)
         if self.per_task is None:
             return 1
         size = int(GROUP_SECONDS / max(self.per_task, 1e-9))
+        if by_kind:
+            size = min(size, KIND_GROUP_TASKS)
         return max(1, min(size, left // (IN_FLIGHT * workers), left))
 
 
@@ -256,9 +259,10 @@ class _Queue:
         self.tried.add(task.kind)
         return task
 
-    def limit(self, size: int) -> int:
-        """The size of a group of these tasks: a comparison's holds at most KIND_GROUP_TASKS."""
-        return min(size, KIND_GROUP_TASKS) if self.kinds else size
+    @property
+    def by_kind(self) -> bool:
+        """Whether the order follows the kinds (a comparison), not the order given."""
+        return bool(self.kinds)
 
     def observe(self, key: Hashable, seconds: float) -> None:
         """Task ``key`` took ``seconds`` on its worker."""
@@ -429,9 +433,7 @@ class DaskExecutor(Executor):
             # would send singles whose Dask overhead is a large share of their work.
             depth = IN_FLIGHT if sizes.measured else 1
             while left and len(groups) < depth * count:
-                size = sizes.next(len(left), count)
-                if sizes.fixed is None:  # --chunk N is taken as given
-                    size = left.limit(size)
+                size = sizes.next(len(left), count, by_kind=left.by_kind)
                 group = [left.pop() for _ in range(size)]
                 inside = {task.key for task in group}
                 earlier: dict[Hashable, Any] = {}

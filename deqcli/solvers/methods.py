@@ -16,7 +16,6 @@ batch of B problems follows, sample by sample, the path each would follow alone.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -187,10 +186,10 @@ class LineSearchMethod(Method):
     def observe(self, state: LineSearchState, active: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """Samples the direction gave up on (Broyden: its reset model failed too), and samples
         going round a cycle of one or two iterations (see ``_note_repeats``)."""
-        masks = [m for m in (self.direction.stuck(), state.repeating) if m is not None]
-        if not masks:
-            return None
-        return functools.reduce(torch.logical_or, masks) & active
+        stuck = self.direction.stuck()
+        if state.repeating is not None:
+            stuck = state.repeating if stuck is None else stuck | state.repeating
+        return None if stuck is None else stuck & active
 
     @staticmethod
     def _note_repeats(state: LineSearchState, d: torch.Tensor, active: torch.Tensor) -> None:
