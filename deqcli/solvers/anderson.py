@@ -141,7 +141,10 @@ class AndersonMethod(Method):
         else:
             f_new, g_new = evaluate(problem, z_new)
             f_trial, g_trial = f_new, g_new
-        self._record(s, f_trial - s.f, g_trial - s.g, g_new)
+        if s.shared is not None and s.shared[0] == s.df.shape[1]:
+            self._slide(s, f_trial, g_trial, g_new)
+        else:
+            self._record(s, f_trial - s.f, g_trial - s.g, g_new)
         res = torch.linalg.vector_norm(g_new, dim=1)
         if o.restart:
             self._safeguard(s, res, active)
@@ -150,7 +153,8 @@ class AndersonMethod(Method):
                 s.recent = torch.roll(s.recent, 1, dims=1)
             s.recent[:, 0] = 0.5 * res.square()
         s.z, s.g, s.f = z_new, g_new, f_new
-        s.res = res
+        # The driver's norms from what the step holds: ‖f‖ directly instead of ‖z − g‖.
+        s.res, s.f_norm = res, torch.linalg.vector_norm(f_new, dim=1)
         return s
 
     def _mix(self, s: AndersonState) -> torch.Tensor:
@@ -164,7 +168,11 @@ class AndersonMethod(Method):
         # ΔF is stored in ring slots: logical column i of row b sits in slot (head_b + i) mod m.
         # Only the slots in use are read: at most two contiguous runs when the samples agree.
         z_new = s.f.unsqueeze(1)
-        if s.shared is not None:
+        if s.shared is not None and k == m:
+            # A full window uses every slot: one product with γ rolled into slot order.
+            slots = torch.roll(gamma, s.shared[1], dims=1) if s.shared[1] else gamma
+            z_new = torch.baddbmm(z_new, slots.unsqueeze(1), s.df, alpha=-1)
+        elif s.shared is not None:
             head = s.shared[1]
             first = min(k, m - head)
             z_new = torch.baddbmm(
@@ -272,6 +280,65 @@ class AndersonMethod(Method):
             s.qg = qg
             s.df[rows, (s.head + s.count) % m] = df
         s.count = s.count + 1
+
+    def _slide(
+        self, s: AndersonState, f_trial: torch.Tensor, g_trial: torch.Tensor, g_new: torch.Tensor
+    ) -> None:
+        """Drop the oldest column and append the new difference with one pass over Q.
+
+        The hot path of a long run: every sample holds m columns from the same slot. What
+        ``_drop_oldest`` then ``_record`` compute, reordered so that Q is read twice, not four
+        times. The drop's rotation G acts on Q; the new difference is orthogonalised against
+        the rotated rows, Δg − (GQ)ᵀc with c = G(QΔg) from the projections on the old Q. As
+        (GQ)ᵀc = Qᵀ(Gᵀc), one batched product of the m × m matrix [G's first m − 1 rows; (Gᵀc)ᵀ]
+        with Q yields the rotated basis and the subtrahend together. Where that Gram–Schmidt
+        pass leaves at least Δg/√2, ‖w‖² = ‖Δg‖² − ‖c‖² loses at most a bit and w·g is
+        Δg·g − c·(GQ)g, so neither needs another pass over n; otherwise w is measured and
+        orthogonalised once more, as in ``_record``. (f_trial, g_trial) is the point the
+        difference is taken at, g_new the accepted residual (they differ after a rejected trial).
+        """
+        m = s.q.shape[1]
+        head = s.shared[1] if s.shared is not None else 0
+        pair = torch.empty(
+            (g_new.shape[0], 2, g_new.shape[1]), dtype=g_new.dtype, device=g_new.device
+        )
+        torch.sub(g_trial, s.g, out=pair[:, 0])
+        pair[:, 1] = g_new
+        dg = pair[:, 0]
+        # The oldest column's ring slot becomes the newest: ΔF is written in place.
+        torch.sub(f_trial, s.f, out=s.df[:, head])
+        rot, tri = torch.linalg.qr(s.r[:, :, 1:], mode="complete")  # H = rot · tri
+        rot_t = rot.transpose(1, 2)
+        h = torch.bmm(pair, s.q.transpose(1, 2))  # (B, 2, m): QΔg and Qg on the old basis
+        dots = torch.bmm(pair[:, :1], pair.transpose(1, 2))[:, 0]  # (B, 2): Δg·Δg, Δg·g
+        rotated = torch.bmm(h, rot)[:, :, : m - 1]  # (G Q Δg, G Q g) without the dropped row
+        coeff, qg_kept = rotated[:, 0], rotated[:, 1]
+        mixing = torch.cat((rot_t[:, : m - 1], torch.bmm(coeff.unsqueeze(1), rot_t[:, : m - 1])), 1)
+        q = torch.bmm(mixing, s.q)  # rows: the rotated basis, then ((GQ)ᵀc)ᵀ
+        w = q[:, m - 1]
+        torch.sub(dg, w, out=w)
+        tiny = torch.finfo(w.dtype).tiny
+        rho_sq = dots[:, 0] - coeff.square().sum(dim=1)
+        if bool((rho_sq >= REORTHOGONALISE**2 * dots[:, 0]).all()):
+            rho = rho_sq.sqrt()
+            scale = rho.clamp_min(tiny)
+            w.div_(scale[:, None])
+            projection = (dots[:, 1] - (coeff * qg_kept).sum(dim=1)) / scale
+        else:
+            basis = q[:, : m - 1]
+            h2 = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2))  # (B, 1, m − 1)
+            w.copy_(torch.baddbmm(w.unsqueeze(1), h2, basis, alpha=-1).squeeze(1))
+            coeff = coeff + h2[:, 0]
+            rho = torch.linalg.vector_norm(w, dim=1)
+            w.div_(rho.clamp_min(tiny)[:, None])
+            projection = (w * g_new).sum(dim=1)
+        s.q = q
+        s.r[:, :, : m - 1] = tri
+        s.r[:, : m - 1, m - 1] = coeff
+        s.r[:, m - 1, m - 1] = rho
+        s.qg = torch.cat((qg_kept, projection.unsqueeze(1)), dim=1)
+        s.head = (s.head + 1) % m
+        s.shared = (m, (head + 1) % m)
 
     def _drop_oldest(self, s: AndersonState, rows: torch.Tensor | None) -> None:
         """Remove logical column 0 of the rows in ``rows`` (None: every row) and restore R.
