@@ -528,14 +528,65 @@ def test_a_resumed_sweep_on_workers_runs_only_missing_points(scheduler: str, tmp
         assert point["value"] == pytest.approx(2.0 / (1 - a), rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("notanaddress", "'notanaddress' is not HOST:PORT; give the scheduler's address as tcp://"),
+        ("tcp://", "'tcp://' is not HOST:PORT"),
+        ("tcp://10.0.0.5:8786/status", "'tcp://10.0.0.5:8786/status' is not HOST:PORT"),
+        ("http://10.0.0.5:8786", "uses the scheme 'http'; deq reaches a Dask scheduler by tcp://"),
+        ("inproc://x", "uses the scheme 'inproc'"),
+        (
+            "10.0.0.5:port",
+            "has the port 'port'; give a port from 1 to 65535, e.g. tcp://10.0.0.5:8786",
+        ),
+        (
+            "tcp://[::1]:65536",
+            "has the port '65536'; give a port from 1 to 65535, e.g. tcp://[::1]:8786",
+        ),
+        ("  ", "give the scheduler's address as tcp://HOST:PORT"),
+    ],
+)
+def test_a_malformed_scheduler_address_is_named_before_anything_runs(
+    cli, address: str, message: str
+) -> None:
+    for command, args in (("sweep", ["--param", "a=0.5"]), ("compare-solvers", [])):
+        run = cli(command, LINEAR, *args, "--scheduler", address)
+        assert run.exit_code == 2 and run.stdout == ""
+        assert run.stderr.startswith("error: --scheduler: ") and message in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.distributed
 def test_an_unreachable_scheduler_is_one_line(cli, monkeypatch) -> None:
+    import socket
+
     from deqcli.execution import dask_executor
 
     monkeypatch.setattr(dask_executor, "CONNECT_TIMEOUT", 1)
-    run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", "tcp://127.0.0.1:9")
+    # A port nothing listens on is refused at once, not after the timeout.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    started = time.perf_counter()
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", f"tcp://127.0.0.1:{port}")
+    assert run.exit_code == 2 and time.perf_counter() - started < 5
+    assert run.stderr.strip() == (
+        f"error: --scheduler: nothing accepts connections at tcp://127.0.0.1:{port} (connection "
+        "refused); is the scheduler running, and is this its port?"
+    )
+    # A port that accepts the connection but never answers as a scheduler: the timeout.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", address)
     assert run.exit_code == 2
-    assert run.stderr.strip().startswith("error: --scheduler: cannot reach tcp://127.0.0.1:9: ")
+    assert run.stderr.strip().startswith(f"error: --scheduler: cannot reach {address}: ")
+    assert len(run.stderr.strip().splitlines()) == 1
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", "tcp://no-such-host.invalid:8786")
+    assert run.exit_code == 2
+    assert run.stderr.startswith(
+        "error: --scheduler: cannot resolve the host 'no-such-host.invalid'"
+    )
     assert len(run.stderr.strip().splitlines()) == 1
 
 

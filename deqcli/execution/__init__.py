@@ -217,8 +217,8 @@ class ExecutionSettings:
         flag = given[0]
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers: give 1 or more worker processes, got {self.workers}")
-        if self.scheduler is not None and not self.scheduler.strip():
-            raise UsageError("--scheduler: give the scheduler's address, e.g. tcp://host:8786")
+        if self.scheduler is not None:
+            scheduler_endpoint(self.scheduler)
         spec = None
         if self.cluster is not None:
             from deqcli.execution.cluster import load_cluster
@@ -232,6 +232,42 @@ class ExecutionSettings:
                 f"{flag} needs {what}, which is not installed; install it with: {INSTALL}"
             )
         return spec
+
+
+# The schemes a client reaches a scheduler by without extra packages (ucx needs its own).
+SCHEMES = ("tcp", "tls", "ws", "wss")
+ADDRESS_EXAMPLE = "tcp://HOST:PORT, e.g. tcp://10.0.0.5:8786"
+
+
+def scheduler_endpoint(address: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of --scheduler [SCHEME://]HOST:PORT, with a scheme deq connects by and
+    a port in 1-65535; checked before anything runs, so a typo is named at once instead of after
+    the connection timeout."""
+    text = address.strip()
+    if not text:
+        raise UsageError(f"--scheduler: give the scheduler's address as {ADDRESS_EXAMPLE}")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    if scheme.lower() not in SCHEMES:
+        raise UsageError(
+            f"--scheduler: '{address}' uses the scheme '{scheme}'; deq reaches a Dask scheduler "
+            f"by {', '.join(s + '://' for s in SCHEMES)}: give {ADDRESS_EXAMPLE}"
+        )
+    host, colon, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address: [::1]:8786
+        host = host[1:-1]
+    if not colon or not host or "/" in rest:
+        raise UsageError(
+            f"--scheduler: '{address}' is not HOST:PORT; give the scheduler's address as "
+            f"{ADDRESS_EXAMPLE}"
+        )
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise UsageError(
+            f"--scheduler: '{address}' has the port '{port}'; give a port from 1 to 65535, "
+            f"e.g. tcp://{rest.rpartition(':')[0]}:8786"
+        )
+    return scheme.lower(), host, int(port)
 
 
 def _check_chunk(text: str, *, distributed: bool) -> None:

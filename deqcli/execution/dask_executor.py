@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import shutil
+import socket
 import threading
 import time
 import traceback
@@ -52,6 +53,7 @@ from deqcli.execution import (
     TaskFailed,
     check_order,
     group_memo,
+    scheduler_endpoint,
 )
 from deqcli.execution.files import Blob, digest, store
 
@@ -346,6 +348,7 @@ class DaskExecutor(Executor):
                 self.cluster.scale(n=self.spec.workers)
                 self.client = Client(self.cluster)
             else:
+                _listening(settings.scheduler)
                 self.client = Client(settings.scheduler, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             self.__exit__(None, None, None)
@@ -353,6 +356,17 @@ class DaskExecutor(Executor):
             if settings.scheduler is None:
                 where = "cannot start the Dask cluster"
             raise UsageError(f"{where}: {_one_line(exc)}") from None
+        except (TypeError, ValueError) as exc:
+            if settings.scheduler is None:
+                raise
+            # Dask's own objection to the connection settings: TLS without certificates, say.
+            self.__exit__(None, None, None)
+            hint = ""
+            if settings.scheduler.strip().lower().startswith(("tls://", "wss://")):
+                hint = " (a TLS scheduler needs the certificates in Dask's distributed.comm.tls settings)"
+            raise UsageError(
+                f"--scheduler: cannot connect to {settings.scheduler}: {_one_line(exc)}{hint}"
+            ) from None
         self.client.register_plugin(_PinThreads(self.threads), name="deq-threads")
         self._check_versions()
         return self.client
@@ -537,6 +551,24 @@ def _outcome(future: Any, result: Any) -> dict[str, Any] | TaskFailed:
             f"crash in native code): {_one_line(exc)}"
         )
     raise exc.with_traceback(traceback)
+
+
+def _listening(address: str) -> None:
+    """Fail at once where nothing listens at the scheduler's address (Dask's client would retry a
+    refused connection until its timeout) or its host has no address."""
+    _scheme, host, port = scheduler_endpoint(address)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except socket.gaierror as exc:
+        raise UsageError(
+            f"--scheduler: cannot resolve the host '{host}' of {address} ({exc.strerror}); "
+            "check its spelling"
+        ) from None
+    except ConnectionRefusedError:
+        raise UsageError(
+            f"--scheduler: nothing accepts connections at {address} (connection refused); is the "
+            "scheduler running, and is this its port?"
+        ) from None
 
 
 def _one_line(exc: BaseException) -> str:
