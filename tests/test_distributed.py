@@ -7,11 +7,13 @@ this module) and reach it with ``--scheduler``; deselect them with ``-m 'not dis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -575,12 +577,29 @@ def test_an_unreachable_scheduler_is_one_line(cli, monkeypatch) -> None:
         f"error: --scheduler: nothing accepts connections at tcp://127.0.0.1:{port} (connection "
         "refused); is the scheduler running, and is this its port?"
     )
-    # A port that accepts the connection but never answers as a scheduler: the timeout.
+    # A port that accepts the connection but never answers (an HTTP server's, say): Dask's client
+    # would wait for its handshake forever; deq gives up after the connect timeout.
     with socket.create_server(("127.0.0.1", 0)) as silent:
         address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
         run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", address)
     assert run.exit_code == 2
-    assert run.stderr.strip().startswith(f"error: --scheduler: cannot reach {address}: ")
+    assert run.stderr.strip() == (
+        f"error: --scheduler: {address} accepts connections but gave no Dask handshake within "
+        "1 s; is it the scheduler's port (8786 unless set, not the dashboard's 8787)?"
+    )
+
+    # A port where another protocol answers (an SSH server's banner, to every connection).
+    def greet(server: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the server closed at the end of the test
+            while True:
+                server.accept()[0].sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        address = f"tcp://127.0.0.1:{other.getsockname()[1]}"
+        threading.Thread(target=greet, args=(other,), daemon=True).start()
+        run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", address)
+    assert run.exit_code == 2
+    assert run.stderr.startswith(f"error: --scheduler: {address} does not speak Dask's protocol (")
     assert len(run.stderr.strip().splitlines()) == 1
     run = cli("sweep", LINEAR, "--param", "a=0.5", "--scheduler", "tcp://no-such-host.invalid:8786")
     assert run.exit_code == 2

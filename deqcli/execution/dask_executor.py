@@ -348,7 +348,7 @@ class DaskExecutor(Executor):
                 self.cluster.scale(n=self.spec.workers)
                 self.client = Client(self.cluster)
             else:
-                _listening(settings.scheduler)
+                _answering(settings.scheduler)
                 self.client = Client(settings.scheduler, timeout=CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             self.__exit__(None, None, None)
@@ -361,7 +361,7 @@ class DaskExecutor(Executor):
                 raise
             # Dask's own objection to the connection settings: TLS without certificates, say.
             self.__exit__(None, None, None)
-            hint = ""
+            hint = "; is it the scheduler's address, not a worker's?"
             if settings.scheduler.strip().lower().startswith(("tls://", "wss://")):
                 hint = " (a TLS scheduler needs the certificates in Dask's distributed.comm.tls settings)"
             raise UsageError(
@@ -553,9 +553,16 @@ def _outcome(future: Any, result: Any) -> dict[str, Any] | TaskFailed:
     raise exc.with_traceback(traceback)
 
 
-def _listening(address: str) -> None:
-    """Fail at once where nothing listens at the scheduler's address (Dask's client would retry a
-    refused connection until its timeout) or its host has no address."""
+def _answering(address: str) -> None:
+    """Fail at once where the scheduler's host has no address or nothing listens at its port (Dask's
+    client would retry a refused connection until its timeout), and within CONNECT_TIMEOUT where
+    something listens but does not answer Dask's handshake (a dashboard's or another service's
+    port), which Dask's client would wait for forever."""
+    import asyncio
+
+    from distributed.comm import connect
+    from distributed.security import Security
+
     _scheme, host, port = scheduler_endpoint(address)
     try:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
@@ -568,6 +575,29 @@ def _listening(address: str) -> None:
         raise UsageError(
             f"--scheduler: nothing accepts connections at {address} (connection refused); is the "
             "scheduler running, and is this its port?"
+        ) from None
+    arguments = Security().get_connection_args("client")
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(
+            connect(address, timeout=CONNECT_TIMEOUT, **arguments), CONNECT_TIMEOUT
+        )
+        await comm.close()
+
+    try:
+        asyncio.run(handshake())
+    except (TimeoutError, asyncio.TimeoutError):
+        raise UsageError(
+            f"--scheduler: {address} accepts connections but gave no Dask handshake within "
+            f"{CONNECT_TIMEOUT:g} s; is it the scheduler's port (8786 unless set, not the "
+            "dashboard's 8787)?"
+        ) from None
+    except (OSError, TypeError):
+        raise  # unreachable, or Dask's objection to the connection settings: reported by _start
+    except Exception as exc:  # garbage where the handshake should be: another protocol
+        raise UsageError(
+            f"--scheduler: {address} does not speak Dask's protocol ({type(exc).__name__} on "
+            "the handshake); is it the scheduler's address?"
         ) from None
 
 
