@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -130,6 +131,20 @@ def test_logistic_cascade_then_chaos(logistic) -> None:
     assert sorted(set(round(v, 6) for v in period2["samples"][0]["orbit"])) == pytest.approx(
         expected, abs=1e-6
     )
+
+
+def test_the_attracting_range_counts_only_samples_analysed_at_a_fixed_point(logistic) -> None:
+    # ρ(∂f/∂z) = |2 − r| < 1 at the fixed point 1 − 1/r exactly for r < 3 (on this grid 2.55 …
+    # 2.95). A sample analysed at its last iterate, having found no fixed point, never counts,
+    # whatever ρ there: local attraction is a property of a fixed point.
+    rs = list(logistic.axes[0].values)
+    below = [r for r in rs if r < 3]
+    assert summarise(logistic)["rho_below_one_ranges"] == [[below[0], below[-1]]]
+    edited = copy.deepcopy(logistic)
+    sample = edited.points[1]["samples"][0]
+    assert sample["rho_at"] == "solution" and sample["rho"] < 1
+    sample["rho_at"] = "last iterate (not a fixed point)"
+    assert summarise(edited)["rho_below_one_ranges"] == [[rs[0], rs[0]], [rs[2], below[-1]]]
 
 
 # -- gradient descent: lr against 2/λmax ---------------------------------------------------------------

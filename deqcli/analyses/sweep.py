@@ -38,6 +38,7 @@ from typing import Any
 
 from deqcli.config import PROBLEM_MODELS, Config
 from deqcli.consent import decided, granted
+from deqcli.diagnostics import FIXED_POINTS
 from deqcli.errors import ConfigError, DeqError, UsageError
 from deqcli.execution import Executor, InProcess, Task, TaskFailed
 from deqcli.execution.source import ConfigSource, ship, value_text
@@ -705,6 +706,19 @@ class _Appender:
 # -- summaries -------------------------------------------------------------------------------------
 
 
+def _attracting(point: dict[str, Any]) -> bool:
+    """Whether every sample of the point has a fixed point with ρ(∂f/∂z) < 1 (locally attracting).
+
+    A sample whose run found no fixed point is analysed at its last iterate: ρ there says nothing
+    about attraction (a chaotic orbit passes through contracting regions too), so it never counts.
+    """
+    samples = point.get("samples") or []
+    return bool(samples) and all(
+        isinstance(s.get("rho"), float) and s["rho"] < 1 and s.get("rho_at") in FIXED_POINTS
+        for s in samples
+    )
+
+
 def summarise(sweep: SweepResult) -> dict[str, Any]:
     """Regimes, transitions and certificate ranges (1-D), or label counts (any dimension)."""
     tally: dict[str, int] = {}
@@ -737,7 +751,7 @@ def summarise(sweep: SweepResult) -> dict[str, Any]:
     out["events"] = events
     certified = [p.get("certificate") is True for p in points]
     out["certificate_ranges"] = [[xs[i], xs[j]] for ok, i, j in _runs(certified) if ok]
-    rho_ok = [isinstance(p.get("rho"), float) and p["rho"] < 1 for p in points]
+    rho_ok = [_attracting(p) for p in points]
     out["rho_below_one_ranges"] = [[xs[i], xs[j]] for ok, i, j in _runs(rho_ok) if ok]
     limits = {p["lr_limit"] for p in points if isinstance(p.get("lr_limit"), float)}
     if axis.key == "problem.lr" and len(limits) == 1:

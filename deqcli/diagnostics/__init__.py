@@ -30,6 +30,8 @@ POINT_SHOWN_DIM = 8
 AT_FLOOR = "last iterate (at the precision floor)"
 # Points whose distance to the root z* the forward-error estimate bounds.
 ERROR_POINTS = ("solution", AT_FLOOR)
+# The points analysed that are fixed points: only there does ρ(J) < 1 mean local attraction.
+FIXED_POINTS = ("solution", "located fixed point", AT_FLOOR)
 
 
 def precheck(
