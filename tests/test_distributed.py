@@ -647,6 +647,38 @@ def test_a_cluster_file_needs_the_batch_systems_submit_command(cli, tmp_path, mo
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (
+            'echo "sbatch: error: invalid partition specified: shortt" >&2; exit 1',
+            "--cluster: the slurm batch system refused the job: sbatch: error: invalid partition "
+            "specified: shortt",
+        ),
+        ('echo "no job id here"', "Could not parse job id from submission command output"),
+    ],
+)
+def test_a_refused_job_submission_is_one_line_not_a_wait_forever(
+    cli, tmp_path, monkeypatch, answer: str, message: str
+) -> None:
+    # dask-jobqueue submits in the background and only logs a refusal (with its traceback); the
+    # tasks then waited for workers that would never come.
+    pytest.importorskip("dask_jobqueue")
+    for command, body in (("sbatch", answer), ("squeue", "exit 0"), ("scancel", "exit 0")):
+        script = tmp_path / command
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    path = tmp_path / "slurm.yaml"
+    path.write_text("kind: slurm\nworkers: 2\ncores: 1\nmemory: 1GB\nqueue: shortt\n")
+    started = time.perf_counter()
+    run = cli("sweep", LINEAR, "--param", "a=0.5", "--cluster", path)
+    assert run.exit_code == 2 and time.perf_counter() - started < 30
+    assert run.stderr.startswith("error: ") and message in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+@pytest.mark.distributed
 def test_ctrl_c_on_a_distributed_sweep_keeps_every_point_that_arrived(
     scheduler: str, tmp_path: Path
 ) -> None:

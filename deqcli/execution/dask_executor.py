@@ -60,6 +60,8 @@ from deqcli.execution.files import Blob, digest, store
 if TYPE_CHECKING:
     from deqcli.execution.cluster import ClusterSpec
 
+# Seconds the batch system's submit command may take to accept a cluster file's jobs.
+SUBMIT_TIMEOUT = 60
 # Seconds to wait for --scheduler to answer before saying it cannot be reached.
 CONNECT_TIMEOUT = 20
 # The environment variables that size the thread pools of OpenMP, MKL and OpenBLAS.
@@ -345,7 +347,7 @@ class DaskExecutor(Executor):
             elif self.spec is not None:
                 _can_submit(self.spec)
                 self.cluster = _jobqueue(self.spec, settings.cluster or Path("cluster"))
-                self.cluster.scale(n=self.spec.workers)
+                _submit_jobs(self.cluster, self.spec)
                 self.client = Client(self.cluster)
             else:
                 _answering(settings.scheduler)
@@ -631,6 +633,66 @@ def _can_submit(spec: ClusterSpec) -> None:
             f"--cluster: {spec.kind} jobs are submitted with '{command}', which is not on this "
             "machine's PATH; run deq where jobs can be submitted (a login node)"
         )
+
+
+class _Refusals(logging.Handler):
+    """Keeps the errors logged while jobs are submitted (and keeps their tracebacks off stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+def _submit_jobs(cluster: Any, spec: ClusterSpec) -> None:
+    """Submit the cluster file's jobs and wait for the batch system's answer to each.
+
+    dask-jobqueue submits in the background and only logs a refused submission (a queue or an
+    account that does not exist, a limit): the tasks would then wait forever for workers that
+    never come. A refusal is one line naming the batch system's own message; a job the batch
+    system accepted may still wait in its queue, which is the queue's business.
+    """
+    from distributed.core import Status
+
+    refusals = _Refusals()
+    # Background errors reach tornado's logger (a callback that raised) or asyncio's, whose own
+    # handlers (Dask's logging set-up gives them some) would print the traceback.
+    loggers = [logging.getLogger(name) for name in ("tornado.application", "asyncio")]
+    kept = [(log, log.handlers, log.propagate) for log in loggers]
+    for log in loggers:
+        log.handlers = [refusals]
+        log.propagate = False
+    try:
+        cluster.scale(n=spec.workers)
+        planned = len(cluster.worker_spec)  # jobs, each running one or more worker processes
+        waited = time.monotonic() + SUBMIT_TIMEOUT
+        while not refusals.errors and time.monotonic() < waited:
+            jobs = list(cluster.workers.values())
+            if len(jobs) >= planned and all(j.status != Status.created for j in jobs):
+                return
+            time.sleep(0.05)
+    finally:
+        for log, handlers, propagate in kept:
+            log.handlers, log.propagate = handlers, propagate
+    # Jobs never submitted are marked failed (Dask's close asserts that every job it created ran
+    # or failed) and forgotten, so the cluster stops cleanly and nothing resubmits them.
+    for name, job in list(cluster.workers.items()):
+        if job.status == Status.created:
+            job.status = Status.failed
+            del cluster.workers[name]
+            cluster.worker_spec.pop(name, None)
+    if refusals.errors:
+        said = str(refusals.errors[0]).split("stderr:", 1)[-1]
+        raise UsageError(
+            f"--cluster: the {spec.kind} batch system refused the job: {_one_line(ValueError(said))}"
+        )
+    raise UsageError(
+        f"--cluster: the {spec.kind} batch system did not accept the jobs within "
+        f"{SUBMIT_TIMEOUT:g} s; check that its submit command works here"
+    )
 
 
 def _jobqueue(spec: ClusterSpec, path: Path) -> Any:
