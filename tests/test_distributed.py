@@ -73,6 +73,18 @@ def test_without_dask_the_flags_give_the_install_command(cli, monkeypatch, comma
 def test_execution_flags_are_checked_before_anything_runs(cli, tmp_path: Path) -> None:
     run = cli("sweep", LINEAR, "--param", "a=0.5", "--workers", "0")
     assert run.exit_code == 2 and "--workers: give 1 or more" in run.stderr
+    # Hundreds of local workers (each loads torch) would exhaust the memory: refused up front.
+    from deqcli.execution import OVERSUBSCRIBE, available_cores
+
+    cores = available_cores()
+    many = str(OVERSUBSCRIBE * cores + 1)
+    run = cli("compare-solvers", LINEAR, "--workers", many)
+    assert run.exit_code == 2 and run.stdout == ""
+    assert run.stderr.strip() == (
+        f"error: --workers: {many} local worker processes on {cores} core(s) would only wait for "
+        f"each other, each holding its own torch in memory; give at most {OVERSUBSCRIBE * cores} "
+        f"({cores}, one per core, runs fastest), or run on a cluster with --scheduler or --cluster"
+    )
     run = cli("sweep", LINEAR, "--param", "a=0.5", "--workers", "2", "--scheduler", "tcp://x:1")
     assert run.exit_code == 2 and "--workers and --scheduler exclude each other" in run.stderr
     run = cli("compare-solvers", LINEAR, "--cluster", tmp_path / "none.yaml")

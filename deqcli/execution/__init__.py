@@ -13,6 +13,7 @@ Dask is an optional extra and is imported only when one of those flags asks for 
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -217,6 +218,14 @@ class ExecutionSettings:
         flag = given[0]
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers: give 1 or more worker processes, got {self.workers}")
+        if self.workers is not None and self.workers > OVERSUBSCRIBE * available_cores():
+            cores = available_cores()
+            raise UsageError(
+                f"--workers: {self.workers} local worker processes on {cores} core(s) would only "
+                "wait for each other, each holding its own torch in memory; give at most "
+                f"{OVERSUBSCRIBE * cores} ({cores}, one per core, runs fastest), or run on a "
+                "cluster with --scheduler or --cluster"
+            )
         if self.scheduler is not None:
             scheduler_endpoint(self.scheduler)
         spec = None
@@ -268,6 +277,19 @@ def scheduler_endpoint(address: str) -> tuple[str, str, int]:
             f"e.g. tcp://{rest.rpartition(':')[0]}:8786"
         )
     return scheme.lower(), host, int(port)
+
+
+# --workers beyond this many per core is refused: the processes would only compete for the cores,
+# and each holds a few hundred MB (torch and its libraries), so hundreds can exhaust the memory.
+OVERSUBSCRIBE = 4
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _check_chunk(text: str, *, distributed: bool) -> None:
