@@ -622,6 +622,31 @@ def test_an_unreachable_scheduler_is_one_line(cli, monkeypatch) -> None:
 
 
 @pytest.mark.distributed
+def test_a_scheduler_without_workers_is_announced_not_a_silent_wait(scheduler, monkeypatch):
+    # The tasks wait for a worker to join (jobs in a queue, workers not started yet); after
+    # WORKER_WAIT seconds the user is told so once instead of watching nothing happen.
+    from distributed import LocalCluster
+
+    from deqcli.execution import dask_executor
+    from deqcli.execution.dask_executor import DaskExecutor
+
+    monkeypatch.setattr(dask_executor, "WORKER_WAIT", 0.5)
+    said: list[str] = []
+    with LocalCluster(n_workers=0, dashboard_address=":0") as empty:
+        address = empty.scheduler_address
+        with DaskExecutor(ExecutionSettings(scheduler=address, notice=said.append)) as executor:
+            executor._start()
+    assert said == [
+        f"waiting for Dask workers: after 0.5 s the scheduler at {address} has no worker; the "
+        "tasks start when one joins (Ctrl-C stops)"
+    ]
+    said.clear()
+    with DaskExecutor(ExecutionSettings(scheduler=scheduler, notice=said.append)) as executor:
+        executor._start()
+    assert said == []  # its two workers are there
+
+
+@pytest.mark.distributed
 def test_a_slurm_cluster_file_becomes_the_job_script(tmp_path: Path) -> None:
     pytest.importorskip("dask_jobqueue")
     from deqcli.errors import ConfigError

@@ -175,6 +175,17 @@ def main(
     """deq: fixed points and roots, solved and explained."""
 
 
+def notice_printer(quiet: bool) -> Callable[[str], None] | None:
+    """What a command says on stderr while it waits ("note: …"); nothing with --quiet."""
+    if quiet:
+        return None
+
+    def say(text: str) -> None:
+        stderr.print(f"note: {text}", style="yellow", soft_wrap=True)
+
+    return say
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print one error line on stderr and exit."""
     _line(message)

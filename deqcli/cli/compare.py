@@ -12,6 +12,7 @@ from deqcli.cli import (
     EXIT_CONVERGED,
     EXIT_INTERRUPTED,
     EXIT_NOT_CONVERGED,
+    notice_printer,
     stderr,
     stdout,
     user_errors,
@@ -153,7 +154,9 @@ def compare_solvers(
             save_baseline=save_baseline,
             max_slowdown=max_slowdown,
             debug=debug,
-            execution=ExecutionSettings(workers, scheduler, cluster, chunk),
+            execution=ExecutionSettings(
+                workers, scheduler, cluster, chunk, notice=notice_printer(quiet)
+            ),
         )
         outcome = jobs.compare(
             request,

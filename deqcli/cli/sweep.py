@@ -12,6 +12,7 @@ from deqcli.cli import (
     EXIT_CONVERGED,
     EXIT_INTERRUPTED,
     EXIT_NOT_CONVERGED,
+    notice_printer,
     stderr,
     stdout,
     user_errors,
@@ -129,7 +130,9 @@ def sweep(
             csv_path=csv_path,
             plot=plot,
             diagnostics=not no_diagnostics,
-            execution=ExecutionSettings(workers, scheduler, cluster, chunk),
+            execution=ExecutionSettings(
+                workers, scheduler, cluster, chunk, notice=notice_printer(quiet)
+            ),
         )
         outcome = jobs.sweep(
             request,

@@ -184,6 +184,8 @@ class ExecutionSettings:
     scheduler: str | None = None
     cluster: Path | None = None
     chunk: str | None = None
+    # Where to say what the user should know while the tasks wait (no worker has joined yet).
+    notice: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def group_size(self) -> int | None:

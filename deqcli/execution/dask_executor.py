@@ -60,6 +60,8 @@ from deqcli.execution.files import Blob, digest, store
 if TYPE_CHECKING:
     from deqcli.execution.cluster import ClusterSpec
 
+# Seconds without any worker after which the user is told what the tasks wait for.
+WORKER_WAIT = 10
 # Seconds the batch system's submit command may take to accept a cluster file's jobs.
 SUBMIT_TIMEOUT = 60
 # Seconds to wait for --scheduler to answer before saying it cannot be reached.
@@ -370,8 +372,29 @@ class DaskExecutor(Executor):
                 f"--scheduler: cannot connect to {settings.scheduler}: {_one_line(exc)}{hint}"
             ) from None
         self.client.register_plugin(_PinThreads(self.threads), name="deq-threads")
+        self._await_a_worker()
         self._check_versions()
         return self.client
+
+    def _await_a_worker(self) -> None:
+        """Say once, through ``settings.notice``, when a scheduler or a batch system's cluster has
+        no worker after WORKER_WAIT seconds (jobs still queued, a scheduler whose workers were
+        never started): the tasks then wait for one, and without a word that looks like a hang."""
+        if self.settings.workers is not None:
+            return  # a local cluster starts with its workers
+        try:
+            self.client.wait_for_workers(1, timeout=WORKER_WAIT)
+        except TimeoutError:
+            if self.settings.notice is None:
+                return
+            if self.spec is not None:
+                where = f"the {self.spec.kind} jobs have not started (they may wait in its queue)"
+            else:
+                where = f"the scheduler at {self.settings.scheduler} has no worker"
+            self.settings.notice(
+                f"waiting for Dask workers: after {WORKER_WAIT:g} s {where}; the tasks start "
+                "when one joins (Ctrl-C stops)"
+            )
 
     def _check_versions(self) -> None:
         """The workers must run the client's deqcli: another version may solve differently."""
