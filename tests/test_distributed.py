@@ -716,6 +716,23 @@ def test_a_refused_job_submission_is_one_line_not_a_wait_forever(
 
 
 @pytest.mark.distributed
+def test_importing_dask_jobqueue_keeps_the_ctrl_c_handler() -> None:
+    # dask_jobqueue's runner module replaces the SIGINT handler on import with one that exits at
+    # once: Ctrl-C during a --cluster run was "the config's Python code called sys.exit", exit 2.
+    pytest.importorskip("dask_jobqueue")
+    code = (
+        "import signal; from deqcli import interrupt; interrupt.install();"
+        "mine = signal.getsignal(signal.SIGINT);"
+        "from deqcli.execution.dask_executor import _dask_jobqueue; _dask_jobqueue();"
+        "print(signal.getsignal(signal.SIGINT) is mine)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
+@pytest.mark.distributed
 def test_ctrl_c_on_a_distributed_sweep_keeps_every_point_that_arrived(
     scheduler: str, tmp_path: Path
 ) -> None:

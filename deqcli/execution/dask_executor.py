@@ -24,12 +24,14 @@ extra). What it does on top of Dask:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import os
 import pickle
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -643,13 +645,23 @@ def _local_env() -> dict[str, str]:
     return env
 
 
+def _dask_jobqueue() -> Any:
+    """dask_jobqueue, imported without the SIGINT handler its runner module installs on import
+    (one that exits at once): deq's own keeps Ctrl-C to exit 130 with the finished results kept."""
+    handler = signal.getsignal(signal.SIGINT)
+    import dask_jobqueue
+
+    with contextlib.suppress(ValueError, TypeError):  # not the main thread; no Python handler
+        signal.signal(signal.SIGINT, handler)
+    return dask_jobqueue
+
+
 def _can_submit(spec: ClusterSpec) -> None:
     """Jobs are submitted with the batch system's command; without it they would never start and
     the tasks would wait for workers forever."""
-    import dask_jobqueue
-
     from deqcli.execution.cluster import CLASSES
 
+    dask_jobqueue = _dask_jobqueue()
     command = getattr(dask_jobqueue, CLASSES[spec.kind]).job_cls.submit_command
     if command and shutil.which(command) is None:
         raise UsageError(
@@ -700,13 +712,14 @@ def _submit_jobs(cluster: Any, spec: ClusterSpec) -> None:
     finally:
         for log, handlers, propagate in kept:
             log.handlers, log.propagate = handlers, propagate
-    # Jobs never submitted are marked failed (Dask's close asserts that every job it created ran
-    # or failed) and forgotten, so the cluster stops cleanly and nothing resubmits them.
-    for name, job in list(cluster.workers.items()):
-        if job.status == Status.created:
-            job.status = Status.failed
-            del cluster.workers[name]
-            cluster.worker_spec.pop(name, None)
+        # Jobs whose submission failed are marked so (Dask's close asserts that every job it
+        # created ran or failed) and forgotten, so the cluster stops cleanly, after a Ctrl-C
+        # too, and nothing resubmits them.
+        for name, job in list(cluster.workers.items()):
+            if job.status == Status.created:
+                job.status = Status.failed
+                del cluster.workers[name]
+                cluster.worker_spec.pop(name, None)
     if refusals.errors:
         said = str(refusals.errors[0]).split("stderr:", 1)[-1]
         raise UsageError(
@@ -720,10 +733,9 @@ def _submit_jobs(cluster: Any, spec: ClusterSpec) -> None:
 
 def _jobqueue(spec: ClusterSpec, path: Path) -> Any:
     """Start the dask-jobqueue cluster the file describes (no jobs yet: scale() submits them)."""
-    import dask_jobqueue
-
     from deqcli.execution.cluster import CLASSES
 
+    dask_jobqueue = _dask_jobqueue()
     cls = getattr(dask_jobqueue, CLASSES[spec.kind])
     accepted = set()
     for owner in (cls, cls.job_cls, dask_jobqueue.core.Job):
