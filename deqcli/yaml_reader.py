@@ -131,13 +131,14 @@ _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 class _Frame:
     """A mapping or sequence being composed, with its key path and what it holds so far."""
 
-    __slots__ = ("key", "node", "path", "size")
+    __slots__ = ("key", "keys", "node", "path", "size")
 
     def __init__(self, node: Node, path: tuple[str, ...]) -> None:
         self.node = node
         self.path = path
         self.size = 1  # values in its expansion, itself included
         self.key: Node | None = None  # a mapping's key awaiting its value
+        self.keys: dict[tuple[str, str], int] = {}  # a mapping's scalar keys so far -> line
 
 
 def load_document(text: str, source: str = "<config>") -> tuple[Any, KeyLines]:
@@ -258,6 +259,19 @@ def _compose(
             )
         if isinstance(top.node, MappingNode):
             if top.key is None:
+                if type(node) is ScalarNode:
+                    # YAML forbids a key twice in one mapping, but PyYAML keeps the last silently:
+                    # an `atol` given twice would quietly lose the first.
+                    at = mark or node.start_mark
+                    first = top.keys.get((node.tag, node.value))
+                    if first is not None:
+                        raise refuse(
+                            f"duplicate key (also given at line {first}; YAML would keep only "
+                            "the last): keep one",
+                            at,
+                            (*top.path, str(node.value)),
+                        )
+                    top.keys[(node.tag, node.value)] = at.line + 1
                 top.key = node
                 return None
             path = (*top.path, str(top.key.value))

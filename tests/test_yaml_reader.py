@@ -45,6 +45,34 @@ def test_aliases_that_only_share_values_still_work_and_keep_their_lines() -> Non
     assert ("other", "x") not in lines and lines[("base", "y")] == 1
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            "run: {atol: 1.0e-3}\nrun: {atol: 1.0e-9}\n",
+            r"run \(line 2\): duplicate key \(also given at line 1;",
+        ),
+        (
+            "run:\n  atol: 1.0e-3\n  max_iter: 5\n  atol: 1.0e-9\n",
+            r"run\.atol \(line 4\): .* at line 2;",
+        ),
+        ("a: {b: 1, c: 2, b: 3}\n", r"a\.b \(line 1\): duplicate key \(also given at line 1;"),
+    ],
+)
+def test_a_key_given_twice_in_one_mapping_is_refused(text: str, where: str) -> None:
+    # YAML forbids it; PyYAML would silently keep the last value and lose the first.
+    with pytest.raises(ConfigError, match=where + r" YAML would keep only the last\): keep one"):
+        load_document(text)
+
+
+def test_equal_keys_in_different_mappings_or_of_different_types_are_not_duplicates() -> None:
+    value, _ = load_document("a: {x: 1}\nb: {x: 2}\nc: {1: int, '1': text}\n")
+    assert value == {"a": {"x": 1}, "b": {"x": 2}, "c": {1: "int", "1": "text"}}
+    # A merge key's values are overridden by the mapping's own keys, as YAML intends.
+    value, _ = load_document("base: &b {atol: 1, max_iter: 5}\nrun:\n  <<: *b\n  atol: 2\n")
+    assert value["run"] == {"atol": 2, "max_iter": 5}
+
+
 def test_expansion_just_under_the_limit_is_accepted() -> None:
     chunk = "[" + ",".join(["1"] * 999) + "]"
     count = MAX_ALIAS_EXPANSION // 1000 - 1  # each alias adds 1000 values
