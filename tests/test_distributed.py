@@ -203,6 +203,24 @@ def test_compare_tasks_are_of_their_configs_kind_and_keep_the_configs_order() ->
     assert untimed(doc["problems"]) == untimed(here["problems"])
 
 
+def test_a_worker_with_another_deqcli_refuses_the_group() -> None:
+    # The start-up check sees only the workers present then; one that joins later (a batch job
+    # that left the queue late) checks the client's version with every group.
+    pytest.importorskip("distributed")
+    import deqcli
+    from deqcli.errors import UsageError
+    from deqcli.execution.dask_executor import _run_group
+
+    item = ("a", divmod, (7, 2), {}, None)
+    assert _run_group([item], {}, False, deqcli.__version__)[0][1] == (3, 1)
+    with pytest.raises(UsageError) as caught:
+        _run_group([item], {}, False, "0.0.1")
+    assert str(caught.value) == (
+        f"a Dask worker that joined during the run has deqcli {deqcli.__version__}, this is "
+        "0.0.1; install the same version where the workers run"
+    )
+
+
 def test_a_groups_compare_tasks_build_each_problem_once_and_forget_it(monkeypatch) -> None:
     pytest.importorskip("distributed")
     from deqcli import api

@@ -140,12 +140,24 @@ class _Raised:
 
 
 def _run_group(
-    items: Sequence[_Item], earlier: Mapping[Hashable, Any], exclusive: bool
+    items: Sequence[_Item],
+    earlier: Mapping[Hashable, Any],
+    exclusive: bool,
+    version: str | None = None,
 ) -> list[tuple[Hashable, Any, float]]:
     """What runs on the worker: the group's tasks one after the other, pinned, each with the result
     it waits for (made in this group, or in ``earlier``: ``("result", r)`` when the client had it,
     ``("group", output)`` when it came from a group still running at submission). Returns
-    ``(key, result, CPU seconds)`` per task; a task that raises ends the group with a ``_Raised``."""
+    ``(key, result, CPU seconds)`` per task; a task that raises ends the group with a ``_Raised``.
+
+    ``version`` is the client's deqcli: a worker that joined after the start-up check (a batch
+    job that left the queue late) and runs another version refuses the group, since another
+    version may solve differently."""
+    if version is not None and version != _version():
+        raise UsageError(
+            f"a Dask worker that joined during the run has deqcli {_version()}, this is "
+            f"{version}; install the same version where the workers run"
+        )
     _pin()
     try:
         return _run_items(items, earlier, exclusive)
@@ -456,6 +468,7 @@ class DaskExecutor(Executor):
             shipped = f"deq-files-{digest(''.join(sorted(files)).encode())[:16]}"
             client.register_plugin(_ShipFiles(files), name=shipped)
         prefix = f"deq-{uuid.uuid4().hex[:12]}"
+        version = _version()
         sizes = _GroupSizes(self.settings.group_size)
         left = _Queue(tasks)
         # Results that tasks not yet submitted wait for; the group future of those still running.
@@ -493,6 +506,7 @@ class DaskExecutor(Executor):
                     [(t.key, t.fn, t.args, dict(t.kwargs), t.after) for t in group],
                     earlier,
                     exclusive,
+                    version,
                     key=f"{prefix}-{len(tasks) - len(left)}",
                     pure=False,
                 )
