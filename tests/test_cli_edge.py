@@ -33,6 +33,9 @@ DOTTIE = CONFIGS / "dottie.yaml"
         (["gradcheck", DOTTIE, "--directions", "0"], ["'--directions'"]),
         (["frobnicate"], ["No such command 'frobnicate'", "deq --help"]),
         (["compare-solvers", DOTTIE, "--repeat"], ["--repeat", "requires an argument"]),
+        # Integers beyond 64 bits are named under the flag given, not as the --set they become.
+        (["solve", DOTTIE, "--seed", "9" * 23], ["--seed: 999", "out of range", "< 2**63"]),
+        (["sweep", DOTTIE, "--param", "a=1", "--max-iter", "-" + "9" * 23], ["--max-iter: -99"]),
     ],
 )
 def test_click_usage_errors_are_one_line(cli, args: list, fragments: list[str]) -> None:

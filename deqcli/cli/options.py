@@ -252,15 +252,21 @@ def run_flags(*, solver: bool = True) -> Callable[[Command], Command]:
 
 def flag_overrides(run: RunFlags) -> list[str]:
     """Translate the run flags into ``--set`` style overrides (flags first, then --set)."""
+    from deqcli.errors import UsageError
+    from deqcli.yaml_reader import INT_LIMIT
+
     items = []
-    for key, value in (
-        ("run.atol", run.tol),
-        ("run.rtol", run.rtol),
-        ("run.max_iter", run.max_iter),
-        ("run.device", run.device),
-        ("run.dtype", run.dtype),
-        ("run.seed", run.seed),
+    for flag, key, value in (
+        ("--atol", "run.atol", run.tol),
+        ("--rtol", "run.rtol", run.rtol),
+        ("--max-iter", "run.max_iter", run.max_iter),
+        ("--device", "run.device", run.device),
+        ("--dtype", "run.dtype", run.dtype),
+        ("--seed", "run.seed", run.seed),
     ):
+        if isinstance(value, int) and abs(value) >= INT_LIMIT:
+            # Named here under the flag given; as the --set it becomes, the error would say --set.
+            raise UsageError(f"{flag}: {value} is out of range; give an integer with |n| < 2**63")
         if value is not None:
             items.append(f"{key}={value}")
     return items + list(run.sets or [])
