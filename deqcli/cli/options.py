@@ -264,7 +264,7 @@ def flag_overrides(run: RunFlags) -> list[str]:
         ("--dtype", "run.dtype", run.dtype),
         ("--seed", "run.seed", run.seed),
     ):
-        if isinstance(value, int) and abs(value) >= INT_LIMIT:
+        if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:  # as --set allows
             # Named here under the flag given; as the --set it becomes, the error would say --set.
             raise UsageError(f"{flag}: {value} is out of range; give an integer with |n| < 2**63")
         if value is not None:

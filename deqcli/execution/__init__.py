@@ -220,8 +220,8 @@ class ExecutionSettings:
         flag = given[0]
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers: give 1 or more worker processes, got {self.workers}")
-        if self.workers is not None and self.workers > OVERSUBSCRIBE * available_cores():
-            cores = available_cores()
+        cores = available_cores()
+        if self.workers is not None and self.workers > OVERSUBSCRIBE * cores:
             raise UsageError(
                 f"--workers: {self.workers} local worker processes on {cores} core(s) would only "
                 "wait for each other, each holding its own torch in memory; give at most "

@@ -735,10 +735,8 @@ def _submit_jobs(cluster: Any, spec: ClusterSpec) -> None:
                 del cluster.workers[name]
                 cluster.worker_spec.pop(name, None)
     if refusals.errors:
-        said = str(refusals.errors[0]).split("stderr:", 1)[-1]
-        raise UsageError(
-            f"--cluster: the {spec.kind} batch system refused the job: {_one_line(ValueError(said))}"
-        )
+        said = " ".join(str(refusals.errors[0]).split("stderr:", 1)[-1].split())
+        raise UsageError(f"--cluster: the {spec.kind} batch system refused the job: {said}")
     raise UsageError(
         f"--cluster: the {spec.kind} batch system did not accept the jobs within "
         f"{SUBMIT_TIMEOUT:g} s; check that its submit command works here"

@@ -63,6 +63,15 @@ def condition_limit(cond_max: float, dtype: torch.dtype) -> float:
     return min(cond_max, 0.01 / torch.finfo(dtype).eps)
 
 
+def _second_pass(
+    w: torch.Tensor, basis: torch.Tensor, coeff: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram–Schmidt's second pass ("twice is enough"): w (B, 1, n) against the rows of ``basis``
+    once more, and the coefficients it adds to ``coeff``."""
+    h2 = torch.bmm(w, basis.transpose(1, 2))  # (B, 1, k)
+    return torch.baddbmm(w, h2, basis, alpha=-1), coeff + h2[:, 0]
+
+
 class AndersonMethod(Method):
     """Anderson acceleration (Walker & Ni 2011) with depth ``m`` and mixing ``beta``.
 
@@ -142,7 +151,7 @@ class AndersonMethod(Method):
             f_new, g_new = evaluate(problem, z_new)
             f_trial, g_trial = f_new, g_new
         if s.shared is not None and s.shared[0] == s.df.shape[1]:
-            self._slide(s, f_trial, g_trial, g_new)
+            self._slide(s, s.shared[1], f_trial, g_trial, g_new)
         else:
             self._record(s, f_trial - s.f, g_trial - s.g, g_new)
         res = torch.linalg.vector_norm(g_new, dim=1)
@@ -242,9 +251,7 @@ class AndersonMethod(Method):
             # Kahan–Parlett: one Gram–Schmidt pass is enough unless it cancelled more than a
             # factor √2 of ‖Δg‖; then a second pass restores orthogonality to working precision.
             if not bool((rho >= REORTHOGONALISE * torch.linalg.vector_norm(dg, dim=1)).all()):
-                h2 = torch.bmm(w, basis.transpose(1, 2))  # (B, 1, k)
-                w = torch.baddbmm(w, h2, basis, alpha=-1)
-                coeff = coeff + h2[:, 0]
+                w, coeff = _second_pass(w, basis, coeff)
                 rho = torch.linalg.vector_norm(w, dim=2).squeeze(1)
             w = w.squeeze(1)
         else:
@@ -282,11 +289,16 @@ class AndersonMethod(Method):
         s.count = s.count + 1
 
     def _slide(
-        self, s: AndersonState, f_trial: torch.Tensor, g_trial: torch.Tensor, g_new: torch.Tensor
+        self,
+        s: AndersonState,
+        head: int,
+        f_trial: torch.Tensor,
+        g_trial: torch.Tensor,
+        g_new: torch.Tensor,
     ) -> None:
         """Drop the oldest column and append the new difference with one pass over Q.
 
-        The hot path of a long run: every sample holds m columns from the same slot. What
+        The hot path of a long run: every sample holds m columns from slot ``head`` on. What
         ``_drop_oldest`` then ``_record`` compute, reordered so that Q is read twice, not four
         times. The drop's rotation G acts on Q; the new difference is orthogonalised against
         the rotated rows, Δg − (GQ)ᵀc with c = G(QΔg) from the projections on the old Q. As
@@ -298,7 +310,6 @@ class AndersonMethod(Method):
         difference is taken at, g_new the accepted residual (they differ after a rejected trial).
         """
         m = s.q.shape[1]
-        head = s.shared[1] if s.shared is not None else 0
         pair = torch.empty(
             (g_new.shape[0], 2, g_new.shape[1]), dtype=g_new.dtype, device=g_new.device
         )
@@ -325,10 +336,8 @@ class AndersonMethod(Method):
             w.div_(scale[:, None])
             projection = (dots[:, 1] - (coeff * qg_kept).sum(dim=1)) / scale
         else:
-            basis = q[:, : m - 1]
-            h2 = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2))  # (B, 1, m − 1)
-            w.copy_(torch.baddbmm(w.unsqueeze(1), h2, basis, alpha=-1).squeeze(1))
-            coeff = coeff + h2[:, 0]
+            again, coeff = _second_pass(w.unsqueeze(1), q[:, : m - 1], coeff)
+            w.copy_(again.squeeze(1))
             rho = torch.linalg.vector_norm(w, dim=1)
             w.div_(rho.clamp_min(tiny)[:, None])
             projection = (w * g_new).sum(dim=1)
