@@ -88,6 +88,16 @@ def test_gmres_reaches_what_scipy_reaches_with_the_same_restart_and_budget(
     op = sla.LinearOperator((n, n), matvec=counted, dtype=float)
     x_ref, _ = sla.gmres(op, b, rtol=1e-12, atol=0.0, restart=restart, maxiter=cycles)
     theirs = np.linalg.norm(b - a @ x_ref) / np.linalg.norm(b)
+    # What rounding alone moves scipy's own answer by: its runs with one entry of b moved by one
+    # ulp. Where restarted GMRES stagnates (graded-1e6 with restart 60: 1200 products at a
+    # residual of 4e-3) that spread is 3e-4 relative, and which BLAS rounds the products decides
+    # where in it a run lands; elsewhere it is 1e-13 or less.
+    reach = theirs
+    for i in range(1, 5):
+        nudged = b.copy()
+        nudged[i] = np.nextafter(nudged[i], np.inf)
+        x_i, _ = sla.gmres(a, nudged, rtol=1e-12, atol=0.0, restart=restart, maxiter=cycles)
+        reach = max(reach, np.linalg.norm(nudged - a @ x_i) / np.linalg.norm(nudged))
     res = gmres(
         DenseOperator(torch.tensor(a)[None]),
         torch.tensor(b)[None],
@@ -97,8 +107,8 @@ def test_gmres_reaches_what_scipy_reaches_with_the_same_restart_and_budget(
     )
     ours = np.linalg.norm(b - a @ res.x[0].numpy()) / np.linalg.norm(b)
     assert res.matvecs <= calls[0]
-    # Both run the same algorithm; rounding in the last digits may fall either way.
-    assert ours <= theirs * (1 + 1e-6) + 1e-15
+    # Both run the same algorithm; rounding may put ours anywhere in scipy's own spread.
+    assert ours <= reach * (1 + 1e-6) + 1e-15
     # The reported residual is the true one, up to the rounding in b − A x (ε·‖A‖‖x‖).
     rounding = 64 * np.finfo(float).eps * np.linalg.norm(a, 2) * np.linalg.norm(x_ref)
     assert float(res.residual[0]) == pytest.approx(ours, rel=1e-8, abs=rounding / np.linalg.norm(b))
