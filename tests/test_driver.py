@@ -460,17 +460,19 @@ def test_fixed_point_counts_each_sample_until_it_stops() -> None:
     assert result.counts.totals()["nfev"] == result.nit + 1
 
 
-def test_newton_counts_each_sample_until_it_stops() -> None:
+@pytest.mark.parametrize("solver", ["newton", "ptc"])
+def test_newton_counts_each_sample_until_it_stops(solver: str) -> None:
     # z² − a = 0 from above the root: Newton decreases the residual monotonically (no backtracks),
-    # and a = 100 is reached from 12 in fewer steps than a = 2.
+    # and a = 100 is reached from 12 in fewer steps than a = 2. Ψtc's dense steps factor only
+    # the running samples too.
     problem = _per_sample("residual", lambda z, a: z**2 - a, 12.0, [2.0, 100.0, 140.0])
     a = problem.params["c"]
     stop = StopRule(atol=1e-12, max_iter=50)
-    result = run(problem, make_solver("newton"), stop)
+    result = run(problem, make_solver(solver), stop)
     assert result.status is Status.CONVERGED
     np.testing.assert_allclose(result.solution[:, 0].numpy(), np.sqrt(a[:, 0].numpy()), atol=1e-12)
     assert len(set(result.iterations)) > 1
-    alone = _per_sample_costs(problem, "newton", stop)
+    alone = _per_sample_costs(problem, solver, stop)
     assert [a[0] for a in alone] == result.iterations
     assert result.counts.nfev == [a[1] for a in alone]
     assert result.counts.njev == [a[2] for a in alone] == result.iterations

@@ -432,3 +432,31 @@ def test_dense_lu_solves_a_batch_after_the_thread_count_was_set() -> None:
             )
     finally:
         torch.set_num_threads(before)
+
+
+def test_dense_lu_factors_are_torch_s_own_in_its_layout() -> None:
+    # The factors written one matrix at a time into one batch are the ones torch gives each
+    # matrix, laid out as torch lays out LU factors (column-major), which lu_solve reads as is.
+    from deqcli.linalg.dense import lu_factor_ex
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 200, 200, generator=gen, dtype=torch.float64)
+    lu, pivots, info = lu_factor_ex(a)
+    assert lu.mT.is_contiguous() and lu.shape == a.shape
+    for matrix, lu_b, pivots_b in zip(a, lu, pivots, strict=True):
+        own, own_pivots = torch.linalg.lu_factor(matrix)
+        assert torch.equal(lu_b, own) and torch.equal(pivots_b, own_pivots)
+    singular = a.clone()
+    singular[1, :, 7] = 0.0  # a zero column: U has a zero on its diagonal
+    assert info.tolist() == [0, 0, 0] and lu_factor_ex(singular)[2].tolist()[1] > 0
+
+
+def test_finite_matrices_flags_exactly_the_matrices_with_a_non_finite_entry() -> None:
+    from deqcli.linalg.dense import finite_matrices
+
+    a = torch.ones(5, 4, 4, dtype=torch.float64)
+    a[1, 2, 3] = math.nan
+    a[2, 0, 0] = math.inf
+    a[3, 1, 1], a[3, 2, 2] = math.inf, -math.inf  # their sum is NaN, not a cancellation
+    a[4] = 1e308  # finite entries whose sum overflows: still a finite matrix
+    assert finite_matrices(a).tolist() == [True, False, False, False, True]

@@ -8,6 +8,11 @@ AMD EPYC machine: 21 of 60 batches of random 128…512-wide matrices; never for 
 time, and never with the thread count left as torch set it. One matrix at a time costs nothing
 that shows beside an LU of that size (a Python loop over at most a few hundred matrices of at least
 LOOP_FROM rows), so from LOOP_FROM rows on the batch is factored that way; the solves stay batched.
+
+Each factor is written straight into its slot of one batch laid out as torch lays out LU factors
+(column-major matrices). Stacking the factors instead costs a copy of the batch, and a row-major
+batch costs ``lu_solve`` another: at n = 512, B = 32 (64 MB) the two took 34 + 53 ms of a Newton
+step whose LU takes 110 ms.
 """
 
 from __future__ import annotations
@@ -22,8 +27,28 @@ def lu_factor_ex(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """``torch.linalg.lu_factor_ex`` of a (B, n, n) batch: (LU, pivots, info), safely batched."""
     if a.device.type != "cpu" or a.shape[-1] < LOOP_FROM or a.shape[0] <= 1:
         return torch.linalg.lu_factor_ex(a)
-    parts = [torch.linalg.lu_factor_ex(matrix) for matrix in a]
-    return tuple(torch.stack([part[i] for part in parts]) for i in range(3))  # type: ignore[return-value]
+    batch, n = a.shape[0], a.shape[-1]
+    lu = torch.empty(batch, n, n, dtype=a.dtype).transpose(-2, -1)  # column-major matrices
+    pivots = torch.empty(batch, n, dtype=torch.int32)
+    info = torch.empty(batch, dtype=torch.int32)
+    for b, matrix in enumerate(a):
+        torch.linalg.lu_factor_ex(matrix, out=(lu[b], pivots[b], info[b]))
+    return lu, pivots, info
+
+
+def finite_matrices(a: torch.Tensor) -> torch.Tensor:
+    """(B,) mask: which matrices of a (B, n, n) batch hold only finite numbers.
+
+    A sum is finite exactly when every term is, unless the sum overflows; so one reduction settles
+    the common case and the element-wise test runs only for the matrices whose sum is not finite.
+    On a 64 MB batch the sum reads it once (2 ms), where ``isfinite(a).all()`` writes and reads a
+    mask as large as a quarter of it (55 ms on the same machine).
+    """
+    finite = torch.isfinite(a.sum(dim=(-2, -1)))
+    if not bool(finite.all()):
+        doubtful = (~finite).nonzero().flatten()
+        finite[doubtful] = torch.isfinite(a[doubtful]).flatten(1).all(dim=1)
+    return finite
 
 
 def solve_ex(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,11 +218,12 @@ class Problem:
         if self.row_scaled_jacobian is not None:
             checkpoint()
             f, scale, weight = self.row_scaled_jacobian(z, self.params)
-            jac_f = scale[:, :, None] * weight
             if of == "f":
-                return f, jac_f
-            eye = torch.eye(n, dtype=jac_f.dtype, device=jac_f.device)
-            return z - f, eye - jac_f
+                return f, scale[:, :, None] * weight
+            # I − diag(s) W written in one pass over one (B, n, n) tensor, not two.
+            jac_g = torch.mul(scale[:, :, None], weight.neg())
+            jac_g.diagonal(dim1=-2, dim2=-1).add_(1.0)
+            return z - f, jac_g
         basis = torch.eye(n, dtype=z.dtype, device=z.device)[:, None, :].expand(n, z.shape[0], n)
         value, rows = _reverse(self.raw_g if of == "g" else self.raw_f, z, basis, batched=True)
         return value, rows.permute(1, 0, 2)  # rows[i, b] = e_iᵀ J_b  ->  [b, i, :]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from deqcli.linalg import FunctionOperator, KrylovResult, LinearOperator, gmres, jacobian_operator
-from deqcli.linalg.dense import lu_factor_ex, solve_ex
+from deqcli.linalg.dense import finite_matrices, lu_factor_ex, solve_ex
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
@@ -52,18 +52,25 @@ def jacobian_rows(problem: Problem, z: torch.Tensor, rows: torch.Tensor) -> torc
     batch, n = z.shape
     out = torch.zeros(batch, n, n, dtype=z.dtype, device=z.device)
     index = rows.nonzero().flatten()
-    if index.numel() == 0:
-        return out
+    if index.numel():
+        out[index] = jacobians_at(problem, z, index)
+    return out
+
+
+def jacobians_at(problem: Problem, z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """J_g at the samples ``index`` of ``z`` alone: (len(index), n, n), one njev each."""
+    if index.numel() == z.shape[0]:
+        _, jac = problem.jacobian(z)
+        return jac
     params = {
         k: v.index_select(0, index) if k in problem.batched_params else v
         for k, v in problem.params.items()
     }
     part = dataclasses.replace(problem, z0=z.index_select(0, index), params=params)
     _, jac = part.jacobian(part.z0)
-    out[index] = jac
     for b in index.tolist():
         problem.counter.bump("njev", rows=b)
-    return out
+    return jac
 
 
 def jacobian_products(problem: Problem, op: LinearOperator, rows: torch.Tensor) -> LinearOperator:
@@ -91,6 +98,11 @@ def jacobian_products(problem: Problem, op: LinearOperator, rows: torch.Tensor) 
     return out.with_active(rows)
 
 
+def _times(jac: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """J x per sample for a (B, n, n) batch and (B, n) vectors."""
+    return torch.bmm(jac, x.unsqueeze(2)).squeeze(2)
+
+
 def solve_newton(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve jac @ x = rhs per sample; the minimum-norm least-squares step where jac is singular.
 
@@ -98,7 +110,7 @@ def solve_newton(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     the pseudo-inverse.
     """
     eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-    finite = torch.isfinite(jac).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=1)
+    finite = finite_matrices(jac) & torch.isfinite(rhs).all(dim=1)
     if not bool(finite.all()):
         # Before the LU, not after: multi-threaded MKL factors a NaN matrix into invalid pivots,
         # and the solve then raises instead of returning NaN.
@@ -135,9 +147,9 @@ def cap_steps(
 def factor(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LU factors per sample; a singular or non-finite matrix is shifted (or replaced by I)."""
     lu, pivots, info = lu_factor_ex(jac)
-    bad = (info != 0) | ~torch.isfinite(lu).all(dim=(1, 2))
+    bad = (info != 0) | ~finite_matrices(lu)
     if bool(bad.any()):
-        finite = torch.isfinite(jac).all(dim=(1, 2))
+        finite = finite_matrices(jac)
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
         size = jac.abs().amax(dim=(1, 2)).clamp_min(1.0)
         shift = (torch.finfo(jac.dtype).eps ** 0.5 * size)[:, None, None] * eye
@@ -383,16 +395,24 @@ class NewtonDirection(Direction):
     def propose(
         self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
     ) -> Proposal:
-        """Solve J d = −g (least squares where J is singular); the slope is gᵀ(J d), exactly."""
-        jac = jacobian_rows(problem, z, active)
-        if not bool(active.all()):
-            # Finished samples have no Jacobian (zeros): give them I and a zero step.
-            eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-            jac = torch.where(active[:, None, None], jac, eye)
-            g = torch.where(active[:, None], g, 0.0)
-        d = -solve_newton(jac, g)
-        jd = torch.bmm(jac, d.unsqueeze(2)).squeeze(2)
-        return Proposal(d, (g * jd).sum(dim=1))
+        """Solve J d = −g (least squares where J is singular); the slope is gᵀ(J d), exactly.
+
+        Only the running samples are factored: finished ones get a zero step and slope (an LU
+        of n = 512 costs as much whether or not its sample still needs it).
+        """
+        if bool(active.all()):
+            jac = jacobian_rows(problem, z, active)
+            d = -solve_newton(jac, g)
+            return Proposal(d, (g * _times(jac, d)).sum(dim=1))
+        d = torch.zeros_like(z)
+        slope = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        index = active.nonzero().flatten()
+        if index.numel():
+            jac, g_run = jacobians_at(problem, z, index), g.index_select(0, index)
+            d_run = -solve_newton(jac, g_run)
+            d[index] = d_run
+            slope[index] = (g_run * _times(jac, d_run)).sum(dim=1)
+        return Proposal(d, slope)
 
 
 class BroydenDirection(Direction):

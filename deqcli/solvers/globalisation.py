@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deqcli.linalg.dense import finite_matrices
+
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
 
@@ -187,7 +189,7 @@ class Factored:
 
 def factor_scaled(jac: torch.Tensor, diag: torch.Tensor) -> Factored:
     """The SVD of J D⁻¹ (a non-finite J is replaced by zero: it then gives zero steps)."""
-    finite = torch.isfinite(jac).all(dim=(1, 2))
+    finite = finite_matrices(jac)
     safe = torch.where(finite[:, None, None], jac, 0.0) / diag[:, None, :]
     u, s, vh = torch.linalg.svd(safe, full_matrices=False)
     return Factored(u, s, vh)

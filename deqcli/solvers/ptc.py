@@ -23,7 +23,7 @@ import torch
 from deqcli.errors import UsageError
 from deqcli.linalg import ShiftedOperator, gmres, jacobian_operator
 from deqcli.solvers.base import Method, State
-from deqcli.solvers.directions import jacobian_rows, row_norms, solve_newton
+from deqcli.solvers.directions import jacobians_at, row_norms, solve_newton
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
@@ -83,9 +83,13 @@ class PtcMethod(Method):
         active = s.active if s.active is not None else torch.ones_like(s.refusals, dtype=torch.bool)
         shift = 1.0 / s.dt
         if s.dense:
-            jac = jacobian_rows(problem, s.z, active)
-            eye = torch.eye(s.z.shape[1], dtype=s.z.dtype, device=s.z.device)
-            d = -solve_newton(jac + shift[:, None, None] * eye, s.g)
+            # Only the running samples are factored; the others' steps stay zero.
+            d = torch.zeros_like(s.z)
+            index = active.nonzero().flatten()
+            if index.numel():
+                jac = jacobians_at(problem, s.z, index)
+                jac.diagonal(dim1=-2, dim2=-1).add_(shift.index_select(0, index)[:, None])
+                d[index] = -solve_newton(jac, s.g.index_select(0, index))
         else:
             op = ShiftedOperator(jacobian_operator(problem, s.z), shift)
             res = gmres(
