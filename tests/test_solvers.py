@@ -943,6 +943,22 @@ def test_auto_checks_plain_iteration_every_8_steps_with_its_patience_in_steps() 
     assert float(result.solution[0, 0]) == pytest.approx(1 - 1 / 3.2, abs=1e-12)
 
 
+def test_auto_sees_growth_between_plain_iteration_checks() -> None:
+    # f halves z until z ≤ 1e-3 (z_10 = 2⁻¹⁰), then multiplies it by −200: ‖g‖ goes from
+    # 2⁻¹⁰ (its best, at z_9) to 201·2⁻¹⁰, 201 times — beyond growth = 100 — on the eleventh
+    # evaluation, between the checks after 8 and 16 steps and after the trial's check moved the
+    # best. auto leaves at once, from the best iterate, and anderson lands on the root z* = 0.
+    problem = scalar_problem(
+        "fixed_point", lambda z: torch.where(z > 1e-3, 0.5 * z, -200 * z), [1.0], torch.float64
+    )
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-9, max_iter=100))
+    info = result.extra["auto"]
+    assert info["probe"]["trial"]["choice"] == "fixed_point"
+    assert info["methods"] == ["fixed_point", "anderson"] and info["switches"] == [10]
+    assert info["reasons"] == ["residual growth"]
+    assert result.status is Status.CONVERGED and float(result.solution[0, 0]) == 0.0
+
+
 def test_auto_moves_on_at_the_runs_divergence_limit() -> None:
     # The shared ConvergenceTest: with divergence_factor 50 the first Anderson step (216-fold
     # growth) would be a divergence for the driver; auto discards it and moves on instead.

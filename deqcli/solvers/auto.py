@@ -154,6 +154,8 @@ class AutoState(State):
     patience: dict[str, int] = field(default_factory=dict)  # per-preset patience set by the probe
     probe: dict[str, Any] | None = None  # what the spectral probe measured and chose
     trial: bool = False  # the first preset is the plain-iteration trial, not yet decided
+    alarm: torch.Tensor | None = None  # (B,) see AutoMethod._alarm
+    alarm_for: torch.Tensor | None = None  # the progress.best it was computed from
 
 
 class AutoMethod(Method):
@@ -253,17 +255,17 @@ class AutoMethod(Method):
         res = s.sub_state.res
         if res is None:
             res = torch.linalg.vector_norm(g_new, dim=1)
-        failed = running & self.test.failed(res, s.limits)
-        grew = running & (res > self.options.growth * s.progress.best)
         # Between a plain-iteration preset's checks only a failed or grown residual is looked
         # for: the driver would stop a failed sample as diverged, where auto moves on.
         between = name == "fixed_point" and (s.stage_k + 1) % FIXED_POINT_CHECKS and not last
-        if between and not bool((failed | grew).any()):
+        if between and not bool((running & ~(res <= self._alarm(s))).any()):
             s.stage_k += 1
             s.z, s.g, s.res = z_new, g_new, res
             if s.trial and s.stage_k == FIXED_POINT_CHECKS // 2:
                 s.probe_mark = res
             return s
+        failed = running & self.test.failed(res, s.limits)
+        grew = running & (res > self.options.growth * s.progress.best)
         newton = name in NEWTON_STAGES
         if newton:
             # Only a line search leaves z where it was; other presets always move.
@@ -320,6 +322,20 @@ class AutoMethod(Method):
             elif s.stage_k == PROBE_AFTER and problem.form == "fixed_point":
                 return self._probe(problem, s, running)
         return s
+
+    def _alarm(self, s: AutoState) -> torch.Tensor:
+        """(B,) the residual beyond which a sample has failed or grown: the smaller of the
+        divergence ceiling and ``growth`` × its best ‖g‖ (NaN is beyond it too).
+
+        The best changes only at a check, so between checks this is computed once, not every
+        step: a plain-iteration step of a small map is a few dozen microseconds, and the two
+        separate tests cost as much again.
+        """
+        best = s.progress.best
+        if s.alarm_for is not best:
+            s.alarm = torch.minimum(s.limits.ceiling, self.options.growth * best)
+            s.alarm_for = best
+        return s.alarm
 
     def _probe(self, problem: Problem, s: AutoState, running: torch.Tensor) -> AutoState:
         """Probe the spectrum once a long anderson run is in sight, and pick the cheaper method.
