@@ -412,21 +412,20 @@ class DaskExecutor(Executor):
 
     def _check_versions(self) -> None:
         """The workers must run the client's deqcli: another version may solve differently."""
-        import deqcli
-
+        mine = _version()
         where = "--scheduler" if self.settings.scheduler is not None else "the Dask workers"
         try:
             found = self.client.run(_version)
         except Exception as exc:  # a worker that cannot even load deqcli, whatever the reason
             raise UsageError(
                 f"{where}: the workers cannot run deqcli ({type(exc).__name__}: {_one_line(exc)}); "
-                f"install deqcli {deqcli.__version__} where they run"
+                f"install deqcli {mine} where they run"
             ) from None
-        other = sorted({v for v in found.values() if v != deqcli.__version__})
+        other = sorted({v for v in found.values() if v != mine})
         if other:
             raise UsageError(
                 f"{where}: the workers run deqcli {', '.join(other)}, this is "
-                f"{deqcli.__version__}; install the same version on both sides"
+                f"{mine}; install the same version on both sides"
             )
 
     def __exit__(self, *exc: object) -> None:

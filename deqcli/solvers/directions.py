@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from deqcli.linalg import FunctionOperator, KrylovResult, LinearOperator, gmres, jacobian_operator
+from deqcli.linalg import (
+    DenseOperator,
+    FunctionOperator,
+    KrylovResult,
+    LinearOperator,
+    gmres,
+    jacobian_operator,
+)
 from deqcli.linalg.dense import finite_matrices, lu_factor_ex, solve_ex
 
 if TYPE_CHECKING:
@@ -96,11 +103,6 @@ def jacobian_products(problem: Problem, op: LinearOperator, rows: torch.Tensor) 
     like = torch.empty(op.batch, op.dim, dtype=op.dtype, device=op.device)
     out = FunctionOperator(counted("jvp", inner.matvec), like, counted("vjp", inner.rmatvec))
     return out.with_active(rows)
-
-
-def _times(jac: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """J x per sample for a (B, n, n) batch and (B, n) vectors."""
-    return torch.bmm(jac, x.unsqueeze(2)).squeeze(2)
 
 
 def solve_newton(jac: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -400,18 +402,19 @@ class NewtonDirection(Direction):
         Only the running samples are factored: finished ones get a zero step and slope (an LU
         of n = 512 costs as much whether or not its sample still needs it).
         """
-        if bool(active.all()):
-            jac = jacobian_rows(problem, z, active)
-            d = -solve_newton(jac, g)
-            return Proposal(d, (g * _times(jac, d)).sum(dim=1))
         d = torch.zeros_like(z)
         slope = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         index = active.nonzero().flatten()
-        if index.numel():
-            jac, g_run = jacobians_at(problem, z, index), g.index_select(0, index)
-            d_run = -solve_newton(jac, g_run)
-            d[index] = d_run
-            slope[index] = (g_run * _times(jac, d_run)).sum(dim=1)
+        if index.numel() == 0:
+            return Proposal(d, slope)
+        everyone = index.numel() == z.shape[0]
+        g_run = g if everyone else g.index_select(0, index)
+        jac = jacobians_at(problem, z, index)
+        d_run = -solve_newton(jac, g_run)
+        slope_run = (g_run * DenseOperator(jac).matvec(d_run)).sum(dim=1)
+        if everyone:
+            return Proposal(d_run, slope_run)
+        d[index], slope[index] = d_run, slope_run
         return Proposal(d, slope)
 
 
