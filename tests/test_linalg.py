@@ -451,6 +451,24 @@ def test_dense_lu_factors_are_torch_s_own_in_its_layout() -> None:
     assert info.tolist() == [0, 0, 0] and lu_factor_ex(singular)[2].tolist()[1] > 0
 
 
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "rows of a wider batch"])
+def test_matvec_is_the_batched_product_for_every_layout(layout: str) -> None:
+    """dense.matvec computes a @ x per row whatever the strides of a (a Krylov basis is a slice,
+    LU factors and Uᵀ are column-major): the exact products of integer matrices."""
+    from deqcli.linalg.dense import matvec
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randint(-9, 10, (4, 6, 5), generator=gen).to(torch.float64)
+    if layout == "column-major":
+        a = a.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "rows of a wider batch":
+        a = torch.cat((a, torch.ones(4, 3, 5, dtype=torch.float64)), dim=1)[:, :6]
+    x = torch.randint(-9, 10, (4, 5), generator=gen).to(torch.float64)
+    expected = [(a[b].numpy() @ x[b].numpy()).tolist() for b in range(4)]
+    assert torch.equal(matvec(a, x), torch.tensor(expected, dtype=torch.float64))
+    assert matvec(a, x).shape == (4, 6)
+
+
 def test_finite_matrices_flags_exactly_the_matrices_with_a_non_finite_entry() -> None:
     from deqcli.linalg.dense import finite_matrices
 

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from deqcli.linalg.dense import matvec
 from deqcli.linalg.operators import LinearOperator
 
 # A new Krylov vector whose norm after orthogonalisation is below this multiple of ε times its
@@ -54,12 +55,15 @@ def _orthogonalise(
     basis: torch.Tensor, count: int, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonalise the rows of ``w`` (B, n) against basis[:, :count] (CGS2); (w ⊥, coefficients)."""
+    # Row vectors (B, 1, n) against the basis rows: the layout torch's CPU bmm runs through
+    # BLAS (see ``dense.matvec``), 4-7 times faster than column vectors (B, n, 1).
     vj = basis[:, :count]
-    h = torch.bmm(vj, w.unsqueeze(2))
-    w2 = torch.baddbmm(w.unsqueeze(2), vj.transpose(1, 2), h, alpha=-1)
-    h2 = torch.bmm(vj, w2)
-    w2 = torch.baddbmm(w2, vj.transpose(1, 2), h2, alpha=-1)
-    return w2.squeeze(2), (h + h2).squeeze(2)
+    vt = vj.transpose(1, 2)
+    h = torch.bmm(w.unsqueeze(1), vt)
+    w2 = torch.baddbmm(w.unsqueeze(1), h, vj, alpha=-1)
+    h2 = torch.bmm(w2, vt)
+    w2 = torch.baddbmm(w2, h2, vj, alpha=-1)
+    return w2.squeeze(1), (h + h2).squeeze(1)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +149,7 @@ def gmres(
                 (live & ~broke)[:, None], w / h_next.clamp_min(tiny)[:, None], 0.0
             )
             column = torch.cat((h, torch.where(broke, 0.0, h_next)[:, None]), dim=1)
-            c = torch.bmm(rot[:, : j + 2, : j + 2], column.unsqueeze(2)).squeeze(2)
+            c = matvec(rot[:, : j + 2, : j + 2], column)
             a, bb = c[:, j], c[:, j + 1]
             radius = torch.sqrt(a.square() + bb.square())
             safe = radius > tiny

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from deqcli.linalg.dense import matvec
+
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
 
@@ -99,7 +101,7 @@ class DenseOperator(LinearOperator):
         self.matrix = matrix
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self.matrix, v.unsqueeze(2)).squeeze(2)
+        return matvec(self.matrix, v)
 
     def _rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         return torch.bmm(u.unsqueeze(1), self.matrix).squeeze(1)

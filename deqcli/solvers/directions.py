@@ -33,7 +33,7 @@ from deqcli.linalg import (
     gmres,
     jacobian_operator,
 )
-from deqcli.linalg.dense import finite_matrices, lu_factor_ex, solve_ex
+from deqcli.linalg.dense import finite_matrices, lu_factor_ex, matvec, solve_ex
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
@@ -258,7 +258,7 @@ class JacobianModel:
             return x / self.h0
         if transpose:
             return torch.bmm(x.unsqueeze(1), self.jac0).squeeze(1)
-        return torch.bmm(self.jac0, x.unsqueeze(2)).squeeze(2)
+        return matvec(self.jac0, x)
 
     def _h0(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         if self.lu is None or self.pivots is None:

@@ -199,7 +199,8 @@ def damped_step(
     f: Factored, diag: torch.Tensor, g: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
     """p = −D⁻¹ V diag(σ/(σ² + λ)) Uᵀ g: the minimiser of ‖g + J p‖² + λ‖D p‖²."""
-    ug = torch.bmm(f.u.transpose(1, 2), g.unsqueeze(2)).squeeze(2)
+    # Uᵀg and V(w·Uᵀg) as row-vector products (gᵀU, (w·Uᵀg)ᵀVᵀ): see ``dense.matvec``.
+    ug = torch.bmm(g.unsqueeze(1), f.u).squeeze(1)
     weights = f.sigma / (f.sigma.square() + lam[:, None]).clamp_min(torch.finfo(g.dtype).tiny)
-    q = torch.bmm(f.vh.transpose(1, 2), (weights * ug).unsqueeze(2)).squeeze(2)
+    q = torch.bmm((weights * ug).unsqueeze(1), f.vh).squeeze(1)
     return -q / diag

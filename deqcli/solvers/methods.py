@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deqcli.linalg import LinearOperator, jacobian_operator
+from deqcli.linalg.dense import matvec
 from deqcli.solvers.base import Method, State
 from deqcli.solvers.directions import (
     BroydenDirection,
@@ -809,7 +810,7 @@ class LevenbergMarquardtMethod(Method):
         g_try = problem.g(s.z + p)
         phi0 = 0.5 * s.g.square().sum(dim=1)
         phi1 = 0.5 * g_try.square().sum(dim=1)
-        j_p = torch.bmm(s.jac, p.unsqueeze(2)).squeeze(2)
+        j_p = matvec(s.jac, p)
         predicted = phi0 - 0.5 * (s.g + j_p).square().sum(dim=1)
         rho = (phi0 - phi1) / predicted.clamp_min(tiny)
         rho = torch.where(torch.isfinite(rho) & (predicted > 0), rho, torch.full_like(rho, -1.0))
