@@ -504,21 +504,71 @@ def test_auto_probe_prefers_plain_iteration_where_anderson_gains_nothing() -> No
     assert max(result.iterations) <= bound
 
 
-def test_auto_probe_keeps_anderson_on_a_real_spectrum() -> None:
+def _symmetric_linear_layer() -> tuple[Problem, torch.Tensor]:
     # Symmetric A with eigenvalues in [−0.5, 0.995]: plain iteration needs thousands of steps,
-    # Anderson (a Krylov method on a real interval) a few hundred; the probe keeps it.
+    # Anderson and GMRES (Krylov methods on a real interval) a few hundred at most.
     q = _haar(60, 5)
     a = (q * torch.linspace(-0.5, 0.995, 60, dtype=torch.float64)) @ q.T
-    problem, exact = _linear_layer(a, 2, 6)
-    result = run(problem, make_solver("auto", {"dense_max": 10}), StopRule(atol=1e-10))
+    return _linear_layer(a, 2, 6)
+
+
+def test_auto_probe_keeps_anderson_on_a_real_spectrum() -> None:
+    # Without a Newton–Krylov stage in the list, the probe weighs Anderson against plain
+    # iteration only, and keeps it.
+    problem, exact = _symmetric_linear_layer()
+    solver = make_solver("auto", {"dense_max": 10, "stages": "anderson,ptc"})
+    result = run(problem, solver, StopRule(atol=1e-10))
     assert result.status is Status.CONVERGED
     torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-8)
     info = result.extra["auto"]
-    assert info["methods"] == ["fixed_point", "anderson"] and info["probe"]["choice"] == "anderson"
+    assert info["methods"] == ["anderson"] and info["probe"]["choice"] == "anderson"
+    assert info["probe"]["costs"]["anderson"] < info["probe"]["costs"]["fixed_point"]
     # Ritz values of a symmetric matrix lie inside its spectrum: ρ is estimated from below.
     assert 0.95 < info["probe"]["ritz_rho"] <= 0.995 + 1e-12
     off = run(problem, make_solver("auto", {"dense_max": 10, "probe": False}), StopRule(atol=1e-10))
     assert "probe" not in off.extra["auto"] and max(off.counts.jvp) == 0
+
+
+def test_krylov_probe_reads_gmres_residual_from_the_arnoldi_steps() -> None:
+    # The probe's estimate of GMRES on (I − A) d = −g after 12 steps is GMRES's own residual:
+    # exact arithmetic gives the same minimiser over the same Krylov space.
+    from deqcli.linalg import DenseOperator, gmres
+    from deqcli.solvers.auto import PROBE_STEPS, _krylov_residual
+
+    problem, _ = _symmetric_linear_layer()
+    z = torch.zeros_like(problem.z0)
+    g = problem.g(z)
+    running = torch.ones(g.shape[0], dtype=torch.bool)
+    estimate = _krylov_residual(problem, z, g, running)
+    a = problem.params["A"]
+    system = DenseOperator((torch.eye(60, dtype=torch.float64) - a).expand(2, 60, 60))
+    reached = gmres(system, -g, rtol=1e-300, restart=PROBE_STEPS, max_matvecs=PROBE_STEPS + 1)
+    assert int(reached.iterations.max()) == PROBE_STEPS
+    torch.testing.assert_close(estimate, reached.residual, rtol=1e-8, atol=0)
+    assert bool((estimate < 1).all())
+
+
+def test_auto_probe_sends_a_real_spectrum_to_newton_krylov_beyond_dense_max() -> None:
+    # The same linear layer with the matrix-free list: GMRES on I − A (one Newton step solves a
+    # linear problem) needs fewer products than Anderson's iterations, and the probe's 12
+    # Arnoldi steps from g measure its rate.
+    problem, exact = _symmetric_linear_layer()
+    result = run(problem, make_solver("auto", {"dense_max": 10}), StopRule(atol=1e-10))
+    assert result.status is Status.CONVERGED
+    torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-10)
+    info = result.extra["auto"]
+    assert info["methods"] == ["fixed_point", "anderson", "newton-krylov"]
+    probe = info["probe"]
+    assert probe["choice"] == "newton-krylov"
+    assert (
+        probe["costs"]["newton-krylov"] < probe["costs"]["anderson"] < probe["costs"]["fixed_point"]
+    )
+    # The estimate does not promise fewer GMRES steps than the solve took: the products after
+    # the probe's two Arnoldi runs (12 JVPs each) are within the estimate.
+    gmres_steps = max(result.counts.jvp) - 24
+    assert 0 < gmres_steps <= probe["krylov_steps"]
+    alone = run(problem, make_solver("anderson"), StopRule(atol=1e-10))
+    assert max(result.counts.nfev) + max(result.counts.jvp) < max(alone.counts.nfev) / 2
 
 
 def _nonnormal_layer(n: int, batch: int, seed: int) -> Problem:

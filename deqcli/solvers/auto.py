@@ -27,8 +27,8 @@ checked, and the batch moves on when any of them shows
 On a fixed-point problem with the default list, plain iteration runs first for a trial of 8
 steps and goes on where its rate predicts a short run; else anderson starts from z0
 (``AutoMethod._end_trial``). After 30 iterations of anderson whose rate predicts a long run, a
-spectral probe (a few Arnoldi steps on J_f) estimates what plain iteration, Anderson and dense
-Newton would cost and moves to the cheapest (``AutoMethod._probe``); where anderson stalls or
+spectral probe (a few Arnoldi steps on J_f) estimates what plain iteration, Anderson, dense
+Newton and Newton–Krylov would cost and moves to the cheapest (``AutoMethod._probe``); where anderson stalls or
 grows, a second probe puts plain iteration next if it contracts there and costs less than Newton
 started from a stall (``AutoMethod._plain_after_stall``). ``probe: false`` turns both off.
 
@@ -84,6 +84,12 @@ ITERATION_MARGIN = 1.6
 NEWTON_STEPS = 7
 NEWTON_COST = 1.3
 NEWTON_COST_CLOSED = 0.5
+# Newton–Krylov (beyond dense_max): one GMRES step costs about KRYLOV_STEP_COST evaluations of f
+# (a JVP and the Gram–Schmidt against the basis: 1.2–2.8 on tanh layers with n = 1024–2048,
+# B = 8–16, closed-form or autodiff JVPs alike), each Newton step KRYLOV_NEWTON_EXTRA more (the
+# new residual, the restart's true residual).
+KRYLOV_STEP_COST = 2.0
+KRYLOV_NEWTON_EXTRA = 2
 # Where anderson stalled or its residual grew, Newton starts outside the region where
 # NEWTON_STEPS steps suffice: on the family's strongly non-normal layer (‖W‖₂ = 3.4, ρ(W) = 0.995,
 # inputs of scale 1) its globalised stages then took 88 Jacobians, 12 times the estimate, while
@@ -112,6 +118,48 @@ def _rate_and_steps(
     tiny = torch.finfo(now.dtype).tiny
     q = (now.clamp_min(tiny) / mark.clamp_min(tiny)) ** (1.0 / span)
     return q, torch.log(target.clamp_min(tiny) / now.clamp_min(tiny)) / torch.log(q)
+
+
+def _krylov_residual(
+    problem: Problem, z: torch.Tensor, g: torch.Tensor, running: torch.Tensor
+) -> torch.Tensor:
+    """(B,) GMRES's relative residual on the Newton system (I − J_f) d = −g at z after
+    PROBE_STEPS steps: PROBE_STEPS Arnoldi steps on J_f started from g (counted JVPs).
+
+    From g the Krylov space is the one GMRES builds for that system, and with J_f V = V₊ H̄ its
+    residual after those steps is min ‖e₁ − (Ī − H̄) y‖: how fast a Newton–Krylov solve from z
+    converges. (ρ(J_f) is estimated from a random start instead, ``_ritz_rho``: after Anderson's
+    steps g holds little of the slow modes Anderson has already found, and Ritz values from g
+    would miss them.)
+    """
+    from deqcli.linalg import arnoldi, jacobian_operator
+
+    op = jacobian_operator(problem, z, of="f").with_active(running)
+    start = torch.where(running[:, None], g, torch.zeros_like(g))
+    hess = arnoldi(op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
+    k = hess.shape[2]
+    system = torch.eye(k + 1, k, dtype=torch.float64) - hess
+    e1 = torch.zeros(hess.shape[0], k + 1, 1, dtype=torch.float64)
+    e1[:, 0] = 1.0
+    y = torch.linalg.lstsq(system, e1).solution
+    return torch.linalg.vector_norm(e1 - system @ y, dim=(1, 2)).to(z.device, z.dtype)
+
+
+def _krylov_steps(
+    krylov: torch.Tensor, now: torch.Tensor, target: torch.Tensor, slow: torch.Tensor
+) -> float:
+    """GMRES steps, summed over a Newton–Krylov run, that bring ‖g‖ from ``now`` to ``target``
+    for the slowest of the ``slow`` samples (inf where GMRES made no progress).
+
+    Near a root each Newton step cuts ‖g‖ by the relative residual its inner solve reached, so
+    the inner solves together must reduce it by target/now; at the rate per step that GMRES
+    showed over the probe's PROBE_STEPS steps, that takes PROBE_STEPS·log(target/now)/log(r).
+    """
+    tiny = torch.finfo(now.dtype).tiny
+    reach = torch.log(target.clamp_min(tiny) / now.clamp_min(tiny))
+    per_probe = torch.log(krylov.clamp(min=tiny))
+    steps = torch.where(per_probe < 0, PROBE_STEPS * reach / per_probe.clamp(max=-tiny), torch.inf)
+    return float(torch.where(slow, steps, torch.zeros_like(steps)).max())
 
 
 def _ritz_rho(problem: Problem, z: torch.Tensor, running: torch.Tensor) -> float:
@@ -351,7 +399,10 @@ class AutoMethod(Method):
           where the slow modes surround 1 (a near-isometry, rotations) Anderson gains nothing
           per iteration and plain iteration is the cheaper;
         - Newton with dense Jacobians (where they are affordable) about NEWTON_STEPS·NEWTON_COST·n
-          (NEWTON_COST_CLOSED·n for a Jacobian in closed form).
+          (NEWTON_COST_CLOSED·n for a Jacobian in closed form);
+        - Newton–Krylov (where it is in the list) KRYLOV_STEP_COST per GMRES step, the steps read
+          from GMRES's residual on the Newton system after PROBE_STEPS more Arnoldi steps
+          (``_krylov_residual``, ``_krylov_steps``), plus KRYLOV_NEWTON_EXTRA per Newton step.
 
         The cheapest is chosen for the slowest running sample; a switch names the numbers.
         """
@@ -384,15 +435,21 @@ class AutoMethod(Method):
         newton = self._newton_cost(problem, s)
         if newton is not None:
             costs["newton"] = newton
+        record: dict[str, Any] = {"ritz_rho": rho, "fixed_point_iterations": round(k_fixed)}
+        if "newton-krylov" in s.stages[s.stage + 1 :]:
+            krylov = _krylov_residual(problem, s.z, s.g, running)
+            steps = _krylov_steps(krylov, now, target, slow)
+            record["krylov_steps"] = None if math.isinf(steps) else round(steps)
+            krylov_steps = max(steps, NEWTON_STEPS)
+            costs["newton-krylov"] = ITERATION_MARGIN * (
+                KRYLOV_STEP_COST * krylov_steps + KRYLOV_NEWTON_EXTRA * NEWTON_STEPS
+            )
         choice = min(costs, key=lambda name: costs[name])
-        s.probe.update(
-            {
-                "ritz_rho": rho,
-                "fixed_point_iterations": round(k_fixed),
-                "costs": {name: round(cost) for name, cost in costs.items()},
-                "choice": choice,
-            }
-        )
+        record["costs"] = {
+            name: (None if math.isinf(cost) else round(cost)) for name, cost in costs.items()
+        }
+        record["choice"] = choice
+        s.probe.update(record)
         if choice == "anderson":
             return s
         why = (
@@ -407,8 +464,8 @@ class AutoMethod(Method):
             s.patience["fixed_point"] = max(self.options.patience, min(math.ceil(3 * halve), 10**6))
             s.stages.insert(s.stage + 1, "fixed_point")
         else:
-            # Straight on to Newton: drop whatever stood between.
-            s.stages[s.stage + 1 : s.stages.index("newton", s.stage + 1)] = []
+            # Straight on to Newton (or Newton–Krylov): drop whatever stood between.
+            s.stages[s.stage + 1 : s.stages.index(choice, s.stage + 1)] = []
         return self._switch(problem, s, why, retry=False)
 
     def _target(self, s: AutoState) -> torch.Tensor:
