@@ -257,6 +257,22 @@ def test_the_driver_stops_a_step_that_never_ends_at_run_timeout() -> None:
     assert float(result.solution[0, 0]) == 1.0  # the last finished iterate: the start
 
 
+@pytest.mark.parametrize("solver", ["levenberg-marquardt", "newton", "anderson", "ptc", "auto"])
+def test_run_timeout_inside_a_solver_s_first_evaluation_gives_the_start(solver: str) -> None:
+    # The deadline passes inside init (the first evaluation of g, or the first factorisation):
+    # the result is the start with the timeout status and a note, not a traceback from the
+    # method's report of a state it never built.
+    from deqcli.solvers import make_solver
+
+    z0 = torch.full((2, 3), 3.0, dtype=torch.float64)
+    problem = Problem(name="p", kind="test", form="fixed_point", func=_slow_cos(), z0=z0)
+    with deadline.armed(0.0):  # already past: the first evaluation inside init stops
+        result = run(problem, make_solver(solver), StopRule(atol=0.0, max_iter=100))
+    assert result.status is Status.TIMEOUT and result.iterations == [0, 0]
+    assert torch.equal(result.solution, z0)
+    assert f"{solver}: stopped by the time limit before its first step" in result.notes
+
+
 def _slow_cos(delay: float = 0.02):
     def f(z: torch.Tensor, p: dict) -> torch.Tensor:
         time.sleep(delay)

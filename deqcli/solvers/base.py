@@ -333,11 +333,14 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     test = stop.test
     solver.setup(stop)
     limit = deadline.current()
+    started = True
     try:
         state = solver.init(problem, problem.z0)
     except deadline.DeadlineExceeded:
         # Past the deadline before the first iterate (a peer's whole run happens in init): the
-        # result is the start, evaluated once more so the report has its residual.
+        # result is the start, evaluated once more so the report has its residual. The method
+        # has no state of its own to report from, so its ``finish`` is not called.
+        started = False
         with deadline.suspended():
             state = State(z=problem.z0, g=problem.g(problem.z0))
     res = _norms(state.g)
@@ -459,7 +462,10 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         max_iter=stop.max_iter,
         form=problem.form,
     )
-    solver.finish(state, result)
+    if started:
+        solver.finish(state, result)
+    else:
+        result.notes.append(f"{solver.name}: stopped by the time limit before its first step")
     return result
 
 
