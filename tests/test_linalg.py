@@ -469,6 +469,27 @@ def test_matvec_is_the_batched_product_for_every_layout(layout: str) -> None:
     assert matvec(a, x).shape == (4, 6)
 
 
+def test_svd_takes_large_batches_one_matrix_at_a_time_between_deadline_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dense.svd factors each matrix of a wide batch on its own, checking run.timeout before each
+    (a batched call held a 20 s timeout off for 17 s), and gives the batched call's answer."""
+    from deqcli import deadline
+    from deqcli.linalg import dense
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, dense.LOOP_FROM, dense.LOOP_FROM, generator=gen, dtype=torch.float64)
+    checks: list[int] = []
+    with monkeypatch.context() as patched:
+        patched.setattr(dense, "checkpoint", lambda: checks.append(1))
+        u, sigma, vh = dense.svd(a)
+    assert len(checks) == 3
+    torch.testing.assert_close(sigma, torch.linalg.svdvals(a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(u @ torch.diag_embed(sigma) @ vh, a, rtol=0, atol=1e-11)
+    with deadline.armed(0.0), pytest.raises(deadline.DeadlineExceeded):
+        dense.svd(a)
+
+
 def test_finite_matrices_flags_exactly_the_matrices_with_a_non_finite_entry() -> None:
     from deqcli.linalg.dense import finite_matrices
 

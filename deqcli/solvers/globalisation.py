@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deqcli.linalg.dense import finite_matrices
+from deqcli.linalg.dense import finite_matrices, svd
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
@@ -191,7 +191,7 @@ def factor_scaled(jac: torch.Tensor, diag: torch.Tensor) -> Factored:
     """The SVD of J D⁻¹ (a non-finite J is replaced by zero: it then gives zero steps)."""
     finite = finite_matrices(jac)
     safe = torch.where(finite[:, None, None], jac, 0.0) / diag[:, None, :]
-    u, s, vh = torch.linalg.svd(safe, full_matrices=False)
+    u, s, vh = svd(safe)
     return Factored(u, s, vh)
 
 
