@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -591,17 +592,24 @@ def _nonnormal_layer(n: int, batch: int, seed: int) -> Problem:
     )
 
 
+def _autodiff_nonnormal_layer() -> Problem:
+    """The non-normal layer with autodiff Jacobians: Anderson counts as ANDERSON_COST evaluations
+    of f per iteration there (the closed form's small-layer surcharge does not apply)."""
+    return dataclasses.replace(_nonnormal_layer(512, 8, 0), row_scaled_jacobian=None)
+
+
 def test_auto_tries_plain_iteration_where_anderson_stalls_on_a_contracting_map() -> None:
     # Anderson stands still on this strongly non-normal layer (its probe at 30 iterations kept
     # it); ρ(J_f) < 1 at its best iterates, so plain iteration converges, and far more cheaply
     # than Newton started there: the probe after the stall puts it next, no Jacobian is formed.
-    problem = _nonnormal_layer(512, 8, 0)
+    problem = _autodiff_nonnormal_layer()
     result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=5000))
     assert result.status is Status.CONVERGED
     z = result.solution
     assert float(torch.linalg.vector_norm(z - problem.f(z), dim=1).max()) <= 1e-8
     info = result.extra["auto"]
     assert info["methods"] == ["fixed_point", "anderson", "fixed_point"]
+    assert info["probe"]["choice"] == "anderson"
     assert info["reasons"][1].startswith("no progress; spectral probe: ρ(J_f) ≈ ")
     after = info["probe"]["after_stall"]
     assert after["choice"] == "fixed_point" and after["ritz_rho"] < 1
@@ -610,15 +618,51 @@ def test_auto_tries_plain_iteration_where_anderson_stalls_on_a_contracting_map()
 
 
 def test_auto_keeps_to_its_list_when_plain_iteration_would_not_fit_the_budget() -> None:
-    # The same stall with 200 iterations in all: plain iteration would need more than are left,
-    # so the list goes on to newton.
-    problem = _nonnormal_layer(512, 8, 0)
-    result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=200))
+    # The same stall with 400 iterations in all: anderson fits at the probe, but after its stall
+    # plain iteration would need more than are left, so the list goes on to newton.
+    problem = _autodiff_nonnormal_layer()
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=400))
     info = result.extra["auto"]
     assert info["methods"][:3] == ["fixed_point", "anderson", "newton"]
     assert info["reasons"][1] == "no progress"
     assert info["probe"]["after_stall"]["choice"] == "next preset"
     assert result.status is Status.CONVERGED
+
+
+def test_auto_probe_counts_anderson_s_own_work_on_a_small_closed_form_layer() -> None:
+    # With the tanh layer's Jacobian in closed form, f is B·n² multiply-adds, and at n = 512 an
+    # Anderson iteration's own work is about two more evaluations (1 + 1000/n in all): the probe
+    # at 30 iterations already prefers plain iteration, before Anderson stalls.
+    from deqcli.solvers.auto import _anderson_cost
+
+    problem = _nonnormal_layer(512, 8, 0)
+    assert _anderson_cost(problem) == pytest.approx(1 + 1000 / 512)
+    assert _anderson_cost(_autodiff_nonnormal_layer()) == 2.0
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=5000))
+    assert result.status is Status.CONVERGED
+    info = result.extra["auto"]
+    assert info["methods"] == ["fixed_point", "anderson", "fixed_point"]
+    assert info["switches"] == [8, 38]
+    costs = info["probe"]["costs"]
+    assert costs["fixed_point"] < costs["anderson"] < costs["newton"]
+    assert max(result.counts.njev) == 0
+
+
+def test_auto_probe_skips_methods_that_would_not_finish_in_the_iterations_left() -> None:
+    # 200 iterations in all: at the probe (iteration 38) plain iteration and anderson are
+    # predicted to need more than the 162 left, so Newton goes next although it costs more.
+    problem = _nonnormal_layer(512, 8, 0)
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=200))
+    assert result.status is Status.CONVERGED
+    info = result.extra["auto"]
+    assert info["methods"] == ["fixed_point", "anderson", "newton"]
+    assert info["switches"] == [8, 38]
+    assert info["reasons"][1].endswith(
+        "; anderson, fixed_point would not finish in the 162 iterations left"
+    )
+    probe = info["probe"]
+    assert probe["costs"]["newton"] > probe["costs"]["fixed_point"]
+    assert 1.6 * probe["fixed_point_iterations"] > probe["iterations_left"] == 162
 
 
 def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:

@@ -80,6 +80,12 @@ PROBE_STEPS = 12
 # hard family the runs took 0.7–2.5 times the prediction, 1.6 in the median: ITERATION_MARGIN.
 # Counted work, not timings: the choice is reproducible.
 ANDERSON_COST = 2.0
+# Where f is a dense layer given in closed form (the tanh layer: B·n² multiply-adds per
+# evaluation), Anderson's own work per iteration (about a hundred tensor operations on (B, m, n)
+# and (B, n) data, m = 5) is ANDERSON_WORK_CLOSED/n evaluations of f, at least one: measured 3.9,
+# 2.1 and 0.9 extra evaluations at n = 256, 512, 1024 (B = 64, 32, 32). On small layers this, not
+# f, is most of an Anderson iteration, and a Newton step is relatively cheap.
+ANDERSON_WORK_CLOSED = 1000.0
 ITERATION_MARGIN = 1.6
 NEWTON_STEPS = 7
 NEWTON_COST = 1.3
@@ -160,6 +166,13 @@ def _krylov_steps(
     per_probe = torch.log(krylov.clamp(min=tiny))
     steps = torch.where(per_probe < 0, PROBE_STEPS * reach / per_probe.clamp(max=-tiny), torch.inf)
     return float(torch.where(slow, steps, torch.zeros_like(steps)).max())
+
+
+def _anderson_cost(problem: Problem) -> float:
+    """One Anderson iteration in evaluations of f: ANDERSON_COST, more on small closed-form layers."""
+    if problem.row_scaled_jacobian is None:
+        return ANDERSON_COST
+    return 1.0 + max(ANDERSON_COST - 1.0, ANDERSON_WORK_CLOSED / problem.dim)
 
 
 def _ritz_rho(problem: Problem, z: torch.Tensor, running: torch.Tensor) -> float:
@@ -395,7 +408,8 @@ class AutoMethod(Method):
         spectrum's hull and Anderson converges at least as fast as plain iteration on the same
         problem, so ρ_fp = max(ρ̂, q) estimates that rate from below. In evaluations of f:
 
-        - plain iteration costs log(tol/‖g‖)/log ρ_fp, Anderson ANDERSON_COST times its count;
+        - plain iteration costs log(tol/‖g‖)/log ρ_fp, Anderson ``_anderson_cost`` times its
+          count;
           where the slow modes surround 1 (a near-isometry, rotations) Anderson gains nothing
           per iteration and plain iteration is the cheaper;
         - Newton with dense Jacobians (where they are affordable) about NEWTON_STEPS·NEWTON_COST·n
@@ -429,7 +443,7 @@ class AutoMethod(Method):
         r_now, r_target = float(now[worst]), float(target[worst].clamp_min(tiny))
         k_fixed = math.log(r_target / r_now) / math.log(rate)
         costs = {
-            "anderson": ITERATION_MARGIN * ANDERSON_COST * k_anderson,
+            "anderson": ITERATION_MARGIN * _anderson_cost(problem) * k_anderson,
             "fixed_point": ITERATION_MARGIN * k_fixed,
         }
         newton = self._newton_cost(problem, s)
@@ -444,7 +458,14 @@ class AutoMethod(Method):
             costs["newton-krylov"] = ITERATION_MARGIN * (
                 KRYLOV_STEP_COST * krylov_steps + KRYLOV_NEWTON_EXTRA * NEWTON_STEPS
             )
-        choice = min(costs, key=lambda name: costs[name])
+        # A method whose predicted iterations do not fit in the iterations left is not chosen
+        # while another does (the Newton methods' few outer steps always fit).
+        left = math.inf if self.max_iter is None else self.max_iter - s.k
+        iterations = {"anderson": k_anderson, "fixed_point": k_fixed}
+        fits = [n for n in costs if ITERATION_MARGIN * iterations.get(n, NEWTON_STEPS) <= left]
+        choice = min(fits or costs, key=lambda name: costs[name])
+        if fits and len(fits) < len(costs):
+            record["iterations_left"] = left
         record["costs"] = {
             name: (None if math.isinf(cost) else round(cost)) for name, cost in costs.items()
         }
@@ -457,6 +478,9 @@ class AutoMethod(Method):
             f"estimated cost in evaluations of f: "
             + ", ".join(f"{name} {round(cost)}" for name, cost in costs.items())
         )
+        if "iterations_left" in record:
+            too_long = ", ".join(name for name in costs if name not in fits)
+            why += f"; {too_long} would not finish in the {left} iterations left"
         if choice == "fixed_point":
             # Plain iteration halves the residual only every log(1/2)/log(rate) steps: its stall
             # watch waits three times that before calling it stalled.
