@@ -534,13 +534,13 @@ def test_krylov_probe_reads_gmres_residual_from_the_arnoldi_steps() -> None:
     # The probe's estimate of GMRES on (I − A) d = −g after 12 steps is GMRES's own residual:
     # exact arithmetic gives the same minimiser over the same Krylov space.
     from deqcli.linalg import DenseOperator, gmres
-    from deqcli.solvers.auto import PROBE_STEPS, _krylov_residual
+    from deqcli.solvers.auto import PROBE_STEPS, _jacobian_f, _krylov_residual
 
     problem, _ = _symmetric_linear_layer()
     z = torch.zeros_like(problem.z0)
     g = problem.g(z)
     running = torch.ones(g.shape[0], dtype=torch.bool)
-    estimate = _krylov_residual(problem, z, g, running)
+    estimate = _krylov_residual(_jacobian_f(problem, z, running), g, running)
     a = problem.params["A"]
     system = DenseOperator((torch.eye(60, dtype=torch.float64) - a).expand(2, 60, 60))
     reached = gmres(system, -g, rtol=1e-300, restart=PROBE_STEPS, max_matvecs=PROBE_STEPS + 1)

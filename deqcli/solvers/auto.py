@@ -49,6 +49,7 @@ from deqcli.solvers.base import Method, Solver, State
 from deqcli.solvers.convergence import ConvergenceTest, Limits, StallState, StallWatch
 
 if TYPE_CHECKING:
+    from deqcli.linalg import LinearOperator
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
     from deqcli.solvers.base import StopRule
@@ -126,11 +127,16 @@ def _rate_and_steps(
     return q, torch.log(target.clamp_min(tiny) / now.clamp_min(tiny)) / torch.log(q)
 
 
-def _krylov_residual(
-    problem: Problem, z: torch.Tensor, g: torch.Tensor, running: torch.Tensor
-) -> torch.Tensor:
-    """(B,) GMRES's relative residual on the Newton system (I − J_f) d = −g at z after
-    PROBE_STEPS steps: PROBE_STEPS Arnoldi steps on J_f started from g (counted JVPs).
+def _jacobian_f(problem: Problem, z: torch.Tensor, running: torch.Tensor) -> LinearOperator:
+    """J_f at z as an operator on the running rows (its products are counted JVPs)."""
+    from deqcli.linalg import jacobian_operator
+
+    return jacobian_operator(problem, z, of="f").with_active(running)
+
+
+def _krylov_residual(op: LinearOperator, g: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    """(B,) GMRES's relative residual on the Newton system (I − J_f) d = −g after PROBE_STEPS
+    steps, with ``op`` = J_f at the iterate of g: PROBE_STEPS Arnoldi steps started from g.
 
     From g the Krylov space is the one GMRES builds for that system, and with J_f V = V₊ H̄ its
     residual after those steps is min ‖e₁ − (Ī − H̄) y‖: how fast a Newton–Krylov solve from z
@@ -138,9 +144,8 @@ def _krylov_residual(
     steps g holds little of the slow modes Anderson has already found, and Ritz values from g
     would miss them.)
     """
-    from deqcli.linalg import arnoldi, jacobian_operator
+    from deqcli.linalg import arnoldi
 
-    op = jacobian_operator(problem, z, of="f").with_active(running)
     start = torch.where(running[:, None], g, torch.zeros_like(g))
     hess = arnoldi(op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
     k = hess.shape[2]
@@ -148,7 +153,7 @@ def _krylov_residual(
     e1 = torch.zeros(hess.shape[0], k + 1, 1, dtype=torch.float64)
     e1[:, 0] = 1.0
     y = torch.linalg.lstsq(system, e1).solution
-    return torch.linalg.vector_norm(e1 - system @ y, dim=(1, 2)).to(z.device, z.dtype)
+    return torch.linalg.vector_norm(e1 - system @ y, dim=(1, 2)).to(g.device, g.dtype)
 
 
 def _krylov_steps(
@@ -175,16 +180,15 @@ def _anderson_cost(problem: Problem) -> float:
     return 1.0 + max(ANDERSON_COST - 1.0, ANDERSON_WORK_CLOSED / problem.dim)
 
 
-def _ritz_rho(problem: Problem, z: torch.Tensor, running: torch.Tensor) -> float:
-    """ρ(J_f) estimated by PROBE_STEPS Arnoldi steps at z (counted JVPs): the largest Ritz
-    modulus over the running rows.
+def _ritz_rho(op: LinearOperator, running: torch.Tensor) -> float:
+    """ρ(J_f) estimated by PROBE_STEPS Arnoldi steps with ``op`` = J_f (from a random start):
+    the largest Ritz modulus over the running rows.
 
     J_f itself, not J_g = I − J_f: a row that broke down early pads its Ritz values with zeros,
     harmless for the largest modulus of J_f (they would read as 1 for J_g)."""
-    from deqcli.linalg import jacobian_operator, ritz_values
+    from deqcli.linalg import ritz_values
 
-    op = jacobian_operator(problem, z, of="f").with_active(running)
-    rho = ritz_values(op, PROBE_STEPS).abs().amax(dim=1).to(z.device, z.dtype)
+    rho = ritz_values(op, PROBE_STEPS).abs().amax(dim=1).to(running.device)
     return float(torch.where(running, rho, torch.zeros_like(rho)).max())
 
 
@@ -438,7 +442,8 @@ class AutoMethod(Method):
         if k_anderson <= PROBE_LONG:
             s.probe["choice"] = "anderson"
             return s
-        rho = _ritz_rho(problem, s.z, running)
+        jacobian = _jacobian_f(problem, s.z, running)
+        rho = _ritz_rho(jacobian, running)
         rate = min(max(rho, float(q[worst])), 1 - 1e-12)
         r_now, r_target = float(now[worst]), float(target[worst].clamp_min(tiny))
         k_fixed = math.log(r_target / r_now) / math.log(rate)
@@ -451,7 +456,7 @@ class AutoMethod(Method):
             costs["newton"] = newton
         record: dict[str, Any] = {"ritz_rho": rho, "fixed_point_iterations": round(k_fixed)}
         if "newton-krylov" in s.stages[s.stage + 1 :]:
-            krylov = _krylov_residual(problem, s.z, s.g, running)
+            krylov = _krylov_residual(jacobian, s.g, running)
             steps = _krylov_steps(krylov, now, target, slow)
             record["krylov_steps"] = None if math.isinf(steps) else round(steps)
             krylov_steps = max(steps, NEWTON_STEPS)
@@ -542,7 +547,7 @@ class AutoMethod(Method):
         if "fixed_point" in s.stages[s.stage + 1 :]:
             return why
         tiny = torch.finfo(s.stage_best.dtype).tiny
-        rho = _ritz_rho(problem, s.best_z, running)
+        rho = _ritz_rho(_jacobian_f(problem, s.best_z, running), running)
         now = s.progress.best
         target = self._target(s).to(now.dtype)
         record: dict[str, Any] = {"iteration": s.k, "ritz_rho": rho, "choice": "next preset"}

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from deqcli.linalg import (
-    DenseOperator,
     FunctionOperator,
     KrylovResult,
     LinearOperator,
@@ -411,7 +410,7 @@ class NewtonDirection(Direction):
         g_run = g if everyone else g.index_select(0, index)
         jac = jacobians_at(problem, z, index)
         d_run = -solve_newton(jac, g_run)
-        slope_run = (g_run * DenseOperator(jac).matvec(d_run)).sum(dim=1)
+        slope_run = (g_run * matvec(jac, d_run)).sum(dim=1)
         if everyone:
             return Proposal(d_run, slope_run)
         d[index], slope[index] = d_run, slope_run
