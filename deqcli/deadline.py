@@ -10,11 +10,22 @@ what was cut short.
 
 Deadlines nest: an inner one never extends an outer one. ``checkpoint()`` is also the safe point
 where a held Ctrl-C is raised (``deqcli.interrupt``). Nothing here imports torch.
+
+One evaluation that never returns (a model's ``forward`` waiting on something, a loop of the user's
+that does not end) never reaches ``checkpoint()``. For that case a watchdog timer (SIGALRM, in the
+main thread where the platform has ``setitimer``) fires shortly after the deadline: if the process
+is then running the user's own code inside an evaluation (``user_code()``), ``DeadlineExceeded`` is
+raised there, as if their code had raised it, and the run ends as at any other deadline. Anywhere
+else (torch's own code, ours) it waits and looks again: an exception at an arbitrary bytecode of a
+library can leave it half-way through a change.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,20 +95,25 @@ def armed(seconds: float | None, what: str = "run.timeout") -> Iterator[Deadline
         mine = Deadline.after(max(seconds, 0.0), what)
     chosen = mine if outer is None or (mine is not None and mine.at < outer.at) else outer
     token = _current.set(chosen)
+    _watch(chosen)
     try:
         yield chosen
     finally:
         _current.reset(token)
+        _watch(outer)
 
 
 @contextmanager
 def suspended() -> Iterator[None]:
     """Within the block no deadline applies (to finish a result after the deadline has passed)."""
+    outer = _current.get()
     token = _current.set(None)
+    _watch(None)
     try:
         yield
     finally:
         _current.reset(token)
+        _watch(outer)
 
 
 @contextmanager
@@ -119,3 +135,79 @@ def checkpoint() -> None:
     deadline = _current.get()
     if deadline is not None:
         deadline.check()
+
+
+# -- the watchdog for an evaluation that never returns ---------------------------------------------
+
+# How long after the deadline the watchdog looks (at most a second; a tenth of short limits): an
+# evaluation in progress at the deadline normally returns first and checkpoint() stops the run.
+WATCHDOG_GRACE = 1.0
+# How soon it looks again when the process was not in the user's code (in torch, or in ours).
+WATCHDOG_RETRY = 0.1
+
+_in_user_code = 0  # > 0 while the user's code of an evaluation runs (see ``user_code``)
+_OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH = f"{os.sep}torch{os.sep}"
+
+
+class _UserCode:
+    """Context manager marking the user's code of an evaluation (see ``user_code``)."""
+
+    def __enter__(self) -> None:
+        global _in_user_code
+        _in_user_code += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _in_user_code
+        _in_user_code -= 1
+
+
+_USER_CODE = _UserCode()
+
+
+def user_code() -> _UserCode:
+    """``with user_code():`` around a call of the config's own map (a module's forward, a Python
+    callable): there the watchdog may stop an evaluation that overruns the deadline."""
+    return _USER_CODE
+
+
+def _watch(deadline: Deadline | None) -> None:
+    """Set the watchdog for ``deadline`` (None: clear it); only in the main thread, where signals
+    are delivered, and only where no one else handles SIGALRM."""
+    if (
+        not hasattr(signal, "setitimer")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return
+    handler = signal.getsignal(signal.SIGALRM)
+    if handler not in (signal.SIG_DFL, _on_alarm):
+        return  # someone else's alarm (a test runner's timeout, the user's own): leave it alone
+    if deadline is None:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        return
+    if handler is not _on_alarm:
+        signal.signal(signal.SIGALRM, _on_alarm)
+    grace = min(WATCHDOG_GRACE, 0.1 * deadline.seconds)
+    signal.setitimer(signal.ITIMER_REAL, max(deadline.remaining() + grace, 1e-3))
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    deadline = _current.get()
+    if deadline is None:
+        return
+    left = deadline.remaining()
+    if left > 0:  # the deadline moved (a nested one ended): look again after it
+        _watch(deadline)
+        return
+    if _in_user_code and not _in_library(frame):
+        raise DeadlineExceeded(deadline.seconds, deadline.what)
+    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_RETRY)
+
+
+def _in_library(frame: object) -> bool:
+    """Whether the innermost frame is torch's, ours or the interpreter's import machinery."""
+    code = getattr(frame, "f_code", None)
+    if code is None:
+        return True
+    name = code.co_filename
+    return name.startswith("<") or _TORCH in name or os.path.abspath(name).startswith(_OURS)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from deqcli.expr import ExpressionError, parse_expression
 from deqcli.limits import DEFAULT_MAX_MEMORY, Limits, parse_memory
 from deqcli.problems.base import Problem
 from deqcli.result import Status
+from deqcli.solvers import make_solver
 from deqcli.solvers.base import Solver, State, StopRule, run
 from tests.conftest import ROOT, one_line_error
 
@@ -255,6 +258,77 @@ def test_the_driver_stops_a_step_that_never_ends_at_run_timeout() -> None:
     result = run(problem, Endless(), StopRule(atol=0.0, max_iter=10, timeout=0.05))
     assert result.status is Status.TIMEOUT and result.iterations == [0]
     assert float(result.solution[0, 0]) == 1.0  # the last finished iterate: the start
+
+
+def _cos_after(delay: float, user: bool):
+    """cos(z), after the first call waiting ``delay`` seconds, marked as the user's code or not."""
+    calls = [0]
+
+    def f(z: torch.Tensor, p: dict) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] > 1:
+            if user:
+                with deadline.user_code():
+                    time.sleep(delay)
+            else:
+                time.sleep(delay)
+        return torch.cos(z)
+
+    return f
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timers here")
+def test_the_watchdog_stops_the_user_s_code_that_overruns_run_timeout() -> None:
+    z0 = torch.full((2, 1), 1.0, dtype=torch.float64)
+    problem = Problem(name="p", kind="test", form="fixed_point", func=_cos_after(60, True), z0=z0)
+    started = time.perf_counter()
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=0.0, timeout=0.2))
+    # Stopped inside the evaluation of the first step, about a grace (0.02 s) after the deadline.
+    assert time.perf_counter() - started < 5.0
+    assert result.status is Status.TIMEOUT and result.iterations == [0, 0]
+    assert torch.equal(result.solution, z0)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timers here")
+def test_the_watchdog_does_not_interrupt_code_that_is_not_the_user_s() -> None:
+    # The same wait outside ``user_code()`` (our code, torch's) is never cut at an arbitrary
+    # bytecode: it finishes, and the next evaluation's checkpoint stops the run.
+    z0 = torch.full((2, 1), 1.0, dtype=torch.float64)
+    problem = Problem(name="p", kind="test", form="fixed_point", func=_cos_after(0.6, False), z0=z0)
+    started = time.perf_counter()
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=0.0, timeout=0.1))
+    assert time.perf_counter() - started >= 0.6
+    assert result.status is Status.TIMEOUT and result.iterations == [1, 1]
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timers here")
+def test_the_watchdog_leaves_other_alarms_and_threads_alone() -> None:
+    def theirs(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGALRM, theirs)
+    try:
+        with deadline.armed(0.05):
+            assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        assert signal.getsignal(signal.SIGALRM) is theirs
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    # Outside the main thread no signal can be set; the deadline still holds at checkpoints.
+    seen: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with deadline.armed(0.0):
+                time.sleep(0.001)
+                deadline.checkpoint()
+        except BaseException as exc:  # what the thread raised, for the assertion
+            seen.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert len(seen) == 1 and isinstance(seen[0], deadline.DeadlineExceeded)
 
 
 @pytest.mark.parametrize("solver", ["levenberg-marquardt", "newton", "anderson", "ptc", "auto"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -395,6 +397,40 @@ def test_a_forward_that_raises_is_one_line(cli, module_config) -> None:
     )
     err = one_line_error(cli("solve", midway))
     assert err.startswith("error: problem.target: the module from") and "the cache ran dry" in err
+
+
+@pytest.mark.parametrize("calls", [2, 3, 4])
+def test_run_timeout_stops_a_forward_that_never_returns(cli, module_config, calls: int) -> None:
+    # The module answers ``calls`` times, then its forward waits a minute. Two calls: the checks
+    # made while loading (at z0, a row alone) pass, the third check waits. Three: the solver's
+    # first evaluation (in its init) waits. Four: its first step does. run.timeout's watchdog
+    # stops the forward each time, long before the minute is out.
+    cfg = module_config(
+        "Hanging",
+        f"args: {{calls: {calls}}}\ninputs: [[1.0], [2.0]]",
+        solver="fixed_point",
+        run="{timeout: 0.5, atol: 1.0e-10}",
+    )
+    started = time.perf_counter()
+    run = cli("solve", cfg, "--json", "-", "--no-diagnostics")
+    assert time.perf_counter() - started < 15.0
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the timer is off afterwards
+    if calls == 2:
+        err = one_line_error(run)
+        assert "did not return within run.timeout (0.5 s) while it was checked" in err
+        return
+    assert run.exit_code == 1, (run.stdout, run.stderr)
+    doc = json.loads(run.stdout)
+    assert doc["status"] == "timeout" and doc["iterations"] == 0
+    samples = doc["samples"]
+    assert [s["solution"] for s in samples] == [[0.0], [0.0]]  # the start: the last iterate
+    assert [s["status"] for s in samples] == ["timeout", "timeout"]
+    if calls == 3:
+        # The start's residual could not be had either: unknown and said so, not "nonfinite".
+        assert doc["residual"] == "nan"
+        assert "the start's residual is unknown" in " ".join(doc["notes"])
+    else:
+        assert [s["residual"] for s in samples] == [1.0, 2.0]  # ‖x‖ at z0 = 0
 
 
 def test_a_forward_that_changes_the_shape_is_one_line(cli, module_config) -> None:

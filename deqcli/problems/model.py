@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from deqcli import deadline
 from deqcli.consent import UserCodeError, running_user_code, user_code_site
 from deqcli.errors import ConfigError
 from deqcli.problems.base import Form, Problem
@@ -61,6 +62,7 @@ def from_map(
     device: torch.device | None = None,
     description: str = "",
     check: bool = True,
+    timeout: float | None = None,
 ) -> Problem:
     """Wrap ``fmap`` (called as ``fmap(z, x)`` when there are inputs, else ``fmap(z)``) as a Problem.
 
@@ -71,10 +73,54 @@ def from_map(
     rows of ``inputs``, else of ``z0``, else ``batch``. Messages name ``key`` and call the map ``what``.
     ``check`` evaluates the map once at z0 (finite, rows independent) before anything else runs;
     a training layer that builds a problem per step skips it (every call's shape is checked anyway).
+    The calls made here get ``timeout`` seconds together (run.timeout): a map that does not return
+    is one line of bad input, not a hang.
     """
     if inputs is not None and inputs.dim() == 0:
         raise ConfigError(key, "the inputs x need a batch axis: shape (batch, ...)")
     call = _Caller(fmap, inputs is not None, key, what)
+    try:
+        with deadline.armed(timeout):
+            return _checked(
+                call,
+                name,
+                kind,
+                form,
+                z0,
+                inputs,
+                state_shape,
+                batch,
+                fill,
+                dtype,
+                device,
+                description,
+                check,
+            )
+    except deadline.DeadlineExceeded:
+        raise ConfigError(
+            key,
+            f"{what} did not return within run.timeout ({timeout:g} s) while it was checked at the "
+            "start; look for a loop in it that does not end, or raise run.timeout",
+        ) from None
+
+
+def _checked(
+    call: _Caller,
+    name: str,
+    kind: str,
+    form: Form,
+    z0: torch.Tensor | None,
+    inputs: torch.Tensor | None,
+    state_shape: Sequence[int] | None,
+    batch: int | None,
+    fill: float,
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+    description: str,
+    check: bool,
+) -> Problem:
+    """``from_map`` after its first checks: the start, its shape, the probe at z0."""
+    fmap, key, what = call.fmap, call.key, call.what
     z0 = _start(call, z0, inputs, state_shape, batch, fill, key, dtype, device)
     shape = tuple(z0.shape[1:])
     flat = z0.reshape(z0.shape[0], -1).clone()
@@ -124,12 +170,12 @@ class _Caller:
         try:
             # Its prints go to stderr (--json - keeps stdout pure JSON); a sys.exit() in it is
             # one line of bad input.
-            with running_user_code(self.what, key=self.key):
+            with running_user_code(self.what, key=self.key), deadline.user_code():
                 if weights is not None and isinstance(self.fmap, torch.nn.Module):
                     return torch.func.functional_call(self.fmap, dict(weights), args)
                 return self.fmap(*args)
-        except (ModelError, UserCodeError):
-            raise
+        except (ModelError, UserCodeError, deadline.DeadlineExceeded):
+            raise  # the last: run.timeout's watchdog stopped a call that overran it
         except Exception as exc:  # the user's code failed: their input, reported in one line
             site = user_code_site(exc)  # file.py:line in the config's own code, when it is there
             where = f" (at {site})" if site else ""

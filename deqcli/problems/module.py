@@ -66,6 +66,7 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
         fill=fill,
         dtype=arrays.dtype,
         device=arrays.device,
+        timeout=cfg.run.timeout,
     )
     problem.description = _describe(spec, module, problem)
     return problem

@@ -125,6 +125,7 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
         what=f"the map from {spec.target}",
         form=spec.form,
         description=f"{spec.form} from {spec.target}",
+        timeout=cfg.run.timeout,
     )
 
 

@@ -341,8 +341,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         # result is the start, evaluated once more so the report has its residual. The method
         # has no state of its own to report from, so its ``finish`` is not called.
         started = False
-        with deadline.suspended():
-            state = State(z=problem.z0, g=problem.g(problem.z0))
+        state = State(z=problem.z0, g=_start_residual(problem, limit))
     res = _norms(state.g)
     f_norm = _norms(state.z - state.g)
     # Per-sample limits fixed for the run: the tolerance base and the divergence ceiling.
@@ -355,6 +354,11 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     status: list[Status | None] = [None] * problem.batch
     iterations = [0] * problem.batch
     active = torch.ones(problem.batch, dtype=torch.bool, device=state.z.device)
+    if not started and not bool(torch.isfinite(res).all()):
+        # The start's residual could not be had again (see _start_residual): a timeout, not a
+        # non-finite map.
+        _finish(status, iterations, Status.TIMEOUT, 0)
+        active = torch.zeros_like(active)
     counted: torch.Tensor | None = None  # the mask the counter last read (it reads it to the host)
     k = 0
     every = max(1, stop.monitor_every)
@@ -465,8 +469,30 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     if started:
         solver.finish(state, result)
     else:
-        result.notes.append(f"{solver.name}: stopped by the time limit before its first step")
+        note = f"{solver.name}: stopped by the time limit before its first step"
+        if not bool(torch.isfinite(state.g).all()):
+            note += "; the start's residual is unknown: evaluating it again did not return in time"
+        result.notes.append(note)
     return result
+
+
+# The least time the start's residual gets for the report of a run stopped inside its init (a
+# limit of 0.1 s may be shorter than one evaluation).
+START_RESIDUAL_SECONDS = 1.0
+
+
+def _start_residual(problem: Problem, limit: deadline.Deadline | None) -> torch.Tensor:
+    """g(z0), for the report of a run stopped inside its solver's init: evaluated once more with
+    as long again as the run had (like the diagnostics; at least START_RESIDUAL_SECONDS), NaN
+    where even that does not return (an evaluation that hangs, stopped by the watchdog)."""
+    import torch
+
+    seconds = max(limit.seconds, START_RESIDUAL_SECONDS) if limit is not None else None
+    with deadline.suspended(), deadline.armed(seconds):
+        try:
+            return problem.g(problem.z0)
+        except deadline.DeadlineExceeded:
+            return torch.full_like(problem.z0, torch.nan)
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:

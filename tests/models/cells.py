@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -79,6 +81,22 @@ class Raising(nn.Module):
         self.calls -= 1
         if self.calls < 0:
             raise ValueError("the cache ran dry")
+        return self.a * z + x
+
+
+class Hanging(nn.Module):
+    """Works for ``calls`` evaluations, then waits ``wait`` seconds (a forward that never returns)."""
+
+    def __init__(self, calls: int = 3, wait: float = 60.0) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.5))
+        self.calls = calls
+        self.wait = wait
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.calls -= 1
+        if self.calls < 0:
+            time.sleep(self.wait)
         return self.a * z + x
 
 
