@@ -549,6 +549,34 @@ def test_krylov_probe_reads_gmres_residual_from_the_arnoldi_steps() -> None:
     assert bool((estimate < 1).all())
 
 
+def test_krylov_probe_reads_the_preconditioned_gmres_residual_from_the_arnoldi_steps() -> None:
+    # With the shared preconditioner the probe's Arnoldi steps run on (I − J_f) M⁻¹, and its
+    # estimate is right-preconditioned GMRES's own residual after 12 steps.
+    from deqcli.linalg import gmres, jacobian_operator
+    from deqcli.solvers.auto import (
+        PROBE_STEPS,
+        _jacobian_f,
+        _krylov_residual,
+        _shared_preconditioner,
+    )
+
+    problem = _nonnormal_layer(64, 3, 2)  # rows' scales far apart: M is not exact
+    z = 0.3 * torch.randn(3, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g = problem.g(z)
+    running = torch.ones(3, dtype=torch.bool)
+    op = _jacobian_f(problem, z, running)
+    shared = _shared_preconditioner(problem, op, running)
+    assert shared is not None
+    estimate = _krylov_residual(op, g, running, shared)
+    system = jacobian_operator(problem, z, counted=False)
+    reached = gmres(
+        system, -g, rtol=1e-300, restart=PROBE_STEPS, max_matvecs=PROBE_STEPS + 1, precond=shared
+    )
+    assert int(reached.iterations.max()) == PROBE_STEPS
+    torch.testing.assert_close(estimate, reached.residual, rtol=1e-6, atol=0)
+    assert bool((estimate < 1).all())
+
+
 def test_auto_probe_sends_a_real_spectrum_to_newton_krylov_beyond_dense_max() -> None:
     # The same linear layer with the matrix-free list: GMRES on I − A (one Newton step solves a
     # linear problem) needs fewer products than Anderson's iterations, and the probe's 12
@@ -663,6 +691,12 @@ def test_auto_probe_skips_methods_that_would_not_finish_in_the_iterations_left()
     probe = info["probe"]
     assert probe["costs"]["newton"] > probe["costs"]["fixed_point"]
     assert 1.6 * probe["fixed_point_iterations"] > probe["iterations_left"] == 162
+    # The preconditioned Newton–Krylov (the layer's Jacobian is diag(s)·W with one W) is weighed
+    # too and is the cheapest that fits, but not by the margin that puts it ahead of the list:
+    # these rows' scales are far apart (inputs of scale 1), its estimate rests on long solves.
+    assert probe["preconditioner"] == "shared"
+    assert probe["costs"]["newton"] / 2 < probe["costs"]["newton-krylov"] < probe["costs"]["newton"]
+    assert probe["passed_over"] == "newton-krylov: not 2 times cheaper"
 
 
 def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:
@@ -675,6 +709,98 @@ def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:
     assert info["methods"][0] == "newton" and info["methods"][-1] == "ptc"
     assert {"trust-region", "levenberg-marquardt"} <= set(info["methods"])
     assert len(info["reasons"]) == len(info["methods"]) - 1
+
+
+def _row_scaled_linear_layer(
+    a: torch.Tensor, batch: int, seed: int
+) -> tuple[Problem, torch.Tensor]:
+    """The linear layer z = A z + b given with its Jacobian in the row-scaled form diag(1)·A (the
+    form of the tanh layer's), and its exact solution."""
+    problem, exact = _linear_layer(a, batch, seed)
+
+    def jacobian(z: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return z @ p["A"].T + p["b"], torch.ones_like(z), p["A"]
+
+    return dataclasses.replace(problem, row_scaled_jacobian=jacobian), exact
+
+
+def test_the_shared_preconditioner_makes_a_row_scaled_linear_system_one_gmres_step() -> None:
+    # Every row's scales are 1, so M = I − A is each row's Newton matrix: GMRES on A M⁻¹ = I
+    # converges in one step, and one Newton step is exact. Unpreconditioned, GMRES on I − A
+    # with A = 0.999·Q (eigenvalues on a ring of radius 0.999 around 1) needs a step per
+    # dimension, here its cap of 40 steps per Newton step, many Newton steps over.
+    problem, exact = _row_scaled_linear_layer(0.999 * _haar(60, 7), 3, 8)
+    stop = StopRule(atol=1e-11, max_iter=50)
+    result = run(problem, make_solver("newton-krylov"), stop)
+    assert result.status is Status.CONVERGED and result.nit == 1
+    assert max(result.counts.jvp) == 1
+    torch.testing.assert_close(result.solution, exact, rtol=0, atol=1e-11)
+    assert result.extra["preconditioner"] == {"kind": "shared", "factorisations": 1}
+    plain = run(problem, make_solver("newton-krylov", {"precondition": "none"}), stop)
+    assert max(plain.counts.jvp) >= 40 and "preconditioner" not in plain.extra
+
+
+def _near_isometric_tanh_layer(n: int, batch: int, seed: int) -> Problem:
+    """z = tanh(0.999·Q z + x), inputs of scale 0.01: tanh′ ≈ 1, so the layer is about as slow as
+    its linear part (plain iteration contracts by 0.999 per step)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = 0.01 * torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    return Problem(
+        name="near-isometry",
+        kind="tanh_layer",
+        form="fixed_point",
+        func=tanh_layer_map,
+        z0=torch.zeros(batch, n, dtype=torch.float64),
+        params={"W": 0.999 * _haar(n, seed), "x": x},
+        batched_params=frozenset({"x"}),
+        row_scaled_jacobian=tanh_layer_jacobian,
+    )
+
+
+def test_newton_krylov_with_the_shared_preconditioner_on_a_near_isometric_tanh_layer() -> None:
+    problem = _near_isometric_tanh_layer(128, 4, 9)
+    stop = StopRule(atol=1e-10, max_iter=500)
+    pre = run(problem, make_solver("newton-krylov"), stop)
+    plain = run(problem, make_solver("newton-krylov", {"precondition": "none"}), stop)
+    assert pre.status is Status.CONVERGED and plain.status is Status.CONVERGED
+    # The same fixed point: each is within ‖g‖/σ_min(I − J) ≤ 1e-10/(1 − 0.999) of it.
+    torch.testing.assert_close(pre.solution, plain.solution, rtol=0, atol=2e-7)
+    # The rows' scales differ (tanh′ = 1 − f², f ≠ 0), so M is not exact, but close.
+    assert 5 * max(pre.counts.jvp) < max(plain.counts.jvp)
+    assert 1 <= pre.extra["preconditioner"]["factorisations"] <= pre.nit
+
+
+def test_the_shared_preconditioner_needs_a_row_scaled_jacobian() -> None:
+    problem, _ = _linear_layer(0.5 * _haar(5, 1), 2, 1)  # no row-scaled form given
+    solver = make_solver("newton-krylov", {"precondition": "shared"})
+    with pytest.raises(UsageError, match=r"solver\.precondition: 'shared' needs a map whose"):
+        run(problem, solver, StopRule(atol=1e-10))
+    # auto leaves such problems unpreconditioned.
+    result = run(problem, make_solver("newton-krylov"), StopRule(atol=1e-10))
+    assert result.status is Status.CONVERGED and "preconditioner" not in result.extra
+
+
+def test_auto_probe_puts_the_preconditioned_newton_krylov_ahead_of_dense_newton() -> None:
+    # n = 128 is within dense_max, whose list holds no Newton–Krylov; the preconditioned one is
+    # weighed all the same, estimated far cheaper than dense Newton and plain iteration, and
+    # inserted after anderson. The probe's LU is handed over: no second factorisation at once.
+    problem = _near_isometric_tanh_layer(128, 4, 9)
+    stop = StopRule(atol=1e-10, max_iter=500)
+    result = run(problem, make_solver("auto"), stop)
+    assert result.status is Status.CONVERGED
+    info = result.extra["auto"]
+    assert info["methods"] == ["fixed_point", "anderson", "newton-krylov"]
+    probe = info["probe"]
+    assert probe["choice"] == "newton-krylov" and probe["preconditioner"] == "shared"
+    others = [cost for name, cost in probe["costs"].items() if name != "newton-krylov"]
+    assert 2 * probe["costs"]["newton-krylov"] <= min(others)
+    assert max(result.counts.njev) == 0
+    z = result.solution
+    assert float(torch.linalg.vector_norm(z - problem.f(z), dim=1).max()) <= 1e-10
+    # A list given by the user is kept to.
+    listed = run(problem, make_solver("auto", {"stages": "anderson,newton"}), stop)
+    assert "newton-krylov" not in listed.extra["auto"]["methods"]
+    assert "preconditioner" not in listed.extra["auto"].get("probe", {})
 
 
 def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
@@ -697,6 +823,11 @@ def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
     ("solver", "options", "message"),
     [
         ("anderson", {"m": 0}, "solver.m: must be ≥ 1"),
+        (
+            "newton-krylov",
+            {"precondition": "lu"},
+            "solver.precondition: must be one of auto, shared, none, got 'lu'",
+        ),
         ("anderson", {"beta": 3}, "solver.beta: must lie in (0, 2]"),
         ("broyden", {"memory": 0}, "solver.memory: must be ≥ 1"),
         ("newton-krylov", {"eta": 1.5}, "solver.eta: must lie in (0, 1)"),

@@ -28,7 +28,9 @@ On a fixed-point problem with the default list, plain iteration runs first for a
 steps and goes on where its rate predicts a short run; else anderson starts from z0
 (``AutoMethod._end_trial``). After 30 iterations of anderson whose rate predicts a long run, a
 spectral probe (a few Arnoldi steps on J_f) estimates what plain iteration, Anderson, dense
-Newton and Newton–Krylov would cost and moves to the cheapest (``AutoMethod._probe``); where anderson stalls or
+Newton and Newton–Krylov would cost and moves to the cheapest (``AutoMethod._probe``; Newton–Krylov
+preconditioned by the batch's shared linearisation is weighed on either list where the map
+allows it, the tanh layer, and inserted when clearly the cheapest); where anderson stalls or
 grows, a second probe puts plain iteration next if it contracts there and costs less than Newton
 started from a stall (``AutoMethod._plain_after_stall``). ``probe: false`` turns both off.
 
@@ -39,6 +41,7 @@ driver stops it. Each switch costs one evaluation (the new preset's start, more 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +53,7 @@ from deqcli.solvers.convergence import ConvergenceTest, Limits, StallState, Stal
 
 if TYPE_CHECKING:
     from deqcli.linalg import LinearOperator
+    from deqcli.linalg.preconditioners import SharedLinearisation
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
     from deqcli.solvers.base import StopRule
@@ -97,6 +101,21 @@ NEWTON_COST_CLOSED = 0.5
 # new residual, the restart's true residual).
 KRYLOV_STEP_COST = 2.0
 KRYLOV_NEWTON_EXTRA = 2
+# Newton–Krylov preconditioned by the batch's shared linearisation (maps with J_f = diag(s) W,
+# one W: the tanh layer; ``deqcli.linalg.preconditioners``): a GMRES step costs
+# PRECONDITIONED_STEP_COST more (two triangular solves, about one product with W), and a run
+# about PRECONDITIONER_FACTORS LUs of n³/3 multiply-adds, n/(3B) evaluations each (2–5 on the
+# hard family). The probe reads the GMRES steps off the preconditioned system itself.
+PRECONDITIONED_STEP_COST = 1.0
+PRECONDITIONER_FACTORS = 3
+# Where the list does not hold Newton–Krylov (the dense list), the preconditioned one is put
+# ahead of it only when estimated this many times cheaper than the next best. Its estimate
+# assumes Newton converges from the probe's iterate in NEWTON_STEPS steps; on a strongly
+# non-normal layer with inputs of scale 1 (nonnormal-x1: rows' scales far apart, 177 GMRES steps
+# predicted, 925 evaluations against plain iteration's 1141) its line searches failed and auto
+# went on through four more presets, 7.5 s against plain iteration's 0.8 s. Where it paid, it
+# was estimated 2.4–25 times cheaper.
+PRECONDITIONED_MARGIN = 2.0
 # Where anderson stalled or its residual grew, Newton starts outside the region where
 # NEWTON_STEPS steps suffice: on the family's strongly non-normal layer (‖W‖₂ = 3.4, ρ(W) = 0.995,
 # inputs of scale 1) its globalised stages then took 88 Jacobians, 12 times the estimate, while
@@ -134,23 +153,39 @@ def _jacobian_f(problem: Problem, z: torch.Tensor, running: torch.Tensor) -> Lin
     return jacobian_operator(problem, z, of="f").with_active(running)
 
 
-def _krylov_residual(op: LinearOperator, g: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+def _krylov_residual(
+    op: LinearOperator,
+    g: torch.Tensor,
+    running: torch.Tensor,
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(B,) GMRES's relative residual on the Newton system (I − J_f) d = −g after PROBE_STEPS
     steps, with ``op`` = J_f at the iterate of g: PROBE_STEPS Arnoldi steps started from g.
 
     From g the Krylov space is the one GMRES builds for that system, and with J_f V = V₊ H̄ its
     residual after those steps is min ‖e₁ − (Ī − H̄) y‖: how fast a Newton–Krylov solve from z
-    converges. (ρ(J_f) is estimated from a random start instead, ``_ritz_rho``: after Anderson's
-    steps g holds little of the slow modes Anderson has already found, and Ritz values from g
-    would miss them.)
+    converges. With a right preconditioner M⁻¹ the Arnoldi steps run on (I − J_f) M⁻¹ itself,
+    whose H̄ gives min ‖e₁ − H̄ y‖. (ρ(J_f) is estimated from a random start instead,
+    ``_ritz_rho``: after Anderson's steps g holds little of the slow modes Anderson has already
+    found, and Ritz values from g would miss them.)
     """
-    from deqcli.linalg import arnoldi
+    from deqcli.linalg import FunctionOperator, arnoldi
 
     start = torch.where(running[:, None], g, torch.zeros_like(g))
-    hess = arnoldi(op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
-    k = hess.shape[2]
-    system = torch.eye(k + 1, k, dtype=torch.float64) - hess
-    e1 = torch.zeros(hess.shape[0], k + 1, 1, dtype=torch.float64)
+    if precond is None:
+        hess = arnoldi(op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
+        k = hess.shape[2]
+        system = torch.eye(k + 1, k, dtype=torch.float64) - hess
+    else:
+
+        def newton_system(v: torch.Tensor) -> torch.Tensor:
+            u = precond(v)
+            return u - op.matvec(u)
+
+        system_op = FunctionOperator(newton_system, g).with_active(running)
+        system = arnoldi(system_op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
+        k = system.shape[2]
+    e1 = torch.zeros(system.shape[0], k + 1, 1, dtype=torch.float64)
     e1[:, 0] = 1.0
     y = torch.linalg.lstsq(system, e1).solution
     return torch.linalg.vector_norm(e1 - system @ y, dim=(1, 2)).to(g.device, g.dtype)
@@ -171,6 +206,30 @@ def _krylov_steps(
     per_probe = torch.log(krylov.clamp(min=tiny))
     steps = torch.where(per_probe < 0, PROBE_STEPS * reach / per_probe.clamp(max=-tiny), torch.inf)
     return float(torch.where(slow, steps, torch.zeros_like(steps)).max())
+
+
+def _shared_preconditioner(
+    problem: Problem, op: LinearOperator, running: torch.Tensor
+) -> SharedLinearisation | None:
+    """The shared linearisation newton-krylov would precondition with here (its LU), or None
+    where the map's Jacobian is not diag(s)·W with one W, or n is beyond MAX_DIM."""
+    from deqcli.linalg.preconditioners import MAX_DIM, SharedLinearisation, shared_weight
+
+    weight = shared_weight(op)
+    if weight is None or problem.dim > MAX_DIM:
+        return None
+    return SharedLinearisation(SharedLinearisation.mean_scale(op, running), weight)  # type: ignore[arg-type]
+
+
+def _hand_over(solver: Solver, shared: SharedLinearisation) -> None:
+    """Give the Newton–Krylov preset just started the probe's factorisation of the shared
+    linearisation (at the iterate it starts from), so its first solve needs no LU of its own."""
+    from deqcli.solvers.directions import KrylovDirection
+
+    direction = getattr(solver.implementation(), "direction", None)
+    if isinstance(direction, KrylovDirection) and direction.precondition != "none":
+        direction.shared = shared
+        direction.factorisations += 1
 
 
 def _anderson_cost(problem: Problem) -> float:
@@ -420,7 +479,10 @@ class AutoMethod(Method):
           (NEWTON_COST_CLOSED·n for a Jacobian in closed form);
         - Newton–Krylov (where it is in the list) KRYLOV_STEP_COST per GMRES step, the steps read
           from GMRES's residual on the Newton system after PROBE_STEPS more Arnoldi steps
-          (``_krylov_residual``, ``_krylov_steps``), plus KRYLOV_NEWTON_EXTRA per Newton step.
+          (``_krylov_residual``, ``_krylov_steps``), plus KRYLOV_NEWTON_EXTRA per Newton step;
+          preconditioned by the shared linearisation where the map allows it (on any default
+          list), with the Arnoldi steps on the preconditioned system, PRECONDITIONED_STEP_COST
+          more per step and PRECONDITIONER_FACTORS LUs (see PRECONDITIONED_MARGIN).
 
         The cheapest is chosen for the slowest running sample; a switch names the numbers.
         """
@@ -455,13 +517,25 @@ class AutoMethod(Method):
         if newton is not None:
             costs["newton"] = newton
         record: dict[str, Any] = {"ritz_rho": rho, "fixed_point_iterations": round(k_fixed)}
-        if "newton-krylov" in s.stages[s.stage + 1 :]:
-            krylov = _krylov_residual(jacobian, s.g, running)
+        listed = "newton-krylov" in s.stages[s.stage + 1 :]
+        # Preconditioned by the shared linearisation, Newton–Krylov is weighed on the default
+        # lists even where they do not hold it (the dense one): it is inserted if chosen.
+        shared = None
+        if listed or not self.options.stage_list():
+            shared = _shared_preconditioner(problem, jacobian, running)
+        if listed or shared is not None:
+            krylov = _krylov_residual(jacobian, s.g, running, shared)
             steps = _krylov_steps(krylov, now, target, slow)
             record["krylov_steps"] = None if math.isinf(steps) else round(steps)
             krylov_steps = max(steps, NEWTON_STEPS)
+            per_step = KRYLOV_STEP_COST
+            factors = 0.0
+            if shared is not None:
+                record["preconditioner"] = "shared"
+                per_step += PRECONDITIONED_STEP_COST
+                factors = PRECONDITIONER_FACTORS * problem.dim / (3 * problem.batch)
             costs["newton-krylov"] = ITERATION_MARGIN * (
-                KRYLOV_STEP_COST * krylov_steps + KRYLOV_NEWTON_EXTRA * NEWTON_STEPS
+                per_step * krylov_steps + KRYLOV_NEWTON_EXTRA * NEWTON_STEPS + factors
             )
         # A method whose predicted iterations do not fit in the iterations left is not chosen
         # while another does (the Newton methods' few outer steps always fit).
@@ -469,6 +543,15 @@ class AutoMethod(Method):
         iterations = {"anderson": k_anderson, "fixed_point": k_fixed}
         fits = [n for n in costs if ITERATION_MARGIN * iterations.get(n, NEWTON_STEPS) <= left]
         choice = min(fits or costs, key=lambda name: costs[name])
+        if choice == "newton-krylov" and shared is not None and not listed:
+            # Inserted ahead of the list, it must be clearly the cheaper (see PRECONDITIONED_MARGIN).
+            rest = [n for n in (fits or costs) if n != choice]
+            runner_up = min(rest, key=lambda name: costs[name]) if rest else None
+            if runner_up and PRECONDITIONED_MARGIN * costs[choice] > costs[runner_up]:
+                record["passed_over"] = (
+                    f"newton-krylov: not {PRECONDITIONED_MARGIN:g} times cheaper"
+                )
+                choice = runner_up
         if fits and len(fits) < len(costs):
             record["iterations_left"] = left
         record["costs"] = {
@@ -492,10 +575,15 @@ class AutoMethod(Method):
             halve = math.log(self.options.progress) / math.log(rate)
             s.patience["fixed_point"] = max(self.options.patience, min(math.ceil(3 * halve), 10**6))
             s.stages.insert(s.stage + 1, "fixed_point")
+        elif choice not in s.stages[s.stage + 1 :]:
+            s.stages.insert(s.stage + 1, choice)  # preconditioned Newton–Krylov, not listed
         else:
             # Straight on to Newton (or Newton–Krylov): drop whatever stood between.
             s.stages[s.stage + 1 : s.stages.index(choice, s.stage + 1)] = []
-        return self._switch(problem, s, why, retry=False)
+        s = self._switch(problem, s, why, retry=False)
+        if choice == "newton-krylov" and shared is not None:
+            _hand_over(s.sub, shared)
+        return s
 
     def _target(self, s: AutoState) -> torch.Tensor:
         """Each sample's tolerance at the current iterate (with ‖f(z)‖ for ``stop_mode: rel``)."""

@@ -25,14 +25,17 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from deqcli.errors import UsageError
 from deqcli.linalg import (
     FunctionOperator,
     KrylovResult,
     LinearOperator,
+    RowScaledJacobian,
     gmres,
     jacobian_operator,
 )
 from deqcli.linalg.dense import finite_matrices, lu_factor_ex, matvec, solve_ex
+from deqcli.linalg.preconditioners import MAX_DIM, SharedLinearisation, shared_weight
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
@@ -546,21 +549,36 @@ class KrylovDirection(Direction):
 
     Forcing (``ew``, Eisenstat–Walker choice 2): η_{k+1} = 0.9 (‖g_{k+1}‖/‖g_k‖)², safeguarded by
     0.9 η_k² when that exceeds 0.1, capped at ``eta_max``; ``constant`` keeps η = ``eta``.
+
+    ``precondition``: ``shared`` preconditions GMRES from the right with the batch's shared
+    linearisation I − diag(s̄) W (``deqcli.linalg.preconditioners``), factored again only when
+    the mean scale has moved; ``auto`` does so where the Jacobian has that form (the tanh layer,
+    n ≤ 4096), ``none`` never.
     """
 
     # Of z and η: at an earlier iterate with the same direction as then, η no longer matters.
     function_of_z = True
 
-    def __init__(self, krylov_dim: int, forcing: str, eta: float, eta_max: float) -> None:
+    def __init__(
+        self, krylov_dim: int, forcing: str, eta: float, eta_max: float, precondition: str = "none"
+    ) -> None:
         self.krylov_dim = krylov_dim
         self.forcing = forcing
         self.eta0 = eta
         self.eta_max = eta_max
+        self.precondition = precondition
         self.eta: torch.Tensor | None = None
         self.inner = 0
+        self.shared: SharedLinearisation | None = None
+        self.factorisations = 0  # LUs of the shared linearisation
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """Every sample starts with forcing term ``eta``."""
+        if self.precondition == "shared" and problem.row_scaled_jacobian is None:
+            raise UsageError(
+                "solver.precondition: 'shared' needs a map whose Jacobian is diag(s)·W with one W "
+                "for the batch (kind: tanh_layer); use auto or none"
+            )
         self.eta = torch.full((z.shape[0],), self.eta0, dtype=z.dtype, device=z.device)
 
     def propose(
@@ -586,11 +604,27 @@ class KrylovDirection(Direction):
             rtol=self.eta,
             restart=self.krylov_dim,
             max_matvecs=self.krylov_dim,
+            precond=self._preconditioner(op, active),
             active=active,
             true_residual=False,
         )
         self.inner = int(res.iterations.max()) if res.iterations.numel() else 0
         return res
+
+    def _preconditioner(
+        self, op: LinearOperator, active: torch.Tensor
+    ) -> SharedLinearisation | None:
+        """The shared linearisation for this solve (refactored where the batch's mean scale
+        moved, or where the last solve used over half the Krylov steps), or None."""
+        if self.precondition == "none" or not isinstance(op, RowScaledJacobian):
+            return None
+        if shared_weight(op) is None or (self.precondition == "auto" and op.dim > MAX_DIM):
+            return None
+        mean = SharedLinearisation.mean_scale(op, active)
+        if self.shared is None or not self.shared.fits(mean) or 2 * self.inner > self.krylov_dim:
+            self.shared = SharedLinearisation(mean, op.weight)
+            self.factorisations += 1
+        return self.shared
 
     def learn(
         self,

@@ -236,9 +236,13 @@ class KrylovLineSearch(LineSearchMethod):
     """newton-krylov × line search: KrylovDirection × the capped Armijo search (or none)."""
 
     def make_direction(self) -> KrylovDirection:
-        """GMRES on JVPs with the configured forcing."""
+        """GMRES on JVPs with the configured forcing and preconditioner."""
         o: Any = self.options
-        return KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max)
+        return KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max, o.precondition)
+
+    def finish(self, state: LineSearchState, result: SolveResult) -> None:  # type: ignore[override]
+        """How often the shared preconditioner was factored (where it was used)."""
+        _report_preconditioner(self.direction, result)
 
 
 def NewtonMethod(options: Solver) -> Method:
@@ -596,7 +600,7 @@ class KrylovTrustRegionMethod(Method):
         super().__init__(options)
         o: Any = options
         self.factor = o.factor
-        self.direction = KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max)
+        self.direction = KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max, o.precondition)
 
     def init(self, problem: Problem, z0: torch.Tensor) -> KrylovTrustRegionState:
         """Evaluate g(z0); the starting radii; nothing solved yet."""
@@ -723,8 +727,19 @@ class KrylovTrustRegionMethod(Method):
         return s
 
     def finish(self, state: KrylovTrustRegionState, result: SolveResult) -> None:  # type: ignore[override]
-        """GMRES solves per sample and hybrj's reason for the samples it stopped."""
+        """GMRES solves per sample, hybrj's reason for the samples it stopped, and the shared
+        preconditioner's factorisations."""
         _report_stops(result, state.why, state.radius, "linearisations", state.linearisations)
+        _report_preconditioner(self.direction, result)
+
+
+def _report_preconditioner(direction: Direction, result: SolveResult) -> None:
+    """``extra["preconditioner"]`` where GMRES ran preconditioned: which, and its LUs."""
+    if isinstance(direction, KrylovDirection) and direction.factorisations:
+        result.extra["preconditioner"] = {
+            "kind": "shared",
+            "factorisations": direction.factorisations,
+        }
 
 
 # -- exact Jacobians × Levenberg–Marquardt --------------------------------------------------------

@@ -182,9 +182,10 @@ class NewtonKrylov(_LineSearchOptions):
     eta_max: float = 0.9
     globalisation: Globalisation = "line-search"
     factor: float = 100.0
+    precondition: Literal["auto", "shared", "none"] = "auto"
 
     def check(self) -> None:
-        """Validate the Krylov, forcing, line-search and trust-region settings."""
+        """Validate the Krylov, forcing, line-search, trust-region and preconditioner settings."""
         _at_least("krylov_dim", self.krylov_dim, 1)
         _open_unit("eta", self.eta)
         _open_unit("eta_max", self.eta_max)
@@ -193,6 +194,7 @@ class NewtonKrylov(_LineSearchOptions):
         _choice(
             "globalisation", self.globalisation, ("line-search", "trust-region", "none"), self.name
         )
+        _choice("precondition", self.precondition, ("auto", "shared", "none"), self.name)
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""Right preconditioners for the Newton systems the Krylov solvers meet.
+
+``SharedLinearisation`` serves maps whose Jacobian is J_f = diag(s_b) W per sample b with one W
+for the whole batch (the tanh layer z = tanh(W z + U x + b), s_b = 1 − f_b²). Every sample's
+Newton system (I − diag(s_b) W) d = r differs from its neighbours' only in the row scales, so
+the batch's mean scale s̄ gives one matrix M = I − diag(s̄) W that stands in for all of them:
+one LU of an n × n matrix, and M⁻¹ applied to all B rows at once by two triangular solves.
+
+Right-preconditioned GMRES runs on A M⁻¹ with A_b = M − diag(s_b − s̄) W, so
+
+    A_b M⁻¹ = I − diag(s_b − s̄) W M⁻¹,
+
+the identity plus a term as small as the rows' scales are close to their mean. That is where
+the layers are hard: a near-isometry or a slow mode is slow because tanh′ ≈ 1 everywhere, so
+the scales hardly differ, while GMRES on A alone faces eigenvalues of I − J_f on a ring around
+1 − ρ (a Krylov method gains nothing there). On the hard family's layers GMRES then needs 1–17
+steps per Newton step instead of running into its 40-step cap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deqcli.linalg.operators import LinearOperator, RowScaledJacobian
+
+# Up to this n one LU of M (n³/3 multiply-adds, 0.05 s at n = 1024, 0.5 s at 2048 on one core)
+# is worth its cost against GMRES steps of B·n² each; beyond, M's n² numbers and its
+# factorisation grow past what a preconditioner should cost.
+MAX_DIM = 4096
+# M is factored again when the batch's mean row scale has moved by more than this (in any entry)
+# since it was factored, or when a solve needed over half the Krylov steps. On the family's
+# layers (n = 256–1024, B = 8–64) refactoring at every Newton step (5–10 LUs) cost more than the
+# steps it saved; a rule by the steps alone (refactor beyond 4 + n/(9B) steps, the LU's cost
+# in products) let stale factorisations lengthen the solves and the Newton runs (rot-slow: 13
+# Newton steps and 112 products against 10 and 39), and was slower on all six. With 0.02 a solve
+# takes 2–5 LUs.
+REFACTOR_CHANGE = 0.02
+
+
+def shared_weight(op: LinearOperator) -> torch.Tensor | None:
+    """W where ``op`` is a row-scaled Jacobian diag(s_b) W with W shared by the batch (else None:
+    no shared linearisation to precondition with)."""
+    if not isinstance(op, RowScaledJacobian) or op.weight.dim() != 2:
+        return None
+    return op.weight
+
+
+class SharedLinearisation:
+    """M⁻¹ for M = I − diag(s̄) W, factored once (see the module docstring); callable on (B, n)
+    rows as GMRES's right preconditioner."""
+
+    def __init__(self, mean_scale: torch.Tensor, weight: torch.Tensor) -> None:
+        self.mean_scale = mean_scale
+        m = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        m.sub_(mean_scale[:, None] * weight)
+        self.lu, self.pivots = torch.linalg.lu_factor(m)
+
+    @staticmethod
+    def mean_scale(op: RowScaledJacobian, rows: torch.Tensor) -> torch.Tensor:
+        """s̄: the mean row scale over ``rows`` (every row where none is left)."""
+        scale = op.scale[rows] if bool(rows.any()) else op.scale
+        return scale.mean(dim=0)
+
+    def fits(self, mean_scale: torch.Tensor) -> bool:
+        """Whether this factorisation still stands for a batch whose mean scale is ``mean_scale``."""
+        return float((mean_scale - self.mean_scale).abs().max()) <= REFACTOR_CHANGE
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        # Row b of the result is (M⁻¹ v_b)ᵀ = v_bᵀ M⁻ᵀ: a solve from the right with Mᵀ, which
+        # takes the (B, n) rows as they are (no transposed copy).
+        return torch.linalg.lu_solve(self.lu, self.pivots, v, left=False, adjoint=True)
