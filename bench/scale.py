@@ -23,6 +23,12 @@ efficiency = speed-up / workers. This process runs torch with one thread, like e
 workers) show what the wall times rest on: on a busy machine the workers get less CPU per second
 than the cores could give. The results are checked to be identical up to timing fields.
 
+Each round also measures the machine's own ceiling for the workload (on a local cluster): every
+worker runs the whole workload in its own process at once, with no Dask scheduling in between,
+and ceiling = workers × (this process's time for it alone) / (their wall time). On idle cores
+that is the worker count; where the cores share caches, memory bandwidth or a host with other
+guests it is less, and no scheduler can beat it. The report gives Dask's speed-up against it.
+
     python bench/scale.py                      # 2 local worker processes (--workers 2)
     python bench/scale.py --workers 8
     python bench/scale.py --scheduler tcp://10.0.0.5:8786   # an existing Dask cluster
@@ -37,6 +43,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -130,6 +137,24 @@ def compare_on(
         return compare(files, solvers, repeat=repeat, warmup=1, executor=executor)
 
 
+def _alone(run: Callable[[Executor], dict[str, Any]]) -> float:
+    """On a worker: the workload in this process, start to end (for the ceiling)."""
+    started = time.perf_counter()
+    run(InProcess())
+    return time.perf_counter() - started
+
+
+def all_at_once(client: Any, run: Callable[[Executor], dict[str, Any]]) -> float:
+    """Wall seconds for every worker to run the whole workload in its own process, all at once."""
+    started = time.perf_counter()
+    futures = [
+        client.submit(_alone, run, workers=[address], allow_other_workers=False, pure=False)
+        for address in client.scheduler_info()["workers"]
+    ]
+    client.gather(futures)
+    return time.perf_counter() - started
+
+
 def warm_up(executor: Executor) -> None:
     """One untimed small round of the workloads, so every process has run every code path."""
     sweep_on(executor, QUICK_GRID)
@@ -177,6 +202,7 @@ def main() -> None:
     here: dict[str, Measured] = {}
     there: dict[str, Measured] = {}
     spread: dict[str, list[float]] = {}
+    ceilings: dict[str, list[float]] = {}
     identical: dict[str, bool] = {}
     load_before = os.getloadavg()[0]
     with DaskExecutor(settings) as executor:
@@ -191,10 +217,15 @@ def main() -> None:
             run = workloads[name]
             # The two sides take turns, so a drift of the machine's speed hits both.
             rounds = 1 if args.quick else ROUNDS[name]
-            pairs = [
-                (measure(partial(run, InProcess())), measure(partial(run, executor), client))
-                for _ in range(rounds)
-            ]
+            pairs = []
+            ceilings[name] = []
+            for _ in range(rounds):
+                pairs.append(
+                    (measure(partial(run, InProcess())), measure(partial(run, executor), client))
+                )
+                if args.scheduler is None:  # a remote cluster's machines are not this one
+                    together = all_at_once(client, run)
+                    ceilings[name].append(workers * pairs[-1][0].wall / together)
             here[name] = _median(a for a, _ in pairs)
             there[name] = _median(b for _, b in pairs)
             spread[name] = sorted(a.wall / b.wall for a, b in pairs)
@@ -246,6 +277,15 @@ def main() -> None:
         if len(spread[name]) > 1:
             rounds = ", ".join(f"{r:.2f}×" for r in spread[name])
             print(f"{'':9} {len(spread[name])} rounds, medians compared; per round: {rounds}")
+        if ceilings[name]:
+            ceiling = statistics.median(ceilings[name])
+            figures[-1]["ceiling"] = ceiling
+            figures[-1]["ceiling_per_round"] = sorted(ceilings[name])
+            print(
+                f"{'':9} this machine's ceiling: {ceiling:.2f}× ({workers} processes running the "
+                f"workload at once, median of rounds {min(ceilings[name]):.2f}–"
+                f"{max(ceilings[name]):.2f}×); Dask reached {speedup / ceiling:.0%} of it"
+            )
     if workers == 2:
         best = min(f["speedup"] for f in figures)
         verdict = "meets" if best >= TARGET_SPEEDUP else "misses"
