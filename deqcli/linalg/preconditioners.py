@@ -52,7 +52,7 @@ class SharedLinearisation:
     def __init__(self, mean_scale: torch.Tensor, weight: torch.Tensor) -> None:
         self.mean_scale = mean_scale
         m = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        m.sub_(mean_scale[:, None] * weight)
+        m.addcmul_(mean_scale[:, None], weight, value=-1.0)  # no n × n temporary
         self.lu, self.pivots = torch.linalg.lu_factor(m)
 
     @staticmethod
