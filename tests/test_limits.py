@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from deqcli.config import ConfigError, parse_config
 from deqcli.expr import ExpressionError, parse_expression
 from deqcli.limits import DEFAULT_MAX_MEMORY, Limits, parse_memory
 from deqcli.problems.base import Problem
-from deqcli.result import Status
+from deqcli.result import SolveResult, Status
 from deqcli.solvers import make_solver
 from deqcli.solvers.base import Solver, State, StopRule, run
 from tests.conftest import ROOT, one_line_error
@@ -277,16 +278,22 @@ def _cos_after(delay: float, user: bool):
     return f
 
 
+def _plain_iteration_timed(func: Callable, timeout: float) -> tuple[SolveResult, float]:
+    """fixed_point on ``func`` from z0 = 1 (two samples) under ``timeout``: (result, seconds)."""
+    z0 = torch.full((2, 1), 1.0, dtype=torch.float64)
+    problem = Problem(name="p", kind="test", form="fixed_point", func=func, z0=z0)
+    started = time.perf_counter()
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=0.0, timeout=timeout))
+    return result, time.perf_counter() - started
+
+
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timers here")
 def test_the_watchdog_stops_the_user_s_code_that_overruns_run_timeout() -> None:
-    z0 = torch.full((2, 1), 1.0, dtype=torch.float64)
-    problem = Problem(name="p", kind="test", form="fixed_point", func=_cos_after(60, True), z0=z0)
-    started = time.perf_counter()
-    result = run(problem, make_solver("fixed_point"), StopRule(atol=0.0, timeout=0.2))
+    result, seconds = _plain_iteration_timed(_cos_after(60, True), 0.2)
     # Stopped inside the evaluation of the first step, about a grace (0.02 s) after the deadline.
-    assert time.perf_counter() - started < 5.0
+    assert seconds < 5.0
     assert result.status is Status.TIMEOUT and result.iterations == [0, 0]
-    assert torch.equal(result.solution, z0)
+    assert torch.equal(result.solution, torch.ones(2, 1, dtype=torch.float64))
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
@@ -294,11 +301,8 @@ def test_the_watchdog_stops_the_user_s_code_that_overruns_run_timeout() -> None:
 def test_the_watchdog_does_not_interrupt_code_that_is_not_the_user_s() -> None:
     # The same wait outside ``user_code()`` (our code, torch's) is never cut at an arbitrary
     # bytecode: it finishes, and the next evaluation's checkpoint stops the run.
-    z0 = torch.full((2, 1), 1.0, dtype=torch.float64)
-    problem = Problem(name="p", kind="test", form="fixed_point", func=_cos_after(0.6, False), z0=z0)
-    started = time.perf_counter()
-    result = run(problem, make_solver("fixed_point"), StopRule(atol=0.0, timeout=0.1))
-    assert time.perf_counter() - started >= 0.6
+    result, seconds = _plain_iteration_timed(_cos_after(0.6, False), 0.1)
+    assert seconds >= 0.6
     assert result.status is Status.TIMEOUT and result.iterations == [1, 1]
 
 

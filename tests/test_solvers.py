@@ -608,13 +608,18 @@ def _nonnormal_layer(n: int, batch: int, seed: int) -> Problem:
     upper = torch.triu(torch.randn(n, n, generator=gen, dtype=torch.float64), diagonal=1)
     tri = torch.diag(torch.linspace(-0.5, 0.995, n, dtype=torch.float64)) + 2 / n**0.5 * upper
     x = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    return _tanh_layer("non-normal", q @ tri @ q.T, x)
+
+
+def _tanh_layer(name: str, w: torch.Tensor, x: torch.Tensor) -> Problem:
+    """z = tanh(W z + x) from z = 0, with its Jacobian in closed form (as kind: tanh_layer)."""
     return Problem(
-        name="non-normal",
+        name=name,
         kind="tanh_layer",
         form="fixed_point",
         func=tanh_layer_map,
-        z0=torch.zeros(batch, n, dtype=torch.float64),
-        params={"W": q @ tri @ q.T, "x": x},
+        z0=torch.zeros_like(x),
+        params={"W": w, "x": x},
         batched_params=frozenset({"x"}),
         row_scaled_jacobian=tanh_layer_jacobian,
     )
@@ -745,16 +750,7 @@ def _near_isometric_tanh_layer(n: int, batch: int, seed: int) -> Problem:
     its linear part (plain iteration contracts by 0.999 per step)."""
     gen = torch.Generator().manual_seed(seed)
     x = 0.01 * torch.randn(batch, n, generator=gen, dtype=torch.float64)
-    return Problem(
-        name="near-isometry",
-        kind="tanh_layer",
-        form="fixed_point",
-        func=tanh_layer_map,
-        z0=torch.zeros(batch, n, dtype=torch.float64),
-        params={"W": 0.999 * _haar(n, seed), "x": x},
-        batched_params=frozenset({"x"}),
-        row_scaled_jacobian=tanh_layer_jacobian,
-    )
+    return _tanh_layer("near-isometry", 0.999 * _haar(n, seed), x)
 
 
 def test_newton_krylov_with_the_shared_preconditioner_on_a_near_isometric_tanh_layer() -> None:
