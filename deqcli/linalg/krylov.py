@@ -91,7 +91,9 @@ def gmres(
     when it becomes non-finite. The run ends when no row is left or after ``max_matvecs``
     products (default 10·n), counting the residual recomputed after each cycle. ``precond`` M⁻¹
     (optional) preconditions from the right: GMRES runs on A M⁻¹ and the residual it minimises is
-    the true one. Rows outside ``active`` are not iterated (they return x0, or zeros). ``rtol``
+    the true one. The preconditioned vectors z_j = M⁻¹ v_j are kept and x is built from them
+    (flexible GMRES), so A Z = V₊ H̄ holds for the vectors actually used: M⁻¹ may be inexact (a
+    factorisation in lower precision) without costing the solution any accuracy. Rows outside ``active`` are not iterated (they return x0, or zeros). ``rtol``
     may be a (B,) tensor: one relative tolerance per row (an inexact Newton's forcing terms).
     ``true_residual: false`` skips the product that recomputes b − A x after the last cycle and
     reports the rotated estimate instead (an inexact Newton step needs the direction, not a
@@ -127,6 +129,10 @@ def gmres(
         m = min(m_max, budget - used - reserve)
         basis = torch.zeros(batch, m + 1, n, dtype=dtype, device=device)
         basis[:, 0] = torch.where(open_[:, None], r / beta.clamp_min(tiny)[:, None], 0.0)
+        # z_j = M⁻¹ v_j as used (see the docstring); without a preconditioner z_j = v_j.
+        directions = (
+            torch.empty(batch, m, n, dtype=dtype, device=device) if precond is not None else None
+        )
         # Q accumulates the Givens rotations (so a new column is rotated by one product), R is
         # the rotated Hessenberg matrix, and Q e₁ β the rotated right-hand side.
         rot = torch.eye(m + 1, dtype=dtype, device=device).expand(batch, m + 1, m + 1).clone()
@@ -135,6 +141,8 @@ def gmres(
         cols = torch.zeros(batch, dtype=torch.int64, device=device)
         for j in range(m):
             direction = apply_m(basis[:, j])
+            if directions is not None:
+                directions[:, j] = direction
             w = op.matvec(direction)
             used += 1
             products += live.to(torch.int64)
@@ -185,7 +193,8 @@ def gmres(
         tri = torch.where(beyond[:, None, :] | beyond[:, :, None], torch.diag_embed(fixed), tri)
         rhs = torch.where(beyond, 0.0, rhs)
         y = torch.linalg.solve_triangular(tri, rhs.unsqueeze(2), upper=True).squeeze(2)
-        update = apply_m(torch.bmm(y.unsqueeze(1), basis[:, :k]).squeeze(1))
+        used_directions = basis[:, :k] if directions is None else directions[:, :k]
+        update = torch.bmm(y.unsqueeze(1), used_directions).squeeze(1)
         update = torch.where(open_[:, None], torch.nan_to_num(update, nan=0.0), 0.0)
         x = x + update
         estimate = beta * rot[torch.arange(batch, device=device), cols, 0].abs()
