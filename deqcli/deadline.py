@@ -145,21 +145,21 @@ WATCHDOG_GRACE = 1.0
 # How soon it looks again when the process was not in the user's code (in torch, or in ours).
 WATCHDOG_RETRY = 0.1
 
-_in_user_code = 0  # > 0 while the user's code of an evaluation runs (see ``user_code``)
 _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH = f"{os.sep}torch{os.sep}"
 
 
-class _UserCode:
-    """Context manager marking the user's code of an evaluation (see ``user_code``)."""
+class _UserCode(threading.local):
+    """Context manager marking the user's code of an evaluation (see ``user_code``). ``depth``
+    is per thread: the watchdog, which runs in the main thread, reads the main thread's only."""
+
+    depth = 0
 
     def __enter__(self) -> None:
-        global _in_user_code
-        _in_user_code += 1
+        self.depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        global _in_user_code
-        _in_user_code -= 1
+        self.depth -= 1
 
 
 _USER_CODE = _UserCode()
@@ -199,7 +199,7 @@ def _on_alarm(signum: int, frame: object) -> None:
     if left > 0:  # the deadline moved (a nested one ended): look again after it
         _watch(deadline)
         return
-    if _in_user_code and not _in_library(frame):
+    if _USER_CODE.depth and not _in_library(frame):
         raise DeadlineExceeded(deadline.seconds, deadline.what)
     signal.setitimer(signal.ITIMER_REAL, WATCHDOG_RETRY)
 

@@ -335,6 +335,31 @@ def test_the_watchdog_leaves_other_alarms_and_threads_alone() -> None:
     assert len(seen) == 1 and isinstance(seen[0], deadline.DeadlineExceeded)
 
 
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timers here")
+def test_the_watchdog_reads_the_main_thread_s_own_user_code_mark() -> None:
+    # Another thread inside the user's code (a Dask task thread, say) does not make the main
+    # thread's watchdog raise in whatever the main thread is running.
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker() -> None:
+        with deadline.user_code():
+            inside.set()
+            release.wait(5.0)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(5.0)
+    try:
+        with deadline.armed(0.02):
+            until = time.perf_counter() + 0.4
+            while time.perf_counter() < until:  # past the deadline and its grace, in this file
+                pass
+    finally:
+        release.set()
+        thread.join()
+
+
 @pytest.mark.parametrize("solver", ["levenberg-marquardt", "newton", "anderson", "ptc", "auto"])
 def test_run_timeout_inside_a_solver_s_first_evaluation_gives_the_start(solver: str) -> None:
     # The deadline passes inside init (the first evaluation of g, or the first factorisation):

@@ -333,7 +333,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     test = stop.test
     solver.setup(stop)
     limit = deadline.current()
-    started = True
+    started = evaluated = True  # evaluated: the start's residual is known (see below)
     try:
         state = solver.init(problem, problem.z0)
     except deadline.DeadlineExceeded:
@@ -341,7 +341,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         # result is the start, evaluated once more so the report has its residual. The method
         # has no state of its own to report from, so its ``finish`` is not called.
         started = False
-        state = State(z=problem.z0, g=_start_residual(problem, limit))
+        g0, evaluated = _start_residual(problem, limit)
+        state = State(z=problem.z0, g=g0)
     res = _norms(state.g)
     f_norm = _norms(state.z - state.g)
     # Per-sample limits fixed for the run: the tolerance base and the divergence ceiling.
@@ -354,7 +355,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     status: list[Status | None] = [None] * problem.batch
     iterations = [0] * problem.batch
     active = torch.ones(problem.batch, dtype=torch.bool, device=state.z.device)
-    if not started and not bool(torch.isfinite(res).all()):
+    if not started and not evaluated:
         # The start's residual could not be had again (see _start_residual): a timeout, not a
         # non-finite map.
         _finish(status, iterations, Status.TIMEOUT, 0)
@@ -470,7 +471,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         solver.finish(state, result)
     else:
         note = f"{solver.name}: stopped by the time limit before its first step"
-        if not bool(torch.isfinite(state.g).all()):
+        if not evaluated:
             note += "; the start's residual is unknown: evaluating it again did not return in time"
         result.notes.append(note)
     return result
@@ -481,18 +482,19 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
 START_RESIDUAL_SECONDS = 1.0
 
 
-def _start_residual(problem: Problem, limit: deadline.Deadline | None) -> torch.Tensor:
-    """g(z0), for the report of a run stopped inside its solver's init: evaluated once more with
-    as long again as the run had (like the diagnostics; at least START_RESIDUAL_SECONDS), NaN
-    where even that does not return (an evaluation that hangs, stopped by the watchdog)."""
+def _start_residual(problem: Problem, limit: deadline.Deadline | None) -> tuple[torch.Tensor, bool]:
+    """(g(z0), True) for the report of a run stopped inside its solver's init: evaluated once
+    more with as long again as the run had (like the diagnostics; at least
+    START_RESIDUAL_SECONDS); (NaN, False) where even that does not return (an evaluation that
+    hangs, stopped by the watchdog)."""
     import torch
 
     seconds = max(limit.seconds, START_RESIDUAL_SECONDS) if limit is not None else None
     with deadline.suspended(), deadline.armed(seconds):
         try:
-            return problem.g(problem.z0)
+            return problem.g(problem.z0), True
         except deadline.DeadlineExceeded:
-            return torch.full_like(problem.z0, torch.nan)
+            return torch.full_like(problem.z0, torch.nan), False
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
