@@ -681,6 +681,27 @@ def test_auto_probe_counts_anderson_s_own_work_on_a_small_closed_form_layer() ->
     assert max(result.counts.njev) == 0
 
 
+def test_auto_probes_a_small_closed_form_layer_by_anderson_s_work_not_its_iterations() -> None:
+    # configs/hard_sym.yaml (n = 32): Anderson predicts 69 more iterations, under the 100 that
+    # let it finish unprobed, but at n = 32 each costs 1 + 1000/32 evaluations of f (its own
+    # tensor work dwarfs f's): 2225 evaluations, beyond the 200 that 100 iterations at 2 mean.
+    # The probe runs and dense Newton (the preconditioned Newton–Krylov is not twice cheaper)
+    # finishes in a few steps.
+    from deqcli.solvers.auto import ANDERSON_COST, PROBE_LONG, _anderson_cost
+
+    problem = load_problem(CONFIGS / "hard_sym.yaml")
+    result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=3000))
+    assert result.status is Status.CONVERGED
+    info = result.extra["auto"]
+    probe = info["probe"]
+    assert probe["anderson_iterations"] <= PROBE_LONG
+    assert _anderson_cost(problem) == pytest.approx(1 + 1000 / 32)
+    assert probe["anderson_iterations"] * _anderson_cost(problem) > PROBE_LONG * ANDERSON_COST
+    assert info["methods"] == ["fixed_point", "anderson", "newton"]
+    assert probe["passed_over"] == "newton-krylov: not 2 times cheaper"
+    assert max(result.iterations) <= 45
+
+
 def test_auto_probe_skips_methods_that_would_not_finish_in_the_iterations_left() -> None:
     # 200 iterations in all: at the probe (iteration 38) plain iteration and anderson are
     # predicted to need more than the 162 left, so Newton goes next although it costs more.

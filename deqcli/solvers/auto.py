@@ -67,7 +67,9 @@ NEWTON_STAGES = {"newton", "newton-krylov"}
 FAILED_SEARCHES = 2
 # The spectral probe (see ``AutoMethod._probe``): after this many iterations of the first
 # anderson stage (its rate is read over the second half, past the first steps' transient, which
-# overstates it), when that rate predicts more than PROBE_LONG further iterations.
+# overstates it), when that rate predicts more work than PROBE_LONG further iterations at
+# ANDERSON_COST evaluations each (PROBE_LONG iterations where Anderson costs that; fewer on a
+# small closed-form layer, where an Anderson iteration is worth many evaluations of f).
 PROBE_AFTER = 30
 PROBE_LONG = 100
 # Arnoldi steps of the probe on J_f (one JVP each).
@@ -465,7 +467,8 @@ class AutoMethod(Method):
         """Probe the spectrum once a long anderson run is in sight, and pick the cheaper method.
 
         Anderson's rate q per iteration is read off its own progress over the last
-        PROBE_AFTER/2 iterations; where it predicts more than PROBE_LONG further iterations,
+        PROBE_AFTER/2 iterations; where it predicts more work than PROBE_LONG further iterations
+        at ANDERSON_COST (its predicted iterations times ``_anderson_cost``),
         PROBE_STEPS Arnoldi steps on J_f at the current iterate (counted JVPs) estimate ρ(J_f),
         the rate of plain iteration, from the largest Ritz value. Ritz values lie inside the
         spectrum's hull and Anderson converges at least as fast as plain iteration on the same
@@ -501,7 +504,7 @@ class AutoMethod(Method):
         k_anderson = float(need[worst])
         s.probe["anderson_rate"] = float(q[worst])
         s.probe["anderson_iterations"] = round(k_anderson)
-        if k_anderson <= PROBE_LONG:
+        if k_anderson * _anderson_cost(problem) <= PROBE_LONG * ANDERSON_COST:
             s.probe["choice"] = "anderson"
             return s
         jacobian = _jacobian_f(problem, s.z, running)
