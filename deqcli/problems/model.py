@@ -15,7 +15,8 @@ Every call of the model is checked: an exception, or an output whose shape is no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -73,55 +74,14 @@ def from_map(
     rows of ``inputs``, else of ``z0``, else ``batch``. Messages name ``key`` and call the map ``what``.
     ``check`` evaluates the map once at z0 (finite, rows independent) before anything else runs;
     a training layer that builds a problem per step skips it (every call's shape is checked anyway).
-    The calls made here get ``timeout`` seconds together (run.timeout): a map that does not return
-    is one line of bad input, not a hang.
+    Each of those checks gets ``timeout`` seconds (run.timeout): a map that does not return is one
+    line of bad input, not a hang.
     """
     if inputs is not None and inputs.dim() == 0:
         raise ConfigError(key, "the inputs x need a batch axis: shape (batch, ...)")
     call = _Caller(fmap, inputs is not None, key, what)
-    try:
-        with deadline.armed(timeout):
-            return _checked(
-                call,
-                name,
-                kind,
-                form,
-                z0,
-                inputs,
-                state_shape,
-                batch,
-                fill,
-                dtype,
-                device,
-                description,
-                check,
-            )
-    except deadline.DeadlineExceeded:
-        raise ConfigError(
-            key,
-            f"{what} did not return within run.timeout ({timeout:g} s) while it was checked at the "
-            "start; look for a loop in it that does not end, or raise run.timeout",
-        ) from None
-
-
-def _checked(
-    call: _Caller,
-    name: str,
-    kind: str,
-    form: Form,
-    z0: torch.Tensor | None,
-    inputs: torch.Tensor | None,
-    state_shape: Sequence[int] | None,
-    batch: int | None,
-    fill: float,
-    dtype: torch.dtype | None,
-    device: torch.device | None,
-    description: str,
-    check: bool,
-) -> Problem:
-    """``from_map`` after its first checks: the start, its shape, the probe at z0."""
-    fmap, key, what = call.fmap, call.key, call.what
-    z0 = _start(call, z0, inputs, state_shape, batch, fill, key, dtype, device)
+    with _bounded_checks(timeout, key, what):
+        z0 = _start(call, z0, inputs, state_shape, batch, fill, key, dtype, device)
     shape = tuple(z0.shape[1:])
     flat = z0.reshape(z0.shape[0], -1).clone()
 
@@ -138,7 +98,8 @@ def _checked(
     if inputs is not None:
         params[INPUTS] = inputs
     if check:
-        _probe(func, flat, params, key, what)
+        with _bounded_checks(timeout, key, what):
+            _probe(func, flat, params, key, what)
     return Problem(
         name=name,
         kind=kind,
@@ -150,6 +111,21 @@ def _checked(
         batched_params=frozenset({INPUTS}) if inputs is not None else frozenset(),
         state_shape=shape,
     )
+
+
+@contextmanager
+def _bounded_checks(timeout: float | None, key: str, what: str) -> Iterator[None]:
+    """The map's calls while it is checked get ``timeout`` seconds (run.timeout): one that does
+    not return is one line of bad input, not a hang."""
+    try:
+        with deadline.armed(timeout):
+            yield
+    except deadline.DeadlineExceeded:
+        raise ConfigError(
+            key,
+            f"{what} did not return within run.timeout ({timeout:g} s) while it was checked at the "
+            "start; look for a loop in it that does not end, or raise run.timeout",
+        ) from None
 
 
 class _Caller:

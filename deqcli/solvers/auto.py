@@ -164,29 +164,23 @@ def _krylov_residual(
     """(B,) GMRES's relative residual on the Newton system (I − J_f) d = −g after PROBE_STEPS
     steps, with ``op`` = J_f at the iterate of g: PROBE_STEPS Arnoldi steps started from g.
 
-    From g the Krylov space is the one GMRES builds for that system, and with J_f V = V₊ H̄ its
-    residual after those steps is min ‖e₁ − (Ī − H̄) y‖: how fast a Newton–Krylov solve from z
-    converges. With a right preconditioner M⁻¹ the Arnoldi steps run on (I − J_f) M⁻¹ itself,
-    whose H̄ gives min ‖e₁ − H̄ y‖. (ρ(J_f) is estimated from a random start instead,
+    From g the Krylov space is the one GMRES builds for that system, and the Arnoldi steps on
+    the system's operator I − J_f (or (I − J_f) M⁻¹ with a right preconditioner M⁻¹), with
+    Hessenberg matrix H̄, give its residual after those steps as min ‖e₁ − H̄ y‖: how fast a
+    Newton–Krylov solve from z converges. (ρ(J_f) is estimated from a random start instead,
     ``_ritz_rho``: after Anderson's steps g holds little of the slow modes Anderson has already
     found, and Ritz values from g would miss them.)
     """
     from deqcli.linalg import FunctionOperator, arnoldi
 
+    def newton_system(v: torch.Tensor) -> torch.Tensor:
+        u = v if precond is None else precond(v)
+        return u - op.matvec(u)
+
     start = torch.where(running[:, None], g, torch.zeros_like(g))
-    if precond is None:
-        hess = arnoldi(op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
-        k = hess.shape[2]
-        system = torch.eye(k + 1, k, dtype=torch.float64) - hess
-    else:
-
-        def newton_system(v: torch.Tensor) -> torch.Tensor:
-            u = precond(v)
-            return u - op.matvec(u)
-
-        system_op = FunctionOperator(newton_system, g).with_active(running)
-        system = arnoldi(system_op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
-        k = system.shape[2]
+    system_op = FunctionOperator(newton_system, g).with_active(running)
+    system = arnoldi(system_op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
+    k = system.shape[2]
     e1 = torch.zeros(system.shape[0], k + 1, 1, dtype=torch.float64)
     e1[:, 0] = 1.0
     y = torch.linalg.lstsq(system, e1).solution

@@ -355,7 +355,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     status: list[Status | None] = [None] * problem.batch
     iterations = [0] * problem.batch
     active = torch.ones(problem.batch, dtype=torch.bool, device=state.z.device)
-    if not started and not evaluated:
+    if not evaluated:
         # The start's residual could not be had again (see _start_residual): a timeout, not a
         # non-finite map.
         _finish(status, iterations, Status.TIMEOUT, 0)
