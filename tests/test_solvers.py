@@ -854,7 +854,7 @@ def test_auto_uses_newton_krylov_beyond_dense_max() -> None:
         ("newton-krylov", {"forcing": "fixed"}, "solver.forcing: must be one of ew, constant"),
         ("trust-region", {"factor": -1}, "solver.factor: must be > 0"),
         ("trust-region", {"scaling": "columns"}, "solver.scaling: must be one of jacobian, none"),
-        ("broyden", {"update": "worse"}, "solver.update: must be one of good, bad"),
+        ("broyden", {"update": "worse"}, "solver.update: must be one of auto, good, bad"),
         (
             "broyden",
             {"globalisation": "levenberg-marquardt"},
@@ -1049,16 +1049,37 @@ def test_broyden_terminates_on_a_linear_map_with_either_update() -> None:
         _check_linear(_linear(torch.float64), result, 1e-10)
 
 
+def test_broyden_auto_update_follows_the_problem_form() -> None:
+    # auto: the bad update where J_g = I − J_f (a fixed-point problem), the good one on a root
+    # problem; in one dimension both are the secant method, so both reach √2.
+    stop = StopRule(atol=1e-12)
+    fixed = scalar_problem("fixed_point", lambda z: z - (z * z - 2) / 4, [1.0], torch.float64)
+    root = scalar_problem("residual", lambda z: z * z - 2, [1.0], torch.float64)
+    for problem, update in ((fixed, "bad"), (root, "good")):
+        result = run(problem, make_solver("broyden"), stop)
+        assert result.extra["broyden"]["update"] == update
+        assert float(result.solution[0, 0]) == pytest.approx(math.sqrt(2), abs=1e-11)
+    explicit = run(fixed, make_solver("broyden", {"update": "good"}), stop)
+    assert explicit.extra["broyden"]["update"] == "good"
+
+
 def test_broyden_terminates_on_a_near_isometry_within_gays_bound() -> None:
     # A = 0.999·Q: plain iteration needs about 23,000 steps to 1e-10, a Krylov-type method about
-    # n. The good update on an affine map terminates in at most 2n steps (Gay's theorem) as long
-    # as no term is dropped: the default memory exceeds 2n here, so both globalisations must
-    # stay within 2n + 1 iterations and hit the exact solution.
+    # n. Every member of Broyden's family, the good and the bad update alike, terminates on an
+    # affine map in at most 2n steps (Gay 1979) as long as no term is dropped: the default memory
+    # exceeds 2n here, so each update (auto: the bad one on this fixed-point problem) with either
+    # globalisation must stay within 2n + 1 iterations and hit the exact solution.
     n = 20
     problem, exact = _linear_layer(0.999 * _haar(n, 3), 2, 4)
-    for options in ({"globalisation": "none"}, {}):
+    for options in (
+        {"globalisation": "none"},
+        {},
+        {"update": "good"},
+        {"update": "good", "globalisation": "none"},
+    ):
         result = run(problem, make_solver("broyden", options), StopRule(atol=1e-10, max_iter=400))
         assert result.status is Status.CONVERGED, options
+        assert result.extra["broyden"]["update"] == options.get("update", "bad")
         assert max(result.iterations) <= 2 * n + 1, (options, result.iterations)
         # ‖(I − A)(z − z*)‖ ≤ 1e-10 and σ_min(I − A) = 0.001.
         torch.testing.assert_close(result.solution, exact, rtol=0, atol=2e-7)

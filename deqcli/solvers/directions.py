@@ -420,6 +420,21 @@ class NewtonDirection(Direction):
         return Proposal(d, slope)
 
 
+def resolve_update(update: str, form: str) -> str:
+    """Broyden's update for ``update: auto``: bad on a fixed-point problem, good on a root problem.
+
+    For g = z − f(z), J_g = I − J_f and H = I is already the plain step; the bad update changes
+    that inverse least, and its multisecant form is Anderson's (Fang & Saad 2009). On the hard
+    layer family it took 1.1–2.2 times fewer iterations than the good update and, reading its
+    memory once per product instead of twice, 2–5 times less time. The good update is the
+    classical choice for a general system (it changes the Jacobian least), whose J_g need not be
+    near the identity.
+    """
+    if update != "auto":
+        return update
+    return "bad" if form == "fixed_point" else "good"
+
+
 class BroydenDirection(Direction):
     """d = −H g with H ≈ J_g⁻¹ = h0·I plus at most ``memory`` rank-one terms per sample.
 
@@ -427,6 +442,9 @@ class BroydenDirection(Direction):
 
     - good:  H ← H + (s − H y) sᵀH / (sᵀ H y)   (the Jacobian changes least, secant Js = y)
     - bad:   H ← H + (s − H y) yᵀ / (yᵀ y)        (the inverse changes least)
+
+    ``auto`` takes the bad update for a fixed-point problem and the good one for a root problem
+    (``resolve_update``).
 
     An update whose denominator vanishes (relative to its factors) is skipped for that sample.
     A full memory is cleared (the restart reduction), or with ``slide`` drops its oldest term for
@@ -451,7 +469,8 @@ class BroydenDirection(Direction):
         self._next: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
-        """An empty inverse model per sample."""
+        """An empty inverse model per sample; ``auto`` becomes the update for the problem's form."""
+        self.update = resolve_update(self.update, problem.form)
         self.model = JacobianModel(
             z, self.memory, dense=False, h0=self.h0, inverse_only=True, slide=self.slide
         )

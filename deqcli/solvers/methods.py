@@ -231,6 +231,11 @@ class BroydenLineSearch(LineSearchMethod):
         o: Any = self.options
         return BroydenDirection(o.memory, o.h0, o.update, slide=o.when_full == "slide")
 
+    def finish(self, state: LineSearchState, result: SolveResult) -> None:  # type: ignore[override]
+        """The update used (``auto`` resolved by the problem's form)."""
+        direction: Any = self.direction
+        result.extra["broyden"] = {"update": direction.update}
+
 
 class KrylovLineSearch(LineSearchMethod):
     """newton-krylov × line search: KrylovDirection × the capped Armijo search (or none)."""

@@ -145,10 +145,10 @@ class Broyden(_LineSearchOptions):
     memory: int = 500
     when_full: Literal["restart", "slide"] = "restart"
     h0: float = 1.0
-    update: Literal["good", "bad"] = "good"
+    update: Literal["auto", "good", "bad"] = "auto"
     globalisation: Globalisation = "line-search"
     max_backtracks: int = 6
-    window: int = 20
+    window: int = 100
     factor: float = 100.0
 
     def check(self) -> None:
