@@ -433,6 +433,34 @@ def test_run_timeout_stops_a_forward_that_never_returns(cli, module_config, call
         assert [s["residual"] for s in samples] == [1.0, 2.0]  # ‖x‖ at z0 = 0
 
 
+def test_run_timeout_stops_a_factory_or_an_import_that_never_returns(
+    cli, module_config, write_config
+) -> None:
+    # The module's constructor, then a file's top-level code, wait a minute: each is one line
+    # naming problem.target within seconds, and the timer is off afterwards.
+    slow = module_config("SlowToBuild", "inputs: [[1.0]]", run="{timeout: 0.5}")
+    started = time.perf_counter()
+    err = one_line_error(cli("solve", slow))
+    assert time.perf_counter() - started < 15.0
+    assert (
+        err.startswith("error: problem.target: calling ") and ":SlowToBuild did not return" in err
+    )
+    assert "within run.timeout (0.5 s) while it built the map" in err
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    cfg = write_config(
+        "problem: {kind: python, target: stalls.py:make}\nrun: {timeout: 0.5}\n", "stalls.yaml"
+    )
+    (cfg.parent / "stalls.py").write_text(
+        "import time\n\ntime.sleep(60)\n\n\ndef make():\n    pass\n"
+    )
+    started = time.perf_counter()
+    err = one_line_error(cli("solve", cfg))
+    assert time.perf_counter() - started < 15.0
+    assert "problem.target: importing 'stalls.py' did not return within run.timeout (0.5 s)" in err
+    assert "while it ran its top level" in err
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
 def test_a_forward_that_changes_the_shape_is_one_line(cli, module_config) -> None:
     cfg = module_config(
         "Reshaping", "inputs: {random: normal, shape: [2, 2, 3]}\nstate_shape: [2, 3]"

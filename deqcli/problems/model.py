@@ -80,7 +80,7 @@ def from_map(
     if inputs is not None and inputs.dim() == 0:
         raise ConfigError(key, "the inputs x need a batch axis: shape (batch, ...)")
     call = _Caller(fmap, inputs is not None, key, what)
-    with _bounded_checks(timeout, key, what):
+    with bounded_load(timeout, key, what):
         z0 = _start(call, z0, inputs, state_shape, batch, fill, key, dtype, device)
     shape = tuple(z0.shape[1:])
     flat = z0.reshape(z0.shape[0], -1).clone()
@@ -98,7 +98,7 @@ def from_map(
     if inputs is not None:
         params[INPUTS] = inputs
     if check:
-        with _bounded_checks(timeout, key, what):
+        with bounded_load(timeout, key, what):
             _probe(func, flat, params, key, what)
     return Problem(
         name=name,
@@ -114,17 +114,21 @@ def from_map(
 
 
 @contextmanager
-def _bounded_checks(timeout: float | None, key: str, what: str) -> Iterator[None]:
-    """The map's calls while it is checked get ``timeout`` seconds (run.timeout): one that does
-    not return is one line of bad input, not a hang."""
+def bounded_load(
+    timeout: float | None, key: str, what: str, during: str = "while it was checked at the start"
+) -> Iterator[None]:
+    """The config's own code run while a problem loads (its import, its factory, the map's checks)
+    gets ``timeout`` seconds (run.timeout): code that does not return is one line of bad input
+    naming ``key``, not a hang. The block is the user's code for the watchdog (``deadline.user_code``):
+    it stops it where the innermost frame is not torch's, ours or the import machinery."""
     try:
-        with deadline.armed(timeout):
+        with deadline.armed(timeout), deadline.user_code():
             yield
     except deadline.DeadlineExceeded:
         raise ConfigError(
             key,
-            f"{what} did not return within run.timeout ({timeout:g} s) while it was checked at the "
-            "start; look for a loop in it that does not end, or raise run.timeout",
+            f"{what} did not return within run.timeout ({timeout:g} s) {during}; look for a loop "
+            "in it that does not end, or raise run.timeout",
         ) from None
 
 

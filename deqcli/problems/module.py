@@ -28,8 +28,10 @@ def build(cfg: Config, arrays: ArrayBuilder) -> Problem:
     spec = cfg.problem
     if not isinstance(spec, ModuleSpec):
         raise TypeError("module.build needs a ModuleSpec")
-    factory = load_factory(spec.target, cfg.base_dir)
-    module = call_factory(factory, spec.args, spec.target, arrays.device, arrays.dtype)
+    factory = load_factory(spec.target, cfg.base_dir, cfg.run.timeout)
+    module = call_factory(
+        factory, spec.args, spec.target, arrays.device, arrays.dtype, cfg.run.timeout
+    )
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(
             "problem.target",

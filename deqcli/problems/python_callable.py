@@ -25,13 +25,16 @@ from deqcli.config import NUMBER, Config, PythonSpec
 from deqcli.consent import UserCodeError, mark_user_code, running_user_code
 from deqcli.errors import ConfigError
 from deqcli.problems.base import Problem
-from deqcli.problems.model import from_map
+from deqcli.problems.model import bounded_load, from_map
 
 
-def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
-    """Import ``file.py:name`` (relative to the config) or ``module:name`` and return the factory."""
+def load_factory(target: str, base_dir: Path, timeout: float | None = None) -> Callable[..., Any]:
+    """Import ``file.py:name`` (relative to the config) or ``module:name`` and return the factory.
+
+    The import runs the module's top-level code: it gets ``timeout`` seconds (run.timeout)."""
     where, _, attr = target.rpartition(":")
     key = "problem.target"
+    during = "while it ran its top level"
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_absolute():
@@ -46,9 +49,12 @@ def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
         sys.modules[module_name] = module
         mark_user_code(str(path))
         try:
-            with running_user_code(target):
+            with (
+                bounded_load(timeout, key, f"importing '{where}'", during),
+                running_user_code(target),
+            ):
                 spec.loader.exec_module(module)
-        except UserCodeError:
+        except (UserCodeError, ConfigError):
             raise
         except Exception as exc:  # the user's module failed to import: report it as their input
             raise ConfigError(
@@ -56,7 +62,10 @@ def load_factory(target: str, base_dir: Path) -> Callable[..., Any]:
             ) from None
     else:
         try:
-            with running_user_code(target):
+            with (
+                bounded_load(timeout, key, f"importing '{where}'", during),
+                running_user_code(target),
+            ):
                 module = importlib.import_module(where)
         except ImportError as exc:
             raise ConfigError(key, f"cannot import module '{where}': {exc}") from None
@@ -78,8 +87,10 @@ def call_factory(
     target: str,
     device: torch.device,
     dtype: torch.dtype,
+    timeout: float | None = None,
 ) -> Any:
-    """Call the user's factory with the config's ``args`` (and ``device``/``dtype`` if it takes them)."""
+    """Call the user's factory with the config's ``args`` (and ``device``/``dtype`` if it takes
+    them), for at most ``timeout`` seconds (run.timeout)."""
     # YAML 1.1 reads 1e-3 as a string; args are meant as numbers when they look like numbers.
     kwargs = {k: _number_or_text(v) for k, v in args.items()}
     try:
@@ -90,9 +101,13 @@ def call_factory(
         if name in accepted and name not in kwargs:
             kwargs[name] = value
     try:
-        with running_user_code(target):
+        during = "while it built the map"
+        with (
+            bounded_load(timeout, "problem.target", f"calling {target}", during),
+            running_user_code(target),
+        ):
             return factory(**kwargs)
-    except UserCodeError:
+    except (UserCodeError, ConfigError):
         raise
     except Exception as exc:  # the user's factory failed: report it as their input, in one line
         raise ConfigError(
@@ -105,8 +120,8 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
     spec = cfg.problem
     if not isinstance(spec, PythonSpec):
         raise TypeError("python_callable.build needs a PythonSpec")
-    factory = load_factory(spec.target, cfg.base_dir)
-    made = call_factory(factory, spec.args, spec.target, device, dtype)
+    factory = load_factory(spec.target, cfg.base_dir, cfg.run.timeout)
+    made = call_factory(factory, spec.args, spec.target, device, dtype, cfg.run.timeout)
     fmap, z0, inputs = _unpack(made, spec.target)
     if isinstance(fmap, torch.nn.Module):
         fmap = fmap.to(device=device, dtype=dtype)

@@ -100,6 +100,18 @@ class Hanging(nn.Module):
         return self.a * z + x
 
 
+class SlowToBuild(nn.Module):
+    """Its constructor waits ``wait`` seconds (a factory that never returns)."""
+
+    def __init__(self, wait: float = 60.0) -> None:
+        super().__init__()
+        time.sleep(wait)
+        self.a = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.a * z + x
+
+
 class Reshaping(nn.Module):
     """Returns the transpose of z: the shape of a (B, 2, 3) state changes."""
 
