@@ -526,8 +526,18 @@ def test_shared_linearisation_applies_the_inverse_of_the_mean_scaled_matrix() ->
     exact = torch.linalg.solve(m, v.T).T
     bound = float(torch.linalg.cond(m)) * torch.finfo(torch.float32).eps
     assert float((applied - exact).norm() / exact.norm()) <= bound
+    # Built in column-major order from Wᵀ: the very factors of M itself (float32), and a later
+    # factoring of the same W reuses the Wᵀ it made; the rows' op gives the same M.
+    pre = SharedLinearisation.of(op, rows)
+    assert pre is not None
+    m32 = torch.eye(n, dtype=torch.float32)
+    m32.addcmul_(mean[:, None].float(), weight.float(), value=-1.0)  # M, formed in float32
+    lu, pivots = torch.linalg.lu_factor(m32)
+    assert torch.equal(pre.lu, lu) and torch.equal(pre.pivots, pivots)
+    again = SharedLinearisation.of(op, ~rows, pre)
+    assert again is not None and again.transposed is pre.transposed
+    torch.testing.assert_close(again.mean_scale, scale[~rows].mean(dim=0))
     # It stands for a mean scale within 0.02 in every entry, and is factored again beyond.
-    pre = SharedLinearisation(mean, weight)
     assert pre.fits(mean + 0.019) and not pre.fits(
         mean + torch.where(torch.arange(n) == 3, 0.03, 0)
     )

@@ -209,12 +209,9 @@ def _shared_preconditioner(
 ) -> SharedLinearisation | None:
     """The shared linearisation newton-krylov would precondition with here (its LU), or None
     where the map's Jacobian is not diag(s)·W with one W, or n is beyond MAX_DIM."""
-    from deqcli.linalg.preconditioners import MAX_DIM, SharedLinearisation, shared_weight
+    from deqcli.linalg.preconditioners import MAX_DIM, SharedLinearisation
 
-    weight = shared_weight(op)
-    if weight is None or problem.dim > MAX_DIM:
-        return None
-    return SharedLinearisation(SharedLinearisation.mean_scale(op, running), weight)  # type: ignore[arg-type]
+    return None if problem.dim > MAX_DIM else SharedLinearisation.of(op, running)
 
 
 def _hand_over(solver: Solver, shared: SharedLinearisation) -> None:

@@ -641,7 +641,7 @@ class KrylovDirection(Direction):
             return None
         mean = SharedLinearisation.mean_scale(op, active)
         if self.shared is None or not self.shared.fits(mean) or 2 * self.inner > self.krylov_dim:
-            self.shared = SharedLinearisation(mean, op.weight)
+            self.shared = SharedLinearisation.of(op, active, self.shared)
             self.factorisations += 1
         return self.shared
 
