@@ -1055,8 +1055,9 @@ def test_broyden_auto_update_follows_the_problem_form() -> None:
     stop = StopRule(atol=1e-12)
     fixed = scalar_problem("fixed_point", lambda z: z - (z * z - 2) / 4, [1.0], torch.float64)
     root = scalar_problem("residual", lambda z: z * z - 2, [1.0], torch.float64)
-    for problem, update in ((fixed, "bad"), (root, "good")):
-        result = run(problem, make_solver("broyden"), stop)
+    solver = make_solver("broyden")  # one solver for both: each run resolves auto afresh
+    for problem, update in ((fixed, "bad"), (root, "good"), (fixed, "bad")):
+        result = run(problem, solver, stop)
         assert result.extra["broyden"]["update"] == update
         assert float(result.solution[0, 0]) == pytest.approx(math.sqrt(2), abs=1e-11)
     explicit = run(fixed, make_solver("broyden", {"update": "good"}), stop)

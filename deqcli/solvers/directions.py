@@ -457,6 +457,7 @@ class BroydenDirection(Direction):
     def __init__(self, memory: int, h0: float, update: str, *, slide: bool = False) -> None:
         self.memory = memory
         self.h0 = h0
+        self.requested = update  # as configured; ``update`` is what ``start`` resolved it to
         self.update = update
         self.slide = slide
         self.model: JacobianModel | None = None
@@ -470,7 +471,7 @@ class BroydenDirection(Direction):
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """An empty inverse model per sample; ``auto`` becomes the update for the problem's form."""
-        self.update = resolve_update(self.update, problem.form)
+        self.update = resolve_update(self.requested, problem.form)
         self.model = JacobianModel(
             z, self.memory, dense=False, h0=self.h0, inverse_only=True, slide=self.slide
         )

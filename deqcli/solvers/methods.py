@@ -233,8 +233,8 @@ class BroydenLineSearch(LineSearchMethod):
 
     def finish(self, state: LineSearchState, result: SolveResult) -> None:  # type: ignore[override]
         """The update used (``auto`` resolved by the problem's form)."""
-        direction: Any = self.direction
-        result.extra["broyden"] = {"update": direction.update}
+        if isinstance(self.direction, BroydenDirection):
+            result.extra["broyden"] = {"update": self.direction.update}
 
 
 class KrylovLineSearch(LineSearchMethod):
