@@ -123,7 +123,9 @@ def test_gradcheck_a_convolution_weight_of_the_shipped_model(cli) -> None:
 
 
 def test_sweep_the_scale_of_the_shipped_model(cli) -> None:
-    args = _documented(EXAMPLE / "sweep.yaml", "--set", "problem.batch=2", "--no-diagnostics")
+    # All 8 images, as documented: some image wanders chaotically from scale 1.75 on (with only
+    # the first two, Anderson's plain steps after a stall converge at 3.0).
+    args = _documented(EXAMPLE / "sweep.yaml", "--no-diagnostics")
     args[args.index("--param") + 1] = "scale=0.5,1.0,3.0"
     run = cli(*args, "--json", "-")
     assert run.exit_code == 0, run.stderr

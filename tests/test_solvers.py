@@ -212,6 +212,69 @@ def test_anderson_restarts_only_the_samples_that_need_it() -> None:
     assert "anderson" not in off.extra
 
 
+def test_anderson_takes_plain_steps_where_it_stalls_on_a_fixed_point_map() -> None:
+    # A strongly non-normal layer (coupling 3): Anderson(5) wanders at residuals near 1e-2 and
+    # never converges; after 20 iterations without a smaller residual a sample takes plain steps
+    # (the user's own map), records their differences and then mixes again.
+    problem = _nonnormal_layer(64, 4, 2, coupling=3.0)
+    rule = StopRule(atol=1e-10, max_iter=2000)
+    result = run(problem, make_solver("anderson"), rule)
+    assert result.status is Status.CONVERGED
+    z = result.solution
+    assert float(torch.linalg.vector_norm(z - problem.f(z), dim=1).max()) <= 1e-10
+    stalls = result.extra["anderson"]["stalls"]
+    assert sum(stalls) >= 1
+    assert any("took plain steps" in note for note in result.notes)
+    without = run(problem, make_solver("anderson", {"stall": 0}), rule)
+    assert without.status is Status.MAX_ITER
+    assert without.extra["anderson"]["stalls"] == [0, 0, 0, 0]
+
+
+def test_anderson_never_takes_plain_steps_on_a_root_problem() -> None:
+    # z − βg is the user's map only for a fixed-point problem: the same layer given as a
+    # residual runs exactly as with the stall rule off.
+    layer = _nonnormal_layer(64, 4, 2, coupling=3.0)
+    problem = dataclasses.replace(
+        layer, form="residual", func=lambda z, p: z - tanh_layer_map(z, p)
+    )
+    rule = StopRule(atol=1e-10, max_iter=300)
+    result = run(problem, make_solver("anderson"), rule)
+    off = run(problem, make_solver("anderson", {"stall": 0}), rule)
+    assert result.extra["anderson"]["stalls"] == [0, 0, 0, 0]
+    assert result.iterations == off.iterations
+    assert torch.equal(result.solution, off.solution)
+
+
+def test_anderson_stall_rule_ends_plain_steps_that_do_not_help() -> None:
+    # The rule on its own, residual by residual: ``stall`` iterations without a new best start
+    # ``plain`` plain steps; plain steps that find no new best within the patience end early
+    # and double it; one that raises the residual tenfold above the best ends them for good.
+    from deqcli.solvers.anderson import NEVER, PLAIN_RISE
+
+    problem = _tanh(torch.float64)
+    method = make_solver("anderson", {"stall": 3, "plain": 10}).implementation()
+    state = method.init(problem, problem.z0)
+    active = torch.ones(3, dtype=torch.bool)
+    state.best = torch.ones(3, dtype=torch.float64)
+    flat = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)  # sample 2 keeps improving
+
+    def guard(res: torch.Tensor) -> None:
+        method._safeguard(state, res, active, stalls=True)
+
+    for _ in range(3):
+        guard(flat)
+        flat = flat * torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
+    assert state.plain.tolist() == [10, 10, 0] and state.stalls.tolist() == [1, 1, 0]
+    assert state.plain_any
+    # Sample 0's plain steps find nothing smaller; sample 1's first one rises tenfold.
+    guard(torch.tensor([1.0, 1.01 * PLAIN_RISE, 0.01], dtype=torch.float64))
+    assert state.plain.tolist() == [9, 0, 0] and state.patience.tolist() == [3, NEVER, 3]
+    guard(torch.tensor([1.0, 1.0, 0.01], dtype=torch.float64))
+    guard(torch.tensor([1.0, 1.0, 0.01], dtype=torch.float64))
+    assert state.plain.tolist() == [0, 0, 0] and state.patience.tolist() == [6, NEVER, 3]
+    assert not state.plain_any
+
+
 def test_anderson_memory_is_m_batch_n_and_capped_at_n() -> None:
     # ΔF and the orthonormal factor Q of ΔG: 2·m·B·n numbers.
     solver = make_solver("anderson", {"m": 4})
@@ -600,13 +663,16 @@ def test_auto_probe_sends_a_real_spectrum_to_newton_krylov_beyond_dense_max() ->
     assert max(result.counts.nfev) + max(result.counts.jvp) < max(alone.counts.nfev) / 2
 
 
-def _nonnormal_layer(n: int, batch: int, seed: int) -> Problem:
+def _nonnormal_layer(n: int, batch: int, seed: int, coupling: float = 2.0) -> Problem:
     """z = tanh(W z + x) with W = Q T Qᵀ, T upper triangular: eigenvalues −0.5 … 0.995 on its
-    diagonal, strictly upper entries N(0, 4/n), so ‖W‖₂ ≈ 3 ≫ 1 > ρ(W); inputs of scale 1."""
+    diagonal, strictly upper entries N(0, coupling²/n), so ‖W‖₂ ≈ 3 ≫ 1 > ρ(W) at coupling 2;
+    inputs of scale 1."""
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     upper = torch.triu(torch.randn(n, n, generator=gen, dtype=torch.float64), diagonal=1)
-    tri = torch.diag(torch.linspace(-0.5, 0.995, n, dtype=torch.float64)) + 2 / n**0.5 * upper
+    tri = (
+        torch.diag(torch.linspace(-0.5, 0.995, n, dtype=torch.float64)) + coupling / n**0.5 * upper
+    )
     x = torch.randn(batch, n, generator=gen, dtype=torch.float64)
     return _tanh_layer("non-normal", q @ tri @ q.T, x)
 

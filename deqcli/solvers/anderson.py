@@ -43,15 +43,25 @@ class AndersonState(State):
     best: torch.Tensor  # (B,): smallest ‖g‖ since the sample's last restart
     restarts: torch.Tensor  # (B,): memory cleared (residual growth)
     drops: torch.Tensor  # (B,): oldest columns dropped for conditioning
+    since: torch.Tensor  # (B,): iterations since ‖g‖ last fell below ``best``
+    plain: torch.Tensor  # (B,): plain steps left after a stall (0: mixing)
+    stalls: torch.Tensor  # (B,): stalls that turned the sample to plain steps
+    patience: torch.Tensor  # (B,): iterations without a smaller residual that make a stall
     recent: torch.Tensor  # (B, window): ½‖g‖² of the last iterations (line search reference)
     # While every sample holds the same number of columns from the same ring slot (no sample has
     # dropped or cleared its own), these are that count and slot, and the hot path needs no
     # per-row indexing or host synchronisation. None once the samples differ.
     shared: tuple[int, int] | None = (0, 0)
+    # Some sample is taking plain steps (``plain`` > 0): only then does the step read ``plain``.
+    plain_any: bool = False
 
 
 # A Gram–Schmidt pass that leaves less than this fraction of the new difference gets a second.
 REORTHOGONALISE = 2**-0.5
+# Plain steps after a stall end early once the residual exceeds this × the sample's best.
+PLAIN_RISE = 10.0
+# The patience of a sample whose plain steps diverged: it never stalls into them again.
+NEVER = 2**40
 
 
 def condition_limit(cond_max: float, dtype: torch.dtype) -> float:
@@ -81,7 +91,12 @@ class AndersonMethod(Method):
 
     Safeguards (``restart``): while cond(R), estimated by max|R_ii|/min|R_ii|, exceeds ``cond_max``
     (capped at 0.01/ε for the dtype) a sample drops its oldest column (Walker–Ni's conditioning control); when its residual exceeds
-    ``growth`` times its best since the last restart, its memory is cleared. ``lam`` > 0 adds a
+    ``growth`` times its best since the last restart, its memory is cleared. On a fixed-point
+    problem, a sample whose residual has not reached a new smallest value for ``stall``
+    iterations takes ``plain`` plain steps z − βg before it mixes again; its differences are
+    still recorded, so it resumes with a memory of those steps. Plain steps that find nothing
+    smaller within the sample's patience end early and double it; one that raises the residual
+    tenfold above the best ends them for good. ``lam`` > 0 adds a
     Tikhonov term relative to each column's norm, solved as the stacked least-squares problem
     [R; √λ·diag‖ΔG_i‖] γ ≈ [Qg; 0] (still no normal equations). ``globalisation: line-search``
     treats the Anderson step as a direction and backtracks along it (non-monotone over ``window``
@@ -116,6 +131,10 @@ class AndersonMethod(Method):
             best=torch.linalg.vector_norm(g0, dim=1),
             restarts=torch.zeros(batch, **ints),
             drops=torch.zeros(batch, **ints),
+            since=torch.zeros(batch, **ints),
+            plain=torch.zeros(batch, **ints),
+            stalls=torch.zeros(batch, **ints),
+            patience=torch.full((batch,), o.stall, **ints),
             recent=phi0[:, None].repeat(1, o.window),
         )
 
@@ -156,7 +175,7 @@ class AndersonMethod(Method):
             self._record(s, f_trial - s.f, g_trial - s.g, g_new)
         res = torch.linalg.vector_norm(g_new, dim=1)
         if o.restart:
-            self._safeguard(s, res, active)
+            self._safeguard(s, res, active, stalls=o.stall > 0 and problem.form == "fixed_point")
         if o.globalisation == "line-search":
             if o.window > 1:
                 s.recent = torch.roll(s.recent, 1, dims=1)
@@ -223,6 +242,9 @@ class AndersonMethod(Method):
             r = rr
         gamma = torch.linalg.solve_triangular(r, rhs.unsqueeze(2), upper=True).squeeze(2)
         gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
+        if s.plain_any:
+            # γ = 0 is the plain step z − βg.
+            beyond = (s.plain > 0)[:, None] if beyond is None else beyond | (s.plain > 0)[:, None]
         return gamma if beyond is None else torch.where(beyond, 0.0, gamma)
 
     # -- the QR of ΔG ----------------------------------------------------------------------------
@@ -417,15 +439,47 @@ class AndersonMethod(Method):
         cond = big / small
         return torch.where(torch.isnan(cond), torch.full_like(cond, torch.inf), cond)
 
-    def _safeguard(self, s: AndersonState, res: torch.Tensor, active: torch.Tensor) -> None:
-        """Drop oldest columns while ill-conditioned; clear the memory after residual growth."""
-        limit = condition_limit(self.options.cond_max, s.r.dtype)
-        grew = active & ((res > self.options.growth * s.best) | ~torch.isfinite(res))
+    def _safeguard(
+        self, s: AndersonState, res: torch.Tensor, active: torch.Tensor, *, stalls: bool
+    ) -> None:
+        """Drop oldest columns while ill-conditioned; clear the memory after residual growth;
+        turn a stalled sample to plain steps (``stalls``: a fixed-point problem)."""
+        o = self.options
+        limit = condition_limit(o.cond_max, s.r.dtype)
+        grew = active & ((res > o.growth * s.best) | ~torch.isfinite(res))
         bad = active & (s.count > 1) & ~(self._condition(s) <= limit)
-        # One host synchronisation for both tests in the common case that neither fires.
-        any_bad = any_grew = bool((bad | grew).any())
+        flags = bad | grew
+        if stalls:
+            s.since = torch.where(res < s.best, 0, s.since + 1)
+            if s.plain_any:
+                # Plain steps end early where they find no smaller residual within the patience
+                # either (the sample then waits twice as long before its next stall), or raise
+                # it tenfold above the best: plain iteration diverges there, and the sample
+                # never takes plain steps again.
+                plain = s.plain > 0
+                rose = plain & (res > PLAIN_RISE * s.best)
+                failed = plain & (s.since >= s.patience)
+                s.patience = torch.where(failed, 2 * s.patience, s.patience)
+                s.patience = torch.where(rose, NEVER, s.patience)
+                s.plain = torch.where(failed | rose, 0, (s.plain - 1).clamp_min(0))
+            stalled = active & (s.since >= s.patience) & (s.plain == 0)
+            flags = flags | stalled
+        # One host synchronisation for all the tests in the common case that none fires.
+        any_bad = any_grew = any_stalled = bool(flags.any())
         if any_bad:
             any_bad, any_grew = bool(bad.any()), bool(grew.any())
+            any_stalled = stalls and bool(stalled.any())
+        if any_stalled:
+            # A mixed step that has found no smaller residual for ``stall`` iterations is
+            # wandering (on a strongly non-normal map Anderson(5) sat at 1e-2 for 4,000
+            # iterations where plain iteration converged in 900); plain steps from there are
+            # the user's own map, and the differences they record give the next mixing a
+            # memory of a convergent iteration.
+            s.plain = torch.where(stalled, o.plain, s.plain)
+            s.since = torch.where(stalled, 0, s.since)
+            s.stalls = s.stalls + stalled.to(s.stalls.dtype)
+        if stalls and (any_stalled or s.plain_any):
+            s.plain_any = bool((s.plain > 0).any())
         for _ in range(s.r.shape[1]):
             if not any_bad:
                 break
@@ -451,7 +505,16 @@ class AndersonMethod(Method):
             return
         restarts = [int(r) for r in state.restarts.cpu().tolist()]
         drops = [int(d) for d in state.drops.cpu().tolist()]
-        result.extra["anderson"] = {"restarts": restarts, "drops": drops}
+        stalls = [int(n) for n in state.stalls.cpu().tolist()]
+        result.extra["anderson"] = {"restarts": restarts, "drops": drops, "stalls": stalls}
+        if any(stalls):
+            hit = [b for b, n in enumerate(stalls) if n]
+            shown = ", ".join(map(str, hit[:8])) + (", …" if len(hit) > 8 else "")
+            result.notes.append(
+                f"anderson: {len(hit)} sample(s) found no smaller residual for "
+                f"{self.options.stall} iterations and took plain steps ({sum(stalls)} time(s); "
+                f"samples {shown})"
+            )
         if any(restarts):
             hit = [b for b, r in enumerate(restarts) if r]
             shown = ", ".join(map(str, hit[:8])) + (", …" if len(hit) > 8 else "")

@@ -77,6 +77,8 @@ class Anderson(Solver):
     restart: bool = True
     cond_max: float = 1e9
     growth: float = 1e4
+    stall: int = 20
+    plain: int = 50
     globalisation: Literal["none", "line-search"] = "none"
     max_backtracks: int = 5
     window: int = 5
@@ -84,6 +86,8 @@ class Anderson(Solver):
     def check(self) -> None:
         """Validate the depth, mixing, safeguard and line-search settings."""
         _at_least("m", self.m, 1)
+        _at_least("stall", self.stall, 0)
+        _at_least("plain", self.plain, 1)
         if not 0.0 < self.beta <= 2.0:
             raise ValueError(f"beta: must lie in (0, 2], got {self.beta}")
         if not 0.0 <= self.lam < 1.0:
