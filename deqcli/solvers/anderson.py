@@ -500,7 +500,7 @@ class AndersonMethod(Method):
                 s.shared = (count, head)
 
     def finish(self, state: AndersonState, result: SolveResult) -> None:  # type: ignore[override]
-        """Report safeguard restarts and conditioning drops per sample."""
+        """Report safeguard restarts, conditioning drops and stalls per sample."""
         if not self.options.restart:
             return
         restarts = [int(r) for r in state.restarts.cpu().tolist()]
@@ -508,17 +508,19 @@ class AndersonMethod(Method):
         stalls = [int(n) for n in state.stalls.cpu().tolist()]
         result.extra["anderson"] = {"restarts": restarts, "drops": drops, "stalls": stalls}
         if any(stalls):
-            hit = [b for b, n in enumerate(stalls) if n]
-            shown = ", ".join(map(str, hit[:8])) + (", …" if len(hit) > 8 else "")
             result.notes.append(
-                f"anderson: {len(hit)} sample(s) found no smaller residual for "
+                f"anderson: {sum(n > 0 for n in stalls)} sample(s) found no smaller residual for "
                 f"{self.options.stall} iterations and took plain steps ({sum(stalls)} time(s); "
-                f"samples {shown})"
+                f"samples {_which(stalls)})"
             )
         if any(restarts):
-            hit = [b for b, r in enumerate(restarts) if r]
-            shown = ", ".join(map(str, hit[:8])) + (", …" if len(hit) > 8 else "")
             result.notes.append(
                 f"anderson: the safeguard restarted the memory {sum(restarts)} time(s) "
-                f"(samples {shown}): the residual grew"
+                f"(samples {_which(restarts)}): the residual grew"
             )
+
+
+def _which(counts: list[int]) -> str:
+    """The samples with a nonzero count, the first eight of them, for a note."""
+    hit = [b for b, n in enumerate(counts) if n]
+    return ", ".join(map(str, hit[:8])) + (", …" if len(hit) > 8 else "")
