@@ -465,14 +465,14 @@ class AndersonMethod(Method):
             stalled = active & (s.since >= s.patience) & (s.plain == 0)
             flags = flags | stalled
         # One host synchronisation for all the tests in the common case that none fires.
-        any_bad = any_grew = any_stalled = bool(flags.any())
-        if any_bad:
+        any_bad = any_grew = any_stalled = False
+        if bool(flags.any()):
             any_bad, any_grew = bool(bad.any()), bool(grew.any())
             any_stalled = stalls and bool(stalled.any())
         if any_stalled:
             # A mixed step that has found no smaller residual for ``stall`` iterations is
-            # wandering (on a strongly non-normal map Anderson(5) sat at 1e-2 for 4,000
-            # iterations where plain iteration converged in 900); plain steps from there are
+            # wandering (on a strongly non-normal map Anderson(5) sat near 1e-2 for 4,000
+            # iterations where plain iteration converged in 911); plain steps from there are
             # the user's own map, and the differences they record give the next mixing a
             # memory of a convergent iteration.
             s.plain = torch.where(stalled, o.plain, s.plain)
