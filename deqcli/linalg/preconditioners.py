@@ -79,14 +79,15 @@ class SharedLinearisation:
         op: LinearOperator,
         rows: torch.Tensor,
         earlier: SharedLinearisation | None = None,
+        mean: torch.Tensor | None = None,
     ) -> SharedLinearisation | None:
         """M for the rows ``rows`` of ``op`` (None where op has no shared W); ``earlier``, a
-        factoring of the same W, lends its Wᵀ."""
+        factoring of the same W, lends its Wᵀ; ``mean``, s̄ over ``rows`` where the caller has it."""
         weight = shared_weight(op)
         if weight is None or not isinstance(op, RowScaledJacobian):
             return None
         kept = earlier.transposed if earlier is not None and earlier.weight is weight else None
-        return cls(cls.mean_scale(op, rows), weight, kept)
+        return cls(cls.mean_scale(op, rows) if mean is None else mean, weight, kept)
 
     @staticmethod
     def mean_scale(op: RowScaledJacobian, rows: torch.Tensor) -> torch.Tensor:

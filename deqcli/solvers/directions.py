@@ -642,7 +642,7 @@ class KrylovDirection(Direction):
             return None
         mean = SharedLinearisation.mean_scale(op, active)
         if self.shared is None or not self.shared.fits(mean) or 2 * self.inner > self.krylov_dim:
-            self.shared = SharedLinearisation.of(op, active, self.shared)
+            self.shared = SharedLinearisation.of(op, active, self.shared, mean)
             self.factorisations += 1
         return self.shared
 
