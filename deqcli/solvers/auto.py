@@ -244,6 +244,24 @@ def _ritz_rho(op: LinearOperator, running: torch.Tensor) -> float:
     return float(torch.where(running, rho, torch.zeros_like(rho)).max())
 
 
+def _cheapest(
+    costs: dict[str, float], iterations: dict[str, float], left: float, inserted: bool
+) -> tuple[str, bool, list[str]]:
+    """The probe's choice: the cheapest method whose predicted iterations (ITERATION_MARGIN
+    times ``iterations``; NEWTON_STEPS for the Newton methods) fit in the ``left`` remaining,
+    or the cheapest of all where none fits. A Newton–Krylov ``inserted`` ahead of the list
+    must be PRECONDITIONED_MARGIN times cheaper than the runner-up. Returns the choice, whether
+    Newton–Krylov was passed over for that margin, and the methods that fit."""
+    fits = [n for n in costs if ITERATION_MARGIN * iterations.get(n, NEWTON_STEPS) <= left]
+    choice = min(fits or costs, key=lambda name: costs[name])
+    if choice == "newton-krylov" and inserted:
+        rest = [n for n in (fits or costs) if n != choice]
+        runner_up = min(rest, key=lambda name: costs[name]) if rest else None
+        if runner_up and PRECONDITIONED_MARGIN * costs[choice] > costs[runner_up]:
+            return runner_up, True, fits
+    return choice, False, fits
+
+
 @dataclass
 class AutoState(State):
     """The current preset's own state plus what ``auto`` watches to decide when to switch."""
@@ -479,6 +497,10 @@ class AutoMethod(Method):
           more per step and PRECONDITIONER_FACTORS LUs (see PRECONDITIONED_MARGIN).
 
         The cheapest is chosen for the slowest running sample; a switch names the numbers.
+        The Ritz steps come last, and only where they can matter: plain iteration at
+        Anderson's own rate q (it never converges faster) sets a lower bound on its cost, and
+        where another method is chosen against that bound, ρ̂ could only confirm it (the probe
+        then records ``ritz_rho`` None and ``fixed_point_at_least``).
         """
         tiny = torch.finfo(s.stage_best.dtype).tiny
         mark = s.probe_mark if s.probe_mark is not None else s.stage_start
@@ -499,18 +521,12 @@ class AutoMethod(Method):
             s.probe["choice"] = "anderson"
             return s
         jacobian = _jacobian_f(problem, s.z, running)
-        rho = _ritz_rho(jacobian, running)
-        rate = min(max(rho, float(q[worst])), 1 - 1e-12)
         r_now, r_target = float(now[worst]), float(target[worst].clamp_min(tiny))
-        k_fixed = math.log(r_target / r_now) / math.log(rate)
-        costs = {
-            "anderson": ITERATION_MARGIN * _anderson_cost(problem) * k_anderson,
-            "fixed_point": ITERATION_MARGIN * k_fixed,
-        }
+        costs = {"anderson": ITERATION_MARGIN * _anderson_cost(problem) * k_anderson}
         newton = self._newton_cost(problem, s)
         if newton is not None:
             costs["newton"] = newton
-        record: dict[str, Any] = {"ritz_rho": rho, "fixed_point_iterations": round(k_fixed)}
+        record: dict[str, Any] = {}
         listed = "newton-krylov" in s.stages[s.stage + 1 :]
         # Preconditioned by the shared linearisation, Newton–Krylov is weighed on the default
         # lists even where they do not hold it (the dense one): it is inserted if chosen.
@@ -534,19 +550,34 @@ class AutoMethod(Method):
         # A method whose predicted iterations do not fit in the iterations left is not chosen
         # while another does (the Newton methods' few outer steps always fit).
         left = math.inf if self.max_iter is None else self.max_iter - s.k
-        iterations = {"anderson": k_anderson, "fixed_point": k_fixed}
-        fits = [n for n in costs if ITERATION_MARGIN * iterations.get(n, NEWTON_STEPS) <= left]
-        choice = min(fits or costs, key=lambda name: costs[name])
-        if choice == "newton-krylov" and shared is not None and not listed:
-            # Inserted ahead of the list, it must be clearly the cheaper (see PRECONDITIONED_MARGIN).
-            rest = [n for n in (fits or costs) if n != choice]
-            runner_up = min(rest, key=lambda name: costs[name]) if rest else None
-            if runner_up and PRECONDITIONED_MARGIN * costs[choice] > costs[runner_up]:
-                record["passed_over"] = (
-                    f"newton-krylov: not {PRECONDITIONED_MARGIN:g} times cheaper"
-                )
-                choice = runner_up
-        if fits and len(fits) < len(costs):
+        inserted = shared is not None and not listed
+        # Plain iteration is never faster than Anderson on the same problem: at Anderson's own
+        # rate it would take k_anderson iterations, a cost it can only exceed. Where the choice
+        # is already made against that bound, ρ(J_f) cannot change it and is not probed
+        # (PROBE_STEPS JVPs saved; the near-isometries and slow modes that go to Newton–Krylov).
+        bound = {
+            "anderson": costs["anderson"],
+            "fixed_point": ITERATION_MARGIN * k_anderson,
+            **costs,
+        }
+        iterations = {"anderson": k_anderson, "fixed_point": k_anderson}
+        choice, passed_over, fits = _cheapest(bound, iterations, left, inserted)
+        rho: float | None = None
+        if choice == "fixed_point":
+            rho = _ritz_rho(jacobian, running)
+            rate = min(max(rho, float(q[worst])), 1 - 1e-12)
+            k_fixed = math.log(r_target / r_now) / math.log(rate)
+            costs = {**bound, "fixed_point": ITERATION_MARGIN * k_fixed}
+            record.update(ritz_rho=rho, fixed_point_iterations=round(k_fixed))
+            iterations["fixed_point"] = k_fixed
+            choice, passed_over, fits = _cheapest(costs, iterations, left, inserted)
+        else:
+            record.update(ritz_rho=None, fixed_point_at_least=round(bound["fixed_point"]))
+        if passed_over:
+            record["passed_over"] = f"newton-krylov: not {PRECONDITIONED_MARGIN:g} times cheaper"
+        # What was weighed (the bound stands for plain iteration where ρ̂ was not needed).
+        weighed = costs if rho is not None else bound
+        if fits and len(fits) < len(weighed):
             record["iterations_left"] = left
         record["costs"] = {
             name: (None if math.isinf(cost) else round(cost)) for name, cost in costs.items()
@@ -555,15 +586,18 @@ class AutoMethod(Method):
         s.probe.update(record)
         if choice == "anderson":
             return s
+        spectrum = "not needed" if rho is None else f"≈ {rho:.4g}"
         why = (
-            f"spectral probe: ρ(J_f) ≈ {rho:.4g}, anderson rate {float(q[worst]):.4g}; "
+            f"spectral probe: ρ(J_f) {spectrum}, anderson rate {float(q[worst]):.4g}; "
             f"estimated cost in evaluations of f: "
             + ", ".join(f"{name} {round(cost)}" for name, cost in costs.items())
         )
+        if rho is None:
+            why += f", fixed_point at least {record['fixed_point_at_least']}"
         if "iterations_left" in record:
-            too_long = ", ".join(name for name in costs if name not in fits)
+            too_long = ", ".join(name for name in weighed if name not in fits)
             why += f"; {too_long} would not finish in the {left} iterations left"
-        if choice == "fixed_point":
+        if choice == "fixed_point":  # chosen only with ρ̂ measured: ``rate`` is its rate
             # Plain iteration halves the residual only every log(1/2)/log(rate) steps: its stall
             # watch waits three times that before calling it stalled.
             halve = math.log(self.options.progress) / math.log(rate)
