@@ -526,16 +526,17 @@ def test_shared_linearisation_applies_the_inverse_of_the_mean_scaled_matrix() ->
     exact = torch.linalg.solve(m, v.T).T
     bound = float(torch.linalg.cond(m)) * torch.finfo(torch.float32).eps
     assert float((applied - exact).norm() / exact.norm()) <= bound
-    # Built in column-major order from Wᵀ: the very factors of M itself (float32), and a later
-    # factoring of the same W reuses the Wᵀ it made; the rows' op gives the same M.
+    # What is factored is Mᵀ (float32; M⁻¹ is applied as a transposed solve), and a later
+    # factoring of the same W reuses the float32 W it made; the rows' op gives the same M.
     pre = SharedLinearisation.of(op, rows)
     assert pre is not None
     m32 = torch.eye(n, dtype=torch.float32)
     m32.addcmul_(mean[:, None].float(), weight.float(), value=-1.0)  # M, formed in float32
-    lu, pivots = torch.linalg.lu_factor(m32)
+    lu, pivots = torch.linalg.lu_factor(m32.mT)
     assert torch.equal(pre.lu, lu) and torch.equal(pre.pivots, pivots)
+    assert pre(v).is_contiguous()
     again = SharedLinearisation.of(op, ~rows, pre)
-    assert again is not None and again.transposed is pre.transposed
+    assert again is not None and again.low_weight is pre.low_weight
     torch.testing.assert_close(again.mean_scale, scale[~rows].mean(dim=0))
     # It stands for a mean scale within 0.02 in every entry, and is factored again beyond.
     assert pre.fits(mean + 0.019) and not pre.fits(

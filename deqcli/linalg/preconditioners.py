@@ -56,22 +56,22 @@ class SharedLinearisation:
     callable on (B, n) rows as GMRES's right preconditioner, in the rows' own dtype."""
 
     def __init__(
-        self, mean_scale: torch.Tensor, weight: torch.Tensor, transposed: torch.Tensor | None = None
+        self, mean_scale: torch.Tensor, weight: torch.Tensor, low_weight: torch.Tensor | None = None
     ) -> None:
         self.mean_scale = mean_scale
         self.weight = weight
         low = FACTOR_DTYPE.get(weight.dtype, weight.dtype)
-        # Wᵀ, contiguous, in the factor dtype (``transposed``: one kept from an earlier factoring
-        # of the same W). Mᵀ = I − Wᵀ diag(s̄) is built from it row by row, so M itself lies in
-        # column-major order, the layout LAPACK factors in place: a row-major M cost a transposed
-        # copy per LU, and building M converted W again each time (34 ms against 25 ms per LU at
-        # n = 1024, the same factors bit for bit).
-        if transposed is None:
-            transposed = weight.mT.to(low).contiguous()
-        self.transposed = transposed
-        m_t = torch.eye(weight.shape[0], dtype=low, device=weight.device)
-        m_t.addcmul_(transposed, mean_scale[None, :].to(low), value=-1.0)
-        self.lu, self.pivots = torch.linalg.lu_factor(m_t.mT)
+        # W in the factor dtype (``low_weight``: one kept from an earlier factoring of the same
+        # W), from which M is built row by row in row-major order. What is factored is Mᵀ: in
+        # column-major order (the layout LAPACK factors in place) Mᵀ is M's row-major storage,
+        # so no transposed copy is made. Applying M⁻¹ is then a solve with the transpose of the
+        # factored matrix, which MKL's triangular solves run faster than the plain solve.
+        if low_weight is None:
+            low_weight = weight.to(low).contiguous()
+        self.low_weight = low_weight
+        m = torch.eye(weight.shape[0], dtype=low, device=weight.device)
+        m.addcmul_(low_weight, mean_scale[:, None].to(low), value=-1.0)
+        self.lu, self.pivots = torch.linalg.lu_factor(m.mT)
 
     @classmethod
     def of(
@@ -82,11 +82,12 @@ class SharedLinearisation:
         mean: torch.Tensor | None = None,
     ) -> SharedLinearisation | None:
         """M for the rows ``rows`` of ``op`` (None where op has no shared W); ``earlier``, a
-        factoring of the same W, lends its Wᵀ; ``mean``, s̄ over ``rows`` where the caller has it."""
+        factoring of the same W, lends its low-precision W; ``mean``, s̄ over ``rows`` where the
+        caller has it."""
         weight = shared_weight(op)
         if weight is None or not isinstance(op, RowScaledJacobian):
             return None
-        kept = earlier.transposed if earlier is not None and earlier.weight is weight else None
+        kept = earlier.low_weight if earlier is not None and earlier.weight is weight else None
         return cls(cls.mean_scale(op, rows) if mean is None else mean, weight, kept)
 
     @staticmethod
@@ -100,9 +101,9 @@ class SharedLinearisation:
         return float((mean_scale - self.mean_scale).abs().max()) <= REFACTOR_CHANGE
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        # Row b of the result is (M⁻¹ v_b)ᵀ = v_bᵀ M⁻ᵀ: a solve from the right with Mᵀ, which
-        # takes the (B, n) rows as they are (no transposed copy).
+        # Row b of the result is M⁻¹ v_b = (Mᵀ)⁻ᵀ v_b: the rows, seen as the columns of an
+        # n × B column-major matrix (no copy), solved with the transpose of the factored Mᵀ;
+        # the solution comes back column-major, so its transpose is (B, n) rows again.
         low = v.to(self.lu.dtype)
-        return torch.linalg.lu_solve(self.lu, self.pivots, low, left=False, adjoint=True).to(
-            v.dtype
-        )
+        solved = torch.linalg.lu_solve(self.lu, self.pivots, low.mT, adjoint=True)
+        return solved.mT.to(v.dtype, memory_format=torch.contiguous_format).contiguous()
