@@ -302,18 +302,23 @@ class AutoMethod(Method):
         super().__init__(options)
         self.test = ConvergenceTest()
         self.max_iter: int | None = None
+        self.stop: StopRule | None = None
 
     def setup(self, stop: StopRule) -> None:
         """Adopt the run's convergence test (its divergence ceiling and non-finite rule) and
-        iteration budget."""
+        iteration budget; the presets are set up with the same rule."""
         self.test = stop.test
         self.max_iter = stop.max_iter
+        self.stop = stop
 
     def _make(self, name: str) -> Solver:
         from deqcli.solvers import make_solver
 
         options: dict[str, Any] = {"m": self.options.m} if name == "anderson" else {}
-        return make_solver(name, options)
+        solver = make_solver(name, options)
+        if self.stop is not None:
+            solver.setup(self.stop)
+        return solver
 
     def _watch(self, name: str, patience: int | None = None) -> StallWatch:
         o = self.options

@@ -47,7 +47,7 @@ from deqcli.solvers.globalisation import (
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
     from deqcli.result import SolveResult
-    from deqcli.solvers.base import Solver
+    from deqcli.solvers.base import Solver, StopRule
 
 # hybrj's constants: a step is accepted when its ratio of actual to predicted reduction reaches
 # ACCEPT; below POOR it counts as a failure (the radius halves; two in a row refresh J).
@@ -244,6 +244,10 @@ class KrylovLineSearch(LineSearchMethod):
         """GMRES on JVPs with the configured forcing and preconditioner."""
         o: Any = self.options
         return KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max, o.precondition)
+
+    def setup(self, stop: StopRule) -> None:
+        """The run's absolute tolerance bounds how accurately each Newton system is solved."""
+        self.direction.atol = stop.atol
 
     def finish(self, state: LineSearchState, result: SolveResult) -> None:  # type: ignore[override]
         """How often the shared preconditioner was factored (where it was used)."""
@@ -606,6 +610,10 @@ class KrylovTrustRegionMethod(Method):
         o: Any = options
         self.factor = o.factor
         self.direction = KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max, o.precondition)
+
+    def setup(self, stop: StopRule) -> None:
+        """The run's absolute tolerance bounds how accurately each Newton system is solved."""
+        self.direction.atol = stop.atol
 
     def init(self, problem: Problem, z0: torch.Tensor) -> KrylovTrustRegionState:
         """Evaluate g(z0); the starting radii; nothing solved yet."""
