@@ -882,11 +882,13 @@ def test_the_forcing_term_never_asks_for_more_than_the_tolerance() -> None:
     g_new = torch.zeros(3, 4, dtype=torch.float64)
     g_new[:, 0] = torch.tensor([6e-8, 1e-9, 5e-5], dtype=torch.float64)
     ew = 0.9 * (g_new[:, 0] / 1e-4).square()
-    torch.testing.assert_close(direction._next_eta(g, g_new), ew, rtol=1e-12, atol=0)
+    torch.testing.assert_close(direction._next_eta(g, g_new)[0], ew, rtol=1e-12, atol=0)
     direction.atol = 1e-8
     assert OVERSOLVE == 0.5
     expected = torch.tensor([0.5 * 1e-8 / 6e-8, 0.9, float(ew[2])], dtype=torch.float64)
-    torch.testing.assert_close(direction._next_eta(g, g_new), expected, rtol=1e-12, atol=0)
+    eta, floored = direction._next_eta(g, g_new)
+    torch.testing.assert_close(eta, expected, rtol=1e-12, atol=0)
+    assert floored.tolist() == [True, True, False]
 
 
 def test_newton_krylov_stops_solving_at_the_run_s_tolerance(

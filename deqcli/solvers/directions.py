@@ -599,6 +599,9 @@ class KrylovDirection(Direction):
         self.shared: SharedLinearisation | None = None
         self.factorisations = 0  # LUs of the shared linearisation
         self.atol = 0.0  # the run's absolute tolerance (``setup``): the floor of the forcing term
+        # (B,) the forcing term is that floor (Eisenstat–Walker asked for less): the step that
+        # solves the next system is expected to end the sample's run.
+        self.last: torch.Tensor | None = None
 
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """Every sample starts with forcing term ``eta``."""
@@ -608,6 +611,7 @@ class KrylovDirection(Direction):
                 "for the batch (kind: tanh_layer); use auto or none"
             )
         self.eta = torch.full((z.shape[0],), self.eta0, dtype=z.dtype, device=z.device)
+        self.last = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
 
     def propose(
         self, problem: Problem, z: torch.Tensor, g: torch.Tensor, active: torch.Tensor
@@ -643,12 +647,22 @@ class KrylovDirection(Direction):
         self, op: LinearOperator, active: torch.Tensor
     ) -> SharedLinearisation | None:
         """The shared linearisation for this solve (refactored where the batch's mean scale
-        moved, or where the last solve used over half the Krylov steps), or None."""
+        moved, or where the last solve used over half the Krylov steps, unless this solve is
+        expected to be the run's last), or None."""
         if self.precondition == "none" or not isinstance(op, RowScaledJacobian):
             return None
         if shared_weight(op) is None or (self.precondition == "auto" and op.dim > MAX_DIM):
             return None
         mean = SharedLinearisation.mean_scale(op, active)
+        if self.shared is not None and self.last is not None and bool((self.last | ~active).all()):
+            # The step expected to end the run (see ``last``): a stale M costs only GMRES steps
+            # there (the step is taken whole in the quadratic regime, and GMRES reaches η
+            # whatever M is), fewer than an LU's worth (at n = 1024, B = 8, ten preconditioned
+            # steps). The mean scale also moves most there, once the samples that converged
+            # leave it: on rot-slow the last two running samples' mean was 0.065 from the
+            # batch's, and the LU that refactored it for a 2–3 step solve was a tenth of
+            # `auto`'s time.
+            return self.shared
         if self.shared is None or not self.shared.fits(mean) or 2 * self.inner > self.krylov_dim:
             self.shared = SharedLinearisation.of(op, active, self.shared, mean)
             self.factorisations += 1
@@ -668,15 +682,21 @@ class KrylovDirection(Direction):
             return
         # A rejected step leaves z where it was: a tighter solve gives a truer Newton direction.
         tighter = torch.clamp_min(0.1 * self.eta, torch.finfo(self.eta.dtype).eps)
-        self.eta = torch.where(accepted, self._next_eta(g, g_new), tighter)
+        eta, floored = self._next_eta(g, g_new)
+        self.eta = torch.where(accepted, eta, tighter)
+        self.last = accepted & floored
 
     def force(self, g: torch.Tensor, g_new: torch.Tensor, rows: torch.Tensor) -> None:
         """The Eisenstat–Walker update for the rows in ``rows`` only (the others keep theirs)."""
         if self.forcing != "ew" or self.eta is None:
             return
-        self.eta = torch.where(rows, self._next_eta(g, g_new), self.eta)
+        eta, floored = self._next_eta(g, g_new)
+        self.eta = torch.where(rows, eta, self.eta)
+        if self.last is not None:
+            self.last = torch.where(rows, floored, self.last)
 
-    def _next_eta(self, g: torch.Tensor, g_new: torch.Tensor) -> torch.Tensor:
+    def _next_eta(self, g: torch.Tensor, g_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next forcing term per row, and whether the tolerance's floor set it."""
         if self.eta is None:
             raise RuntimeError("KrylovDirection.start was not called")
         old = row_norms(g)
@@ -687,7 +707,10 @@ class KrylovDirection(Direction):
         # A step whose linear residual is below OVERSOLVE·atol ends the run whatever more GMRES
         # steps would add: at 6e-8 with atol 1e-8, EW's η of 5.6e-7 cost 13 steps where η = 0.08
         # (three steps) reached the tolerance too (Kelley 2003, nsoli).
+        floored = torch.zeros_like(eta, dtype=torch.bool)
         if self.atol > 0:
             tiny = torch.finfo(eta.dtype).tiny
-            eta = torch.maximum(eta, OVERSOLVE * self.atol / row_norms(g_new).clamp_min(tiny))
-        return torch.nan_to_num(eta, nan=self.eta_max).clamp(max=self.eta_max)
+            tolerance = OVERSOLVE * self.atol / row_norms(g_new).clamp_min(tiny)
+            floored = tolerance >= eta
+            eta = torch.maximum(eta, tolerance)
+        return torch.nan_to_num(eta, nan=self.eta_max).clamp(max=self.eta_max), floored
