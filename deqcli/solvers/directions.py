@@ -39,6 +39,7 @@ from deqcli.linalg.preconditioners import MAX_DIM, SharedLinearisation, shared_w
 
 if TYPE_CHECKING:
     from deqcli.problems.base import Problem
+    from deqcli.solvers.base import StopRule
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
@@ -362,6 +363,9 @@ class Direction:
     # line search then stops a sample that returns to an earlier iterate with the same direction.
     function_of_z = False
 
+    def setup(self, stop: StopRule) -> None:
+        """The stopping rule in force, before ``start`` (see ``Method.setup``)."""
+
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """Allocate what the direction keeps per sample."""
 
@@ -603,6 +607,10 @@ class KrylovDirection(Direction):
         # solves the next system is expected to end the sample's run.
         self.last: torch.Tensor | None = None
 
+    def setup(self, stop: StopRule) -> None:
+        """The run's absolute tolerance bounds how accurately each Newton system is solved."""
+        self.atol = stop.atol
+
     def start(self, problem: Problem, z: torch.Tensor, g: torch.Tensor) -> None:
         """Every sample starts with forcing term ``eta``."""
         if self.precondition == "shared" and problem.row_scaled_jacobian is None:
@@ -653,7 +661,6 @@ class KrylovDirection(Direction):
             return None
         if shared_weight(op) is None or (self.precondition == "auto" and op.dim > MAX_DIM):
             return None
-        mean = SharedLinearisation.mean_scale(op, active)
         if self.shared is not None and self.last is not None and bool((self.last | ~active).all()):
             # The step expected to end the run (see ``last``): a stale M costs only GMRES steps
             # there (the step is taken whole in the quadratic regime, and GMRES reaches η
@@ -663,6 +670,7 @@ class KrylovDirection(Direction):
             # batch's, and the LU that refactored it for a 2–3 step solve was a tenth of
             # `auto`'s time.
             return self.shared
+        mean = SharedLinearisation.mean_scale(op, active)
         if self.shared is None or not self.shared.fits(mean) or 2 * self.inner > self.krylov_dim:
             self.shared = SharedLinearisation.of(op, active, self.shared, mean)
             self.factorisations += 1

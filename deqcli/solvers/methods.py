@@ -141,6 +141,10 @@ class LineSearchMethod(Method):
         """The direction this preset pairs with the line search."""
         raise NotImplementedError
 
+    def setup(self, stop: StopRule) -> None:
+        """Hand the stopping rule to the direction (Newton–Krylov's tolerance bounds its solves)."""
+        self.direction.setup(stop)
+
     def init(self, problem: Problem, z0: torch.Tensor) -> LineSearchState:
         """Evaluate g(z0) and start the direction."""
         g0 = problem.g(z0)
@@ -244,10 +248,6 @@ class KrylovLineSearch(LineSearchMethod):
         """GMRES on JVPs with the configured forcing and preconditioner."""
         o: Any = self.options
         return KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max, o.precondition)
-
-    def setup(self, stop: StopRule) -> None:
-        """The run's absolute tolerance bounds how accurately each Newton system is solved."""
-        self.direction.atol = stop.atol
 
     def finish(self, state: LineSearchState, result: SolveResult) -> None:  # type: ignore[override]
         """How often the shared preconditioner was factored (where it was used)."""
@@ -612,8 +612,8 @@ class KrylovTrustRegionMethod(Method):
         self.direction = KrylovDirection(o.krylov_dim, o.forcing, o.eta, o.eta_max, o.precondition)
 
     def setup(self, stop: StopRule) -> None:
-        """The run's absolute tolerance bounds how accurately each Newton system is solved."""
-        self.direction.atol = stop.atol
+        """Hand the stopping rule to the direction (its tolerance bounds the linear solves)."""
+        self.direction.setup(stop)
 
     def init(self, problem: Problem, z0: torch.Tensor) -> KrylovTrustRegionState:
         """Evaluate g(z0); the starting radii; nothing solved yet."""
