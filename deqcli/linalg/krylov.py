@@ -127,7 +127,9 @@ def gmres(
     reserve = 1 if true_residual else 0
     while bool(open_.any()) and used + reserve < budget:
         m = min(m_max, budget - used - reserve)
-        basis = torch.zeros(batch, m + 1, n, dtype=dtype, device=device)
+        # Only the rows written so far are ever read: no zeroing of the m + 1 rows, most of
+        # which a preconditioned solve never uses.
+        basis = torch.empty(batch, m + 1, n, dtype=dtype, device=device)
         basis[:, 0] = torch.where(open_[:, None], r / beta.clamp_min(tiny)[:, None], 0.0)
         # z_j = M⁻¹ v_j as used (see the docstring); without a preconditioner z_j = v_j.
         directions = (
