@@ -908,6 +908,33 @@ def test_newton_krylov_stops_solving_at_the_run_s_tolerance(
     assert max(guarded.residual_history[-1]) <= 1e-10
 
 
+def test_the_run_s_last_solve_keeps_the_shared_factorisation() -> None:
+    # A mean scale moved by 0.05 (beyond the 0.02 that refactors M) is factored again, unless
+    # the tolerance's floor set every running sample's forcing term: that solve is expected to
+    # end the run, and a stale M costs it a GMRES step or two, not an LU.
+    from deqcli.linalg.operators import RowScaledJacobian
+    from deqcli.solvers.directions import KrylovDirection
+
+    gen = torch.Generator().manual_seed(3)
+    n, batch = 16, 3
+    weight = 0.9 * _haar(n, 3)
+    scale = 0.5 + 0.1 * torch.rand(batch, n, generator=gen, dtype=torch.float64)
+    value = torch.zeros(batch, n, dtype=torch.float64)
+    running = torch.tensor([True, True, False])
+    direction = KrylovDirection(40, "ew", 0.5, 0.9, "shared")
+    first = direction._preconditioner(
+        RowScaledJacobian(value, scale, weight, residual=True), running
+    )
+    assert first is not None and direction.factorisations == 1
+    moved = RowScaledJacobian(value, scale + 0.05, weight, residual=True)
+    direction.last = torch.tensor([True, True, False])  # the stopped sample's flag is not read
+    assert direction._preconditioner(moved, running) is first
+    assert direction.factorisations == 1
+    direction.last = torch.tensor([True, False, False])
+    again = direction._preconditioner(moved, running)
+    assert again is not first and direction.factorisations == 2
+
+
 def test_the_shared_preconditioner_needs_a_row_scaled_jacobian() -> None:
     problem, _ = _linear_layer(0.5 * _haar(5, 1), 2, 1)  # no row-scaled form given
     solver = make_solver("newton-krylov", {"precondition": "shared"})

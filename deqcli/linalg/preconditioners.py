@@ -106,4 +106,4 @@ class SharedLinearisation:
         # the solution comes back column-major, so its transpose is (B, n) rows again.
         low = v.to(self.lu.dtype)
         solved = torch.linalg.lu_solve(self.lu, self.pivots, low.mT, adjoint=True)
-        return solved.mT.to(v.dtype, memory_format=torch.contiguous_format).contiguous()
+        return solved.mT.to(v.dtype).contiguous()  # no copy: already (B, n) in row order

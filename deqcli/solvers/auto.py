@@ -301,14 +301,12 @@ class AutoMethod(Method):
     def __init__(self, options: Solver) -> None:
         super().__init__(options)
         self.test = ConvergenceTest()
-        self.max_iter: int | None = None
-        self.stop: StopRule | None = None
+        self.stop: StopRule | None = None  # the run's rule (``setup``); its presets get it too
 
     def setup(self, stop: StopRule) -> None:
         """Adopt the run's convergence test (its divergence ceiling and non-finite rule) and
         iteration budget; the presets are set up with the same rule."""
         self.test = stop.test
-        self.max_iter = stop.max_iter
         self.stop = stop
 
     def _make(self, name: str) -> Solver:
@@ -319,6 +317,10 @@ class AutoMethod(Method):
         if self.stop is not None:
             solver.setup(self.stop)
         return solver
+
+    def _iterations_left(self, s: AutoState) -> float:
+        """The run's iterations still to come (inf without a stopping rule)."""
+        return math.inf if self.stop is None else self.stop.max_iter - s.k
 
     def _watch(self, name: str, patience: int | None = None) -> StallWatch:
         o = self.options
@@ -554,7 +556,7 @@ class AutoMethod(Method):
             )
         # A method whose predicted iterations do not fit in the iterations left is not chosen
         # while another does (the Newton methods' few outer steps always fit).
-        left = math.inf if self.max_iter is None else self.max_iter - s.k
+        left = self._iterations_left(s)
         inserted = shared is not None and not listed
         # Plain iteration is never faster than Anderson on the same problem: at Anderson's own
         # rate it would take k_anderson iterations, a cost it can only exceed. Where the choice
@@ -681,7 +683,7 @@ class AutoMethod(Method):
         k_fixed = float(torch.where(slow, need, torch.zeros_like(need)).max())
         cost = ITERATION_MARGIN * k_fixed
         record["fixed_point_iterations"] = round(k_fixed)
-        left = math.inf if self.max_iter is None else self.max_iter - s.k
+        left = self._iterations_left(s)
         newton = self._newton_cost(problem, s)
         if newton is not None:
             newton *= NEWTON_AFTER_STALL
