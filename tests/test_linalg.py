@@ -3,6 +3,7 @@ against exact eigenvalues and singular values."""
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -505,7 +506,6 @@ def test_finite_matrices_flags_exactly_the_matrices_with_a_non_finite_entry() ->
 
 
 def test_shared_linearisation_applies_the_inverse_of_the_mean_scaled_matrix() -> None:
-    from deqcli.linalg.operators import RowScaledJacobian
     from deqcli.linalg.preconditioners import SharedLinearisation, shared_weight
 
     gen = torch.Generator().manual_seed(4)
@@ -568,6 +568,84 @@ def test_gmres_keeps_its_accuracy_with_an_inexact_preconditioner() -> None:
     true = torch.linalg.vector_norm(b - res.x @ a.T, dim=1) / torch.linalg.vector_norm(b, dim=1)
     assert float(true.max()) <= 1e-11
     assert int(res.iterations.max()) <= 6  # A M̃⁻¹ = I + O(1e-6): a few steps
+
+
+def _row_scaled_layer(
+    n: int, batch: int, seed: int, spread: float
+) -> tuple[RowScaledJacobian, torch.Tensor]:
+    """J_g = I − diag(s_b) W with W = 0.99·(Haar orthogonal), scales 1 − spread·U(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = 0.99 * _haar_matrix(n, gen)
+    scale = 1 - spread * torch.rand(batch, n, generator=gen, dtype=torch.float64)
+    value = torch.zeros(batch, n, dtype=torch.float64)
+    v = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    return RowScaledJacobian(value, scale, weight, residual=True), v
+
+
+def test_shared_linearisation_gives_the_preconditioned_product_from_its_own_solve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # M u = v with M = I − diag(s̄) W gives W u = (u − v)/s̄, so A u = u − (s_b/s̄)(u − v) with
+    # no product with W: exact as far as the solve is (float64 factors: to rounding).
+    from deqcli.linalg import preconditioners
+    from deqcli.linalg.preconditioners import SharedLinearisation
+
+    op, v = _row_scaled_layer(40, 4, 6, spread=0.5)
+    rows = torch.tensor([True, True, False, True])
+    monkeypatch.setitem(preconditioners.FACTOR_DTYPE, torch.float64, torch.float64)
+    exact = SharedLinearisation.of(op, rows)
+    assert exact is not None and exact.lu.dtype == torch.float64
+    u = exact(v)
+    torch.testing.assert_close(exact.product(op, v, u), op.matvec(u), rtol=0, atol=1e-12)
+    # J_f = diag(s_b) W itself, and the rows an operator leaves out (zeros, as its matvec).
+    f_op = RowScaledJacobian(op.value, op.scale, op.weight, residual=False).with_active(rows)
+    product = exact.product(f_op, v, u)
+    torch.testing.assert_close(product, f_op.matvec(u), rtol=0, atol=1e-12)
+    assert not bool(product[2].any())
+    # Where the batch's mean scale is 0 in an entry every row's is: that term is 0, not NaN.
+    saturated = op.scale.clone()
+    saturated[:, 7] = 0.0
+    flat = RowScaledJacobian(op.value, saturated, op.weight, residual=True)
+    shared = SharedLinearisation.of(flat, rows)
+    assert shared is not None
+    torch.testing.assert_close(shared.product(flat, v, shared(v)), flat.matvec(shared(v)))
+    # Another W (or an operator without one) has no such product.
+    other = RowScaledJacobian(op.value, op.scale, op.weight.clone(), residual=True)
+    assert exact.product(other, v, u) is None
+    assert exact.product(DenseOperator(op.dense()), v, u) is None
+    monkeypatch.undo()
+    # With the float32 factors it is exact to the float32 solve's accuracy.
+    low = SharedLinearisation.of(op, rows)
+    assert low is not None and low.lu.dtype == torch.float32
+    u = low(v)
+    error = torch.linalg.vector_norm(low.product(op, v, u) - op.matvec(u), dim=1)
+    assert float(error.max()) <= 1e-4 * float(torch.linalg.vector_norm(u, dim=1).max())
+
+
+def test_gmres_takes_the_preconditioners_products_only_where_they_are_accurate_enough() -> None:
+    # The first step compares the preconditioner's product with A's (one JVP); within
+    # 1/FUSED_MARGIN of the tolerance the other steps use it, and the true residual still meets
+    # the tolerance. A tolerance the float32 products cannot vouch for takes A's every step.
+    from deqcli.linalg.krylov import FUSED_MARGIN
+    from deqcli.linalg.preconditioners import SharedLinearisation
+
+    op, b = _row_scaled_layer(200, 3, 7, spread=0.05)
+    shared = SharedLinearisation.of(op, torch.ones(3, dtype=torch.bool))
+    assert shared is not None
+    jvps: list[int] = []
+    counted = copy.copy(op)
+    counted._on_product = lambda kind: jvps.append(1)
+    norm = torch.linalg.vector_norm(b, dim=1)
+    for rtol, fused in ((1e-3, True), (1e-12, False)):
+        jvps.clear()
+        res = gmres(counted, b, rtol=rtol, restart=40, max_matvecs=40, precond=shared)
+        true = torch.linalg.vector_norm(b - op.matvec(res.x), dim=1) / norm
+        assert bool(res.converged.all()) and float(true.max()) <= rtol
+        steps = int(res.iterations.max())
+        assert steps >= 3
+        # Fused: the first step's check and the closing true residual; else one per step too.
+        assert len(jvps) == (2 if fused else steps + 1)
+    assert 1e-12 * FUSED_MARGIN < 1e-6  # the tight solve asked beyond the products' accuracy
 
 
 def _haar_matrix(n: int, gen: torch.Generator) -> torch.Tensor:

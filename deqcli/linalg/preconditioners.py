@@ -72,6 +72,9 @@ class SharedLinearisation:
         m = torch.eye(weight.shape[0], dtype=low, device=weight.device)
         m.addcmul_(low_weight, mean_scale[:, None].to(low), value=-1.0)
         self.lu, self.pivots = torch.linalg.lu_factor(m.mT)
+        # s_b / s̄ for ``product``, and the scales s_b it was computed from.
+        self._ratio = mean_scale
+        self._ratio_of: torch.Tensor | None = None
 
     @classmethod
     def of(
@@ -99,6 +102,30 @@ class SharedLinearisation:
     def fits(self, mean_scale: torch.Tensor) -> bool:
         """Whether this factorisation still stands for a batch whose mean scale is ``mean_scale``."""
         return float((mean_scale - self.mean_scale).abs().max()) <= REFACTOR_CHANGE
+
+    def product(self, op: LinearOperator, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+        """A u for A = ``op`` = I − diag(s_b) W and u = M⁻¹v as this factorisation gave it, with
+        no product with W (None where ``op`` is not that operator for this W).
+
+        M u = v with M = I − diag(s̄) W says diag(s̄) W u = u − v, so
+        A u = u − diag(s_b) W u = u − (s_b / s̄)(u − v): the product a preconditioned GMRES step
+        needs comes with the preconditioner's solve, for an elementwise product instead of a
+        pass over W (where s̄ is 0, every row's scale is, and so is the term). It is exact only
+        as far as the solve was: the float32 factorisation's rounding, times ‖M⁻¹‖ and the
+        ratios s_b / s̄ (``gmres`` measures it before it relies on it).
+        """
+        if not isinstance(op, RowScaledJacobian) or op.weight is not self.weight:
+            return None
+        if self._ratio_of is not op.scale:
+            mean = self.mean_scale.to(op.scale.dtype)
+            ratio = op.scale / mean.clamp_min(torch.finfo(mean.dtype).tiny)
+            self._ratio = torch.where(mean > 0, ratio, 0.0)
+            self._ratio_of = op.scale
+        applied = self._ratio * (u - v)
+        out = u - applied if op.residual else applied
+        if op.active is not None:
+            out = torch.where(op.active[:, None], out, 0.0)
+        return out
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         # Row b of the result is M⁻¹ v_b = (Mᵀ)⁻ᵀ v_b: the rows, seen as the columns of an
