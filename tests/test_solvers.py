@@ -622,8 +622,10 @@ def test_krylov_probe_reads_the_preconditioned_gmres_residual_from_the_arnoldi_s
     # With the shared preconditioner the probe's Arnoldi steps run on (I − J_f) M⁻¹, and its
     # estimate is right-preconditioned GMRES's own residual after 12 steps.
     from deqcli.linalg import gmres, jacobian_operator
+    from deqcli.linalg.krylov import FUSED_MARGIN
     from deqcli.solvers.auto import (
         PROBE_STEPS,
+        PROBE_TOLERANCE,
         _jacobian_f,
         _krylov_residual,
         _shared_preconditioner,
@@ -636,7 +638,8 @@ def test_krylov_probe_reads_the_preconditioned_gmres_residual_from_the_arnoldi_s
     op = _jacobian_f(problem, z, running)
     shared = _shared_preconditioner(problem, op, running)
     assert shared is not None
-    estimate = _krylov_residual(op, g, running, shared)
+    # M⁻¹ alone (a plain callable: no products of its own), so every step takes a JVP.
+    estimate = _krylov_residual(op, g, running, lambda v: shared(v))
     system = jacobian_operator(problem, z, counted=False)
     reached = gmres(
         system, -g, rtol=1e-300, restart=PROBE_STEPS, max_matvecs=PROBE_STEPS + 1, precond=shared
@@ -644,6 +647,13 @@ def test_krylov_probe_reads_the_preconditioned_gmres_residual_from_the_arnoldi_s
     assert int(reached.iterations.max()) == PROBE_STEPS
     torch.testing.assert_close(estimate, reached.residual, rtol=1e-6, atol=0)
     assert bool((estimate < 1).all())
+    # With the shared linearisation itself, its solves give 11 of the 12 products (the first is
+    # a JVP that vouches for them to PROBE_TOLERANCE / FUSED_MARGIN), and the residual read off
+    # the steps is GMRES's to within that.
+    jvps = sum(problem.counter.jvp)
+    fused = _krylov_residual(op, g, running, shared)
+    assert sum(problem.counter.jvp) - jvps == 3  # one batched product, for each of the 3 rows
+    assert float((fused - reached.residual).abs().max()) <= PROBE_TOLERANCE / FUSED_MARGIN
 
 
 def test_auto_probe_sends_a_real_spectrum_to_newton_krylov_beyond_dense_max() -> None:
@@ -793,7 +803,9 @@ def test_auto_probe_skips_methods_that_would_not_finish_in_the_iterations_left()
     )
     probe = info["probe"]
     # Plain iteration would not finish even at Anderson's rate: ρ(J_f) is not probed.
-    assert probe["ritz_rho"] is None and max(result.counts.jvp) == 12  # the Krylov probe's
+    # The Krylov probe's 12 Arnoldi steps: one JVP, which vouches for the other 11 products
+    # that the shared preconditioner's solves give (within PROBE_TOLERANCE / FUSED_MARGIN).
+    assert probe["ritz_rho"] is None and max(result.counts.jvp) == 1
     assert probe["costs"]["newton"] > probe["fixed_point_at_least"]
     assert 1.6 * probe["anderson_iterations"] > probe["iterations_left"] == 162
     # The preconditioned Newton–Krylov (the layer's Jacobian is diag(s)·W with one W) is weighed

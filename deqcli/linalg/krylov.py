@@ -128,11 +128,9 @@ def gmres(
     stagnated = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = torch.zeros(batch, dtype=torch.int64, device=device)
     anorm = torch.zeros(batch, dtype=dtype, device=device)
-    apply_m = precond if precond is not None else (lambda v: v)
-    # Whether the preconditioner's own products (see FUSED_MARGIN) stand in for A's; decided at
-    # the first step.
-    fused = getattr(precond, "product", None)
-    trusted = False
+    # A M⁻¹v for the steps; the preconditioner's own products where they are accurate enough for
+    # the tolerance GMRES is asked (relative to the residual it starts from).
+    products_of = _Products(op, precond, target / beta.clamp_min(tiny))
     reserve = 1 if true_residual else 0
     while bool(open_.any()) and used + reserve < budget:
         m = min(m_max, budget - used - reserve)
@@ -151,18 +149,9 @@ def gmres(
         live = open_.clone()
         cols = torch.zeros(batch, dtype=torch.int64, device=device)
         for j in range(m):
-            direction = apply_m(basis[:, j])
+            direction, w = products_of(basis[:, j], live)
             if directions is not None:
                 directions[:, j] = direction
-            if trusted:
-                w = fused(op, basis[:, j], direction)
-            else:
-                w = op.matvec(direction)
-                if fused is not None:
-                    trusted = _fused_within(
-                        fused(op, basis[:, j], direction), w, target, beta, live
-                    )
-                    fused = fused if trusted else None
             used += 1
             products += live.to(torch.int64)
             size = _norms(w)
@@ -236,21 +225,41 @@ def gmres(
     return KrylovResult(x, rel, converged, stagnated, steps, used, products)
 
 
-def _fused_within(
-    fused: torch.Tensor | None,
-    w: torch.Tensor,
-    target: torch.Tensor,
-    beta: torch.Tensor,
-    rows: torch.Tensor,
-) -> bool:
-    """Whether ``fused``, a preconditioner's product for a unit basis vector, is within
-    1/FUSED_MARGIN of every row's relative tolerance (``target``/``beta`` from here on) of the
-    true product ``w``, over ``rows``."""
-    if fused is None or not bool(rows.any()):
-        return False
-    error = _norms(fused - w)[rows]
-    tolerance = (target / beta.clamp_min(torch.finfo(beta.dtype).tiny))[rows]
-    return bool((FUSED_MARGIN * error <= tolerance).all())
+class _Products:
+    """The products A M⁻¹v a Krylov method's steps need, as (M⁻¹v, A M⁻¹v) (M⁻¹ = I without a
+    preconditioner).
+
+    A preconditioner with a ``product`` (A M⁻¹v from the solve that gave M⁻¹v, no product with
+    A: ``SharedLinearisation``) has it measured against A's own at the first step, and used for
+    the later ones where it is FUSED_MARGIN times closer to A's than ``tolerance`` (B,), the
+    relative residual each row is to reach, asks; else every step takes A's product."""
+
+    def __init__(
+        self,
+        op: LinearOperator,
+        precond: Callable[[torch.Tensor], torch.Tensor] | None,
+        tolerance: torch.Tensor,
+    ) -> None:
+        self.op = op
+        self.precond = precond
+        self.tolerance = tolerance
+        self.fused = getattr(precond, "product", None)
+        self.trusted = False
+
+    def __call__(self, v: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M⁻¹v, A M⁻¹v) for unit rows ``v``; ``rows`` are those still iterating."""
+        u = v if self.precond is None else self.precond(v)
+        if self.trusted:
+            return u, self.fused(self.op, v, u)
+        w = self.op.matvec(u)
+        if self.fused is not None:
+            fused = self.fused(self.op, v, u)
+            if fused is not None and bool(rows.any()):
+                error = _norms(fused - w)[rows]
+                self.trusted = bool((FUSED_MARGIN * error <= self.tolerance[rows]).all())
+            if not self.trusted:
+                self.fused = None  # decided: A's own products from here on
+        return u, w
 
 
 # -- Arnoldi ----------------------------------------------------------------------------------
@@ -265,10 +274,21 @@ class ArnoldiResult:
     size: torch.Tensor  # (B,) steps before a breakdown (an invariant subspace), at most m
 
 
-def arnoldi(op: LinearOperator, start: torch.Tensor, steps: int) -> ArnoldiResult:
-    """``steps`` Arnoldi steps from ``start`` (B, n) with per-row, scale-invariant breakdown.
+def arnoldi(
+    op: LinearOperator,
+    start: torch.Tensor,
+    steps: int,
+    *,
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tolerance: float = 0.0,
+) -> ArnoldiResult:
+    """``steps`` Arnoldi steps from ``start`` (B, n) with per-row, scale-invariant breakdown, on
+    A or, with a right preconditioner ``precond`` M⁻¹, on A M⁻¹.
 
     After a row's breakdown its further basis vectors and Hessenberg entries are zero.
+    ``tolerance``: the relative residual to which GMRES's residual will be read off H; where the
+    preconditioner's own products are FUSED_MARGIN times more accurate, they stand in for A's
+    (see ``_Products``; 0: A's products throughout).
     """
     batch, n = start.shape
     m = max(1, min(steps, n))
@@ -279,8 +299,9 @@ def arnoldi(op: LinearOperator, start: torch.Tensor, steps: int) -> ArnoldiResul
     basis[:, 0] = start / _norms(start).clamp_min(tiny)[:, None]
     alive = torch.ones(batch, dtype=torch.bool, device=start.device)
     size = torch.zeros(batch, dtype=torch.int64, device=start.device)
+    products_of = _Products(op, precond, torch.full_like(alive, tolerance, dtype=start.dtype))
     for j in range(m):
-        w = op.matvec(basis[:, j])
+        _, w = products_of(basis[:, j], alive)
         scale = _norms(w)
         w, h = _orthogonalise(basis, j + 1, w)
         norm = _norms(w)

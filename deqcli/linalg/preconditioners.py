@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from deqcli.linalg.operators import LinearOperator, RowScaledJacobian
+from deqcli.linalg.operators import LinearOperator, RowScaledJacobian, ShiftedOperator
 
 # Up to this n one LU of M (n³/3 multiply-adds, 0.05 s at n = 1024, 0.5 s at 2048 on one core)
 # is worth its cost against GMRES steps of B·n² each; beyond, M's n² numbers and its
@@ -104,25 +104,34 @@ class SharedLinearisation:
         return float((mean_scale - self.mean_scale).abs().max()) <= REFACTOR_CHANGE
 
     def product(self, op: LinearOperator, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
-        """A u for A = ``op`` = I − diag(s_b) W and u = M⁻¹v as this factorisation gave it, with
-        no product with W (None where ``op`` is not that operator for this W).
+        """A u for u = M⁻¹v as this factorisation gave it, with no product with W, where ``op``
+        is J = diag(s_b) W for this W, I − J, or α I + β times either (``ShiftedOperator``);
+        else None.
 
-        M u = v with M = I − diag(s̄) W says diag(s̄) W u = u − v, so
-        A u = u − diag(s_b) W u = u − (s_b / s̄)(u − v): the product a preconditioned GMRES step
-        needs comes with the preconditioner's solve, for an elementwise product instead of a
-        pass over W (where s̄ is 0, every row's scale is, and so is the term). It is exact only
-        as far as the solve was: the float32 factorisation's rounding, times ‖M⁻¹‖ and the
-        ratios s_b / s̄ (``gmres`` measures it before it relies on it).
+        M u = v with M = I − diag(s̄) W says diag(s̄) W u = u − v, so J u = (s_b / s̄)(u − v):
+        the product a preconditioned Krylov step needs comes with the preconditioner's solve,
+        for an elementwise product instead of a pass over W (where s̄ is 0, every row's scale
+        is, and so is the term). It is exact only as far as the solve was: the float32
+        factorisation's rounding, times ‖M⁻¹‖ and the ratios s_b / s̄ (the Krylov methods
+        measure it before they rely on it).
         """
-        if not isinstance(op, RowScaledJacobian) or op.weight is not self.weight:
+        alpha: float | torch.Tensor = 0.0
+        beta: float | torch.Tensor = 1.0
+        inner = op
+        if isinstance(op, ShiftedOperator):
+            alpha, beta, inner = op.alpha, op.beta, op.inner
+        if not isinstance(inner, RowScaledJacobian) or inner.weight is not self.weight:
             return None
-        if self._ratio_of is not op.scale:
-            mean = self.mean_scale.to(op.scale.dtype)
-            ratio = op.scale / mean.clamp_min(torch.finfo(mean.dtype).tiny)
+        if inner.residual:  # α I + β (I − J) = (α + β) I − β J
+            alpha, beta = alpha + beta, -beta
+        if self._ratio_of is not inner.scale:
+            mean = self.mean_scale.to(inner.scale.dtype)
+            ratio = inner.scale / mean.clamp_min(torch.finfo(mean.dtype).tiny)
             self._ratio = torch.where(mean > 0, ratio, 0.0)
-            self._ratio_of = op.scale
-        applied = self._ratio * (u - v)
-        out = u - applied if op.residual else applied
+            self._ratio_of = inner.scale
+        out = beta * (self._ratio * (u - v))
+        if not (isinstance(alpha, float) and alpha == 0.0):
+            out = out + alpha * u
         if op.active is not None:
             out = torch.where(op.active[:, None], out, 0.0)
         return out

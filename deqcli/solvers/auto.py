@@ -74,6 +74,11 @@ PROBE_AFTER = 30
 PROBE_LONG = 100
 # Arnoldi steps of the probe on J_f (one JVP each).
 PROBE_STEPS = 12
+# The relative residual down to which the probe reads GMRES's progress off its Arnoldi steps: a
+# preconditioner's own products (``deqcli.linalg.krylov._Products``) replace the JVPs where they
+# are that accurate (the residuals that decide between methods lie above 1e-3 after 12 steps;
+# below, a few more or fewer predicted steps change no choice).
+PROBE_TOLERANCE = 1e-3
 # The cost model, in evaluations of f: an Anderson iteration costs about ANDERSON_COST plain
 # ones (its mixing and QR updates are memory-bound passes over m stored columns); a Newton solve
 # about NEWTON_STEPS iterations of one Jacobian and an LU, about NEWTON_COST·n evaluations each
@@ -171,15 +176,12 @@ def _krylov_residual(
     ``_ritz_rho``: after Anderson's steps g holds little of the slow modes Anderson has already
     found, and Ritz values from g would miss them.)
     """
-    from deqcli.linalg import FunctionOperator, arnoldi
-
-    def newton_system(v: torch.Tensor) -> torch.Tensor:
-        u = v if precond is None else precond(v)
-        return u - op.matvec(u)
+    from deqcli.linalg import ShiftedOperator, arnoldi
 
     start = torch.where(running[:, None], g, torch.zeros_like(g))
-    system_op = FunctionOperator(newton_system, g).with_active(running)
-    system = arnoldi(system_op, start, PROBE_STEPS).hessenberg.to("cpu", torch.float64)
+    newton = ShiftedOperator(op, 1.0, -1.0).with_active(running)  # I − J_f
+    krylov = arnoldi(newton, start, PROBE_STEPS, precond=precond, tolerance=PROBE_TOLERANCE)
+    system = krylov.hessenberg.to("cpu", torch.float64)
     k = system.shape[2]
     e1 = torch.zeros(system.shape[0], k + 1, 1, dtype=torch.float64)
     e1[:, 0] = 1.0
