@@ -791,29 +791,30 @@ def test_auto_probes_a_small_closed_form_layer_by_anderson_s_work_not_its_iterat
 
 def test_auto_probe_skips_methods_that_would_not_finish_in_the_iterations_left() -> None:
     # 200 iterations in all: at the probe (iteration 38) plain iteration and anderson are
-    # predicted to need more than the 162 left, so Newton goes next although it costs more.
+    # predicted to need more than the 162 left, so a Newton method goes next although it costs
+    # more.
     problem = _nonnormal_layer(512, 8, 0)
     result = run(problem, make_solver("auto"), StopRule(atol=1e-8, max_iter=200))
     assert result.status is Status.CONVERGED
     info = result.extra["auto"]
-    assert info["methods"] == ["fixed_point", "anderson", "newton"]
+    assert info["methods"] == ["fixed_point", "anderson", "newton-krylov"]
     assert info["switches"] == [8, 38]
     assert info["reasons"][1].endswith(
         "; anderson, fixed_point would not finish in the 162 iterations left"
     )
     probe = info["probe"]
-    # Plain iteration would not finish even at Anderson's rate: ρ(J_f) is not probed.
-    # The Krylov probe's 12 Arnoldi steps: one JVP, which vouches for the other 11 products
-    # that the shared preconditioner's solves give (within PROBE_TOLERANCE / FUSED_MARGIN).
-    assert probe["ritz_rho"] is None and max(result.counts.jvp) == 1
+    # Plain iteration would not finish even at Anderson's rate: ρ(J_f) is not probed. (The
+    # Krylov probe's own products are counted in the test of its preconditioned residual.)
+    assert probe["ritz_rho"] is None
     assert probe["costs"]["newton"] > probe["fixed_point_at_least"]
     assert 1.6 * probe["anderson_iterations"] > probe["iterations_left"] == 162
     # The preconditioned Newton–Krylov (the layer's Jacobian is diag(s)·W with one W) is weighed
-    # too and is the cheapest that fits, but not by the margin that puts it ahead of the list:
-    # these rows' scales are far apart (inputs of scale 1), its estimate rests on long solves.
+    # too, is the cheapest that fits, and by the margin that puts it ahead of the list: its
+    # GMRES steps cost what unpreconditioned ones do (the solves give their products), 893
+    # evaluations against dense Newton's 1792, and it finishes within the budget.
     assert probe["preconditioner"] == "shared"
-    assert probe["costs"]["newton"] / 2 < probe["costs"]["newton-krylov"] < probe["costs"]["newton"]
-    assert probe["passed_over"] == "newton-krylov: not 2 times cheaper"
+    assert probe["costs"]["newton-krylov"] <= probe["costs"]["newton"] / 2
+    assert probe["choice"] == "newton-krylov" and "passed_over" not in probe
 
 
 def test_auto_ends_with_ptc_where_nothing_can_succeed() -> None:

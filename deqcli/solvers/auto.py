@@ -109,11 +109,12 @@ NEWTON_COST_CLOSED = 0.5
 KRYLOV_STEP_COST = 2.0
 KRYLOV_NEWTON_EXTRA = 2
 # Newton–Krylov preconditioned by the batch's shared linearisation (maps with J_f = diag(s) W,
-# one W: the tanh layer; ``deqcli.linalg.preconditioners``): a GMRES step costs
-# PRECONDITIONED_STEP_COST more (two triangular solves, about one product with W), and a run
-# about PRECONDITIONER_FACTORS LUs of n³/3 multiply-adds, n/(3B) evaluations each (2–5 on the
-# hard family). The probe reads the GMRES steps off the preconditioned system itself.
-PRECONDITIONED_STEP_COST = 1.0
+# one W: the tanh layer; ``deqcli.linalg.preconditioners``): a GMRES step costs KRYLOV_STEP_COST
+# as well, its two triangular solves in the JVP's place (the solve gives the step's product:
+# ``SharedLinearisation.product``; 0.7–3.5 evaluations measured at n = 256–2048, B = 8–64,
+# against 1.2–2.7 unpreconditioned), and a run about PRECONDITIONER_FACTORS LUs of n³/3
+# multiply-adds, n/(3B) evaluations each (2–5 on the hard family). The probe reads the GMRES
+# steps off the preconditioned system itself.
 PRECONDITIONER_FACTORS = 3
 # Where the list does not hold Newton–Krylov (the dense list), the preconditioned one is put
 # ahead of it only when estimated this many times cheaper than the next best. Its estimate
@@ -502,8 +503,8 @@ class AutoMethod(Method):
           from GMRES's residual on the Newton system after PROBE_STEPS more Arnoldi steps
           (``_krylov_residual``, ``_krylov_steps``), plus KRYLOV_NEWTON_EXTRA per Newton step;
           preconditioned by the shared linearisation where the map allows it (on any default
-          list), with the Arnoldi steps on the preconditioned system, PRECONDITIONED_STEP_COST
-          more per step and PRECONDITIONER_FACTORS LUs (see PRECONDITIONED_MARGIN).
+          list), with the Arnoldi steps on the preconditioned system, the same cost per step
+          and PRECONDITIONER_FACTORS LUs (see PRECONDITIONED_MARGIN).
 
         The cheapest is chosen for the slowest running sample; a switch names the numbers.
         The Ritz steps come last, and only where they can matter: plain iteration at
@@ -547,14 +548,12 @@ class AutoMethod(Method):
             steps = _krylov_steps(krylov, now, target, slow)
             record["krylov_steps"] = None if math.isinf(steps) else round(steps)
             krylov_steps = max(steps, NEWTON_STEPS)
-            per_step = KRYLOV_STEP_COST
             factors = 0.0
             if shared is not None:
                 record["preconditioner"] = "shared"
-                per_step += PRECONDITIONED_STEP_COST
                 factors = PRECONDITIONER_FACTORS * problem.dim / (3 * problem.batch)
             costs["newton-krylov"] = ITERATION_MARGIN * (
-                per_step * krylov_steps + KRYLOV_NEWTON_EXTRA * NEWTON_STEPS + factors
+                KRYLOV_STEP_COST * krylov_steps + KRYLOV_NEWTON_EXTRA * NEWTON_STEPS + factors
             )
         # A method whose predicted iterations do not fit in the iterations left is not chosen
         # while another does (the Newton methods' few outer steps always fit).
