@@ -54,6 +54,8 @@ class KrylovResult:
     # (B,) products each row needed (int64): its Krylov steps and the residuals recomputed while
     # it was open; what the row alone would have used, for counting per sample.
     products: torch.Tensor
+    # Of the ``matvecs``, those the preconditioner's solves gave (``_Products``), not A.
+    from_solves: int = 0
 
 
 def _orthogonalise(
@@ -222,7 +224,9 @@ def gmres(
         open_ &= torch.isfinite(beta) & (beta > target) & ~stuck
     rel = torch.where(bnorm == 0, torch.zeros_like(beta), beta / bnorm.clamp_min(tiny))
     converged = beta <= target
-    return KrylovResult(x, rel, converged, stagnated, steps, used, products)
+    return KrylovResult(
+        x, rel, converged, stagnated, steps, used, products, products_of.from_solves
+    )
 
 
 class _Products:
@@ -245,11 +249,13 @@ class _Products:
         self.tolerance = tolerance
         self.fused = getattr(precond, "product", None)
         self.trusted = False
+        self.from_solves = 0  # products the preconditioner's solves gave
 
     def __call__(self, v: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M⁻¹v, A M⁻¹v) for unit rows ``v``; ``rows`` are those still iterating."""
         u = v if self.precond is None else self.precond(v)
         if self.trusted:
+            self.from_solves += 1
             return u, self.fused(self.op, v, u)
         w = self.op.matvec(u)
         if self.fused is not None:

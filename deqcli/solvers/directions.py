@@ -602,6 +602,7 @@ class KrylovDirection(Direction):
         self.inner = 0
         self.shared: SharedLinearisation | None = None
         self.factorisations = 0  # LUs of the shared linearisation
+        self.from_solves = 0  # GMRES products its solves gave instead of JVPs
         self.atol = 0.0  # the run's absolute tolerance (``setup``): the floor of the forcing term
         # (B,) the forcing term is that floor (Eisenstat–Walker asked for less): the step that
         # solves the next system is expected to end the sample's run.
@@ -649,6 +650,7 @@ class KrylovDirection(Direction):
             true_residual=False,
         )
         self.inner = int(res.iterations.max()) if res.iterations.numel() else 0
+        self.from_solves += res.from_solves
         return res
 
     def _preconditioner(

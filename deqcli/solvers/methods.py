@@ -747,11 +747,14 @@ class KrylovTrustRegionMethod(Method):
 
 
 def _report_preconditioner(direction: Direction, result: SolveResult) -> None:
-    """``extra["preconditioner"]`` where GMRES ran preconditioned: which, and its LUs."""
+    """``extra["preconditioner"]`` where GMRES ran preconditioned: which, its LUs, and the
+    GMRES products its solves gave in place of JVPs (batched products: each counts for every
+    sample then running)."""
     if isinstance(direction, KrylovDirection) and direction.factorisations:
         result.extra["preconditioner"] = {
             "kind": "shared",
             "factorisations": direction.factorisations,
+            "products_from_solves": direction.from_solves,
         }
 
 
