@@ -258,13 +258,15 @@ class _Products:
             self.from_solves += 1
             return u, self.fused(self.op, v, u)
         w = self.op.matvec(u)
-        if self.fused is not None:
+        if self.fused is not None:  # the first step: measure, and decide once
             fused = self.fused(self.op, v, u)
-            if fused is not None and bool(rows.any()):
-                error = _norms(fused - w)[rows]
-                self.trusted = bool((FUSED_MARGIN * error <= self.tolerance[rows]).all())
+            self.trusted = (
+                fused is not None
+                and bool(rows.any())
+                and bool((FUSED_MARGIN * _norms(fused - w)[rows] <= self.tolerance[rows]).all())
+            )
             if not self.trusted:
-                self.fused = None  # decided: A's own products from here on
+                self.fused = None
         return u, w
 
 

@@ -73,7 +73,7 @@ class SharedLinearisation:
         m.addcmul_(low_weight, mean_scale[:, None].to(low), value=-1.0)
         self.lu, self.pivots = torch.linalg.lu_factor(m.mT)
         # s_b / s̄ for ``product``, and the scales s_b it was computed from.
-        self._ratio = mean_scale
+        self._ratio: torch.Tensor | None = None
         self._ratio_of: torch.Tensor | None = None
 
     @classmethod
@@ -124,14 +124,12 @@ class SharedLinearisation:
             return None
         if inner.residual:  # α I + β (I − J) = (α + β) I − β J
             alpha, beta = alpha + beta, -beta
-        if self._ratio_of is not inner.scale:
+        if self._ratio is None or self._ratio_of is not inner.scale:
             mean = self.mean_scale.to(inner.scale.dtype)
             ratio = inner.scale / mean.clamp_min(torch.finfo(mean.dtype).tiny)
             self._ratio = torch.where(mean > 0, ratio, 0.0)
             self._ratio_of = inner.scale
-        out = beta * (self._ratio * (u - v))
-        if not (isinstance(alpha, float) and alpha == 0.0):
-            out = out + alpha * u
+        out = alpha * u + beta * (self._ratio * (u - v))
         if op.active is not None:
             out = torch.where(op.active[:, None], out, 0.0)
         return out
