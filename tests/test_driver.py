@@ -193,6 +193,118 @@ def test_converged_samples_freeze_while_others_continue() -> None:
     np.testing.assert_allclose(result.solution[:, 0].numpy(), [1 / 0.9, 10.0], atol=1e-8)
 
 
+def _recording(problem: Problem) -> list[int]:
+    """Record the rows of every call of ``problem``'s map."""
+    seen: list[int] = []
+    inner = problem.func
+
+    def recording(z: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.append(z.shape[0])
+        return inner(z, p)
+
+    problem.func = recording
+    return seen
+
+
+def test_stopped_samples_are_no_longer_evaluated() -> None:
+    # z ← a·z + 1 per sample: ‖g_k‖ = aᵏ under plain iteration, so sample b stops at the first k
+    # with aᵏ ≤ 1e-12. The map is called with 3 rows until the fastest stops, 2 until the next,
+    # then 1, each with its own a; the answers are 1/(1 − a).
+    rates = [0.1, 0.5, 0.8]
+    problem = _rates_problem(rates)
+    seen = _recording(problem)
+    result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-12, max_iter=500))
+    assert result.status is Status.CONVERGED
+    np.testing.assert_allclose(
+        result.solution[:, 0].numpy(), [1 / (1 - a) for a in rates], rtol=0, atol=1e-11
+    )
+    stops = [math.ceil(math.log(1e-12) / math.log(a)) for a in rates]
+    assert result.iterations == stops
+    assert seen == [3] * (stops[0] + 1) + [2] * (stops[1] - stops[0]) + [1] * (stops[2] - stops[1])
+    # After the run every row is evaluated again (reports and diagnostics see the real map).
+    seen.clear()
+    torch.testing.assert_close(
+        problem.raw_f(result.solution), result.solution * problem.params["a"] + 1
+    )
+    assert seen == [3]
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "newton-krylov", "newton", "auto"])
+def test_every_solver_evaluates_only_the_running_samples(solver: str) -> None:
+    # z = a·tanh(2z) + 1 with a = 0.1, 0.3, 0.7: the samples stop at different iterations; after
+    # the first stops the map sees fewer rows, and each sample's iterations and evaluations are
+    # those it takes alone.
+    problem = _per_sample(
+        "fixed_point", lambda z, c: c * torch.tanh(2 * z) + 1, 1.0, [0.1, 0.3, 0.7]
+    )
+    seen = _recording(problem)
+    stop = StopRule(atol=1e-12, max_iter=100)
+    result = run(problem, make_solver(solver), stop)
+    assert result.status is Status.CONVERGED
+    assert len(set(result.iterations)) > 1
+    assert seen[0] == 3 and min(seen) < 3
+    assert float(problem.g(result.solution).abs().max()) <= 1e-12
+    alone = _per_sample_costs(problem, solver, stop)
+    assert [a[0] for a in alone] == result.iterations
+    assert result.counts.nfev == [a[1] for a in alone]
+
+
+def test_a_packed_problem_evaluates_the_running_rows_and_freezes_the_others() -> None:
+    # The tanh layer's map, its closed-form Jacobian and an autodiff JVP on a packed problem: the
+    # running rows equal the whole problem's, a stopped row has f ≡ its final z (g = 0 there,
+    # J_f = 0, so J_g v = v), whatever z the solver hands in for it.
+    from deqcli.problems.tanh_layer import tanh_layer_jacobian, tanh_layer_map
+
+    gen = torch.Generator().manual_seed(3)
+    problem = Problem(
+        name="layer",
+        kind="tanh_layer",
+        form="fixed_point",
+        func=tanh_layer_map,
+        z0=torch.zeros(4, 6, dtype=torch.float64),
+        params={
+            "W": torch.randn(6, 6, dtype=torch.float64, generator=gen) / 2,
+            "x": torch.randn(4, 6, dtype=torch.float64, generator=gen),
+        },
+        batched_params=frozenset({"x"}),
+        row_scaled_jacobian=tanh_layer_jacobian,
+    )
+    z = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    f_full = problem.raw_f(z)
+    _, s_full, weight = problem.closed_form_jacobian(z)
+    _, jv_full = problem.jvp(z, v)
+    final = z + 0.25  # the stopped rows' final iterates
+    running = torch.tensor([True, False, True, False])
+    problem.pack(running, final)
+    f = problem.raw_f(z)
+    torch.testing.assert_close(f[running], f_full[running], rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(f[~running], final[~running], rtol=0, atol=0)
+    _, scale, same = problem.closed_form_jacobian(z)
+    assert same is weight
+    torch.testing.assert_close(scale[running], s_full[running], rtol=1e-14, atol=0)
+    assert bool((scale[~running] == 0).all())
+    _, jv = problem.jvp(z, v)
+    torch.testing.assert_close(jv[running], jv_full[running], rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(jv[~running], v[~running], rtol=0, atol=0)
+    # Explicit parameters (an analysis's copy of the batch) are never packed.
+    torch.testing.assert_close(problem.raw_f(z, problem.params), f_full, rtol=0, atol=0)
+    problem.pack(None)
+    torch.testing.assert_close(problem.raw_f(z), f_full, rtol=0, atol=0)
+
+
+def test_a_packed_residual_problem_has_its_stopped_rows_at_their_final_z() -> None:
+    # g(z) = z² − c per sample, packed with sample 1 stopped at 3: its residual is z − 3 (a root
+    # at its final iterate, Jacobian I), the running rows keep z² − c with their own c.
+    problem = _per_sample("residual", lambda z, c: z**2 - c, 1.0, [2.0, 5.0, 7.0])
+    z = torch.tensor([[1.5], [2.0], [2.5]], dtype=torch.float64)
+    problem.pack(torch.tensor([True, False, True]), torch.full((3, 1), 3.0, dtype=torch.float64))
+    g = problem.raw_g(z)
+    torch.testing.assert_close(g[:, 0], torch.tensor([0.25, -1.0, -0.75], dtype=torch.float64))
+    _, jac = problem.jacobian(z)
+    torch.testing.assert_close(jac[:, 0, 0], torch.tensor([3.0, 1.0, 5.0], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson", "auto"])
 def test_norms_handed_to_the_driver_are_each_rows_residual(solver: str) -> None:
     # These steps give the driver norms they computed or know (‖g‖; fixed_point also ‖f‖ and its

@@ -206,7 +206,12 @@ def test_torchdeq_forward_iteration_matches_ours_step_for_step() -> None:
     theirs = run(problem, make_solver("torchdeq:fixed_point_iter"), stop)
     ours = run(problem, make_solver("fixed_point"), stop)
     assert theirs.iterations == ours.iterations
-    np.testing.assert_allclose(theirs.residual_history, ours.residual_history, rtol=1e-12)
+    # Once a sample stops, ours evaluates the others alone (Problem.pack): the same arithmetic
+    # in another summation order, so a residual near 1e-10 agrees to the rounding of the
+    # iterate (about 1e-16 absolute) rather than to 1e-12 of itself.
+    np.testing.assert_allclose(
+        theirs.residual_history, ours.residual_history, rtol=1e-12, atol=1e-15
+    )
     torch.testing.assert_close(theirs.solution, ours.solution, atol=1e-14, rtol=0)
 
 

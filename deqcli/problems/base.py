@@ -122,6 +122,8 @@ class Problem:
     state_shape: tuple[int, ...] | None = None
     row_scaled_jacobian: RowScaledJacobian | None = None
     counter: Counter = field(init=False)
+    # Set by the driver while some samples have stopped (see ``pack``); copies start without it.
+    _packing: _Packing | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.z0.dim() != 2:
@@ -162,13 +164,62 @@ class Problem:
         """Floating dtype of the iterates."""
         return self.z0.dtype
 
+    # -- evaluating only the samples still running ----------------------------------------------
+    def pack(self, running: torch.Tensor | None, z: torch.Tensor | None = None) -> None:
+        """Evaluate only the ``running`` rows from now on (None or all rows: every row again).
+
+        The driver calls this when samples stop. A stopped sample's result is final and the
+        driver restores its row after every step, so whatever a solver computes for it is never
+        read: its map becomes the constant ``f ≡ z`` (its final iterate, given in ``z``), with
+        g = 0 there, J_f = 0 and J_g = I (well posed for every solver's arithmetic), and costs
+        nothing. The running rows' values are those of the whole problem: rows are independent
+        (the ``func`` contract). A batch whose last samples run for hundreds of iterations after
+        the others stopped then pays for those samples alone.
+        """
+        if running is None or z is None or bool(running.all()):
+            self._packing = None
+            return
+        index = running.nonzero().flatten()
+        params = {
+            k: v.index_select(0, index.to(v.device)) if k in self.batched_params else v
+            for k, v in self.params.items()
+        }
+        self._packing = _Packing(index=index, value=z.detach(), params=params)
+
+    def _evaluate(self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """``func`` at ``z``: on the running rows alone while the problem is packed."""
+        packing = self._packing
+        if params is not None or packing is None or z.shape[0] != self.batch:
+            return self.func(z, self.params if params is None else params)
+        part = self.func(z.index_select(0, packing.index), packing.params)
+        # A stopped row: f ≡ its final z, so g(z) = z − that in the residual form.
+        rest = packing.value if self.form == "fixed_point" else z - packing.value
+        return rest.index_copy(0, packing.index, part)
+
+    def closed_form_jacobian(
+        self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(f(z), s, W) with J_f = diag(s) W from ``row_scaled_jacobian``, uncounted (packed as
+        ``raw_f`` is: a stopped row has f ≡ its final z and s = 0)."""
+        assert self.row_scaled_jacobian is not None
+        checkpoint()
+        packing = self._packing
+        if params is not None or packing is None or z.shape[0] != self.batch:
+            return self.row_scaled_jacobian(z, self.params if params is None else params)
+        part, scale, weight = self.row_scaled_jacobian(
+            z.index_select(0, packing.index), packing.params
+        )
+        f = packing.value.index_copy(0, packing.index, part)
+        scale = scale.new_zeros(z.shape).index_copy(0, packing.index, scale)
+        return f, scale, weight
+
     # -- the raw (uncounted) maps, used by the counted wrappers and by autodiff ---------------
     def raw_f(
         self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """The fixed-point map without counting (for autodiff compositions)."""
         checkpoint()  # run.timeout and a held Ctrl-C stop every evaluation, counted or not
-        out = self.func(z, self.params if params is None else params)
+        out = self._evaluate(z, params)
         return out if self.form == "fixed_point" else z - out
 
     def raw_g(
@@ -176,7 +227,7 @@ class Problem:
     ) -> torch.Tensor:
         """The residual g(z) = z − f(z) without counting."""
         checkpoint()
-        out = self.func(z, self.params if params is None else params)
+        out = self._evaluate(z, params)
         return z - out if self.form == "fixed_point" else out
 
     # -- counted evaluations -------------------------------------------------------------
@@ -216,8 +267,7 @@ class Problem:
         self.counter.bump("njev")
         n = self.dim
         if self.row_scaled_jacobian is not None:
-            checkpoint()
-            f, scale, weight = self.row_scaled_jacobian(z, self.params)
+            f, scale, weight = self.closed_form_jacobian(z)
             if of == "f":
                 return f, scale[:, :, None] * weight
             # I − diag(s) W written in one pass over one (B, n, n) tensor, not two.
@@ -265,6 +315,15 @@ class Problem:
     def with_start(self, z0: torch.Tensor) -> Problem:
         """A copy that starts from ``z0`` (warm starts)."""
         return replace(self, z0=z0)
+
+
+@dataclass
+class _Packing:
+    """What a packed problem evaluates: the running rows, their parameters, the stopped rows' z."""
+
+    index: torch.Tensor  # (R,) the running rows
+    value: torch.Tensor  # (B, n) each stopped row's final z (its map's constant value)
+    params: dict[str, torch.Tensor]  # the problem's parameters on the running rows
 
 
 def _host_list(mask: torch.Tensor | Sequence[bool]) -> list[bool]:

@@ -329,6 +329,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     import torch
 
     problem.counter.reset()
+    problem.pack(None)
     start = time.perf_counter()
     test = stop.test
     solver.setup(stop)
@@ -416,6 +417,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         state.res = state.f_norm = state.step_norm = None
         if active is not counted:  # a stopped sample's evaluations no longer count
             problem.counter.running = counted = active
+            problem.pack(active, state.z)  # nor are they made (the map evaluates running rows)
         try:
             state = solver.step(problem, state)
         except deadline.DeadlineExceeded:
@@ -445,6 +447,7 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
         if untested is not None:
             untested.add(k, res, f_norm, state)
 
+    problem.pack(None)  # what follows (reports, diagnostics) evaluates every row
     if monitor is not None and k % every != 0:
         monitor(Iteration(k, res, 0, time.perf_counter() - start, stop))
     final = [s if s is not None else Status.MAX_ITER for s in status]
