@@ -208,9 +208,10 @@ def _recording(problem: Problem) -> list[int]:
 
 def test_stopped_samples_are_no_longer_evaluated() -> None:
     # z ← a·z + 1 per sample: ‖g_k‖ = aᵏ under plain iteration, so sample b stops at the first k
-    # with aᵏ ≤ 1e-12. The map is called with 3 rows until the fastest stops, 2 until the next,
-    # then 1, each with its own a; the answers are 1/(1 − a).
-    rates = [0.1, 0.5, 0.8]
+    # with aᵏ ≤ 1e-12. The map is called with all 4 rows until half of them have stopped (a few
+    # stopped rows are not worth taking out: PACK_FRACTION), then with the 2 running, then 1,
+    # each with its own a; the answers are 1/(1 − a).
+    rates = [0.1, 0.3, 0.5, 0.8]
     problem = _rates_problem(rates)
     seen = _recording(problem)
     result = run(problem, make_solver("fixed_point"), StopRule(atol=1e-12, max_iter=500))
@@ -220,13 +221,13 @@ def test_stopped_samples_are_no_longer_evaluated() -> None:
     )
     stops = [math.ceil(math.log(1e-12) / math.log(a)) for a in rates]
     assert result.iterations == stops
-    assert seen == [3] * (stops[0] + 1) + [2] * (stops[1] - stops[0]) + [1] * (stops[2] - stops[1])
+    assert seen == [4] * (stops[1] + 1) + [2] * (stops[2] - stops[1]) + [1] * (stops[3] - stops[2])
     # After the run every row is evaluated again (reports and diagnostics see the real map).
     seen.clear()
     torch.testing.assert_close(
         problem.raw_f(result.solution), result.solution * problem.params["a"] + 1
     )
-    assert seen == [3]
+    assert seen == [4]
 
 
 @pytest.mark.parametrize("solver", ["anderson", "broyden", "newton-krylov", "newton", "auto"])
@@ -294,15 +295,23 @@ def test_a_packed_problem_evaluates_the_running_rows_and_freezes_the_others() ->
 
 
 def test_a_packed_residual_problem_has_its_stopped_rows_at_their_final_z() -> None:
-    # g(z) = z² − c per sample, packed with sample 1 stopped at 3: its residual is z − 3 (a root
-    # at its final iterate, Jacobian I), the running rows keep z² − c with their own c.
-    problem = _per_sample("residual", lambda z, c: z**2 - c, 1.0, [2.0, 5.0, 7.0])
-    z = torch.tensor([[1.5], [2.0], [2.5]], dtype=torch.float64)
-    problem.pack(torch.tensor([True, False, True]), torch.full((3, 1), 3.0, dtype=torch.float64))
+    # g(z) = z² − c per sample, packed with samples 1 and 3 stopped at 4: their residual is z − 4
+    # (a root at the final iterate, Jacobian I), the running rows keep z² − c with their own c.
+    problem = _per_sample("residual", lambda z, c: z**2 - c, 1.0, [2.0, 5.0, 7.0, 3.0])
+    z = torch.tensor([[1.5], [2.0], [2.5], [1.0]], dtype=torch.float64)
+    final = torch.full((4, 1), 4.0, dtype=torch.float64)
+    problem.pack(torch.tensor([True, False, True, False]), final)
     g = problem.raw_g(z)
-    torch.testing.assert_close(g[:, 0], torch.tensor([0.25, -1.0, -0.75], dtype=torch.float64))
+    torch.testing.assert_close(
+        g[:, 0], torch.tensor([0.25, -2.0, -0.75, -3.0], dtype=torch.float64)
+    )
     _, jac = problem.jacobian(z)
-    torch.testing.assert_close(jac[:, 0, 0], torch.tensor([3.0, 1.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        jac[:, 0, 0], torch.tensor([3.0, 1.0, 5.0, 1.0], dtype=torch.float64)
+    )
+    # With more than PACK_FRACTION of the samples running, every row is evaluated.
+    problem.pack(torch.tensor([True, False, True, True]), final)
+    torch.testing.assert_close(problem.raw_g(z)[:, 0], (z**2 - problem.params["c"])[:, 0])
 
 
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson", "auto"])

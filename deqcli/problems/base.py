@@ -35,6 +35,11 @@ RowScaledJacobian = Callable[
 SCALAR_PULLBACK_MAX = 16
 # Dense Jacobians beyond this many bytes (over the whole batch) are refused with a clear error.
 DENSE_JACOBIAN_LIMIT_BYTES = 2 * 1024**3
+# A problem is packed (see ``Problem.pack``) once at most this fraction of its samples still run.
+# Taking rows out costs a copy in and out per evaluation and a matrix product over fewer rows
+# runs at a lower rate, so a few stopped samples gain nothing: on a layer whose 32 samples stop
+# within three iterations of each other (n = 512) packing every change cost 5–10 % of the run.
+PACK_FRACTION = 0.5
 
 
 @dataclass
@@ -166,7 +171,8 @@ class Problem:
 
     # -- evaluating only the samples still running ----------------------------------------------
     def pack(self, running: torch.Tensor | None, z: torch.Tensor | None = None) -> None:
-        """Evaluate only the ``running`` rows from now on (None or all rows: every row again).
+        """Evaluate only the ``running`` rows from now on (None: every row again), once they
+        are at most PACK_FRACTION of the batch.
 
         The driver calls this when samples stop. A stopped sample's result is final and the
         driver restores its row after every step, so whatever a solver computes for it is never
@@ -176,10 +182,13 @@ class Problem:
         (the ``func`` contract). A batch whose last samples run for hundreds of iterations after
         the others stopped then pays for those samples alone.
         """
-        if running is None or z is None or bool(running.all()):
+        if running is None or z is None:
             self._packing = None
             return
         index = running.nonzero().flatten()
+        if index.numel() > PACK_FRACTION * self.batch:
+            self._packing = None
+            return
         params = {
             k: v.index_select(0, index.to(v.device)) if k in self.batched_params else v
             for k, v in self.params.items()
