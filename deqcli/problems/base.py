@@ -189,11 +189,7 @@ class Problem:
         if index.numel() > PACK_FRACTION * self.batch:
             self._packing = None
             return
-        params = {
-            k: v.index_select(0, index.to(v.device)) if k in self.batched_params else v
-            for k, v in self.params.items()
-        }
-        self._packing = _Packing(index=index, value=z.detach(), params=params)
+        self._packing = _Packing(index=index, value=z.detach(), params=self.params_at(index))
 
     def _evaluate(self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
         """``func`` at ``z``: on the running rows alone while the problem is packed."""
@@ -307,11 +303,14 @@ class Problem:
         its rows equals the whole problem's map on those rows.
         """
         index = torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(self.device)
-        params = {
+        return replace(self, z0=self.z0.index_select(0, index), params=self.params_at(index))
+
+    def params_at(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameters for the samples ``index``: per-sample ones sliced, shared ones as they are."""
+        return {
             k: v.index_select(0, index.to(v.device)) if k in self.batched_params else v
             for k, v in self.params.items()
         }
-        return replace(self, z0=self.z0.index_select(0, index), params=params)
 
     def select(self, index: int) -> Problem:
         """Sample ``index`` as a problem of batch 1 with its own counter (for per-sample peers)."""

@@ -72,11 +72,9 @@ def jacobians_at(problem: Problem, z: torch.Tensor, index: torch.Tensor) -> torc
     if index.numel() == z.shape[0]:
         _, jac = problem.jacobian(z)
         return jac
-    params = {
-        k: v.index_select(0, index) if k in problem.batched_params else v
-        for k, v in problem.params.items()
-    }
-    part = dataclasses.replace(problem, z0=z.index_select(0, index), params=params)
+    part = dataclasses.replace(
+        problem, z0=z.index_select(0, index), params=problem.params_at(index)
+    )
     _, jac = part.jacobian(part.z0)
     for b in index.tolist():
         problem.counter.bump("njev", rows=b)
