@@ -294,6 +294,12 @@ def test_a_packed_problem_evaluates_the_running_rows_and_freezes_the_others() ->
     torch.testing.assert_close(problem.raw_f(z), f_full, rtol=0, atol=0)
 
 
+def test_closed_form_jacobian_needs_a_problem_that_has_one() -> None:
+    problem = _rates_problem([0.5])
+    with pytest.raises(ValueError, match="no closed-form Jacobian"):
+        problem.closed_form_jacobian(problem.z0)
+
+
 def test_a_packed_residual_problem_has_its_stopped_rows_at_their_final_z() -> None:
     # g(z) = z² − c per sample, packed with samples 1 and 3 stopped at 4: their residual is z − 4
     # (a root at the final iterate, Jacobian I), the running rows keep z² − c with their own c.

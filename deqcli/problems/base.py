@@ -191,10 +191,19 @@ class Problem:
             return
         self._packing = _Packing(index=index, value=z.detach(), params=self.params_at(index))
 
+    def _packed(
+        self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None
+    ) -> _Packing | None:
+        """The packing that applies to an evaluation at ``z``: none with explicit parameters (an
+        analysis's copy of the batch) or another number of rows."""
+        if params is not None or z.shape[0] != self.batch:
+            return None
+        return self._packing
+
     def _evaluate(self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
         """``func`` at ``z``: on the running rows alone while the problem is packed."""
-        packing = self._packing
-        if params is not None or packing is None or z.shape[0] != self.batch:
+        packing = self._packed(z, params)
+        if packing is None:
             return self.func(z, self.params if params is None else params)
         part = self.func(z.index_select(0, packing.index), packing.params)
         # A stopped row: f ≡ its final z, so g(z) = z − that in the residual form.
@@ -206,10 +215,11 @@ class Problem:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(f(z), s, W) with J_f = diag(s) W from ``row_scaled_jacobian``, uncounted (packed as
         ``raw_f`` is: a stopped row has f ≡ its final z and s = 0)."""
-        assert self.row_scaled_jacobian is not None
+        if self.row_scaled_jacobian is None:
+            raise ValueError(f"problem '{self.name}' has no closed-form Jacobian")
         checkpoint()
-        packing = self._packing
-        if params is not None or packing is None or z.shape[0] != self.batch:
+        packing = self._packed(z, params)
+        if packing is None:
             return self.row_scaled_jacobian(z, self.params if params is None else params)
         part, scale, weight = self.row_scaled_jacobian(
             z.index_select(0, packing.index), packing.params
