@@ -250,6 +250,41 @@ def test_every_solver_evaluates_only_the_running_samples(solver: str) -> None:
     assert result.counts.nfev == [a[1] for a in alone]
 
 
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden", "newton-krylov"])
+def test_a_stopped_sample_stays_at_its_final_iterate_while_the_others_run(solver: str) -> None:
+    # z = c·tanh(A z) + 1 in R³ with four values of c: the samples stop at different
+    # iterations. Once half have stopped the problem is packed, a stopped row's map is constant
+    # and a solver may move the row (Anderson's mixing does). The driver puts such rows back only
+    # when the running rows change or the run ends, so the solution, every kept iterate after a
+    # sample's stop and its residual record must still show the sample where it stopped: its own
+    # solve alone.
+    a = torch.tensor([[0.6, -0.8, 0.3], [0.8, 0.6, -0.2], [0.1, 0.4, 0.9]], dtype=torch.float64)
+    c = torch.tensor([[0.2], [0.5], [0.8], [0.95]], dtype=torch.float64)
+    problem = Problem(
+        name="rotating-tanh",
+        kind="test",
+        form="fixed_point",
+        func=lambda z, p: p["c"] * torch.tanh(z @ a.T) + 1,
+        z0=torch.zeros(4, 3, dtype=torch.float64),
+        params={"c": c},
+        batched_params=frozenset({"c"}),
+    )
+    stop = StopRule(atol=1e-12, max_iter=200, keep_iterates=200)
+    result = run(problem, make_solver(solver), stop)
+    assert result.status is Status.CONVERGED
+    assert len(set(result.iterations)) > 2
+    first = result.nit - len(result.tail_iterates) + 1  # the iteration of the oldest kept iterate
+    assert first == 0
+    residuals = np.asarray(result.residual_history)
+    for b, stopped in enumerate(result.iterations):
+        alone = run(problem.select(b), make_solver(solver), stop)
+        torch.testing.assert_close(result.solution[b], alone.solution[0], rtol=0, atol=1e-14)
+        for k in range(stopped, result.nit + 1):
+            assert torch.equal(result.tail_iterates[k][b], result.solution[b]), (b, k)
+        assert set(residuals[stopped:, b]) == {residuals[stopped, b]}
+        assert residuals[stopped, b] == float(torch.linalg.vector_norm(problem.g(result.solution)[b]))
+
+
 def test_a_packed_problem_evaluates_the_running_rows_and_freezes_the_others() -> None:
     # The tanh layer's map, its closed-form Jacobian and an autodiff JVP on a packed problem: the
     # running rows equal the whole problem's, a stopped row has f ≡ its final z (g = 0 there,

@@ -175,8 +175,8 @@ class Problem:
         are at most PACK_FRACTION of the batch.
 
         The driver calls this when samples stop. A stopped sample's result is final and the
-        driver restores its row after every step, so whatever a solver computes for it is never
-        read: its map becomes the constant ``f ≡ z`` (its final iterate, given in ``z``), with
+        driver puts its row back at the end (or at the next change of the running rows), so
+        whatever a solver computes for it is never read: its map becomes the constant ``f ≡ z`` (its final iterate, given in ``z``), with
         g = 0 there, J_f = 0 and J_g = I (well posed for every solver's arithmetic), and costs
         nothing. The running rows' values are those of the whole problem: rows are independent
         (the ``func`` contract). A batch whose last samples run for hundreds of iterations after
@@ -190,6 +190,11 @@ class Problem:
             self._packing = None
             return
         self._packing = _Packing(index=index, value=z.detach(), params=self.params_at(index))
+
+    @property
+    def packed(self) -> bool:
+        """True while only the running rows are evaluated (see ``pack``)."""
+        return self._packing is not None
 
     def _packed(
         self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None
