@@ -176,9 +176,9 @@ class Problem:
 
         The driver calls this when samples stop. A stopped sample's result is final and the
         driver puts its row back at the end (or at the next change of the running rows), so
-        whatever a solver computes for it is never read: its map becomes the constant ``f ≡ z`` (its final iterate, given in ``z``), with
-        g = 0 there, J_f = 0 and J_g = I (well posed for every solver's arithmetic), and costs
-        nothing. The running rows' values are those of the whole problem: rows are independent
+        whatever a solver computes for it is never read: its map becomes the constant ``f ≡ z``
+        (its final iterate, given in ``z``), with g = 0 there, J_f = 0 and J_g = I (well posed
+        for every solver's arithmetic), and costs nothing. The running rows' values are those of the whole problem: rows are independent
         (the ``func`` contract). A batch whose last samples run for hundreds of iterations after
         the others stopped then pays for those samples alone.
         """
