@@ -282,7 +282,9 @@ def test_a_stopped_sample_stays_at_its_final_iterate_while_the_others_run(solver
         for k in range(stopped, result.nit + 1):
             assert torch.equal(result.tail_iterates[k][b], result.solution[b]), (b, k)
         assert set(residuals[stopped:, b]) == {residuals[stopped, b]}
-        assert residuals[stopped, b] == float(torch.linalg.vector_norm(problem.g(result.solution)[b]))
+        assert residuals[stopped, b] == float(
+            torch.linalg.vector_norm(problem.g(result.solution)[b])
+        )
 
 
 def test_a_packed_problem_evaluates_the_running_rows_and_freezes_the_others() -> None:
