@@ -11,6 +11,8 @@ from deqcli.deadline import bounded
 from deqcli.limits import Limits, check_solve
 
 if TYPE_CHECKING:
+    import torch
+
     from deqcli.diagnostics.settings import DiagnosticOptions
     from deqcli.problems.base import Form, Problem
     from deqcli.result import SolveResult
@@ -135,7 +137,9 @@ def solve_map(
 
     ``z0`` is (batch, *state shape) — any shape, e.g. (B, C, H, W) — or one state of at most one
     dimension (used for every sample); without it the start is zeros in the shape ``f.init_state(x)``
-    returns, else ``state_shape``, else that of one call ``f(zeros like x, x)``. ``inputs`` is x with
+    returns, else ``state_shape``, else that of one call ``f(zeros like x, x)``, on the device and in
+    the dtype of x, else of the module's weights (lists and arrays given as ``z0`` or ``inputs`` are
+    placed there too; tensors are taken as they are). ``inputs`` is x with
     the batch first: row b of x goes with sample b wherever rows are evaluated (peers, diagnostics,
     sensitivities). ``form="residual"`` means f returns g(z) and the problem is g(z) = 0. A module's
     parameters and floating buffers become the problem's parameters under their state_dict names.
@@ -147,11 +151,18 @@ def solve_map(
     import torch
 
     from deqcli.device import default_atol
-    from deqcli.problems.model import from_map
+    from deqcli.problems.model import from_map, placement
     from deqcli.solvers.base import StopRule
 
-    x = None if inputs is None else torch.as_tensor(inputs)
-    start = None if z0 is None else torch.as_tensor(z0)
+    # Python data (lists, arrays) are placed where the map's own tensors are: a module's device
+    # and dtype, or the inputs'. As torch's default CPU tensors they would meet a CUDA module's
+    # weights. Tensors are taken as given.
+    x = None
+    if inputs is not None:
+        x = inputs if isinstance(inputs, torch.Tensor) else _placed(inputs, *placement(f, None))
+    start = None
+    if z0 is not None:
+        start = z0 if isinstance(z0, torch.Tensor) else _placed(z0, *placement(f, x), real=True)
     if start is not None and not start.is_floating_point():
         start = start.to(torch.get_default_dtype())
     label = name or getattr(f, "__name__", type(f).__name__)
@@ -176,6 +187,19 @@ def solve_map(
         stop_mode=stop_mode,
     )
     return _solve(problem, solver, solver_options, stop, diagnostics=diagnostics, precheck=precheck)
+
+
+def _placed(
+    value: Any, dtype: torch.dtype | None, device: torch.device | None, *, real: bool = False
+) -> torch.Tensor:
+    """``value`` (numbers, lists, arrays) as a tensor on ``device`` with floating values in
+    ``dtype``; with ``real`` (a start) integers become floating too."""
+    import torch
+
+    tensor = torch.as_tensor(value, device=device)
+    if tensor.is_floating_point():
+        return tensor if dtype is None else tensor.to(dtype)
+    return tensor.to(dtype or torch.get_default_dtype()) if real else tensor
 
 
 def _solve(

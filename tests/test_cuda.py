@@ -90,6 +90,21 @@ def test_deq_layer_backward_on_cuda_matches_cpu() -> None:
     torch.testing.assert_close(grads["cuda"].cpu(), grads["cpu"], atol=1e-9, rtol=1e-8)
 
 
+def test_a_cuda_module_gets_its_start_and_list_data_on_the_gpu() -> None:
+    import deqcli
+    from deqcli.nn import DEQLayer
+    from tests.models.cells import Baked, Injection
+
+    baked = Baked(torch.tensor([0.1, 0.2, 0.3, 0.4])).cuda()
+    made = deqcli.solve(baked, state_shape=(4,), diagnostics=False)
+    assert made.status.ok and made.solution.is_cuda
+    assert DEQLayer(baked, state_shape=(4,))().is_cuda
+    lists = deqcli.solve(
+        Injection().cuda(), [0.0] * 4, inputs=[[0.1] * 4, [0.2] * 4], diagnostics=False
+    )
+    assert lists.status.ok and lists.solution.is_cuda
+
+
 def test_remedy_trials_and_error_bound_on_cuda(cli) -> None:
     # The period-2 logistic map on the GPU: the diagnostics locate the fixed point, the trials run
     # there too, and the verified damping reaches 1 − 1/r as on the CPU.

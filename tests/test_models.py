@@ -549,6 +549,22 @@ def test_api_solves_a_module_with_inputs_in_its_own_shape() -> None:
     json.dumps(result.to_dict(), allow_nan=False)
 
 
+def test_api_starts_where_the_modules_weights_are() -> None:
+    # The start the API makes (from state_shape) or converts (a list z0, list inputs) takes the
+    # module's dtype and device, or the inputs' when there are some. Torch's default float32 CPU
+    # tensors would fail the first call of this float64 module, and of any module on a GPU.
+    import deqcli
+    from tests.models.cells import Baked
+
+    baked = Baked(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    made = deqcli.solve(baked, state_shape=(4,), diagnostics=False)
+    given = deqcli.solve(baked, [0, 0, 0, 0], diagnostics=False)
+    lists = deqcli.solve(Injection(), [0.0] * 4, inputs=[[0.1] * 4, [0.2] * 4], diagnostics=False)
+    for result in (made, given, lists):
+        assert result.status.ok and result.solution.dtype == torch.float64
+    torch.testing.assert_close(made.solution, given.solution, atol=1e-9, rtol=0)
+
+
 def test_api_errors_from_the_map_are_deq_errors() -> None:
     import deqcli
     from deqcli.errors import DeqError

@@ -7,7 +7,7 @@ import torch
 
 from deqcli.errors import DeqError, UsageError
 from deqcli.nn import DEQLayer
-from tests.models.cells import ConvCell, Injection
+from tests.models.cells import Baked, ConvCell, Injection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,6 +35,18 @@ def test_gradients_of_a_linear_layer_are_exact() -> None:
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-11, rtol=1e-10)
     assert layer.stats.backward_converged and layer.stats.backward_iterations > 0
+
+
+def test_a_layer_without_inputs_starts_in_its_modules_dtype_and_device() -> None:
+    # No x and no z0: the start is made in the shape given, where the module's weights are (a
+    # float64 module here; a CUDA module on a GPU), not as torch's default float32 CPU tensor.
+    cell = Baked(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    layer = DEQLayer(cell, state_shape=(4,), atol=1e-12, max_iter=200)
+    z = layer()
+    assert z.dtype == torch.float64 and z.shape == (1, 4)
+    assert layer.stats.status == "converged"
+    with torch.no_grad():
+        torch.testing.assert_close(cell(z), z, atol=1e-11, rtol=0)
 
 
 def _unrolled(cell: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, steps: int) -> torch.Tensor:

@@ -37,6 +37,28 @@ class ModelError(ConfigError, RuntimeError):
     """
 
 
+def placement(
+    fmap: Callable[..., Any], inputs: torch.Tensor | None
+) -> tuple[torch.dtype | None, torch.device | None]:
+    """Where a start made for ``fmap`` belongs: on the inputs' device, in their dtype when it is a
+    floating one; else (or for the dtype of integer inputs) where the module's first floating
+    parameter or buffer is. (None, None) for a plain callable without inputs: torch's defaults.
+
+    A start made anywhere else would meet the map's own tensors on another device (a CUDA
+    module given a CPU start) or in another dtype, and the map's first call would fail.
+    """
+    weight = None
+    if isinstance(fmap, torch.nn.Module):
+        tensors = (*fmap.parameters(), *fmap.buffers())
+        weight = next((t for t in tensors if t.is_floating_point()), None)
+    device = inputs.device if inputs is not None else None
+    dtype = inputs.dtype if inputs is not None and inputs.is_floating_point() else None
+    if weight is not None:
+        device = device or weight.device
+        dtype = dtype or weight.dtype
+    return dtype, device
+
+
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's parameters and floating-point buffers by state_dict name, detached."""
     out = {name: p.detach() for name, p in module.named_parameters()}
@@ -70,7 +92,8 @@ def from_map(
     ``z0`` is (batch, *state shape), or one state without the batch axis when it has at most one
     dimension (used for every sample). Without ``z0`` the start is ``fill`` everywhere, in the shape
     the module's ``init_state(x)`` returns, else ``state_shape``, else the shape of one call
-    ``fmap(zeros like x, x)``, in ``dtype`` on ``device`` (default: those of x). The batch is the
+    ``fmap(zeros like x, x)``, in ``dtype`` on ``device`` (default: those of x, else of the module's
+    parameters; see ``placement``). The batch is the
     rows of ``inputs``, else of ``z0``, else ``batch``. Messages name ``key`` and call the map ``what``.
     ``check`` evaluates the map once at z0 (finite, rows independent) before anything else runs;
     a training layer that builds a problem per step skips it (every call's shape is checked anyway).
@@ -224,10 +247,9 @@ def _start(
             f"cannot tell the shape of z: give {_names(key)[0]} (one sample's shape), "
             f"{_names(key)[1]}, or an init_state(x) method on the module",
         )
-    if dtype is None:
-        dtype = inputs.dtype if inputs is not None and inputs.is_floating_point() else None
-    if device is None and inputs is not None:
-        device = inputs.device
+    own_dtype, own_device = placement(call.fmap, inputs)
+    dtype = dtype or own_dtype
+    device = device or own_device
     return torch.full((rows or 1, *shape), fill, dtype=dtype, device=device)
 
 
