@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from deqcli.errors import ConfigError, DeqError
 from deqcli.expr import ExpressionError, parse_expression
@@ -64,7 +65,52 @@ class FileArray(BaseModel):
         return value
 
 
-class RandomArray(BaseModel):
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans(cls, data: Any) -> Any:
+        # Pydantic reads true as 1 for a number; YAML reads yes/no/on/off as booleans too, so
+        # `atol: yes` would silently be a tolerance of 1.0 and `max_iter: on` one iteration.
+        if not isinstance(data, dict):
+            return data
+        errors = [
+            InitErrorDetails(type=_BOOLEAN_NUMBER, loc=(name,), input=value)
+            for name, value in data.items()
+            if isinstance(name, str)
+            and name in cls.model_fields
+            and _numeric(cls.model_fields[name].annotation)
+            and _has_boolean(value)
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
+
+
+_BOOLEAN_NUMBER = PydanticCustomError(
+    "boolean_number", "expected a number; YAML reads true/false, yes/no and on/off as booleans"
+)
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number (or a list or tuple of numbers), and never a boolean."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _numeric(get_args(annotation)[0])
+    if origin is not None:  # Optional, unions, list[...] and tuple[...]
+        args = [a for a in get_args(annotation) if a is not type(None) and a is not Ellipsis]
+        return any(_numeric(a) for a in args) and bool not in args
+    return annotation in (int, float)
+
+
+def _has_boolean(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_has_boolean(v) for v in value)
+    return isinstance(value, bool)
+
+
+class RandomArray(_Spec):
     """A seeded random array.
 
     ``normal``/``uniform`` fill the shape with N(0, 1) or U(−1, 1) draws times ``scale``;
@@ -73,7 +119,6 @@ class RandomArray(BaseModel):
     [lo, hi] in a random orthonormal basis.
     """
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     random: Literal["normal", "uniform", "orthogonal", "symmetric"]
     shape: list[Annotated[int, Field(gt=0)]] | None = Field(
         default=None, description="the array's shape, where the key does not imply one"
@@ -132,6 +177,13 @@ def _check_rectangular(value: list[Any]) -> tuple[int, ...]:
         if len(shapes) != 1:
             raise ValueError("nested lists must be rectangular (all rows the same length)")
         return (len(value), *shapes.pop())
+    text = next((v for v in value if isinstance(v, str) and NUMBER.match(v.strip())), None)
+    if text is not None:
+        # YAML 1.1, which deq reads, takes 1e-3 (no decimal point) for a string, not a number.
+        raise ValueError(
+            f"lists must hold only numbers, and '{text}' is text here: write numbers unquoted "
+            "and with a decimal point (1.0e-3, not 1e-3)"
+        )
     raise ValueError("lists must hold only numbers (or lists of numbers)")
 
 
@@ -157,10 +209,6 @@ _ARRAY_SCHEMA = {
 ArraySpec = Annotated[Any, BeforeValidator(_parse_array), WithJsonSchema(_ARRAY_SCHEMA)]
 
 # -- problems ------------------------------------------------------------------------------
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TanhLayerSpec(_Spec):
@@ -762,13 +810,22 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
     known = {"n": dim}
     shared: dict[str, Any] = {}
     batch = spec.batch or _static_rows(spec.initial)
+    var = "w" if isinstance(spec, GradientDescentSpec) else "z"
     for group in ("params", "batch_params"):
         for name, value in getattr(spec, group).items():
+            key, line = f"problem.{group}.{name}", _line_for(("problem", group, name), lines)
             if not name.isidentifier() or name.startswith("_"):
-                raise ConfigError(
-                    f"problem.{group}.{name}",
-                    "parameter names must be identifiers not starting with _",
-                )
+                message = "parameter names must be identifiers not starting with _"
+                raise ConfigError(key, message, line=line)
+            # The formula's own names would silently win over (z, w) or replace (n) the
+            # parameter, and a name in both groups would keep only the per-sample value.
+            if name in (var, "n"):
+                meaning = "the unknown" if name == var else "the dimension of the unknown"
+                message = f"'{name}' is {meaning} in the formulas; rename the parameter"
+                raise ConfigError(key, message, line=line)
+            if group == "batch_params" and name in spec.params:
+                message = f"'{name}' is also in problem.params; keep it in one of them"
+                raise ConfigError(key, message, line=line)
             if isinstance(value, str):
                 result = parse(value, ("problem", group, name), known)
             else:
@@ -786,7 +843,6 @@ def check_expressions(cfg: Config, lines: dict[tuple[str, ...], int] | None = No
             f"a start of batch {batch} × n {dim} and its copies",
             key="problem.dim" if spec.dim else "problem.initial",
         )
-    var = "w" if isinstance(spec, GradientDescentSpec) else "z"
     if isinstance(spec.initial, str):
         # The start is built before per-sample parameters are spread over the batch.
         parse(spec.initial, ("problem", "initial"), shared)
@@ -933,11 +989,24 @@ def relocate_files(cfg: Config, paths: Mapping[str, str]) -> Config:
 def check_files(cfg: Config) -> None:
     """Files the config names (arrays, a python target, weights) must exist; checked without loading them."""
     for ref in config_files(cfg):
-        full = ref.path(cfg.base_dir)
-        if not full.exists():
-            raise ConfigError(
-                ref.key, f"file '{ref.name}' does not exist (looked in {full.parent})"
-            )
+        problem = unreadable_file(ref.path(cfg.base_dir), ref.name)
+        if problem is not None:
+            raise ConfigError(ref.key, problem)
+
+
+def unreadable_file(path: Path, name: str) -> str | None:
+    """Why the file a config names at ``path`` (written as ``name``) cannot be read, or None.
+
+    A directory fails to read anyway; a FIFO or a device would block the read (a FIFO with no
+    writer waits forever) or never end, so only regular files are read.
+    """
+    if not path.exists():
+        return f"file '{name}' does not exist (looked in {path.parent})"
+    if path.is_dir():
+        return f"'{name}' is a directory; name a file"
+    if not path.is_file():
+        return f"'{name}' is not a regular file (a FIFO or a device?); name a file"
+    return None
 
 
 def json_schema() -> dict[str, Any]:

@@ -95,8 +95,8 @@ def armed(seconds: float | None, what: str = "run.timeout") -> Iterator[Deadline
         mine = Deadline.after(max(seconds, 0.0), what)
     chosen = mine if outer is None or (mine is not None and mine.at < outer.at) else outer
     token = _current.set(chosen)
-    _watch(chosen)
     try:
+        _watch(chosen)  # inside: a failure here must not leave the deadline in force
         yield chosen
     finally:
         _current.reset(token)
@@ -144,6 +144,10 @@ def checkpoint() -> None:
 WATCHDOG_GRACE = 1.0
 # How soon it looks again when the process was not in the user's code (in torch, or in ours).
 WATCHDOG_RETRY = 0.1
+# The longest the timer is set for at once: setitimer refuses more than about 9e9 s (time_t in
+# microseconds), and a longer deadline (run.timeout: 1.0e300) is still valid. Past this the
+# alarm finds time left and sets the timer again (``_on_alarm``).
+WATCHDOG_MAX = 86_400.0
 
 _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH = f"{os.sep}torch{os.sep}"
@@ -188,7 +192,7 @@ def _watch(deadline: Deadline | None) -> None:
     if handler is not _on_alarm:
         signal.signal(signal.SIGALRM, _on_alarm)
     grace = min(WATCHDOG_GRACE, 0.1 * deadline.seconds)
-    signal.setitimer(signal.ITIMER_REAL, max(deadline.remaining() + grace, 1e-3))
+    signal.setitimer(signal.ITIMER_REAL, min(max(deadline.remaining() + grace, 1e-3), WATCHDOG_MAX))
 
 
 def _on_alarm(signum: int, frame: object) -> None:

@@ -36,3 +36,10 @@ class DeviceError(UsageError):
 
 class PeerUnavailableError(UsageError):
     """An optional peer library (e.g. torchdeq) is not installed."""
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` (its first line) for an exception from code that is not ours, or just
+    ``Type`` when it has no message (``raise MemoryError``, a bare ``assert``)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__

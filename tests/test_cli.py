@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,6 +221,41 @@ def test_bad_input_is_one_line_and_exit_two(cli, write_config) -> None:
         cli("solve", CONFIGS / "dottie.yaml", "--device", "tpu"), "run.device", "unknown device"
     )
     _one_line_error(cli("solve", CONFIGS / "dottie.yaml", "--dtype", "half"), "run.dtype")
+
+
+def _fifo(path: Path) -> None:
+    """A FIFO with no writer: reading it would wait forever. A daemon thread opens it for writing
+    and closes it at once, so that a read that was not refused ends (at EOF) instead of hanging."""
+    os.mkfifo(path)
+    threading.Thread(target=lambda: open(path, "wb").close(), daemon=True).start()
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (_fifo, "'W.npy' is not a regular file"),
+        (lambda path: path.mkdir(), "'W.npy' is a directory"),
+        (lambda path: path.write_bytes(b""), "cannot read 'W.npy': the file is empty"),
+    ],
+)
+def test_an_array_file_that_is_not_a_readable_file_is_bad_input(
+    cli, write_config, make: Callable[[Path], None], fragment: str
+) -> None:
+    cfg = write_config("problem: {kind: tanh_layer, dim: 2, W: {file: W.npy}}\n")
+    make(cfg.parent / "W.npy")
+    if "empty" not in fragment:  # deq validate checks the file without reading it
+        _one_line_error(cli("validate", cfg), "problem.W", fragment)
+    _one_line_error(cli("solve", cfg), "problem.W", fragment)
+
+
+def test_array_files_without_a_usable_array_are_bad_input(cli, write_config) -> None:
+    import torch
+
+    cfg = write_config("problem: {kind: tanh_layer, dim: 2, W: {file: W.pt}}\n")
+    torch.save({"epoch": 3}, cfg.parent / "W.pt")
+    _one_line_error(cli("solve", cfg), "problem.W", "'W.pt' holds no arrays")
+    torch.save((0.3 * torch.eye(2)).to_sparse(), cfg.parent / "W.pt")
+    _one_line_error(cli("solve", cfg), "problem.W", "sparse_coo tensor; save it dense")
 
 
 def test_shape_mismatch_names_the_key(cli, write_config) -> None:

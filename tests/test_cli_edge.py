@@ -36,6 +36,12 @@ DOTTIE = CONFIGS / "dottie.yaml"
         # Integers beyond 64 bits are named under the flag given, not as the --set they become.
         (["solve", DOTTIE, "--seed", "9" * 23], ["--seed: 999", "out of range", "< 2**63"]),
         (["sweep", DOTTIE, "--param", "a=1", "--max-iter", "-" + "9" * 23], ["--max-iter: -99"]),
+        # An option is never the value of the option before it (--json: see below).
+        (["solve", DOTTIE, "-s", "-q"], ["-s: expected a value, got the option -q", "--solver=-q"]),
+        (
+            ["sweep", DOTTIE, "--param", "--quiet"],
+            ["--param: expected a value", "deq sweep --help"],
+        ),
     ],
 )
 def test_click_usage_errors_are_one_line(cli, args: list, fragments: list[str]) -> None:
@@ -109,6 +115,22 @@ def test_torch_s_own_notices_stay_off_the_terminal(tmp_path: Path) -> None:
     )
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert loud.returncode == 0 and "UserWarning" in loud.stderr
+
+
+def test_an_option_like_value_is_written_with_an_equals_sign(
+    cli, tmp_path: Path, monkeypatch
+) -> None:
+    # Taken as --json's value, --no-diagnostics would name the file written (and the
+    # diagnostics would run): in a folder of its own, so that no such file can land elsewhere.
+    monkeypatch.chdir(tmp_path)
+    one_line_error(
+        cli("solve", DOTTIE, "--json", "--no-diagnostics"),
+        "--json: expected a value, got the option --no-diagnostics",
+        "--json=--no-diagnostics",
+    )
+    assert list(tmp_path.iterdir()) == []
+    run = cli("solve", DOTTIE, "--json=--no-diagnostics", "--quiet")
+    assert run.exit_code == 0 and (tmp_path / "--no-diagnostics").is_file()
 
 
 # -- the config's own code ---------------------------------------------------------------------
@@ -200,11 +222,44 @@ def test_an_exception_in_the_map_names_the_line_of_the_config_code(cli, tmp_path
         ("(lambda z: z, 'abc')", "z0 from model.py:make is not a tensor"),
         ("(lambda z: z, torch.zeros(1, 0))", "is empty"),
         ("(lambda z: z, [1 + 2j])", "must be real numbers"),
+        # Meta tensors have a shape and no values; torch fails on them deep inside a solver.
+        ("(lambda z: z, torch.zeros(1, 2, device='meta'))", "z0 from model.py:make is a meta"),
+        (
+            "(lambda z: (0.5 * z).to('meta'), torch.zeros(1, 2))",
+            "returned a tensor on meta for z on cpu",
+        ),
     ],
 )
 def test_unusable_maps_and_starts_are_bad_input(cli, tmp_path, made: str, fragment: str) -> None:
     cfg = _model(tmp_path, f"import torch\ndef make():\n    return {made}\n")
     one_line_error(cli("solve", cfg, "--trust-code"), "problem.target", fragment)
+
+
+def test_a_base_exception_of_the_config_code_is_one_line(cli, tmp_path: Path) -> None:
+    cfg = _model(
+        tmp_path,
+        """
+        import torch
+        class Halt(BaseException):
+            pass
+        calls = 0
+        def make():
+            def f(z):
+                global calls
+                calls += 1
+                if calls > 3:
+                    raise Halt("halted by the model")
+                return 0.5 * z + 1
+            return f, torch.zeros(1, 2)
+        """,
+    )
+    one_line_error(cli("solve", cfg, "--trust-code"), "model.py:11", "Halt: halted by the model")
+
+
+def test_an_exception_without_a_message_is_named_by_its_type(cli, tmp_path: Path) -> None:
+    cfg = _model(tmp_path, "def make():\n    raise MemoryError\n")
+    line = one_line_error(cli("solve", cfg, "--trust-code"), "calling model.py:make failed")
+    assert line.endswith("failed: MemoryError")
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------------

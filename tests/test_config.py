@@ -76,10 +76,39 @@ def test_unknown_problem_key_lists_the_kind_specific_keys() -> None:
             r"problem\.initial.*boolean",
         ),
         ("problem: {kind: expression, fixed_point: z, initial: [[1, 2], [3]]}\n", r"rectangular"),
+        (
+            "problem: {kind: expression, fixed_point: z, initial: [1.0e-3, 2e-3]}\n",
+            r"problem\.initial \(line 1\): .*'2e-3' is text here: .*\(1\.0e-3, not 1e-3\)",
+        ),
         ("problem: {kind: tanh_layer, dim: 2, W: {random: gaussian}}\n", r"problem\.W.*random"),
         ("problem: {kind: tanh_layer, dim: 2, W: {file: w.npy, seed: 1}}\n", r"unknown key 'seed'"),
         ("problem: {kind: python, target: nocolon}\n", r"target must look like"),
         ("- just\n- a list\n", r"expected a mapping with a 'problem' key"),
+        # YAML booleans (true, yes, on) are never numbers: `atol: yes` is not a tolerance of 1.
+        (DOTTIE + "run: {atol: yes}\n", r"run\.atol \(line 6\): expected a number; YAML reads"),
+        (DOTTIE + "run: {max_iter: true}\n", r"run\.max_iter \(line 6\): expected a number"),
+        ("problem: {kind: expression, fixed_point: z, dim: on}\n", r"problem\.dim.*a number"),
+        (
+            "problem: {kind: tanh_layer, dim: 2, W: {random: normal, shape: [true, 2]}}\n",
+            r"problem\.W \(line 1\): shape: expected a number",
+        ),
+        # A parameter may not take the name of the unknown or of n, nor be given twice.
+        (
+            "problem: {kind: expression, fixed_point: z, params: {z: 5}}\n",
+            r"problem\.params\.z \(line 1\): 'z' is the unknown in the formulas; rename",
+        ),
+        (
+            "problem: {kind: expression, fixed_point: z, params: {n: 5}}\n",
+            r"problem\.params\.n \(line 1\): 'n' is the dimension of the unknown",
+        ),
+        (
+            "problem: {kind: gradient_descent, loss: sum(w**2), lr: 0.1, batch_params: {w: [1]}}\n",
+            r"problem\.batch_params\.w \(line 1\): 'w' is the unknown",
+        ),
+        (
+            "problem: {kind: expression, fixed_point: r*z, params: {r: 1}, batch_params: {r: [1]}}\n",
+            r"problem\.batch_params\.r \(line 1\): 'r' is also in problem\.params",
+        ),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(text: str, pattern: str) -> None:

@@ -298,6 +298,18 @@ def test_the_watchdog_stops_the_user_s_code_that_overruns_run_timeout() -> None:
 
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timers here")
+def test_a_timeout_beyond_the_interval_timer_s_range_is_valid(cli) -> None:
+    # setitimer refuses more than about 9e9 s; the watchdog's timer is set in shorter steps.
+    with deadline.armed(1.0e300):
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0.0 < left <= deadline.WATCHDOG_MAX
+        deadline.checkpoint()
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    run = cli("solve", ROOT / "configs" / "dottie.yaml", "--set", "run.timeout=1.0e300", "-q")
+    assert run.exit_code == 0, run.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no interval timers here")
 def test_the_watchdog_does_not_interrupt_code_that_is_not_the_user_s() -> None:
     # The same wait outside ``user_code()`` (our code, torch's) is never cut at an arbitrary
     # bytecode: it finishes, and the next evaluation's checkpoint stops the run.

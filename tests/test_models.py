@@ -199,6 +199,13 @@ def test_without_inputs_the_shape_must_be_given(cli, module_config) -> None:
     assert "problem.target: cannot tell the shape of z" in err and "state_shape" in err
 
 
+def test_a_state_shape_that_init_state_contradicts_is_bad_input(cli, module_config) -> None:
+    body = "inputs: {random: normal, shape: [2, 1, 3, 3]}\nstate_shape: [%s]"
+    err = one_line_error(cli("solve", module_config("ConvCell", body % "1, 3, 3")))
+    assert "problem.state_shape is (1, 3, 3) but init_state(x) gives (2, 3, 3)" in err
+    assert load_problem(module_config("ConvCell", body % "2, 3, 3")).sample_shape == (2, 3, 3)
+
+
 def test_inputs_from_npz_with_a_key(tmp_path: Path, module_config) -> None:
     x = np.arange(8.0).reshape(2, 4) / 10
     np.savez(tmp_path / "batch.npz", x=x, labels=np.array([3, 7]))

@@ -10,6 +10,7 @@ import stat
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deqcli import interrupt
@@ -199,6 +200,100 @@ def test_ctrl_c_in_compare_writes_what_finished_marked_partial(
     doc = json.loads(out.read_text())
     assert doc["interrupted"] is True and doc["complete"] is False
     assert [p["name"] for p in doc["problems"]] == ["dottie"]
+
+
+# -- no output replaces an input or another output ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["solve", "c.yaml", "--json", "W.npy"],
+        ["solve", "c.yaml", "--save", "W.npy"],
+        ["gradcheck", "c.yaml", "--json", "W.npy"],
+        ["sweep", "c.yaml", "--param", "problem.b=0,0.1", "--json", "W.npy"],
+        ["sweep", "c.yaml", "--param", "problem.b=0,0.1", "--results", "W.npy"],
+        ["compare-solvers", "c.yaml", "--solvers", "newton", "--csv", "W.npy"],
+        ["compare-solvers", "c.yaml", "--solvers", "newton", "--save-baseline", "W.npy"],
+    ],
+)
+def test_no_output_replaces_a_file_the_config_reads(
+    cli, tmp_path: Path, monkeypatch, args: list[str]
+) -> None:
+    np.save(tmp_path / "W.npy", 0.3 * np.eye(3))
+    weights = (tmp_path / "W.npy").read_bytes()
+    (tmp_path / "c.yaml").write_text("problem: {kind: tanh_layer, dim: 3, W: {file: W.npy}}\n")
+    monkeypatch.chdir(tmp_path)
+    one_line_error(cli(*args), f"{args[-2]}: refusing to overwrite the input file 'W.npy'")
+    assert (tmp_path / "W.npy").read_bytes() == weights
+
+
+def test_no_output_replaces_the_config_s_python_code(cli, tmp_path: Path, monkeypatch) -> None:
+    code = "import torch\ndef make():\n    return (lambda z: 0.5 * z), torch.zeros(2)\n"
+    (tmp_path / "model.py").write_text(code)
+    (tmp_path / "c.yaml").write_text("problem: {kind: python, target: model.py:make}\n")
+    monkeypatch.chdir(tmp_path)
+    run = cli("solve", "c.yaml", "--trust-code", "--json", "model.py")
+    one_line_error(run, "--json: refusing to overwrite the input file 'model.py'")
+    assert (tmp_path / "model.py").read_text() == code
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["solve", DOTTIE, "--save", "z.npy", "--json", "z.npy"], "--save: 'z.npy' is also"),
+        (["solve", DOTTIE, "--save", "z.npy", "--json", "./z.npy"], "--save: 'z.npy' is also"),
+        (
+            ["compare-solvers", DOTTIE, "--json", "x.json", "--csv", "x.json"],
+            "--csv: 'x.json' is also the --json file",
+        ),
+        (
+            ["compare-solvers", DOTTIE, "--csv", "x.json", "--save-baseline", "x.json"],
+            "--save-baseline: 'x.json' is also the --csv file",
+        ),
+        (
+            ["sweep", DOTTIE, "-p", "run.seed=1,2", "--csv", "x.json", "--json", "x.json"],
+            "--csv: 'x.json' is also the --json file",
+        ),
+        (
+            ["sweep", DOTTIE, "-p", "run.seed=1,2", "--json", "x.json", "--results", "x.json"],
+            "--results: 'x.json' is also the --json file",
+        ),
+    ],
+)
+def test_two_outputs_of_one_command_may_not_name_one_file(
+    cli, tmp_path: Path, monkeypatch, args: list, fragment: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.json").write_text("kept")
+    one_line_error(cli(*args), fragment, "give each output its own path")
+    assert (tmp_path / "x.json").read_text() == "kept" and not (tmp_path / "z.npy").exists()
+
+
+def test_outputs_may_share_a_device(cli) -> None:
+    run = cli(
+        "compare-solvers", DOTTIE, "--solvers", "fixed_point", "--repeat", "1", "--warmup", "0",
+        "--json", "/dev/null", "--csv", "/dev/null", "--quiet",
+    )  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["solve", DOTTIE, "--json="],
+        ["solve", DOTTIE, "--save="],
+        ["gradcheck", CONFIGS / "tanh_layer.yaml", "--json="],
+        ["compare-solvers", DOTTIE, "--csv="],
+        ["schema", "--file="],
+    ],
+)
+def test_an_empty_output_path_is_refused(cli, tmp_path: Path, monkeypatch, args: list) -> None:
+    # An empty path is '.', the current folder: --json "$UNSET" must not write JSON to stdout
+    # (as '-' does) nor anything into the folder.
+    monkeypatch.chdir(tmp_path)
+    one_line_error(cli(*args), "the path is empty; give a file path")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- text from configs is shown as written -------------------------------------------------------------

@@ -86,6 +86,11 @@ def test_every_value_is_validated_before_the_sweep_starts() -> None:
         make_axes(base, ["lr=[0.1, -0.1]"])
     with pytest.raises(UsageError, match="swept twice"):
         make_axes(base, ["lr=0.1", "problem.lr=0.2"])
+    # The solver and its options too: a bad one is bad input, not a failed point mid-sweep.
+    with pytest.raises(UsageError, match=r"--param solver\.name=nope: solver\.name: unknown"):
+        make_axes(base, ["solver.name=newton,nope"])
+    with pytest.raises(UsageError, match=r"--param solver\.beta=3: solver\.beta: must lie in"):
+        make_axes(base, ["solver.beta=0.5,3"])
 
 
 # -- the logistic map: the period-doubling cascade -----------------------------------------------------

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from deqcli.analyses.gradcheck import GradcheckReport
     from deqcli.analyses.sensitivity import Sensitivity
     from deqcli.analyses.sweep import SweepResult
+    from deqcli.config import Config
     from deqcli.result import SolveResult
     from deqcli.solvers.base import Monitor
 
@@ -65,17 +66,17 @@ def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome
     from deqcli.api import load_problem
     from deqcli.api import solve as api_solve
     from deqcli.config import load_config
-    from deqcli.render.files import Outputs, emit_json
+    from deqcli.render.files import Outputs, check_distinct, emit_json
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
-    target = _output(request.json_path, request.config, "--json")
+    inputs = _inputs(request.config, cfg)
+    target = _output(request.json_path, inputs, "--json")
     saved = None
     if request.save is not None:
-        from deqcli.config import config_files
         from deqcli.render.files import check_solution_path
 
-        inputs = [request.config, *(ref.path(cfg.base_dir) for ref in config_files(cfg))]
         saved = check_solution_path(request.save, protected=inputs)
+    check_distinct({"--json": target, "--save": saved})
     if request.explain and not request.diagnostics:
         raise UsageError("--explain needs the diagnostics; drop --no-diagnostics")
     if request.try_budget is not None and not request.try_remedies:
@@ -114,11 +115,20 @@ def solve(request: SolveRequest, monitor: Monitor | None = None) -> SolveOutcome
     return SolveOutcome(result, problem.description, sens)
 
 
-def _output(path: str | None, config: Path, flag: str) -> Path | None:
-    """The checked output file of a one-config command's ``flag`` (None: stdout, or not asked for)."""
+def _output(path: str | None, inputs: list[Path], flag: str) -> Path | None:
+    """The checked output file of a one-config command's ``flag`` (None: stdout, or not asked for);
+    none of ``inputs`` may be it."""
     from deqcli.render.files import check_output_path
 
-    return check_output_path(path, protected=[config], flag=flag) if path else None
+    return check_output_path(path, protected=inputs, flag=flag) if path is not None else None
+
+
+def _inputs(config: Path, cfg: Config) -> list[Path]:
+    """The files a run reads, which no output may replace: the config and every file it names
+    (arrays, checkpoints, a Python target)."""
+    from deqcli.config import config_files
+
+    return [config, *(ref.path(cfg.base_dir) for ref in config_files(cfg))]
 
 
 # -- deq compare-solvers --------------------------------------------------------------------------
@@ -181,7 +191,7 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
     from deqcli.analyses import compare as analysis
     from deqcli.execution import open_executor
     from deqcli.render.compare import to_csv, to_markdown
-    from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
+    from deqcli.render.files import Outputs, check_distinct, check_output_path, emit_json, emit_text
 
     files = analysis.expand_configs(request.configs)
     names = analysis.resolve_solvers(request.solvers, include_peers=request.all_solvers)
@@ -189,7 +199,12 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
         repeat=request.repeat, warmup=request.warmup, max_slowdown=request.max_slowdown
     )
     baseline = request.baseline
-    protected = files + ([baseline] if baseline is not None else [])
+    inputs = [
+        path
+        for file, cfg in zip(files, analysis.load_configs(files, request.overrides), strict=True)
+        for path in _inputs(file, cfg)
+    ]
+    protected = inputs + ([baseline] if baseline is not None else [])
     outputs = {
         "--json": request.json_path,
         "--csv": request.csv_path,
@@ -205,9 +220,13 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
     if request.save_baseline == "-":
         raise UsageError("--save-baseline: give a file path (use --json - for stdout)")
     saved = (
-        check_output_path(request.save_baseline, protected=files, flag="--save-baseline")
+        check_output_path(request.save_baseline, protected=inputs, flag="--save-baseline")
         if request.save_baseline is not None
         else None
+    )
+    # --save-baseline writes the --json document, so those two may name one file.
+    check_distinct(
+        {**targets, "--save-baseline": saved if saved != targets.get("--json") else None}
     )
     plot_target = None
     if request.plot is not None:
@@ -306,7 +325,7 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
     )
     from deqcli.consent import require_all
     from deqcli.execution import open_executor
-    from deqcli.render.files import Outputs, check_output_path, emit_json, emit_text
+    from deqcli.render.files import Outputs, check_distinct, check_output_path, emit_json, emit_text
 
     config = request.config
     if sum(1 for t in (request.json_path, request.csv_path) if t == "-") > 1:
@@ -314,10 +333,13 @@ def sweep(request: SweepRequest, progress: SweepProgress | None = None) -> Sweep
     check_value_spec(request.value)
     base = SweepBase.from_path(config, request.overrides, request.solver)
     axes = make_axes(base, request.params)
-    json_target = _output(request.json_path, config, "--json")
-    csv_target = _output(request.csv_path, config, "--csv")
+    inputs = _inputs(config, base.config())
+    json_target = _output(request.json_path, inputs, "--json")
+    csv_target = _output(request.csv_path, inputs, "--csv")
+    results = None
     if request.results is not None:
-        check_output_path(str(request.results), protected=[config], flag="--results")
+        results = check_output_path(str(request.results), protected=inputs, flag="--results")
+    check_distinct({"--json": json_target, "--csv": csv_target, "--results": results})
     if request.resume and request.results is None:
         raise UsageError("--resume needs --results PATH (the file the interrupted sweep wrote)")
     plot_target = None
@@ -385,7 +407,7 @@ def gradcheck(request: GradcheckRequest) -> GradcheckReport:
     from deqcli.render.files import emit_json
 
     cfg = load_config(request.config, request.overrides, solver=request.solver)
-    target = _output(request.json_path, request.config, "--json")
+    target = _output(request.json_path, _inputs(request.config, cfg), "--json")
     options = GradcheckOptions(
         params=list(request.params) if request.params else None,
         loss=request.loss,

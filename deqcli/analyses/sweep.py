@@ -205,11 +205,14 @@ def make_axes(base: SweepBase, params: list[str]) -> list[Axis]:
     total = math.prod(len(a.values) for a in axes)
     if total > MAX_POINTS:
         raise UsageError(f"--param: the grid has {total:,} points; the limit is {MAX_POINTS:,}")
-    # Every value of each axis must make a valid config, so a bad value fails now rather than
-    # halfway through a long sweep.
+    # Every value of each axis must make a valid config, with a known solver and valid options,
+    # so a bad value fails now rather than halfway through a long sweep.
+    from deqcli.solvers import make_solver
+
     for axis, value, assignment in _axis_points(axes):
         try:
-            base.config(assignment)
+            cfg = base.config(assignment)
+            make_solver(cfg.solver.name, cfg.solver.options)
         except DeqError as exc:
             raise UsageError(f"--param {axis.name}={value_text(value)}: {exc}") from None
     if (base.raw().get("problem") or {}).get("kind") == "module":

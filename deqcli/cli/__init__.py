@@ -94,7 +94,9 @@ def run_guarded(call: Callable[[], Any], *, debug: bool) -> int:
         except KeyboardInterrupt:
             interrupt.announce()
             return EXIT_INTERRUPTED
-        except Exception as exc:
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # Exception, or a BaseException of the config's own code
             return _unexpected(exc, debug)
     if result == EXIT_INTERRUPTED:
         interrupt.announce()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperOption
+
+# Click's exceptions as this Typer raises them (recent Typer versions carry their own copy of Click).
+_click = sys.modules[typer.BadParameter.__module__]
 
 ConfigArg = Annotated[
     Path,
@@ -166,8 +171,41 @@ class DeqCommand(TyperCommand):
                 )
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        """Give a bare ``--monitor`` (no number after it) its default value before parsing."""
-        return super().parse_args(ctx, optional_values(args))
+        """Give a bare ``--monitor`` (no number after it) its default value before parsing, and
+        refuse an option whose value is another of the command's options."""
+        args = optional_values(args)
+        found = option_as_value(self.get_params(ctx), args)
+        if found is not None:
+            flag, value, long = found
+            # Click would take the option as the value: `--json --no-diagnostics` writes a file
+            # named --no-diagnostics and runs the diagnostics it was asked to skip.
+            raise _click.BadOptionUsage(
+                flag,
+                f"{flag}: expected a value, got the option {value}; give {flag} a value "
+                f"(or write {long}={value} if that is the value you mean)",
+                ctx=ctx,
+            )
+        return super().parse_args(ctx, args)
+
+
+def option_as_value(params: list[Any], args: list[str]) -> tuple[str, str, str] | None:
+    """The first option that takes a value but is followed by one of the command's own option
+    names: (the option as written, that name, the option's long name), or None."""
+    names = {
+        name for p in params if isinstance(p, TyperOption) for name in p.opts + p.secondary_opts
+    }
+    valued = {
+        name: max(p.opts, key=len)
+        for p in params
+        if isinstance(p, TyperOption) and not p.is_flag and not p.count
+        for name in p.opts
+    }
+    for arg, following in itertools.pairwise(args):
+        if arg == "--":
+            break
+        if arg in valued and following in names:
+            return arg, following, valued[arg]
+    return None
 
 
 def optional_values(args: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from deqcli.config import (
     parse_config,
     read_config_text,
     relocate_files,
+    unreadable_file,
 )
 from deqcli.errors import ConfigError
 from deqcli.execution.files import Blob, digest, stored_path
@@ -117,12 +118,11 @@ def ship(source: ConfigSource, configs: Iterable[Config]) -> tuple[ConfigSource,
             if ref.name in names:
                 continue
             path = ref.path(base_dir)
+            problem = unreadable_file(path, ref.name)
+            if problem is not None:
+                raise ConfigError(ref.key, problem)
             try:
                 data = path.read_bytes()
-            except FileNotFoundError:
-                raise ConfigError(
-                    ref.key, f"file '{ref.name}' does not exist (looked in {path.parent})"
-                ) from None
             except OSError as exc:
                 raise ConfigError(ref.key, f"cannot read '{ref.name}': {exc}") from None
             content = digest(data)

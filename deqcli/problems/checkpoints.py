@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deqcli.config import unreadable_file
 from deqcli.errors import ConfigError
 
 SAFETENSORS_INSTALL = "pip install safetensors (or pip install 'deqcli[models]')"
@@ -32,13 +33,16 @@ def locate(name: str, base_dir: Path, key: str, suffixes: tuple[str, ...]) -> Pa
         path = base_dir / path
     if path.suffix not in suffixes:
         raise ConfigError(key, f"file '{name}' must be one of {', '.join(suffixes)}")
-    if not path.exists():
-        raise ConfigError(key, f"file '{name}' does not exist (looked in {path.parent})")
+    problem = unreadable_file(path, name)
+    if problem is not None:
+        raise ConfigError(key, problem)
     return path
 
 
 def read(path: Path, shown: str, key: str) -> torch.Tensor | dict[str, torch.Tensor]:
     """One tensor, or a flat {dotted name: tensor} mapping, from the file at ``path``."""
+    if path.stat().st_size == 0:  # the readers' own messages for this are empty or cryptic
+        raise ConfigError(key, f"cannot read '{shown}': the file is empty")
     try:
         if path.suffix == ".npy":
             data: Any = np.load(path, allow_pickle=False)
@@ -66,7 +70,8 @@ def read(path: Path, shown: str, key: str) -> torch.Tensor | dict[str, torch.Ten
             key, f"cannot read '{shown}': not a torch checkpoint ({_first_line(detail)})"
         ) from None
     except Exception as exc:  # any reader failure is the user's file, not our bug
-        raise ConfigError(key, _first_line(f"cannot read '{shown}': {exc}")) from None
+        detail = _first_line(str(exc)) or type(exc).__name__
+        raise ConfigError(key, f"cannot read '{shown}': {detail}") from None
     if isinstance(data, (np.ndarray, torch.Tensor)):
         return _tensor(data, shown, key)
     if isinstance(data, Mapping):
@@ -100,6 +105,11 @@ def _flatten(
 
 
 def _tensor(value: np.ndarray | torch.Tensor, shown: str, key: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+        # Sparse and other layouts fail deep inside torch (isfinite, arithmetic) without it.
+        raise ConfigError(
+            key, f"'{shown}' is a {value.layout} tensor; save it dense (tensor.to_dense())"
+        )
     try:
         return torch.as_tensor(value) if isinstance(value, np.ndarray) else value
     except (TypeError, RuntimeError) as exc:
@@ -116,6 +126,8 @@ def array(path: Path, shown: str, key: str, entry: str | None) -> torch.Tensor:
     if entry is None:
         if len(data) == 1:
             return next(iter(data.values()))
+        if not data:
+            raise ConfigError(key, f"'{shown}' holds no arrays")
         raise ConfigError(
             key, f"'{shown}' holds several arrays; pick one with key: ({listing(data)})"
         )

@@ -23,7 +23,7 @@ import torch
 
 from deqcli import deadline
 from deqcli.consent import UserCodeError, running_user_code, user_code_site
-from deqcli.errors import ConfigError
+from deqcli.errors import ConfigError, describe
 from deqcli.problems.base import Form, Problem
 
 INPUTS = "x"
@@ -183,7 +183,7 @@ class _Caller:
             site = user_code_site(exc)  # file.py:line in the config's own code, when it is there
             where = f" (at {site})" if site else ""
             raise ModelError(
-                self.key, _one_line(f"{self.what} raised {type(exc).__name__}: {exc}{where}")
+                self.key, _one_line(f"{self.what} raised {describe(exc)}{where}")
             ) from exc
 
     def batched(
@@ -201,6 +201,12 @@ class _Caller:
                     self.key,
                     f"{self.what} returned {got} for z of shape {tuple(state.shape)}; an "
                     "equilibrium map must return a tensor of z's shape",
+                )
+            if out.device != state.device:  # else the solver's arithmetic fails inside torch
+                raise ModelError(
+                    self.key,
+                    f"{self.what} returned a tensor on {out.device} for z on {state.device}; "
+                    "an equilibrium map must return z's device",
                 )
             return out.reshape(z.shape[0], -1)
 
@@ -263,12 +269,18 @@ def _state_shape(
             with torch.no_grad():
                 made = init(inputs)
         except Exception as exc:  # the user's method failed
-            raise ConfigError(
-                key, _one_line(f"init_state(x) raised {type(exc).__name__}: {exc}")
-            ) from None
+            raise ConfigError(key, f"init_state(x) raised {describe(exc)}") from None
         if not isinstance(made, torch.Tensor) or made.dim() == 0:
             raise ConfigError(key, "init_state(x) must return a tensor of shape (batch, ...)")
-        return tuple(made.shape[1:])
+        shape = tuple(made.shape[1:])
+        if given is not None and tuple(given) != shape:
+            # init_state wins; a state shape given beside it that disagrees would be ignored.
+            raise ConfigError(
+                key,
+                f"{_names(key)[0]} is {tuple(given)} but init_state(x) gives {shape} per "
+                f"sample; drop {_names(key)[0]} or make them agree",
+            )
+        return shape
     if given is not None:
         return tuple(given)
     if inputs is None:

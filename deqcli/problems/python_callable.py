@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from deqcli.config import NUMBER, Config, PythonSpec
+from deqcli.config import NUMBER, Config, PythonSpec, unreadable_file
 from deqcli.consent import UserCodeError, mark_user_code, running_user_code
-from deqcli.errors import ConfigError
+from deqcli.errors import ConfigError, describe
 from deqcli.problems.base import Problem
 from deqcli.problems.model import bounded_load, from_map
 
@@ -39,8 +39,9 @@ def load_factory(target: str, base_dir: Path, timeout: float | None = None) -> C
         path = Path(where)
         if not path.is_absolute():
             path = base_dir / path
-        if not path.exists():
-            raise ConfigError(key, f"file '{where}' does not exist (looked in {path.parent})")
+        problem = unreadable_file(path, where)
+        if problem is not None:
+            raise ConfigError(key, problem)
         module_name = f"deq_user_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
@@ -57,9 +58,7 @@ def load_factory(target: str, base_dir: Path, timeout: float | None = None) -> C
         except (UserCodeError, ConfigError):
             raise
         except Exception as exc:  # the user's module failed to import: report it as their input
-            raise ConfigError(
-                key, f"importing '{where}' failed: {type(exc).__name__}: {exc}"
-            ) from None
+            raise ConfigError(key, f"importing '{where}' failed: {describe(exc)}") from None
     else:
         try:
             with (
@@ -110,9 +109,7 @@ def call_factory(
     except (UserCodeError, ConfigError):
         raise
     except Exception as exc:  # the user's factory failed: report it as their input, in one line
-        raise ConfigError(
-            "problem.args", f"calling {target} failed: {type(exc).__name__}: {exc}".splitlines()[0]
-        ) from None
+        raise ConfigError("problem.args", f"calling {target} failed: {describe(exc)}") from None
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Problem:
@@ -152,11 +149,16 @@ def _number_or_text(value: Any) -> Any:
 
 def _as_tensor(value: Any, what: str, target: str) -> torch.Tensor:
     try:
-        return torch.as_tensor(value)
+        tensor = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(
             "problem.target", f"the {what} from {target} is not a tensor: {exc}".splitlines()[0]
         ) from None
+    if tensor.is_meta:  # a shape without values: moving it to the run's device fails in torch
+        raise ConfigError(
+            "problem.target", f"the {what} from {target} is a meta tensor (no values); give values"
+        )
+    return tensor
 
 
 def _real_start(z0: torch.Tensor, target: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,11 +43,19 @@ def check_output_path(path: str, *, protected: list[Path], flag: str) -> Path | 
     """Validate an output path before anything is solved ('-' means stdout, returned as None)."""
     if path == "-":
         return None
+    check_not_empty(path, flag=flag)
     target = Path(path)
     check_writable(target, flag=flag, protected=protected)
     if target.is_dir():
         raise UsageError(f"{flag}: '{path}' is a directory; give a file path")
     return target
+
+
+def check_not_empty(path: str, *, flag: str) -> None:
+    """Refuse an empty path: as a Path it is '.', the current folder, which no one means (an unset
+    shell variable, ``--json "$OUT"``)."""
+    if not path.strip():
+        raise UsageError(f"{flag}: the path is empty; give a file path")
 
 
 def check_writable(target: Path, *, flag: str, protected: Sequence[Path] = ()) -> None:
@@ -77,6 +85,21 @@ def check_writable(target: Path, *, flag: str, protected: Sequence[Path] = ()) -
         raise UsageError(f"{flag}: '{_shown_parent(target)}' is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag}: directory '{_shown_parent(target)}' is not writable")
+
+
+def check_distinct(targets: Mapping[str, Path | None]) -> None:
+    """Refuse two outputs of one command that name the same file: the one written last would
+    replace the other. Devices and FIFOs (/dev/null, /dev/stdout) may be shared."""
+    seen: dict[str, str] = {}
+    for flag, target in targets.items():
+        if target is None or (target.exists() and not target.is_file()):
+            continue
+        real = os.path.realpath(target)
+        if real in seen:
+            raise UsageError(
+                f"{flag}: '{target}' is also the {seen[real]} file; give each output its own path"
+            )
+        seen[real] = flag
 
 
 def _shown_parent(target: Path) -> Path:

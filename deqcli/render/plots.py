@@ -34,8 +34,9 @@ def check_plot_path(path: str, suffixes: tuple[str, ...], wanted: str) -> Path:
     """
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot: matplotlib is not installed; pip install 'deqcli[plot]'")
-    from deqcli.render.files import check_writable
+    from deqcli.render.files import check_not_empty, check_writable
 
+    check_not_empty(path, flag="--plot")
     target = Path(path)
     if target.is_dir():
         if not os.access(target, os.W_OK | os.X_OK):
