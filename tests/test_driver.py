@@ -495,6 +495,20 @@ def test_unknown_solver_and_options_list_the_valid_ones() -> None:
         make_solver("newton", {"max_backtracks": "many"})
 
 
+def test_text_options_take_a_list_of_names_and_null_keeps_the_default() -> None:
+    # auto's stages are comma-separated names; a YAML list of them means the same, null (an
+    # empty --set value) keeps the default list, and anything else is refused by name.
+    assert make_solver("auto", {"stages": ["newton", "ptc"]}).stages == "newton,ptc"
+    assert make_solver("auto", {"stages": None}).stages == ""
+    assert make_solver("newton", {"max_backtracks": None}).max_backtracks == 20
+    with pytest.raises(UsageError, match=r"solver\.stages: must be text, got \{'a': 1\}"):
+        make_solver("auto", {"stages": {"a": 1}})
+    with pytest.raises(UsageError, match=r"solver\.stages: must be text, got \[1, 2\]"):
+        make_solver("auto", {"stages": [1, 2]})
+    with pytest.raises(UsageError, match=r"solver\.betta: unknown option"):
+        make_solver("fixed_point", {"betta": None})
+
+
 def _rotation(angle: float = 1.0) -> Problem:
     """z ← R z with an irrational rotation: bounded, never converging, never diverging."""
     c, s = math.cos(angle), math.sin(angle)

@@ -245,6 +245,8 @@ class Solver:
                 raise UsageError(
                     f"{key}.{opt}: unknown option for solver '{cls.name}'{hint} (valid options: {valid})"
                 )
+            if raw is None and type(None) not in get_args(hints[opt]):
+                continue  # null keeps the option's default, as `--set key=` does for run keys
             values[opt] = _coerce(raw, hints[opt], f"{key}.{opt}")
         solver = cls(**values)
         try:
@@ -293,6 +295,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise UsageError(f"{key}: must be a finite number, got {value!r}")
         return number
     if hint is str:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # a YAML list where comma-separated names go (auto's stages)
+        if isinstance(value, (bool, dict, list, tuple)) or value is None:
+            raise UsageError(f"{key}: must be text, got {value!r}")
         return str(value)
     return value
 
