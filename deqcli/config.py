@@ -989,24 +989,22 @@ def relocate_files(cfg: Config, paths: Mapping[str, str]) -> Config:
 def check_files(cfg: Config) -> None:
     """Files the config names (arrays, a python target, weights) must exist; checked without loading them."""
     for ref in config_files(cfg):
-        problem = unreadable_file(ref.path(cfg.base_dir), ref.name)
-        if problem is not None:
-            raise ConfigError(ref.key, problem)
+        check_readable(ref.path(cfg.base_dir), ref.name, ref.key)
 
 
-def unreadable_file(path: Path, name: str) -> str | None:
-    """Why the file a config names at ``path`` (written as ``name``) cannot be read, or None.
+def check_readable(path: Path, name: str, key: str) -> None:
+    """Raise a ConfigError under ``key`` unless the file a config names at ``path`` (written as
+    ``name``) is a regular file.
 
     A directory fails to read anyway; a FIFO or a device would block the read (a FIFO with no
     writer waits forever) or never end, so only regular files are read.
     """
     if not path.exists():
-        return f"file '{name}' does not exist (looked in {path.parent})"
+        raise ConfigError(key, f"file '{name}' does not exist (looked in {path.parent})")
     if path.is_dir():
-        return f"'{name}' is a directory; name a file"
+        raise ConfigError(key, f"'{name}' is a directory; name a file")
     if not path.is_file():
-        return f"'{name}' is not a regular file (a FIFO or a device?); name a file"
-    return None
+        raise ConfigError(key, f"'{name}' is not a regular file (a FIFO or a device?); name a file")
 
 
 def json_schema() -> dict[str, Any]:

@@ -15,12 +15,12 @@ from typing import Any
 
 from deqcli.config import (
     Config,
+    check_readable,
     config_files,
     load_yaml,
     parse_config,
     read_config_text,
     relocate_files,
-    unreadable_file,
 )
 from deqcli.errors import ConfigError
 from deqcli.execution.files import Blob, digest, stored_path
@@ -118,9 +118,7 @@ def ship(source: ConfigSource, configs: Iterable[Config]) -> tuple[ConfigSource,
             if ref.name in names:
                 continue
             path = ref.path(base_dir)
-            problem = unreadable_file(path, ref.name)
-            if problem is not None:
-                raise ConfigError(ref.key, problem)
+            check_readable(path, ref.name, ref.key)
             try:
                 data = path.read_bytes()
             except OSError as exc:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deqcli.config import unreadable_file
+from deqcli.config import check_readable
 from deqcli.errors import ConfigError
 
 SAFETENSORS_INSTALL = "pip install safetensors (or pip install 'deqcli[models]')"
@@ -33,9 +33,7 @@ def locate(name: str, base_dir: Path, key: str, suffixes: tuple[str, ...]) -> Pa
         path = base_dir / path
     if path.suffix not in suffixes:
         raise ConfigError(key, f"file '{name}' must be one of {', '.join(suffixes)}")
-    problem = unreadable_file(path, name)
-    if problem is not None:
-        raise ConfigError(key, problem)
+    check_readable(path, name, key)
     return path
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from deqcli.config import NUMBER, Config, PythonSpec, unreadable_file
+from deqcli.config import NUMBER, Config, PythonSpec, check_readable
 from deqcli.consent import UserCodeError, mark_user_code, running_user_code
 from deqcli.errors import ConfigError, describe
 from deqcli.problems.base import Problem
@@ -39,9 +39,7 @@ def load_factory(target: str, base_dir: Path, timeout: float | None = None) -> C
         path = Path(where)
         if not path.is_absolute():
             path = base_dir / path
-        problem = unreadable_file(path, where)
-        if problem is not None:
-            raise ConfigError(key, problem)
+        check_readable(path, where, key)
         module_name = f"deq_user_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
