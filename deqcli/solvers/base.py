@@ -377,7 +377,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     tail_length = stop.keep_iterates + check_every - 1
     # While the problem is packed: the stopped rows to put back when the running rows change.
     frozen: _Frozen | None = None
-    stale = False  # some kept iterate has a stopped row a packed step left as the solver wrote it
+    # The first iteration whose iterate has stopped rows a packed step left as the solver wrote.
+    stale_from: int | None = None
 
     def test_now(last: bool = False) -> None:
         """Stop the samples that met the test or failed (all untested rows when ``last``)."""
@@ -450,8 +451,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
                 keep = active[:, None]
                 state.z = torch.where(keep, state.z, z_prev)
                 state.g = torch.where(keep, state.g, g_prev)
-            else:
-                stale = True
+            elif stale_from is None:
+                stale_from = k
             res = torch.where(active, res, res_prev)
             f_norm = torch.where(active, f_norm, f_norm_prev)
             step = torch.where(active, step, 0.0)
@@ -466,8 +467,8 @@ def _run(problem: Problem, solver: Solver, stop: StopRule, monitor: Monitor | No
     problem.pack(None)  # what follows (reports, diagnostics) evaluates every row
     if frozen is not None:
         frozen.restore(state)
-    if stale:
-        _settle_tail(tail, state.z, iterations, k)
+    if stale_from is not None:
+        _settle_tail(tail, state.z, iterations, k, stale_from)
     if monitor is not None and k % every != 0:
         monitor(Iteration(k, res, 0, time.perf_counter() - start, stop))
     final = [s if s is not None else Status.MAX_ITER for s in status]
@@ -705,15 +706,16 @@ class _Frozen:
 
 
 def _settle_tail(
-    tail: list[torch.Tensor], solution: torch.Tensor, iterations: list[int], k: int
+    tail: list[torch.Tensor], solution: torch.Tensor, iterations: list[int], k: int, first: int
 ) -> None:
-    """Give every kept iterate after a sample's last iteration that sample's solution row (the
-    driver left stopped rows stale while the problem was packed). tail[-1 - i] is iteration
-    k − i: without untested rows the run keeps one iterate per iteration."""
+    """Give every kept iterate from iteration ``first`` on, after a sample's last iteration, that
+    sample's solution row (the driver left stopped rows stale while the problem was packed;
+    earlier iterates are exact). tail[-1 - i] is iteration k − i: without untested rows the run
+    keeps one iterate per iteration."""
     import torch
 
     last = torch.tensor(iterations, device=solution.device)
-    for i in range(len(tail)):
+    for i in range(min(len(tail), k - first + 1)):
         done = (last < k - i)[:, None]
         tail[-1 - i] = torch.where(done, solution, tail[-1 - i])
 
