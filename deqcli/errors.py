@@ -38,8 +38,14 @@ class PeerUnavailableError(UsageError):
     """An optional peer library (e.g. torchdeq) is not installed."""
 
 
+def first_line(text: str) -> str:
+    """The first line of ``text`` that is not blank, stripped ('' when there is none): error
+    lines stay one line whatever a library's message holds."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def describe(exc: BaseException) -> str:
     """``Type: message`` (its first line) for an exception from code that is not ours, or just
     ``Type`` when it has no message (``raise MemoryError``, a bare ``assert``)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    line = first_line(str(exc))
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

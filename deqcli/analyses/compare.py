@@ -162,8 +162,12 @@ def compare(
     progress: ProgressCallback | None = None,
     debug: bool = False,
     executor: Executor | None = None,
+    configs: list[Config] | None = None,
 ) -> dict[str, Any]:
     """Run every solver on every config and return the comparison document (see module docstring).
+
+    ``configs``: the configs of ``paths`` with ``overrides``, where the caller has loaded them
+    already (else they are loaded here).
 
     Without ``executor`` (or with an in-process one) the solves run here, repeats interleaved
     across solvers; with a remote one each (config, solver) is a task.
@@ -179,7 +183,8 @@ def compare(
     if not solvers:
         raise UsageError("no solvers to compare; name some with --solvers (see deq list-solvers)")
     overrides = list(overrides or [])
-    configs = load_configs(paths, overrides)
+    if configs is None:
+        configs = load_configs(paths, overrides)
     require_all(cfg.problem for cfg in configs)
     taken: set[str] = set()
     names = [_unique(cfg, taken) for cfg in configs]

@@ -199,11 +199,8 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
         repeat=request.repeat, warmup=request.warmup, max_slowdown=request.max_slowdown
     )
     baseline = request.baseline
-    inputs = [
-        path
-        for file, cfg in zip(files, analysis.load_configs(files, request.overrides), strict=True)
-        for path in _inputs(file, cfg)
-    ]
+    configs = analysis.load_configs(files, request.overrides)
+    inputs = [path for file, cfg in zip(files, configs, strict=True) for path in _inputs(file, cfg)]
     protected = inputs + ([baseline] if baseline is not None else [])
     outputs = {
         "--json": request.json_path,
@@ -246,6 +243,7 @@ def compare(request: CompareRequest, progress: CompareProgress | None = None) ->
             progress=step,
             debug=request.debug,
             executor=executor,
+            configs=configs,
         )
     check = None
     if stored is not None:

@@ -178,9 +178,10 @@ class Problem:
         driver puts its row back at the end (or at the next change of the running rows), so
         whatever a solver computes for it is never read: its map becomes the constant ``f ≡ z``
         (its final iterate, given in ``z``), with g = 0 there, J_f = 0 and J_g = I (well posed
-        for every solver's arithmetic), and costs nothing. The running rows' values are those of the whole problem: rows are independent
-        (the ``func`` contract). A batch whose last samples run for hundreds of iterations after
-        the others stopped then pays for those samples alone.
+        for every solver's arithmetic), and costs nothing. The running rows' values are those of
+        the whole problem: rows are independent (the ``func`` contract). A batch whose last
+        samples run for hundreds of iterations after the others stopped then pays for those
+        samples alone.
         """
         if running is None or z is None:
             self._packing = None
@@ -321,7 +322,8 @@ class Problem:
         return replace(self, z0=self.z0.index_select(0, index), params=self.params_at(index))
 
     def params_at(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The parameters for the samples ``index``: per-sample ones sliced, shared ones as they are."""
+        """The parameters for the samples ``index``: per-sample ones sliced, shared ones as they
+        are."""
         return {
             k: v.index_select(0, index.to(v.device)) if k in self.batched_params else v
             for k, v in self.params.items()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from deqcli.config import check_readable
-from deqcli.errors import ConfigError
+from deqcli.errors import ConfigError, first_line
 
 SAFETENSORS_INSTALL = "pip install safetensors (or pip install 'deqcli[models]')"
 # How many names an error message lists before it says how many more there are.
@@ -65,10 +65,10 @@ def read(path: Path, shown: str, key: str) -> torch.Tensor | dict[str, torch.Ten
             ) from None
         detail = text.partition("WeightsUnpickler error:")[2] or text
         raise ConfigError(
-            key, f"cannot read '{shown}': not a torch checkpoint ({_first_line(detail)})"
+            key, f"cannot read '{shown}': not a torch checkpoint ({first_line(detail)})"
         ) from None
     except Exception as exc:  # any reader failure is the user's file, not our bug
-        detail = _first_line(str(exc)) or type(exc).__name__
+        detail = first_line(str(exc)) or type(exc).__name__
         raise ConfigError(key, f"cannot read '{shown}': {detail}") from None
     if isinstance(data, (np.ndarray, torch.Tensor)):
         return _tensor(data, shown, key)
@@ -111,7 +111,7 @@ def _tensor(value: np.ndarray | torch.Tensor, shown: str, key: str) -> torch.Ten
     try:
         return torch.as_tensor(value) if isinstance(value, np.ndarray) else value
     except (TypeError, RuntimeError) as exc:
-        raise ConfigError(key, _first_line(f"'{shown}' is not a numeric array: {exc}")) from None
+        raise ConfigError(key, first_line(f"'{shown}' is not a numeric array: {exc}")) from None
 
 
 def array(path: Path, shown: str, key: str, entry: str | None) -> torch.Tensor:
@@ -168,7 +168,3 @@ def listing(names: Mapping[str, Any] | list[str], limit: int = NAMES_SHOWN) -> s
     items = list(names)
     shown = ", ".join(items[:limit])
     return shown + (f", … ({len(items)} in all)" if len(items) > limit else "")
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

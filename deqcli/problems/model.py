@@ -182,9 +182,7 @@ class _Caller:
         except Exception as exc:  # the user's code failed: their input, reported in one line
             site = user_code_site(exc)  # file.py:line in the config's own code, when it is there
             where = f" (at {site})" if site else ""
-            raise ModelError(
-                self.key, _one_line(f"{self.what} raised {describe(exc)}{where}")
-            ) from exc
+            raise ModelError(self.key, f"{self.what} raised {describe(exc)}{where}") from exc
 
     def batched(
         self, shape: tuple[int, ...], names: tuple[str, ...]
@@ -346,8 +344,3 @@ def _names(key: str) -> tuple[str, str]:
     if key.startswith("problem."):
         return "problem.state_shape", "problem.initial"
     return "state_shape=", "z0"
-
-
-def _one_line(text: str) -> str:
-    lines = [line for line in str(text).splitlines() if line.strip()]
-    return lines[0] if lines else str(text)
